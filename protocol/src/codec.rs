@@ -1,0 +1,149 @@
+//! Length-delimited framing: `varint(len) ‖ Envelope`, as protobuf's own
+//! "delimited" format, so any protobuf library reads and writes it.
+//!
+//! The decoder is two-phase, like tokio-util's `LengthDelimitedCodec`: read
+//! the head (the varint), check the length against the maximum *before* any
+//! memory is reserved for the body, then wait until the whole body is there.
+//! A short read is `Ok(None)`, never an error. The slice functions
+//! ([`decode_frame`], [`encode_frame`]) serve the server's mio loops, which own
+//! their buffers; [`FrameCodec`] wraps them for tokio.
+
+use bytes::{Buf, BufMut, BytesMut};
+use prost::Message;
+
+use crate::pb::Envelope;
+
+/// Default largest accepted frame body, in bytes (64 KiB).
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024;
+
+/// The longest varint a length may use. 5 bytes encode up to 2^35-1, far past
+/// any sane maximum; a longer varint is malformed, not merely large.
+const MAX_VARINT_LEN: usize = 5;
+
+/// Why a byte stream is not a valid sequence of frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds the maximum frame size.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: u64, max: usize },
+    /// The length prefix is not a valid varint.
+    #[error("malformed length prefix")]
+    BadLength,
+    /// The frame body is not a valid Envelope.
+    #[error("malformed envelope: {0}")]
+    BadEnvelope(#[from] prost::DecodeError),
+    /// An I/O error from the underlying stream (tokio codec only).
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The head of a frame: the body's length and how many bytes the varint took.
+/// `Ok(None)` when `buf` does not yet hold the whole varint.
+pub fn decode_head(buf: &[u8], max: usize) -> Result<Option<(usize, usize)>, FrameError> {
+    let mut value: u64 = 0;
+    for (i, &b) in buf.iter().enumerate().take(MAX_VARINT_LEN) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if value > max as u64 {
+                return Err(FrameError::TooLarge { len: value, max });
+            }
+            return Ok(Some((value as usize, i + 1)));
+        }
+        // A continuation already past the maximum can be refused early.
+        if value > max as u64 {
+            return Err(FrameError::TooLarge { len: value, max });
+        }
+    }
+    if buf.len() >= MAX_VARINT_LEN {
+        return Err(FrameError::BadLength);
+    }
+    Ok(None)
+}
+
+/// Decode one frame from the front of `buf`. Returns the envelope and the
+/// number of bytes it used, or `Ok(None)` if `buf` holds only part of a frame.
+pub fn decode_frame(buf: &[u8], max: usize) -> Result<Option<(Envelope, usize)>, FrameError> {
+    let Some((len, head)) = decode_head(buf, max)? else {
+        return Ok(None);
+    };
+    let end = head + len;
+    if buf.len() < end {
+        return Ok(None);
+    }
+    let env = Envelope::decode(&buf[head..end])?;
+    Ok(Some((env, end)))
+}
+
+/// Append one frame holding `env` to `out`.
+pub fn encode_frame(env: &Envelope, out: &mut impl BufMut) {
+    // encode_length_delimited only fails when the buffer is too small, and a
+    // growable BufMut (Vec, BytesMut) never is.
+    let len = env.encoded_len();
+    prost::encoding::encode_varint(len as u64, out);
+    env.encode_raw(out);
+}
+
+/// `env` as one frame in a fresh buffer.
+pub fn frame_bytes(env: &Envelope) -> bytes::Bytes {
+    let len = env.encoded_len();
+    let mut out = BytesMut::with_capacity(len + MAX_VARINT_LEN);
+    encode_frame(env, &mut out);
+    out.freeze()
+}
+
+/// tokio-util codec over [`decode_frame`] / [`encode_frame`].
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame: usize,
+}
+
+impl FrameCodec {
+    pub fn new(max_frame: usize) -> Self {
+        FrameCodec { max_frame }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(DEFAULT_MAX_FRAME)
+    }
+}
+
+impl tokio_util::codec::Decoder for FrameCodec {
+    type Item = Envelope;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Envelope>, FrameError> {
+        match decode_head(src, self.max_frame)? {
+            None => Ok(None),
+            Some((len, head)) => {
+                if src.len() < head + len {
+                    // Reserve only once the length is known to be acceptable.
+                    src.reserve(head + len - src.len());
+                    return Ok(None);
+                }
+                src.advance(head);
+                let body = src.split_to(len);
+                Ok(Some(Envelope::decode(body.freeze())?))
+            }
+        }
+    }
+}
+
+impl tokio_util::codec::Encoder<&Envelope> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, env: &Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
+        dst.reserve(env.encoded_len() + MAX_VARINT_LEN);
+        encode_frame(env, dst);
+        Ok(())
+    }
+}
+
+impl tokio_util::codec::Encoder<Envelope> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, env: Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
+        <Self as tokio_util::codec::Encoder<&Envelope>>::encode(self, &env, dst)
+    }
+}

@@ -1,0 +1,67 @@
+//! The swiftlet wire protocol: protobuf messages and their framing.
+//!
+//! - [`pb`]: the types generated from `proto/swiftlet.proto` (an [`pb::Envelope`]
+//!   with a `oneof` body is the only thing on the wire).
+//! - [`codec`]: the length-delimited framing (an unsigned varint length, then
+//!   the encoded Envelope), both as plain functions over byte slices, used by
+//!   the server's mio event loops, and as a tokio-util `Decoder`/`Encoder`,
+//!   used by the async client and the bridge.
+//!
+//! `README.md` beside this crate is the specification a third party writes a
+//! client from.
+
+pub mod codec;
+pub mod token;
+
+/// Generated protobuf types, package `swiftlet.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/swiftlet.v1.rs"));
+}
+
+pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME};
+pub use pb::envelope::Body;
+pub use pb::{Envelope, ErrorCode};
+
+/// The protocol version this crate speaks; `Hello.protocol_version` must equal it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+impl Envelope {
+    /// An envelope with the given request id and body.
+    pub fn new(request_id: u64, body: Body) -> Self {
+        Envelope {
+            request_id,
+            body: Some(body),
+        }
+    }
+
+    /// An `Error` envelope.
+    pub fn error(
+        request_id: u64,
+        code: ErrorCode,
+        message: impl Into<String>,
+        fatal: bool,
+    ) -> Self {
+        Envelope::new(
+            request_id,
+            Body::Error(pb::Error {
+                code: code as i32,
+                message: message.into(),
+                fatal,
+            }),
+        )
+    }
+}
+
+impl ErrorCode {
+    /// True when the server closes the connection after sending this code
+    /// (codes 2000 and up).
+    pub fn is_fatal(self) -> bool {
+        (self as i32) >= 2000
+    }
+
+    /// True when reconnecting unchanged can succeed (codes below 3000).
+    pub fn may_reconnect(self) -> bool {
+        (self as i32) < 3000
+    }
+}
