@@ -1,1 +1,34 @@
+//! swiftlet: a chat server built for connection density and durability.
+//!
+//! Clients speak length-delimited protobuf over TCP (see `protocol/README.md`).
+//! Each core runs one shard: a single-threaded mio event loop that owns its
+//! connections. Every message is written to RocksDB's write-ahead log before
+//! it is acknowledged, by one commit pipeline that groups many sends into one
+//! write; it then hands Acks and pushes to the shards that hold the
+//! recipients' connections.
+//!
+//! # Layout
+//!
+//! - [`server`]: start and stop a node: store, pipeline, listeners, shards.
+//! - [`shard`]: one core's event loop; [`shard::conn`] one connection's state,
+//!   [`shard::session`] what each client frame does, [`shard::timer`] the
+//!   timeout wheel, [`shard::mailbox`] how other threads hand a shard work.
+//! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
+//!   atomic writes, then Acks and pushes.
+//! - [`registry`]: which user is connected where.
+//! - [`store`]: RocksDB, the only module that knows it.
+//! - [`auth`]: tokens to user ids; id shapes.
+//! - [`ids`]: time-ordered 64-bit message ids.
+//! - [`config`]: defaults, TOML file, environment, flags.
 
+pub mod auth;
+pub mod commit;
+pub mod config;
+pub mod ids;
+pub mod registry;
+pub mod server;
+pub mod shard;
+pub mod store;
+
+pub use config::Config;
+pub use server::{start, Server, ServerError};

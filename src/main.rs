@@ -1,1 +1,91 @@
-fn main() {}
+//! The `swiftlet` binary: flags, logging and signals; everything else is in
+//! the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use swiftlet::config::{Config, ServeArgs};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "swiftlet", version, about = "A dense, durable chat server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve(ServeArgs),
+    /// Mint a login token for a user, signed with the server's secret.
+    Token {
+        /// The user id the token is for.
+        #[arg(long)]
+        user: String,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        ttl: u64,
+        /// The secret (else the one the server uses: config, env, or <data-dir>/jwt.secret).
+        #[arg(long, env = "SWIFTLET_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        #[arg(long, env = "SWIFTLET_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        #[arg(long, env = "SWIFTLET_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(&args),
+        Command::Token {
+            user,
+            ttl,
+            jwt_secret,
+            data_dir,
+            config,
+        } => {
+            if !swiftlet::auth::valid_id(&user) {
+                anyhow::bail!("user ids are 1-64 bytes of [A-Za-z0-9._@-]");
+            }
+            let args = ServeArgs {
+                jwt_secret,
+                data_dir,
+                config,
+                ..ServeArgs::default()
+            };
+            let secret = Config::load(&args)?.resolve_secret()?;
+            let token = swiftlet_protocol::token::mint(&secret, &user, ttl);
+            // The token is this command's output.
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{token}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(args).context("configuration")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    let server = swiftlet::start(config).context("starting the server")?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "signal received");
+    }
+    server.shutdown();
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! Server configuration: one set of documented defaults, overridden by an
+//! optional TOML file, then by environment variables, then by flags.
+//!
+//! [`Config::default`] is the single source of the defaults; README.md's
+//! configuration table mirrors it. Flags and environment variables are parsed
+//! by clap ([`ServeArgs`]); every field there is optional so that "not given"
+//! can fall through to the file and then to the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `swiftlet serve` needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// TCP address of the protobuf protocol.
+    pub listen: SocketAddr,
+    /// Directory of the RocksDB database (created if missing).
+    pub data_dir: PathBuf,
+    /// Event-loop shards; 0 means one per available core.
+    pub shards: usize,
+    /// Accept a bare user id as a token. For demos and load tests only.
+    pub dev_auth: bool,
+    /// HS256 secret for login tokens. When unset, a random secret is created
+    /// in `<data_dir>/jwt.secret` and reused from there.
+    pub jwt_secret: Option<String>,
+    /// Close a logged-in connection that sent nothing for this long.
+    pub idle_timeout_ms: u64,
+    /// Close a connection that has not sent Hello within this long.
+    pub handshake_timeout_ms: u64,
+    /// Largest accepted frame, in bytes.
+    pub max_frame: usize,
+    /// Stop live pushes to a connection once this many bytes wait to be sent
+    /// to it; it resumes from the store when it drains.
+    pub push_buffer_bytes: usize,
+    /// fsync the write-ahead log on every group commit (survive power loss,
+    /// not only process crashes).
+    pub wal_sync: bool,
+    /// This node's id (0-1023), part of every message id.
+    pub node_id: u16,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            data_dir: PathBuf::from("./data"),
+            shards: 0,
+            dev_auth: false,
+            jwt_secret: None,
+            idle_timeout_ms: 60_000,
+            handshake_timeout_ms: 10_000,
+            max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
+            push_buffer_bytes: 256 * 1024,
+            wal_sync: false,
+            node_id: 0,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Flags of `swiftlet serve`; each may also come from the environment.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and env win over it).
+    #[arg(long, env = "SWIFTLET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// TCP address for the protocol [default: 127.0.0.1:7400].
+    #[arg(long, env = "SWIFTLET_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "SWIFTLET_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Event-loop shards [default: one per core].
+    #[arg(long, env = "SWIFTLET_SHARDS")]
+    pub shards: Option<usize>,
+    /// Accept bare user ids as tokens (development only; logged loudly).
+    #[arg(long, env = "SWIFTLET_DEV_AUTH")]
+    pub dev_auth: bool,
+    /// HS256 secret for login tokens [default: generated into <data-dir>/jwt.secret].
+    #[arg(long, env = "SWIFTLET_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Idle timeout in milliseconds [default: 60000].
+    #[arg(long, env = "SWIFTLET_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Time allowed between connect and Hello, in milliseconds [default: 10000].
+    #[arg(long, env = "SWIFTLET_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// Largest accepted frame in bytes [default: 65536].
+    #[arg(long, env = "SWIFTLET_MAX_FRAME")]
+    pub max_frame: Option<usize>,
+    /// Pending output per connection before live pushes pause [default: 262144].
+    #[arg(long, env = "SWIFTLET_PUSH_BUFFER_BYTES")]
+    pub push_buffer_bytes: Option<usize>,
+    /// fsync the WAL on every commit.
+    #[arg(long, env = "SWIFTLET_WAL_SYNC")]
+    pub wal_sync: bool,
+    /// Node id, 0-1023 [default: 0].
+    #[arg(long, env = "SWIFTLET_NODE_ID")]
+    pub node_id: Option<u16>,
+}
+
+impl Config {
+    /// Defaults, then the TOML file named by `args.config`, then `args`.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let mut c = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = args.$f.clone() { c.$f = v; } )* };
+        }
+        take!(
+            listen,
+            data_dir,
+            shards,
+            idle_timeout_ms,
+            handshake_timeout_ms,
+            max_frame,
+            push_buffer_bytes,
+            node_id
+        );
+        if args.jwt_secret.is_some() {
+            c.jwt_secret = args.jwt_secret.clone();
+        }
+        c.dev_auth |= args.dev_auth;
+        c.wal_sync |= args.wal_sync;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Defaults overridden by a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Refuse settings the server cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.max_frame < 4096 || self.max_frame > 16 << 20 {
+            return bad("max_frame must be between 4 KiB and 16 MiB");
+        }
+        if self.node_id > crate::ids::MAX_NODE {
+            return bad("node_id must be at most 1023");
+        }
+        if self.idle_timeout_ms < 100 || self.handshake_timeout_ms < 100 {
+            return bad("timeouts must be at least 100 ms");
+        }
+        if self.push_buffer_bytes < self.max_frame {
+            return bad("push_buffer_bytes must be at least max_frame");
+        }
+        Ok(())
+    }
+
+    /// Shards to run: the configured number, or one per core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+
+    /// The JWT secret: configured, or read from (or created in) the data dir.
+    pub fn resolve_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if let Some(s) = &self.jwt_secret {
+            if s.is_empty() {
+                return Err(ConfigError::Invalid("jwt_secret is empty".into()));
+            }
+            return Ok(s.as_bytes().to_vec());
+        }
+        let path = self.data_dir.join("jwt.secret");
+        let io = |source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
+            Ok(_) => Err(ConfigError::Invalid(format!("{} is empty", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&self.data_dir).map_err(io)?;
+                let secret: String = (0..32)
+                    .map(|_| format!("{:02x}", rand::random::<u8>()))
+                    .collect();
+                std::fs::write(&path, &secret).map_err(io)?;
+                Ok(secret.into_bytes())
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_override_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, "shards = 3\nidle_timeout_ms = 5000\n").expect("write");
+        let args = ServeArgs {
+            config: Some(path),
+            shards: Some(5),
+            ..Default::default()
+        };
+        let c = Config::load(&args).expect("load");
+        assert_eq!(c.shards, 5);
+        assert_eq!(c.idle_timeout_ms, 5000);
+        assert_eq!(c.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("shardz = 1").is_err());
+        let c = Config {
+            max_frame: 10,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn generated_secret_is_stable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let a = c.resolve_secret().expect("secret");
+        assert_eq!(a, c.resolve_secret().expect("secret again"));
+        assert_eq!(a.len(), 64);
+    }
+}

@@ -1,0 +1,210 @@
+//! Starting and stopping a node: open the store, start the commit pipeline,
+//! bind one `SO_REUSEPORT` listener per shard on the same address, and run
+//! each shard on its own named thread.
+//!
+//! Shutdown is ordered so that nothing acknowledged is lost and nothing
+//! in flight is left unanswered: (1) every shard stops accepting and stops
+//! reading requests; (2) the commit pipeline commits whatever was submitted
+//! and hands the Acks to the shards; (3) the shards write those, tell every
+//! client `SHUTTING_DOWN`, and close; (4) the pipeline stops and the store is
+//! closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mio::Poll;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::auth::Authenticator;
+use crate::commit::{self, CommitHandle};
+use crate::config::{Config, ConfigError};
+use crate::registry::Registry;
+use crate::shard::mailbox::{ShardHandle, ShardMsg};
+use crate::shard::{Limits, Shard, ShardCtx, WAKER};
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// Commands the commit queue holds before shards are told "busy".
+const COMMIT_QUEUE: usize = 64 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting threads: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running node. Dropping it shuts it down.
+pub struct Server {
+    addr: SocketAddr,
+    shards: Vec<ShardHandle>,
+    shard_threads: Vec<JoinHandle<()>>,
+    commit: Option<CommitHandle>,
+    commit_thread: Option<JoinHandle<()>>,
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // The kernel caps this at net.core.somaxconn; ask for plenty so a
+    // reconnect storm waits in the backlog instead of being refused.
+    socket.listen(65_535)?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+/// Start a node with `config`.
+pub fn start(config: Config) -> Result<Server, ServerError> {
+    config.validate()?;
+    let secret = config.resolve_secret()?;
+    if config.dev_auth {
+        tracing::warn!("--dev-auth is on: any client may log in as any user by sending a bare user id as its token");
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = Arc::new(Store::open(
+        &config.data_dir.join("db"),
+        &StoreOptions {
+            wal_sync: config.wal_sync,
+            ..StoreOptions::default()
+        },
+    )?);
+    let n = config.shard_count();
+    let registry = Arc::new(Registry::new(n * 16));
+
+    // Listeners first: the first one may pick the port (port 0 in tests),
+    // and the rest join it.
+    let mut listeners = Vec::with_capacity(n);
+    let mut addr = config.listen;
+    for _ in 0..n {
+        let l = bind_reuseport(addr).map_err(|source| ServerError::Bind { addr, source })?;
+        addr = l.local_addr()?;
+        listeners.push(l);
+    }
+
+    let mut polls = Vec::with_capacity(n);
+    let mut handles = Vec::with_capacity(n);
+    let mut mailboxes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let poll = Poll::new()?;
+        let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        handles.push(ShardHandle::new(tx, waker));
+        mailboxes.push(rx);
+        polls.push(poll);
+    }
+    let (commit, commit_thread) = commit::spawn(
+        store.clone(),
+        registry.clone(),
+        handles.clone(),
+        config.node_id,
+        COMMIT_QUEUE,
+    )?;
+    let auth = Authenticator::new(secret, config.dev_auth);
+    let limits = Limits {
+        max_frame: config.max_frame,
+        push_buffer_bytes: config.push_buffer_bytes,
+        idle_timeout_ms: config.idle_timeout_ms,
+        handshake_timeout_ms: config.handshake_timeout_ms,
+    };
+    let mut shard_threads = Vec::with_capacity(n);
+    for (i, ((poll, listener), mailbox)) in
+        polls.into_iter().zip(listeners).zip(mailboxes).enumerate()
+    {
+        let ctx = ShardCtx {
+            id: i as u16,
+            store: store.clone(),
+            registry: registry.clone(),
+            commit: commit.clone(),
+            auth: auth.clone(),
+            limits: limits.clone(),
+        };
+        let shard = Shard::new(poll, listener, mailbox, ctx)?;
+        shard_threads.push(
+            std::thread::Builder::new()
+                .name(format!("swiftlet-shard-{i}"))
+                .spawn(move || shard.run())?,
+        );
+    }
+    tracing::info!(%addr, shards = n, data_dir = %config.data_dir.display(), "swiftlet serving");
+    Ok(Server {
+        addr,
+        shards: handles,
+        shard_threads,
+        commit: Some(commit),
+        commit_thread: Some(commit_thread),
+        store,
+        registry,
+    })
+}
+
+impl Server {
+    /// The address the protocol listens on (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The node's store (for tools and tests that inspect what is durable).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Users with at least one connection on this node.
+    pub fn online_users(&self) -> usize {
+        self.registry.online_users()
+    }
+
+    /// Stop gracefully (see the module doc for the order) and wait.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(commit) = self.commit.take() else {
+            return;
+        };
+        tracing::info!("shutting down");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for s in &self.shards {
+            s.send(ShardMsg::StopAccepting(tx.clone()));
+        }
+        drop(tx);
+        for _ in &self.shards {
+            if rx.recv().is_err() {
+                break;
+            }
+        }
+        commit.flush();
+        for s in &self.shards {
+            s.send(ShardMsg::Close);
+        }
+        for t in self.shard_threads.drain(..) {
+            let _ = t.join();
+        }
+        // The shards held the other handles; with this one gone the
+        // pipeline's queue closes and its thread ends.
+        drop(commit);
+        if let Some(t) = self.commit_thread.take() {
+            let _ = t.join();
+        }
+        tracing::info!("stopped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,64 @@
+//! How other threads hand work to a shard: a channel plus a mio `Waker`.
+//!
+//! A shard's event loop sleeps in `epoll_wait`; a message alone would not wake
+//! it, so every send is followed by a wake. The commit pipeline sends at most
+//! one [`ShardMsg::Deliver`] per shard per group commit, which bounds the
+//! wake-ups (and the cross-thread traffic) to one per shard per batch, not
+//! one per message or per recipient.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+
+use crate::registry::ConnRef;
+
+/// One inbox event for one connection, already encoded as a frame.
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub slot: u32,
+    pub gen: u32,
+    /// The event's inbox sequence, which the connection checks against the
+    /// next one it expects.
+    pub seq: u64,
+    pub frame: Bytes,
+}
+
+/// Work for a shard.
+pub enum ShardMsg {
+    /// Responses to write as they are (Acks, errors) and inbox pushes.
+    Deliver {
+        replies: Vec<(ConnRef, Bytes)>,
+        pushes: Vec<Push>,
+    },
+    /// Stop accepting connections and reading requests; answer when done.
+    StopAccepting(Sender<()>),
+    /// Tell every client the server is stopping, close, and exit the loop.
+    Close,
+}
+
+/// The sending side of a shard's mailbox. Cheap to clone.
+#[derive(Clone)]
+pub struct ShardHandle {
+    tx: Sender<ShardMsg>,
+    waker: Arc<mio::Waker>,
+}
+
+impl ShardHandle {
+    pub fn new(tx: Sender<ShardMsg>, waker: Arc<mio::Waker>) -> Self {
+        ShardHandle { tx, waker }
+    }
+
+    /// Send `msg` and wake the shard. A shard that has exited drops it.
+    pub fn send(&self, msg: ShardMsg) {
+        if self.tx.send(msg).is_ok() {
+            if let Err(e) = self.waker.wake() {
+                tracing::warn!(error = %e, "waking a shard failed");
+            }
+        }
+    }
+
+    pub fn deliver(&self, replies: Vec<(ConnRef, Bytes)>, pushes: Vec<Push>) {
+        self.send(ShardMsg::Deliver { replies, pushes });
+    }
+}

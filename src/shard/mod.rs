@@ -1,0 +1,564 @@
+//! One core's event loop: a thread running a mio `Poll` that owns its
+//! connections outright.
+//!
+//! Each shard has its own listener on the shared port (`SO_REUSEPORT`, so the
+//! kernel spreads accepts), a slab of [`conn::Conn`] state structs, one 64 KiB
+//! scratch buffer that every read goes through, and a timing wheel for
+//! handshake, idle and slow-consumer timeouts. A connection lives and dies on
+//! its shard; nothing else touches it. Other threads reach the shard only
+//! through its [`mailbox`], never through a lock held across I/O.
+//!
+//! One turn of the loop: wait for readiness (or the next tick); accept; read
+//! and decode frames and run them through [`session::handle`]; take the
+//! mailbox (Acks, pushes); refill lagging connections from the store;
+//! write every connection that has output, one `write` each; fire due timers.
+//!
+//! Delivery order and exactly-once per connection rest on one number per
+//! connection, `next_seq`: a push is written only if it is exactly the next
+//! event; an older one is a duplicate and dropped; a newer one (a gap) or one
+//! that arrives while too much output waits makes the connection *lagging*,
+//! and the shard reads the missing events from the store instead. Because the
+//! commit pipeline pushes only what is already durable, the store always has
+//! everything a push refers to.
+
+pub mod conn;
+pub mod mailbox;
+pub mod session;
+pub mod timer;
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use swiftlet_protocol::codec::{decode_frame, encode_frame, FrameError};
+use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
+
+use crate::auth::Authenticator;
+use crate::commit::CommitHandle;
+use crate::registry::{ConnRef, Registry};
+use crate::store::Store;
+use conn::{Conn, Phase};
+use mailbox::ShardMsg;
+use session::Flow;
+use timer::{Wheel, TICK_MS};
+
+pub const LISTENER: Token = Token(usize::MAX);
+pub const WAKER: Token = Token(usize::MAX - 1);
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// How long a closing connection may take to read its last frame.
+const CLOSE_GRACE_TICKS: u32 = 20;
+/// Events read from the store per catch-up page.
+const CATCHUP_PAGE: usize = 256;
+
+/// Limits every connection of the shard runs under.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame: usize,
+    pub push_buffer_bytes: usize,
+    pub idle_timeout_ms: u64,
+    pub handshake_timeout_ms: u64,
+}
+
+/// What a shard shares with the rest of the server.
+pub struct ShardCtx {
+    pub id: u16,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub commit: CommitHandle,
+    pub auth: Authenticator,
+    pub limits: Limits,
+}
+
+fn ticks(ms: u64) -> u32 {
+    ms.div_ceil(TICK_MS).min(u64::from(u32::MAX)) as u32
+}
+
+pub struct Shard {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    mailbox: Receiver<ShardMsg>,
+    conns: Slab<Conn>,
+    next_gen: u32,
+    scratch: Box<[u8]>,
+    frames: Vec<Envelope>,
+    dirty: Vec<usize>,
+    catchup: Vec<usize>,
+    due: Vec<(u32, u32)>,
+    wheel: Wheel,
+    ctx: ShardCtx,
+    start: Instant,
+    now: u32,
+    /// Listener hit an error (e.g. out of file descriptors): retry each tick.
+    accept_pending: bool,
+    /// Shutdown: requests are no longer read.
+    draining: bool,
+    /// Shutdown: exit once every connection is gone, or at this tick.
+    exit_at: Option<u32>,
+}
+
+impl Shard {
+    pub fn new(
+        poll: Poll,
+        mut listener: TcpListener,
+        mailbox: Receiver<ShardMsg>,
+        ctx: ShardCtx,
+    ) -> io::Result<Self> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Shard {
+            poll,
+            listener: Some(listener),
+            mailbox,
+            conns: Slab::new(),
+            next_gen: 0,
+            scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            frames: Vec::new(),
+            dirty: Vec::new(),
+            catchup: Vec::new(),
+            due: Vec::new(),
+            wheel: Wheel::default(),
+            ctx,
+            start: Instant::now(),
+            now: 0,
+            accept_pending: false,
+            draining: false,
+            exit_at: None,
+        })
+    }
+
+    /// Run until shut down.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let elapsed = self.start.elapsed();
+            let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
+            let timeout = if self.catchup.is_empty() {
+                next_tick.saturating_sub(elapsed)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(shard = self.ctx.id, error = %e, "poll failed; shard stops");
+                break;
+            }
+            self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(slot) => {
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_readable(slot);
+                        }
+                        if ev.is_writable() {
+                            self.mark_dirty(slot);
+                        }
+                    }
+                }
+            }
+            self.take_mailbox();
+            self.run_catchups();
+            self.flush_dirty();
+            self.fire_timers();
+            if let Some(at) = self.exit_at {
+                if self.conns.is_empty() || self.now >= at {
+                    break;
+                }
+            }
+        }
+        let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            self.drop_conn(slot);
+        }
+        tracing::debug!(shard = self.ctx.id, "shard stopped");
+    }
+
+    fn accept(&mut self) {
+        self.accept_pending = false;
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _peer)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "set_nodelay failed");
+                    }
+                    let entry = self.conns.vacant_entry();
+                    let slot = entry.key();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(slot),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        tracing::warn!(error = %e, "registering a connection failed");
+                        continue;
+                    }
+                    self.next_gen = self.next_gen.wrapping_add(1);
+                    let gen = self.next_gen;
+                    entry.insert(Conn::new(stream, gen, self.now));
+                    self.wheel.schedule(
+                        u64::from(self.now + ticks(self.ctx.limits.handshake_timeout_ms)),
+                        slot as u32,
+                        gen,
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: the pending connections stay in
+                    // the backlog; try again on the next tick.
+                    tracing::warn!(shard = self.ctx.id, error = %e, "accept failed");
+                    self.accept_pending = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, slot: usize) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    fn on_readable(&mut self, slot: usize) {
+        if self.draining {
+            return;
+        }
+        loop {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return;
+            };
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.drop_conn(slot);
+                    return;
+                }
+                Ok(n) => {
+                    if conn.phase == Phase::Closing {
+                        continue;
+                    }
+                    conn.last_rx = self.now;
+                    if let Err(e) = self.ingest(slot, n) {
+                        let code = match e {
+                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                            _ => ErrorCode::MalformedFrame,
+                        };
+                        self.close_with(slot, code, &e.to_string());
+                        return;
+                    }
+                    if !self.process_frames(slot) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_conn(slot);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Decode the frames in `scratch[..n]` (after any partial frame kept
+    /// from before) into `self.frames`; keep a trailing partial frame.
+    fn ingest(&mut self, slot: usize, n: usize) -> Result<(), FrameError> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Ok(());
+        };
+        let max = self.ctx.limits.max_frame;
+        let data: &[u8] = if conn.inbuf.is_empty() {
+            &self.scratch[..n]
+        } else {
+            conn.inbuf.extend_from_slice(&self.scratch[..n]);
+            &conn.inbuf
+        };
+        let mut pos = 0;
+        while let Some((env, used)) = decode_frame(&data[pos..], max)? {
+            self.frames.push(env);
+            pos += used;
+        }
+        if conn.inbuf.is_empty() {
+            if pos < n {
+                conn.inbuf.extend_from_slice(&self.scratch[pos..n]);
+            }
+        } else if pos == conn.inbuf.len() {
+            conn.inbuf = Vec::new();
+        } else {
+            conn.inbuf.drain(..pos);
+        }
+        Ok(())
+    }
+
+    /// Run decoded frames through the session. False if the connection closed.
+    fn process_frames(&mut self, slot: usize) -> bool {
+        let mut frames = std::mem::take(&mut self.frames);
+        let mut open = true;
+        for env in frames.drain(..) {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                break;
+            };
+            match session::handle(conn, slot as u32, env, &self.ctx, self.now) {
+                Flow::Continue => {}
+                Flow::Close(code, why) => {
+                    self.close_with(slot, code, &why);
+                    open = false;
+                    break;
+                }
+            }
+        }
+        self.frames = frames;
+        if let Some(conn) = self.conns.get(slot) {
+            if conn.lagging {
+                self.catchup.push(slot);
+            }
+            if !conn.outbuf.is_empty() {
+                self.mark_dirty(slot);
+            }
+        }
+        open
+    }
+
+    fn take_mailbox(&mut self) {
+        while let Ok(msg) = self.mailbox.try_recv() {
+            match msg {
+                ShardMsg::Deliver { replies, pushes } => {
+                    for (to, frame) in replies {
+                        if let Some(conn) = self.live_conn(to.slot, to.gen) {
+                            conn.outbuf.extend_from_slice(&frame);
+                            self.mark_dirty(to.slot as usize);
+                        }
+                    }
+                    let high = self.ctx.limits.push_buffer_bytes;
+                    for p in pushes {
+                        let Some(conn) = self.live_conn(p.slot, p.gen) else {
+                            continue;
+                        };
+                        if p.seq < conn.next_seq {
+                            continue;
+                        }
+                        if p.seq == conn.next_seq && !conn.lagging && conn.outbuf.len() < high {
+                            conn.outbuf.extend_from_slice(&p.frame);
+                            conn.next_seq += 1;
+                            self.mark_dirty(p.slot as usize);
+                        } else if !conn.lagging {
+                            conn.lagging = true;
+                            self.catchup.push(p.slot as usize);
+                        }
+                    }
+                }
+                ShardMsg::StopAccepting(done) => {
+                    if let Some(mut l) = self.listener.take() {
+                        let _ = self.poll.registry().deregister(&mut l);
+                    }
+                    self.draining = true;
+                    let _ = done.send(());
+                }
+                ShardMsg::Close => {
+                    let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for slot in slots {
+                        self.close_with(slot, ErrorCode::ShuttingDown, "server shutting down");
+                    }
+                    self.exit_at = Some(self.now + CLOSE_GRACE_TICKS);
+                }
+            }
+        }
+    }
+
+    fn live_conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(slot as usize)
+            .filter(|c| c.gen == gen && c.phase == Phase::Live)
+    }
+
+    /// Refill lagging connections from the store, while their output is
+    /// below half the push buffer.
+    fn run_catchups(&mut self) {
+        let low = self.ctx.limits.push_buffer_bytes / 2;
+        let mut list = std::mem::take(&mut self.catchup);
+        for slot in list.drain(..) {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            if conn.phase != Phase::Live || !conn.lagging {
+                continue;
+            }
+            let Some(user) = conn.user.clone() else {
+                continue;
+            };
+            let mut failed = None;
+            while conn.outbuf.len() < low {
+                match self
+                    .ctx
+                    .store
+                    .read_inbox(&user, conn.next_seq - 1, CATCHUP_PAGE, low)
+                {
+                    Ok(page) => {
+                        for event in page.events {
+                            conn.next_seq = event.seq + 1;
+                            let env =
+                                Envelope::new(0, Body::Deliver(pb::Deliver { event: Some(event) }));
+                            encode_frame(&env, &mut conn.outbuf);
+                        }
+                        if !page.has_more {
+                            conn.lagging = false;
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                tracing::error!(error = %e, "reading an inbox for delivery failed");
+                self.close_with(slot, ErrorCode::Internal, "storage error");
+                continue;
+            }
+            // Still lagging: the flush below makes room, and a drained
+            // buffer brings it back here.
+            self.mark_dirty(slot);
+        }
+        self.catchup = list;
+    }
+
+    fn flush_dirty(&mut self) {
+        let low = self.ctx.limits.push_buffer_bytes / 2;
+        let mut list = std::mem::take(&mut self.dirty);
+        for slot in list.drain(..) {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
+            conn.dirty = false;
+            match conn.flush(self.now) {
+                Ok(_) => {
+                    if conn.lagging && conn.outbuf.len() < low && conn.phase == Phase::Live {
+                        self.catchup.push(slot);
+                    }
+                }
+                Err(_) => self.drop_conn(slot),
+            }
+        }
+        self.dirty = list;
+    }
+
+    fn fire_timers(&mut self) {
+        if self.accept_pending {
+            self.accept();
+        }
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(u64::from(self.now), &mut due);
+        let idle = ticks(self.ctx.limits.idle_timeout_ms);
+        let handshake = ticks(self.ctx.limits.handshake_timeout_ms);
+        for (slot, gen) in due.drain(..) {
+            let Some(conn) = self.conns.get(slot as usize).filter(|c| c.gen == gen) else {
+                continue;
+            };
+            let (deadline, code) = match conn.phase {
+                Phase::Handshake => (conn.since + handshake, Some(ErrorCode::HandshakeTimeout)),
+                Phase::Closing => (conn.since + CLOSE_GRACE_TICKS, None),
+                Phase::Live => {
+                    let read_deadline = conn.last_rx + idle;
+                    let write_deadline = if conn.outbuf.is_empty() {
+                        u32::MAX
+                    } else {
+                        conn.last_tx + idle
+                    };
+                    if write_deadline < read_deadline {
+                        (write_deadline, Some(ErrorCode::SlowConsumer))
+                    } else {
+                        (read_deadline, Some(ErrorCode::IdleTimeout))
+                    }
+                }
+            };
+            if deadline > self.now {
+                self.wheel.schedule(u64::from(deadline), slot, gen);
+                continue;
+            }
+            match code {
+                Some(code) => {
+                    let why = match code {
+                        ErrorCode::SlowConsumer => "output not read within the idle timeout",
+                        ErrorCode::HandshakeTimeout => "no Hello within the handshake timeout",
+                        _ => "nothing received within the idle timeout",
+                    };
+                    self.close_with(slot as usize, code, why);
+                }
+                None => self.drop_conn(slot as usize),
+            }
+        }
+        self.due = due;
+    }
+
+    /// Tell the client why, then close: the error frame is flushed, the write
+    /// side shut, and the socket kept (reads discarded) until the peer closes
+    /// or a short grace period ends, so the frame is not lost to a reset.
+    fn close_with(&mut self, slot: usize, code: ErrorCode, why: &str) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if conn.phase == Phase::Closing {
+            return;
+        }
+        tracing::debug!(shard = self.ctx.id, slot, ?code, why, "closing connection");
+        if let Some(user) = conn.user.take() {
+            self.ctx.registry.remove(
+                &user,
+                ConnRef {
+                    shard: self.ctx.id,
+                    slot: slot as u32,
+                    gen: conn.gen,
+                },
+            );
+        }
+        conn.phase = Phase::Closing;
+        conn.lagging = false;
+        conn.since = self.now;
+        conn.inbuf = Vec::new();
+        // Output not yet sent is abandoned: everything durable is resent from
+        // the store on the next login.
+        conn.outbuf.clear();
+        encode_frame(&Envelope::error(0, code, why, true), &mut conn.outbuf);
+        let flushed = conn.flush(self.now);
+        let _ = conn.stream.shutdown(Shutdown::Write);
+        let gen = conn.gen;
+        if flushed.is_err() {
+            self.drop_conn(slot);
+            return;
+        }
+        self.wheel
+            .schedule(u64::from(self.now + CLOSE_GRACE_TICKS), slot as u32, gen);
+    }
+
+    fn drop_conn(&mut self, slot: usize) {
+        if !self.conns.contains(slot) {
+            return;
+        }
+        let mut conn = self.conns.remove(slot);
+        if let Some(user) = conn.user.take() {
+            self.ctx.registry.remove(
+                &user,
+                ConnRef {
+                    shard: self.ctx.id,
+                    slot: slot as u32,
+                    gen: conn.gen,
+                },
+            );
+        }
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+    }
+}
