@@ -27,6 +27,8 @@
 //! the other tasks. A request registered afterwards fails at once: the closed
 //! flag and the pending map sit under one lock, so none can slip between.
 //! The lock is a std mutex held only for map operations, never across I/O.
+//! It also hands out request ids: the protocol requires them to increase on
+//! the wire, so an id is taken and its frame queued in one critical section.
 //!
 //! # Backpressure
 //!
@@ -36,7 +38,6 @@
 //! intends. Dropping [`Deliveries`] discards events instead.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -85,11 +86,12 @@ pub enum DeliveryItem {
 
 type Reply = Result<Body, ClientError>;
 
-#[derive(Default)]
 struct State {
     pending: HashMap<u64, oneshot::Sender<Reply>>,
     /// Set once, by the first `fail`.
     closed: Option<CloseReason>,
+    /// The request id of the next frame queued.
+    next_id: u64,
 }
 
 /// What the tasks and the handles share. Tasks hold `Arc<Shared>`, never
@@ -97,7 +99,6 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     writer: mpsc::Sender<Envelope>,
-    next_id: AtomicU64,
     shutdown: CancellationToken,
     /// The server's `max_frame_bytes` (0: unknown, no local check).
     server_max_frame: usize,
@@ -156,38 +157,53 @@ impl Shared {
         Ok(())
     }
 
+    /// Queue `body` for the writer under the next request id, registering
+    /// `reply` (if any) for the response. The protocol requires ids to
+    /// increase on the wire, so queue space is reserved first and the id is
+    /// taken and the frame queued together under the state lock: concurrent
+    /// callers can never queue in a different order than their ids.
+    async fn enqueue(
+        &self,
+        body: Body,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> Result<u64, ClientError> {
+        // Size the frame with the widest possible id.
+        let mut env = Envelope::new(u64::MAX, body);
+        self.check_size(&env)?;
+        let permit = self
+            .writer
+            .reserve()
+            .await
+            .map_err(|_| self.disconnected())?;
+        let mut st = self.lock();
+        if let Some(reason) = &st.closed {
+            return Err(ClientError::Disconnected(reason.clone()));
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        env.request_id = id;
+        if let Some(tx) = reply {
+            st.pending.insert(id, tx);
+        }
+        permit.send(env);
+        Ok(id)
+    }
+
     /// Send a frame that expects no response.
     async fn post(&self, body: Body) -> Result<(), ClientError> {
-        if let Some(reason) = self.reason() {
-            return Err(ClientError::Disconnected(reason));
-        }
-        let env = Envelope::new(self.next_id.fetch_add(1, Ordering::Relaxed), body);
-        self.check_size(&env)?;
-        self.writer.send(env).await.map_err(|_| self.disconnected())
+        self.enqueue(body, None).await.map(drop)
     }
 
     /// Send a request and wait for the frame with the same request id.
     async fn request(&self, body: Body, timeout: Duration) -> Reply {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let env = Envelope::new(id, body);
-        self.check_size(&env)?;
+        let deadline = tokio::time::Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
-        {
-            let mut st = self.lock();
-            if let Some(reason) = &st.closed {
-                return Err(ClientError::Disconnected(reason.clone()));
-            }
-            st.pending.insert(id, tx);
-        }
-        let exchange = async {
-            self.writer
-                .send(env)
-                .await
-                .map_err(|_| self.disconnected())?;
-            rx.await.map_err(|_| self.disconnected())?
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(reply) => reply,
+        let id = tokio::time::timeout_at(deadline, self.enqueue(body, Some(tx)))
+            .await
+            .map_err(|_| ClientError::Timeout)??;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(self.disconnected()),
             Err(_) => {
                 self.lock().pending.remove(&id);
                 Err(ClientError::Timeout)
@@ -293,9 +309,12 @@ impl Client {
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
         let (deliver_tx, deliver_rx) = mpsc::channel(cfg.delivery_buffer.max(1));
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                pending: HashMap::new(),
+                closed: None,
+                next_id: HELLO_REQUEST_ID + 1,
+            }),
             writer: write_tx,
-            next_id: AtomicU64::new(HELLO_REQUEST_ID + 1),
             shutdown: CancellationToken::new(),
             server_max_frame: welcome.max_frame_bytes as usize,
         });
