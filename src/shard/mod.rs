@@ -234,13 +234,15 @@ impl Shard {
     }
 
     fn on_readable(&mut self, slot: usize) {
-        if self.draining {
-            return;
-        }
         loop {
             let Some(conn) = self.conns.get_mut(slot) else {
                 return;
             };
+            // While stopping, requests are no longer read; a closing
+            // connection is still read, to see its EOF.
+            if self.draining && conn.phase != Phase::Closing {
+                return;
+            }
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     self.drop_conn(slot);
@@ -311,8 +313,16 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(slot) else {
                 break;
             };
+            let was_handshake = conn.phase == Phase::Handshake;
             match session::handle(conn, slot as u32, env, &self.ctx, self.now) {
-                Flow::Continue => {}
+                Flow::Continue => {
+                    if was_handshake && conn.phase == Phase::Live {
+                        // The handshake deadline's wheel entry may be far
+                        // off; the idle deadline may come sooner.
+                        let at = self.now + ticks(self.ctx.limits.idle_timeout_ms);
+                        self.wheel.schedule(u64::from(at), slot as u32, conn.gen);
+                    }
+                }
                 Flow::Close(code, why) => {
                     self.close_with(slot, code, &why);
                     open = false;

@@ -1,0 +1,185 @@
+//! Bad input gets a typed Error frame (where the protocol allows one), then a
+//! close; the server keeps serving everyone else and nothing panics.
+
+mod common;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use swiftlet_client::pb;
+use swiftlet_protocol::{Body, Envelope, ErrorCode};
+
+/// After the abuse, an ordinary pair of clients still chats.
+async fn still_serving(srv: &TestServer) {
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let (_bob, mut brx) = srv.connect("bob", "phone").await;
+    alice
+        .send("bob", "text/plain", "still here?")
+        .await
+        .expect("ack");
+    assert_eq!(&next_message(&mut brx).await.1.body[..], b"still here?");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_are_refused_with_a_typed_error() {
+    // Junk that happens to announce a plausible length waits for its body
+    // until the handshake timeout.
+    let srv = TestServer::start_with(|c| c.handshake_timeout_ms = 300);
+    for seed in 0..20u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // At least one byte with the top bit clear ends the length varint.
+        let mut junk: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
+        junk[3] &= 0x7f;
+        let mut raw = Raw::connect(srv.addr()).await;
+        raw.send_bytes(&junk).await;
+        let code = raw.expect_fatal().await;
+        assert!(
+            matches!(
+                code,
+                ErrorCode::MalformedFrame
+                    | ErrorCode::FrameTooLarge
+                    | ErrorCode::ProtocolViolation
+                    | ErrorCode::HandshakeTimeout
+            ),
+            "seed {seed}: {code:?}"
+        );
+    }
+    still_serving(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_length_prefix_is_refused_before_the_body() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    // 16 MiB announced, no body sent: the refusal cannot wait for it.
+    let mut prefix = Vec::new();
+    prost::encoding::encode_varint(16 << 20, &mut prefix);
+    raw.send_bytes(&prefix).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::FrameTooLarge);
+    // The limit is the configured one: one byte over after a login.
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("carol")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    let mut over = Vec::new();
+    prost::encoding::encode_varint(srv.config.max_frame as u64 + 1, &mut over);
+    raw.send_bytes(&over).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::FrameTooLarge);
+    still_serving(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_frame_then_silence_times_out_with_a_typed_error() {
+    let srv = TestServer::start_with(|c| c.handshake_timeout_ms = 300);
+    let mut raw = Raw::connect(srv.addr()).await;
+    // Announces 100 bytes, sends 10.
+    let mut bytes = vec![100u8];
+    bytes.extend_from_slice(&[0x08; 10]);
+    raw.send_bytes(&bytes).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::HandshakeTimeout);
+    still_serving(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_length_with_a_garbage_envelope_is_malformed() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    // Length 3, then a field with wire type 7 (invalid).
+    raw.send_bytes(&[3, 0x0f, 0xff, 0xff]).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::MalformedFrame);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anything_before_hello_is_a_protocol_violation() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.send(Envelope::new(1, Body::Ping(pb::Ping { nonce: 7 })))
+        .await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::ProtocolViolation);
+    // And a second Hello after login.
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("dave")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    raw.hello(1, &token("dave")).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::ProtocolViolation);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_version_and_bad_tokens_are_refused() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(2, &token("alice")).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::UnsupportedVersion);
+
+    let expired = {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let claims = swiftlet_protocol::token::Claims {
+            sub: "alice".into(),
+            exp: 1_000_000,
+            iat: 0,
+        };
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("encode")
+    };
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &expired).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::TokenExpired);
+
+    let forged = swiftlet_protocol::token::mint(b"not-the-secret", "alice", 3600);
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &forged).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::AuthFailed);
+
+    // Without --dev-auth a bare user id is not a token.
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, "alice").await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::AuthFailed);
+    still_serving(&srv).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_logged_in_connection_is_closed_at_the_idle_timeout() {
+    let srv = TestServer::start_with(|c| c.idle_timeout_ms = 300);
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("erin")).await;
+    match raw.recv().await.and_then(|e| e.body) {
+        Some(Body::Welcome(w)) => assert_eq!(w.idle_timeout_ms, 300),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    assert_eq!(raw.expect_fatal().await, ErrorCode::IdleTimeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_tells_clients_why() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("frank")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    let mut srv = srv;
+    let server = srv.server.take();
+    let stopper = std::thread::spawn(move || server.map(|s| s.shutdown()));
+    assert_eq!(raw.expect_fatal().await, ErrorCode::ShuttingDown);
+    stopper.join().expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_auth_accepts_a_bare_user_id() {
+    let srv = TestServer::start_with(|c| c.dev_auth = true);
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, "gina").await;
+    match raw.recv().await.and_then(|e| e.body) {
+        Some(Body::Welcome(w)) => assert_eq!(w.user_id, "gina"),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}

@@ -1,0 +1,171 @@
+//! 1:1 chat end to end: live delivery to every device of both parties,
+//! offline delivery in order, cursors, and Sync paging.
+
+mod common;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_to_bob_live_on_every_device_of_both() {
+    let srv = TestServer::start();
+    let (alice_phone, mut alice_phone_rx) = srv.connect("alice", "phone").await;
+    let (_alice_laptop, mut alice_laptop_rx) = srv.connect("alice", "laptop").await;
+    let (bob_phone, mut bob_phone_rx) = srv.connect("bob", "phone").await;
+    let (_bob_tablet, mut bob_tablet_rx) = srv.connect("bob", "tablet").await;
+
+    let ack = alice_phone
+        .send("bob", "text/plain", "hi bob")
+        .await
+        .expect("ack");
+    assert!(ack.server_msg_id > 0);
+
+    for rx in [&mut bob_phone_rx, &mut bob_tablet_rx] {
+        let (seq, m) = next_message(rx).await;
+        assert_eq!(seq, 1);
+        assert_eq!(
+            (
+                m.from_user.as_str(),
+                m.from_device.as_str(),
+                m.to_user.as_str()
+            ),
+            ("alice", "phone", "bob")
+        );
+        assert_eq!(&m.body[..], b"hi bob");
+        assert_eq!(m.id, ack.server_msg_id);
+    }
+    // The sender's devices see what she sent: the other one, and this one.
+    for rx in [&mut alice_laptop_rx, &mut alice_phone_rx] {
+        let (seq, m) = next_message(rx).await;
+        assert_eq!(seq, 1);
+        assert_eq!(m.id, ack.server_msg_id);
+        assert_eq!(m.client_msg_id, ack.client_msg_id);
+    }
+    assert_no_more(&bob_phone, &mut bob_phone_rx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_messages_arrive_in_order_then_live_continues_without_gap() {
+    let srv = TestServer::start();
+    let (alice, _alice_rx) = srv.connect("alice", "phone").await;
+    let mut acks = Vec::new();
+    for i in 0..50 {
+        acks.push(
+            alice
+                .send("bob", "text/plain", format!("m{i}"))
+                .await
+                .expect("ack"),
+        );
+    }
+    let (bob, mut bob_rx) = srv.connect("bob", "phone").await;
+    assert_eq!(bob.welcome().cursor, 0);
+    assert_eq!(bob.welcome().head_seq, 50);
+    // Sends racing with the backlog: still one copy each, in order.
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for i in 50..100 {
+                acks.push(
+                    alice
+                        .send("bob", "text/plain", format!("m{i}"))
+                        .await
+                        .expect("ack"),
+                );
+            }
+            acks
+        })
+    };
+    for i in 0..100u64 {
+        let (seq, m) = next_message(&mut bob_rx).await;
+        assert_eq!(seq, i + 1, "in order, no gap, no duplicate");
+        assert_eq!(m.body, format!("m{i}").into_bytes());
+    }
+    acks.extend(sender.await.expect("sender"));
+    assert_eq!(acks.len(), 100);
+    assert_no_more(&bob, &mut bob_rx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resumes_after_its_acknowledged_cursor() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    for i in 0..10 {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    {
+        let (bob, mut rx) = srv.connect("bob", "phone").await;
+        for _ in 0..10 {
+            next_message(&mut rx).await;
+        }
+        bob.ack_delivery(6).await.expect("ack delivery");
+        // A ping orders the ack before the close on the server.
+        bob.ping().await.expect("ping");
+        bob.close().await;
+    }
+    let (bob, mut rx) = srv.connect("bob", "phone").await;
+    assert_eq!(bob.welcome().cursor, 6);
+    for expected in 7..=10 {
+        assert_eq!(next_message(&mut rx).await.0, expected);
+    }
+    assert_no_more(&bob, &mut rx).await;
+    // Another device of bob has its own cursor: it gets all ten.
+    let (_tablet, mut trx) = srv.connect("bob", "tablet").await;
+    assert_eq!(next_message(&mut trx).await.0, 1);
+    // Acknowledging beyond what was delivered is refused, typed.
+    let err = bob.ack_delivery(99).await;
+    assert!(
+        err.is_ok(),
+        "the frame is queued; the error comes back asynchronously"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pages_through_the_inbox() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    for i in 0..25 {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    let (bob, _brx) = srv.connect("bob", "laptop").await;
+    let mut after = 0;
+    let mut seen = Vec::new();
+    loop {
+        let page = bob.sync(after, 10).await.expect("sync");
+        assert_eq!(page.head_seq, 25);
+        assert_eq!(page.first_available_seq, 1);
+        for e in &page.events {
+            seen.push(e.seq);
+        }
+        if !page.has_more {
+            break;
+        }
+        after = page.events.last().expect("a non-final page has events").seq;
+    }
+    assert_eq!(seen, (1..=25).collect::<Vec<_>>());
+    let empty = bob.sync(25, 10).await.expect("sync at head");
+    assert!(empty.events.is_empty() && !empty.has_more);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_errors_are_typed_and_keep_the_connection() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let bad_recipient = alice.send("not a user!", "text/plain", "x").await;
+    assert_eq!(
+        bad_recipient.expect_err("refused").code(),
+        Some(swiftlet_protocol::ErrorCode::InvalidRecipient as i32)
+    );
+    let bad_id = alice.send_with_id("", "bob", "text/plain", "x").await;
+    assert_eq!(
+        bad_id.expect_err("refused").code(),
+        Some(swiftlet_protocol::ErrorCode::InvalidRequest as i32)
+    );
+    // Still logged in and working.
+    alice.send("bob", "text/plain", "fine").await.expect("ack");
+}

@@ -1,0 +1,186 @@
+//! Test harness: a real server (real sockets, RocksDB in a temp dir) started
+//! in-process on port 0, clients from the real client library, and a raw
+//! framed socket for feeding the server bad input.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use swiftlet::{Config, Server};
+use swiftlet_client::{pb, Client, ClientConfig, Deliveries, DeliveryItem};
+use swiftlet_protocol::{Body, Envelope, FrameCodec};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+pub const SECRET: &str = "integration-test-secret";
+/// Upper bound on waiting for something that must happen; reaching it fails
+/// the test. Never used to assert speed.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+}
+
+pub fn token(user: &str) -> String {
+    swiftlet_protocol::token::mint(SECRET.as_bytes(), user, 3600)
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        Self::start_with(|_| {})
+    }
+
+    /// Start with the test defaults (2 shards, JWT auth) changed by `tweak`.
+    pub fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: dir.path().to_owned(),
+            shards: 2,
+            jwt_secret: Some(SECRET.into()),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let server = swiftlet::start(config.clone()).expect("server starts");
+        TestServer {
+            server: Some(server),
+            dir,
+            config,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.as_ref().expect("running").local_addr()
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    /// Graceful shutdown, then start again on the same data directory and port.
+    pub fn restart(&mut self) {
+        let addr = self.addr();
+        self.stop();
+        self.config.listen = addr;
+        self.server = Some(swiftlet::start(self.config.clone()).expect("server restarts"));
+    }
+
+    /// Graceful shutdown. The server's threads wait for clients to close, and
+    /// the clients are tasks of this runtime: let them run meanwhile.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            tokio::task::block_in_place(|| s.shutdown());
+        }
+    }
+
+    pub async fn connect(&self, user: &str, device: &str) -> (Client, Deliveries) {
+        Client::connect(ClientConfig::new(
+            self.addr().to_string(),
+            token(user),
+            device,
+        ))
+        .await
+        .expect("login")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The next event, or a failed test after [`PATIENCE`].
+pub async fn next_event(d: &mut Deliveries) -> pb::Event {
+    match tokio::time::timeout(PATIENCE, d.next()).await {
+        Ok(Some(DeliveryItem::Event(e))) => e,
+        Ok(other) => panic!("expected an event, got {other:?}"),
+        Err(_) => panic!("no event within {PATIENCE:?}"),
+    }
+}
+
+/// The next event, which must be a message.
+pub async fn next_message(d: &mut Deliveries) -> (u64, pb::Message) {
+    let e = next_event(d).await;
+    match e.kind {
+        Some(pb::event::Kind::Message(m)) => (e.seq, m),
+        other => panic!("expected a message event, got {other:?}"),
+    }
+}
+
+/// Asserts nothing more is delivered: a Ping round trip first, so anything
+/// already on its way has arrived, then a short look.
+pub async fn assert_no_more(client: &Client, d: &mut Deliveries) {
+    client.ping().await.expect("ping");
+    if let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), d.next()).await {
+        panic!("unexpected delivery: {item:?}");
+    }
+}
+
+/// A framed socket with no client logic, for protocol abuse.
+pub struct Raw {
+    pub framed: Framed<TcpStream, FrameCodec>,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Raw {
+            framed: Framed::new(stream, FrameCodec::default()),
+        }
+    }
+
+    pub async fn send(&mut self, env: Envelope) {
+        self.framed.send(env).await.expect("send frame");
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.framed.get_mut().write_all(bytes).await.expect("write");
+    }
+
+    pub async fn hello(&mut self, version: u32, token: &str) {
+        self.send(Envelope::new(
+            1,
+            Body::Hello(pb::Hello {
+                protocol_version: version,
+                token: token.into(),
+                device_id: "raw".into(),
+            }),
+        ))
+        .await;
+    }
+
+    /// The next frame; None when the server closed the connection.
+    pub async fn recv(&mut self) -> Option<Envelope> {
+        match tokio::time::timeout(PATIENCE, self.framed.next()).await {
+            Ok(Some(Ok(env))) => Some(env),
+            Ok(Some(Err(_))) | Ok(None) => None,
+            Err(_) => panic!("server neither answered nor closed within {PATIENCE:?}"),
+        }
+    }
+
+    /// Read until the server's fatal Error, then require the close. Returns
+    /// the error code.
+    pub async fn expect_fatal(&mut self) -> swiftlet_protocol::ErrorCode {
+        loop {
+            match self.recv().await {
+                Some(Envelope {
+                    body: Some(Body::Error(e)),
+                    ..
+                }) if e.fatal => {
+                    assert!(
+                        self.recv().await.is_none(),
+                        "connection stays open after a fatal error"
+                    );
+                    return swiftlet_protocol::ErrorCode::try_from(e.code).expect("known code");
+                }
+                Some(_) => continue,
+                None => panic!("closed without an Error frame"),
+            }
+        }
+    }
+}
