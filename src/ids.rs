@@ -56,7 +56,7 @@ impl IdGen {
     }
 
     /// The next id at the current time.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_now(&mut self) -> u64 {
         self.next_at(unix_ms())
     }
 }

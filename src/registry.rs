@@ -29,10 +29,11 @@ pub struct ConnRef {
 }
 
 type Conns = SmallVec<[ConnRef; 2]>;
+type Stripe = RwLock<HashMap<Arc<str>, Conns>>;
 
 /// The process-wide map of online users.
 pub struct Registry {
-    stripes: Box<[RwLock<HashMap<Arc<str>, Conns>>]>,
+    stripes: Box<[Stripe]>,
     hasher: BuildHasherDefault<DefaultHasher>,
 }
 
@@ -47,7 +48,7 @@ impl Registry {
         }
     }
 
-    fn stripe(&self, user: &str) -> &RwLock<HashMap<Arc<str>, Conns>> {
+    fn stripe(&self, user: &str) -> &Stripe {
         let h = self.hasher.hash_one(user) as usize;
         &self.stripes[h & (self.stripes.len() - 1)]
     }

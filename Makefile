@@ -1,0 +1,35 @@
+# The two commands of README.md: `make run` and `make test`.
+# Both install missing system packages first (tools/scripts/setup.sh) and
+# build in one persistent target directory outside the checkout, so RocksDB
+# (C++, ~15 min on 2 cores) is compiled once per machine, in release only:
+# tests, benches and the server all use the release profile.
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/swiftlet/target
+BIN := $(CARGO_TARGET_DIR)/release
+
+.PHONY: setup build run test bench lint cli
+
+setup:
+	@tools/scripts/setup.sh
+
+build: setup
+	cargo build --release --workspace
+
+## Run the server with its embedded defaults (127.0.0.1:7400, ./data). Extra flags: make run ARGS="--dev-auth"
+run: build
+	$(BIN)/swiftlet serve $(ARGS)
+
+## Every test of the workspace: unit, codec, integration (real server, real RocksDB, kill -9).
+test: setup
+	cargo nextest run --release --workspace --no-fail-fast
+
+bench: setup
+	cargo bench --bench codec --bench store
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+## Interactive client against a local server: make cli U=alice (add CLI_ARGS="--dev-auth" for a --dev-auth server)
+cli: build
+	$(BIN)/swiftlet-cli --user $(U) $(CLI_ARGS)
