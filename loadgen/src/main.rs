@@ -1,1 +1,211 @@
-fn main() {}
+//! loadgen: drives a running swiftlet server with simulated clients and
+//! prints one JSON summary on the last line of stdout. See README.md beside
+//! this crate for every flag, the summary's fields and the scale-out
+//! arithmetic.
+//!
+//! Layout:
+//! - [`cli`]: the flags; [`addr`]: servers, source addresses, tokens, shares.
+//! - [`conn`]: the lean raw protocol connection every scenario but the
+//!   offline senders uses.
+//! - [`scenario`]: idle, chat, storm, offline (group until groups exist).
+//! - [`run`]: the per-process context, barrier, progress and timeline.
+//! - [`parent`]: `--workers`: child processes and merging their results.
+//! - [`stats`], [`summary`]: counters, histograms, the JSON summary.
+//! - [`body`]: the message body header; [`procmem`]: server memory from
+//!   /proc; [`plot`]: the SVG latency chart.
+
+mod addr;
+mod body;
+mod cli;
+mod conn;
+mod parent;
+mod plot;
+mod procmem;
+mod run;
+mod scenario;
+mod stats;
+mod summary;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use rand::Rng as _;
+use tokio::io::AsyncBufReadExt as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::Auth;
+use crate::cli::{Args, Scenario};
+use crate::run::{Coord, Ctx};
+use crate::summary::{ServerMemory, WorkerResult};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.scenario == Scenario::Group {
+        eprintln!(
+            "loadgen: the group scenario needs groups, which this swiftlet server does not \
+             implement yet (the protocol reserves fields 30-49 for them); nothing was run"
+        );
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(real_main(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn real_main(args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.dev_auth || args.jwt_secret.is_some(),
+        "give --dev-auth or --jwt-secret SECRET"
+    );
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    raise_fd_limit();
+    let prefix = args
+        .user_prefix
+        .clone()
+        .unwrap_or_else(|| format!("lg{:06x}", rand::thread_rng().gen_range(0..0x100_0000u32)));
+
+    if args.workers > 1 && args.worker_index.is_none() {
+        let (result, mem) = parent::run(&args, &prefix).await?;
+        return finish(&args, &result, &mem);
+    }
+
+    let ctx = build_ctx(&args, prefix).await?;
+    let child = ctx.is_child();
+    let stats = ctx.stats.clone();
+    let progress_stop = CancellationToken::new();
+    run::spawn_progress(stats, child, progress_stop.clone());
+    let (result, mem) = run_scenario(ctx).await?;
+    progress_stop.cancel();
+    if child {
+        println!("{}", serde_json::json!({ "result": result }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    finish(&args, &result, &mem)
+}
+
+async fn build_ctx(args: &Args, prefix: String) -> anyhow::Result<Ctx> {
+    let servers = addr::resolve_servers(&args.server).await?;
+    let sources = match &args.source {
+        Some(s) => addr::parse_sources(s).context("--source")?,
+        None => Vec::new(),
+    };
+    let auth = match &args.jwt_secret {
+        Some(s) if !args.dev_auth => Auth::Jwt(s.clone()),
+        _ => Auth::Dev,
+    };
+    let coord = match args.worker_index {
+        Some(_) => Coord::Child {
+            lines: tokio::io::BufReader::new(tokio::io::stdin()).lines(),
+        },
+        None => {
+            let mut mem = ServerMemory::default();
+            if let Some(pid) = args.server_pid {
+                procmem::before(pid, &mut mem);
+            }
+            Coord::Local { mem }
+        }
+    };
+    Ok(Ctx {
+        args: args.clone(),
+        servers,
+        sources,
+        auth,
+        prefix,
+        worker_index: args.worker_index.unwrap_or(0),
+        worker_count: args.workers.max(1),
+        stats: Arc::new(stats::Stats::default()),
+        connect_slots: Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1))),
+        coord,
+    })
+}
+
+async fn run_scenario(mut ctx: Ctx) -> anyhow::Result<(WorkerResult, ServerMemory)> {
+    let result = match ctx.args.scenario {
+        Scenario::Idle => scenario::idle::run(&mut ctx).await?,
+        Scenario::Chat => scenario::chat::run(&mut ctx).await?,
+        Scenario::Storm => scenario::storm::run(&mut ctx).await?,
+        Scenario::Offline => scenario::offline::run(&mut ctx).await?,
+        Scenario::Group => anyhow::bail!("group scenario is not available"),
+    };
+    let mem = match ctx.coord {
+        Coord::Local { mem } => mem,
+        Coord::Child { .. } => ServerMemory::default(),
+    };
+    Ok((result, mem))
+}
+
+/// Print the summary (last stdout line), draw the plot, choose the exit code.
+fn finish(args: &Args, r: &WorkerResult, mem: &ServerMemory) -> anyhow::Result<ExitCode> {
+    let summary = summary::summary(args.scenario.name(), args.params_json(), r, mem);
+    if let Some(path) = &args.plot {
+        let points: Vec<_> = r
+            .timeline
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let q = |p| {
+                    (!s.latency.is_empty()).then(|| s.latency.value_at_quantile(p) as f64 / 1000.0)
+                };
+                (i as u64 + 1, q(0.5), q(0.99))
+            })
+            .collect();
+        let title = format!(
+            "loadgen {}: send→delivered latency per second",
+            args.scenario.name()
+        );
+        std::fs::write(path, plot::svg(&title, &points))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{summary}");
+    let bad = r.lost() > 0 || r.duplicated > 0 || r.reordered > 0;
+    if bad {
+        eprintln!(
+            "loadgen: correctness check FAILED: lost {}, duplicated {}, reordered {}",
+            r.lost(),
+            r.duplicated,
+            r.reordered
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if r.connections > 0 && r.open_at_ready == 0 {
+        eprintln!("loadgen: no connection could be opened");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Raise the soft open-files limit to the hard limit (each connection is an
+/// fd). Without the `libc` crate we ask the shell's `ulimit` semantics
+/// through /proc: if the soft limit is low, say so.
+fn raise_fd_limit() {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+        let soft: Option<u64> = line.split_whitespace().nth(3).and_then(|s| s.parse().ok());
+        if let Some(soft) = soft.filter(|s| *s < 20_000) {
+            eprintln!(
+                "loadgen: open-files soft limit is {soft}; run `ulimit -n 20000` (or higher) for large runs"
+            );
+        }
+    }
+}

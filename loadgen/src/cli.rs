@@ -1,0 +1,162 @@
+//! Command-line interface: one positional scenario and the flags every
+//! scenario shares. The same struct is parsed by the parent and by worker
+//! processes (which get the parent's argv plus the hidden `--worker-index`
+//! and `--user-prefix`), so a flag given twice keeps its last value.
+
+use clap::{Parser, ValueEnum};
+
+/// A scenario to drive against a running swiftlet server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Open N connections, log in, hold them with heartbeats.
+    Idle,
+    /// N users sending 1:1 messages to random peers (closed or open loop).
+    Chat,
+    /// G groups of S members (not available until the server has groups).
+    Group,
+    /// N clients log in, then all drop and reconnect at once.
+    Storm,
+    /// M messages queued for offline users, who then connect and catch up.
+    Offline,
+}
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "idle",
+            Scenario::Chat => "chat",
+            Scenario::Group => "group",
+            Scenario::Storm => "storm",
+            Scenario::Offline => "offline",
+        }
+    }
+}
+
+/// loadgen: drive a swiftlet server with simulated clients and report a JSON
+/// summary on the last line of stdout. See loadgen/README.md.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadgen", version, args_override_self = true)]
+pub struct Args {
+    /// The scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+
+    /// Server TCP address(es), comma-separated; connections go round-robin.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub server: String,
+
+    /// Log in with bare user ids (server started with --dev-auth).
+    #[arg(long, conflicts_with = "jwt_secret")]
+    pub dev_auth: bool,
+
+    /// Mint HS256 tokens with this secret (the server's --jwt-secret).
+    #[arg(long, env = "SWIFTLET_JWT_SECRET")]
+    pub jwt_secret: Option<String>,
+
+    /// Connections to open (idle, storm).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: u64,
+
+    /// Users (chat: each one connection that sends and receives; offline:
+    /// the receivers).
+    #[arg(long, default_value_t = 100)]
+    pub users: u64,
+
+    /// Groups (group scenario).
+    #[arg(long, default_value_t = 10)]
+    pub groups: u64,
+
+    /// Members per group (group scenario).
+    #[arg(long, default_value_t = 10)]
+    pub members: u64,
+
+    /// Messages to queue for offline users (offline).
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: u64,
+
+    /// Sender connections that queue the offline messages (offline).
+    #[arg(long, default_value_t = 8)]
+    pub senders: u64,
+
+    /// Seconds to hold (idle) or to send for (chat), after the warm-up.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Seconds of chat traffic before measuring starts (not in the histograms).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+
+    /// Open loop: total messages per second over all users. Without it, chat
+    /// is closed loop (one message in flight per user; the next on its Ack).
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Message body size in bytes (at least 24: the loadgen header).
+    #[arg(long, default_value_t = 100)]
+    pub body_bytes: usize,
+
+    /// Spawn N worker processes, each with a share of the connections/users,
+    /// and merge their results. 1 runs everything in this process.
+    #[arg(long, default_value_t = 1)]
+    pub workers: u32,
+
+    /// Local source addresses, round-robin per connection: one address, a
+    /// range `127.0.0.2-127.0.0.9`, or a comma-separated list of either.
+    #[arg(long)]
+    pub source: Option<String>,
+
+    /// Concurrent connection attempts (connect + login) per process.
+    #[arg(long, default_value_t = 1024)]
+    pub concurrency: usize,
+
+    /// The server's pid: read its RSS (and kernel socket memory) before
+    /// connecting and 2 s after everyone connected.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+
+    /// Seconds to wait after the last send for deliveries to arrive.
+    #[arg(long, default_value_t = 10.0)]
+    pub drain: f64,
+
+    /// Ping period in seconds (default: a third of the server's idle timeout).
+    #[arg(long)]
+    pub ping_interval: Option<f64>,
+
+    /// Write an SVG of p50/p99 latency per second to this file.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
+
+    /// Prefix of generated user ids (default: random per run, so runs never
+    /// see each other's inboxes).
+    #[arg(long)]
+    pub user_prefix: Option<String>,
+
+    /// Internal: this process is worker i of --workers.
+    #[arg(long, hide = true)]
+    pub worker_index: Option<u32>,
+}
+
+impl Args {
+    /// The parameters echoed in the JSON summary.
+    pub fn params_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "server": self.server,
+            "auth": if self.dev_auth { "dev" } else { "jwt" },
+            "connections": self.connections,
+            "users": self.users,
+            "groups": self.groups,
+            "members": self.members,
+            "messages": self.messages,
+            "senders": self.senders,
+            "duration_s": self.duration,
+            "warmup_s": self.warmup,
+            "rate": self.rate,
+            "body_bytes": self.body_bytes,
+            "workers": self.workers,
+            "source": self.source,
+            "concurrency": self.concurrency,
+            "server_pid": self.server_pid,
+        })
+    }
+}

@@ -1,0 +1,201 @@
+//! What every scenario shares inside one process: the run context (targets,
+//! user names, auth, the connection semaphore), the barrier between setup
+//! and the measured phase (in-process, or through the parent when this is a
+//! worker), the progress ticker, and the per-second timeline recorder.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::Auth;
+use crate::cli::Args;
+use crate::conn::{Conn, Target};
+use crate::stats::{Snapshot, Stats};
+use crate::summary::{Second, ServerMemory};
+
+/// How long one connect + login may take before it counts as a timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Attempts per connection before it is given up (each failure is counted).
+pub const CONNECT_ATTEMPTS: u32 = 3;
+/// Settle time between "everyone connected" and the "after" memory reading.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// How this process relates to the others.
+pub enum Coord {
+    /// The whole run is in this process; it measures the server itself.
+    Local { mem: ServerMemory },
+    /// Worker `index` of a parent: report on stdout, wait for "go" on stdin.
+    Child {
+        lines: tokio::io::Lines<tokio::io::BufReader<tokio::io::Stdin>>,
+    },
+}
+
+/// The run context of one process.
+pub struct Ctx {
+    pub args: Args,
+    pub servers: Vec<SocketAddr>,
+    pub sources: Vec<IpAddr>,
+    pub auth: Auth,
+    pub prefix: String,
+    pub worker_index: u32,
+    pub worker_count: u32,
+    pub stats: Arc<Stats>,
+    pub connect_slots: Arc<Semaphore>,
+    pub coord: Coord,
+}
+
+impl Ctx {
+    /// Where global connection `k` of user `user` connects from and to.
+    pub fn target(&self, k: u64, user: &str) -> Target {
+        let pick = |len: usize| (k % len.max(1) as u64) as usize;
+        Target {
+            server: self.servers[pick(self.servers.len())],
+            source: self.sources.get(pick(self.sources.len())).copied(),
+            token: self.auth.token(user),
+            device: "d1".to_owned(),
+        }
+    }
+
+    /// The user id of global index `k` of a kind (`c`onnection, `u`ser, ...).
+    pub fn user(&self, kind: &str, k: u64) -> String {
+        format!("{}-{kind}{k}", self.prefix)
+    }
+
+    pub fn is_child(&self) -> bool {
+        matches!(self.coord, Coord::Child { .. })
+    }
+
+    /// Setup is done (everyone connected): let the server settle and read
+    /// its memory (local), or tell the parent and wait for its "go".
+    pub async fn barrier(&mut self) -> anyhow::Result<()> {
+        match &mut self.coord {
+            Coord::Local { mem } => {
+                if let Some(pid) = self.args.server_pid {
+                    tokio::time::sleep(SETTLE).await;
+                    crate::procmem::after(pid, mem);
+                }
+                Ok(())
+            }
+            Coord::Child { lines } => {
+                println!("{{\"ready\":true}}");
+                match lines.next_line().await? {
+                    Some(l) if l.trim() == "go" => Ok(()),
+                    other => anyhow::bail!("worker expected \"go\" from the parent, got {other:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// Connect and log in with retries, holding a connect slot meanwhile.
+/// Failures are counted by kind; `None` after the last attempt.
+pub async fn connect(
+    slots: &Semaphore,
+    stats: &Stats,
+    target: &Target,
+    read_chunk: usize,
+) -> Option<Conn> {
+    let _permit = slots.acquire().await.ok()?;
+    for attempt in 1..=CONNECT_ATTEMPTS {
+        let start = Instant::now();
+        match Conn::connect(target, CONNECT_TIMEOUT).await {
+            Ok(mut c) => {
+                stats.record_login(start.elapsed().as_micros() as u64);
+                c.set_read_chunk(read_chunk);
+                return Some(c);
+            }
+            Err(e) => {
+                stats.error(e.kind());
+                if attempt < CONNECT_ATTEMPTS {
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Wait until `done` reaches `n` (polling; the setup phases are seconds long).
+pub async fn wait_count(done: &std::sync::atomic::AtomicU64, n: u64) {
+    while done.load(Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Print a progress line each second until `stop`: a human line on stderr,
+/// or, in a worker, a JSON line on stdout for the parent to add up.
+pub fn spawn_progress(stats: Arc<Stats>, child: bool, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut prev = Snapshot::default();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let now = stats.snapshot();
+            if child {
+                if let Ok(s) = serde_json::to_string(&now) {
+                    println!("{{\"progress\":{s}}}");
+                }
+            } else {
+                eprintln!("{}", progress_line(start.elapsed(), &prev, &now));
+            }
+            prev = now;
+        }
+    });
+}
+
+/// One human progress line from two snapshots a second apart.
+pub fn progress_line(elapsed: Duration, prev: &Snapshot, now: &Snapshot) -> String {
+    format!(
+        "[{:6.1}s] open {} logins {} (+{}/s) | sent {}/s acked {}/s delivered {}/s | errors {}",
+        elapsed.as_secs_f64(),
+        now.open,
+        now.logins,
+        now.logins.saturating_sub(prev.logins),
+        now.sent.saturating_sub(prev.sent),
+        now.acked.saturating_sub(prev.acked),
+        now.delivered.saturating_sub(prev.delivered),
+        now.errors,
+    )
+}
+
+/// Records one [`Second`] per second from its start until `stop`.
+pub fn spawn_timeline(
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Second>> {
+    tokio::spawn(async move {
+        let out = Mutex::new(Vec::new());
+        let mut prev = stats.snapshot();
+        stats.take_second();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let push = |prev: &mut Snapshot| {
+            let now = stats.snapshot();
+            if let Ok(mut v) = out.lock() {
+                v.push(Second {
+                    sent: now.sent - prev.sent.min(now.sent),
+                    acked: now.acked - prev.acked.min(now.acked),
+                    delivered: now.delivered - prev.delivered.min(now.delivered),
+                    latency: stats.take_second(),
+                });
+            }
+            *prev = now;
+        };
+        loop {
+            tokio::select! {
+                _ = tick.tick() => push(&mut prev),
+                _ = stop.cancelled() => break,
+            }
+        }
+        out.into_inner().unwrap_or_default()
+    })
+}

@@ -1,0 +1,91 @@
+//! `idle`: open this process's share of `--connections`, log each in, hold
+//! them with heartbeats for `--duration`, then close. Reports the login rate
+//! of the connect phase and (via `--server-pid`) the server's memory per
+//! connection. Each connection is one task holding a raw [`Conn`] whose
+//! buffers are freed whenever empty, so a worker holds ~19,000 of them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{first_ping, idle_frame, ping, ping_period};
+use crate::addr::share;
+use crate::cli::Args;
+use crate::conn::Conn;
+use crate::run::{connect, wait_count, Ctx};
+use crate::stats::{OpenGuard, Stats};
+use crate::summary::WorkerResult;
+
+pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
+    let range = share(ctx.args.connections, ctx.worker_index, ctx.worker_count);
+    let n = range.end - range.start;
+    let stop = CancellationToken::new();
+    let attempted = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n as usize);
+    for k in range {
+        let target = ctx.target(k, &ctx.user("c", k));
+        let (stats, slots, stop, attempted) = (
+            ctx.stats.clone(),
+            ctx.connect_slots.clone(),
+            stop.clone(),
+            attempted.clone(),
+        );
+        let args = ctx.args.clone();
+        tasks.push(tokio::spawn(async move {
+            let conn = connect(&slots, &stats, &target, 0).await;
+            attempted.fetch_add(1, Relaxed);
+            if let Some(conn) = conn {
+                hold(conn, &args, &stats, &stop).await;
+            }
+        }));
+    }
+    wait_count(&attempted, n).await;
+    let login_phase_s = start.elapsed().as_secs_f64();
+    let open_at_ready = ctx.stats.open.load(Relaxed);
+    ctx.barrier().await?;
+    tokio::time::sleep(Duration::from_secs_f64(ctx.args.duration.max(0.0))).await;
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (latency, ack_latency, login_latency) = ctx.stats.take_histograms();
+    Ok(WorkerResult {
+        connections: n,
+        open_at_ready,
+        logins: ctx.stats.logins.load(Relaxed),
+        delivered: ctx.stats.delivered.load(Relaxed),
+        errors: ctx.stats.errors(),
+        login_phase_s,
+        measured_s: login_phase_s,
+        latency,
+        ack_latency,
+        login_latency,
+        ..Default::default()
+    })
+}
+
+/// Keep one logged-in connection alive until `stop`.
+pub async fn hold(mut conn: Conn, args: &Args, stats: &Stats, stop: &CancellationToken) {
+    let _open = OpenGuard::new(stats);
+    let period = ping_period(args, &conn);
+    let mut next = first_ping(period);
+    conn.shrink();
+    loop {
+        let r = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {
+                next += period;
+                ping(&mut conn).await
+            }
+            r = conn.recv() => r.and_then(|env| idle_frame(env.body)),
+        };
+        if let Err(e) = r {
+            stats.error(e.kind());
+            return;
+        }
+        conn.shrink();
+    }
+}
