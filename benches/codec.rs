@@ -24,6 +24,7 @@ fn send_frame() -> Envelope {
             to_user: "bob@example.org".into(),
             content_type: "text/plain".into(),
             body: Bytes::from(vec![b'x'; 100]),
+            group_id: 0,
         }),
     )
 }
@@ -43,6 +44,7 @@ fn deliver_frame() -> Envelope {
                     timestamp_ms: T,
                     content_type: "text/plain".into(),
                     body: Bytes::from(vec![b'x'; 100]),
+                    group_id: 0,
                 })),
             }),
         }),

@@ -1,61 +1,139 @@
-//! The durable send path: the commit pipeline (dedup lookup, message id,
-//! inbox sequence numbers, one RocksDB WriteBatch per group, WAL write)
-//! measured in messages per second, with no sockets involved.
+//! The durable write paths through the real commit pipeline (dedup lookup,
+//! message id, inbox sequence numbers, one RocksDB WriteBatch per group,
+//! WAL write), with no sockets involved.
 //!
-//! Two shapes are compared in one run so the ratio survives a noisy machine:
-//! `group/1` waits for each send to be durable before submitting the next
-//! (no group commit possible), `group/N` submits N sends and then waits, so
-//! the pipeline folds them into few write batches.
+//! - `durable_send/group/N`: 1:1 sends, N submitted before waiting. `group/1`
+//!   waits for each send to be durable before the next (no group commit
+//!   possible); larger N let the pipeline fold sends into few write batches.
+//!   Throughput in messages.
+//! - `fan_out/members/M`: posts to a group of M members, each stored once
+//!   and referenced from M inboxes in the same batch. Throughput in inbox
+//!   entries.
+//!
+//! The shapes run in one process so their ratios survive a noisy machine.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use swiftlet::commit::{self, CommitCmd};
+use swiftlet::commit::{self, CommitCmd, CommitHandle, Op, Origin, PipelineConfig};
+use swiftlet::groups::GroupDirectory;
 use swiftlet::registry::{ConnRef, Registry};
 use swiftlet::store::{Store, StoreOptions};
 use swiftlet_protocol::pb;
 
-fn durable_sends(c: &mut Criterion) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("open store"));
-    let registry = Arc::new(Registry::new(16));
-    // No shards: Acks and pushes are computed and then dropped.
-    let (pipeline, _join) = commit::spawn(store, registry, Vec::new(), 0, 64 * 1024).expect("pipeline");
-    let from: Arc<str> = Arc::from("alice");
-    let device: Arc<str> = Arc::from("phone");
-    let body = Bytes::from(vec![b'x'; 100]);
-    let users: Vec<String> = (0..1000).map(|i| format!("user{i}")).collect();
-    let mut n = 0u64;
+struct Bench {
+    pipeline: CommitHandle,
+    store: Arc<Store>,
+    _dir: tempfile::TempDir,
+    n: u64,
+}
 
+impl Bench {
+    fn new() -> Bench {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("open store"));
+        let registry = Arc::new(Registry::new(16));
+        let groups = Arc::new(GroupDirectory::new(store.clone()));
+        // No shards: answers and pushes are computed and then dropped.
+        let (pipeline, _join) = commit::spawn(
+            store.clone(),
+            registry,
+            groups,
+            Vec::new(),
+            PipelineConfig {
+                node_id: 0,
+                queue: 64 * 1024,
+                max_group_members: 10_000,
+            },
+        )
+        .expect("pipeline");
+        Bench {
+            pipeline,
+            store,
+            _dir: dir,
+            n: 0,
+        }
+    }
+
+    fn submit(&mut self, user: &str, op: Op) {
+        self.n += 1;
+        let origin = Origin {
+            reply: ConnRef {
+                shard: 0,
+                slot: 0,
+                gen: 0,
+            },
+            request_id: self.n,
+            user: Arc::from(user),
+            device: Arc::from("phone"),
+        };
+        // The queue holds 64k commands; a bench group is at most 1024.
+        self.pipeline
+            .submit(CommitCmd::Request(origin, op))
+            .expect("queue has room");
+    }
+
+    fn send(&mut self, to_user: String, group_id: u64) {
+        let send = pb::Send {
+            client_msg_id: format!("c{}", self.n),
+            to_user,
+            content_type: "text/plain".into(),
+            body: Bytes::from(vec![b'x'; 100]),
+            group_id,
+        };
+        self.submit("alice", Op::Send(send));
+    }
+}
+
+fn durable_sends(c: &mut Criterion) {
+    let mut b = Bench::new();
     let mut group = c.benchmark_group("durable_send");
     for size in [1usize, 64, 1024] {
         group.throughput(Throughput::Elements(size as u64));
-        group.bench_with_input(BenchmarkId::new("group", size), &size, |b, &size| {
-            b.iter(|| {
+        group.bench_with_input(BenchmarkId::new("group", size), &size, |bench, &size| {
+            bench.iter(|| {
                 for _ in 0..size {
-                    n += 1;
-                    let cmd = CommitCmd::Send {
-                        reply: ConnRef { shard: 0, slot: 0, gen: 0 },
-                        request_id: n,
-                        from_user: from.clone(),
-                        from_device: device.clone(),
-                        send: pb::Send {
-                            client_msg_id: format!("c{n}"),
-                            to_user: users[(n % 1000) as usize].clone(),
-                            content_type: "text/plain".into(),
-                            body: body.clone(),
-                        },
-                    };
-                    // The queue holds 64k commands; a group is at most 1024.
-                    pipeline.submit(cmd).expect("queue has room");
+                    let to = format!("user{}", b.n % 1000);
+                    b.send(to, 0);
                 }
-                pipeline.flush();
+                b.pipeline.flush();
             })
         });
     }
     group.finish();
 }
 
-criterion_group!(benches, durable_sends);
+fn fan_out(c: &mut Criterion) {
+    let mut b = Bench::new();
+    let mut group = c.benchmark_group("fan_out");
+    for members in [100usize, 1000] {
+        b.submit(
+            "alice",
+            Op::CreateGroup(pb::CreateGroup {
+                name: format!("g{members}"),
+                members: (1..members).map(|i| format!("m{members}-{i}")).collect(),
+            }),
+        );
+        b.pipeline.flush();
+        let gid = b
+            .store
+            .memberships("alice")
+            .expect("memberships")
+            .into_iter()
+            .max()
+            .expect("the group just created");
+        group.throughput(Throughput::Elements(members as u64));
+        group.bench_with_input(BenchmarkId::new("members", members), &gid, |bench, &gid| {
+            bench.iter(|| {
+                b.send(String::new(), gid);
+                b.pipeline.flush();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, durable_sends, fan_out);
 criterion_main!(benches);

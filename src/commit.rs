@@ -1,19 +1,23 @@
 //! The commit pipeline: the one thread that turns requests into durable
-//! writes, then tells the shards what to acknowledge and push.
+//! writes, then tells the shards what to answer and push.
 //!
 //! Shards submit [`CommitCmd`]s over a bounded channel and never wait. The
-//! pipeline takes everything queued (up to [`MAX_GROUP`]), checks each send
-//! against the dedup records, assigns message ids and per-user inbox
-//! sequence numbers, and writes the whole group as one RocksDB batch: one
-//! write-ahead-log record for many messages (group commit). Only after that
-//! write returns does it hand Acks and Deliver pushes to the shards, grouped
-//! per shard so each shard is woken once per group.
+//! pipeline takes everything queued (up to [`MAX_GROUP`]), applies each
+//! command in order — dedup, message ids, per-user inbox sequence numbers,
+//! group membership, receipt watermarks — into one RocksDB batch, and writes
+//! the batch once: one write-ahead-log record for many requests (group
+//! commit). Only after that write returns does it hand answers and Deliver
+//! pushes to the shards, grouped per shard so each shard is woken once per
+//! group.
 //!
-//! Sequence numbers must be gap-free and in commit order per user; a single
-//! writer thread gets that without locks. It keeps each active user's newest
-//! seq in memory (read from the store on first use). If a write fails, every
-//! send of the group gets `STORE_UNAVAILABLE`, nothing is pushed, and the
-//! cached sequence numbers are dropped so they are re-read from the store.
+//! Being the only writer is what makes the invariants cheap: inbox sequence
+//! numbers are gap-free and in commit order per user without locks, a post
+//! and a membership change to the same group are strictly ordered (a removed
+//! member gets nothing posted after the removal), and watermarks only grow.
+//! Each request does its reads before its first put, so a refused request
+//! leaves nothing in the batch. If the write fails, every answer of the group
+//! becomes `STORE_UNAVAILABLE`, nothing is pushed, and the cached sequence
+//! numbers and groups are dropped so they are re-read from the store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,36 +25,62 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use swiftlet_protocol::codec::frame_bytes;
-use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
+use prost::Message as _;
+use swiftlet_protocol::codec::{deliver_frame, frame_bytes};
+use swiftlet_protocol::pb::{
+    self, conversation, event::Kind, GroupEventKind, GroupRole, ReceiptKind,
+};
+use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
+use crate::auth::valid_id;
+use crate::groups::{Group, GroupDirectory};
 use crate::ids::{unix_ms, IdGen};
 use crate::registry::{ConnRef, Registry};
 use crate::shard::mailbox::{Push, ShardHandle};
-use crate::store::keys::InboxEntry;
-use crate::store::{Store, StoreError};
+use crate::store::keys::{self, InboxEntry};
+use crate::store::{Batch, Store, StoreError};
 
 /// Most commands folded into one write batch.
 pub const MAX_GROUP: usize = 1024;
+/// Longest group name, in bytes.
+pub const MAX_GROUP_NAME: usize = 128;
+/// Inbox events a single DeliveryAck scans for delivered receipts; a larger
+/// jump is taken in several steps by later acknowledgements.
+const RECEIPT_SCAN: usize = 2_000;
 
-/// A request for the pipeline.
+/// Who asked, and where the answer goes.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub reply: ConnRef,
+    pub request_id: u64,
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+}
+
+/// A request that changes durable state.
+#[derive(Debug)]
+pub enum Op {
+    Send(pb::Send),
+    CreateGroup(pb::CreateGroup),
+    AddMembers(pb::AddMembers),
+    RemoveMembers(pb::RemoveMembers),
+    LeaveGroup(pb::LeaveGroup),
+    RenameGroup(pb::RenameGroup),
+    MarkRead(pb::MarkRead),
+    SetPrivacy(pb::SetPrivacy),
+}
+
+/// Work for the pipeline.
 pub enum CommitCmd {
-    /// Store a 1:1 message and acknowledge it to `reply`.
-    Send {
-        reply: ConnRef,
-        request_id: u64,
-        from_user: Arc<str>,
-        from_device: Arc<str>,
-        send: pb::Send,
-    },
-    /// Persist a device's cursor.
-    Cursor {
-        user: Arc<str>,
-        device: Arc<str>,
-        seq: u64,
-    },
+    /// A client request; answered to `origin.reply` after the commit.
+    Request(Origin, Op),
+    /// A device of `user` acknowledged its inbox up to `seq` (its cursor is
+    /// already written): send delivered receipts for what that newly covers.
+    Delivered { user: Arc<str>, seq: u64 },
+    /// The user's last connection closed.
+    LastSeen { user: Arc<str>, at_ms: u64 },
     /// Answer once everything submitted before it is committed and handed to
-    /// the shards (used by graceful shutdown and tests).
+    /// the shards (graceful shutdown, benches, tests).
     Flush(Sender<()>),
 }
 
@@ -78,6 +108,11 @@ impl CommitHandle {
         })
     }
 
+    /// Queue `cmd`, waiting for room (for callers that may block).
+    pub fn submit_blocking(&self, cmd: CommitCmd) -> Result<(), SubmitError> {
+        self.tx.send(cmd).map_err(|_| SubmitError::Closed)
+    }
+
     /// Block until everything queued so far is committed and dispatched.
     pub fn flush(&self) {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -87,20 +122,29 @@ impl CommitHandle {
     }
 }
 
+/// What the pipeline needs besides the store.
+pub struct PipelineConfig {
+    pub node_id: u16,
+    pub queue: usize,
+    pub max_group_members: usize,
+}
+
 /// Start the pipeline thread. It stops when every [`CommitHandle`] is dropped.
 pub fn spawn(
     store: Arc<Store>,
     registry: Arc<Registry>,
+    groups: Arc<GroupDirectory>,
     shards: Vec<ShardHandle>,
-    node_id: u16,
-    queue: usize,
+    config: PipelineConfig,
 ) -> std::io::Result<(CommitHandle, JoinHandle<()>)> {
-    let (tx, rx) = crossbeam_channel::bounded(queue);
+    let (tx, rx) = crossbeam_channel::bounded(config.queue);
     let mut pipeline = Pipeline {
         store,
         registry,
+        groups,
         outbox: Outbox::new(shards),
-        ids: IdGen::new(node_id),
+        ids: IdGen::new(config.node_id),
+        max_group_members: config.max_group_members,
         heads: HashMap::new(),
     };
     let join = std::thread::Builder::new()
@@ -109,20 +153,48 @@ pub fn spawn(
     Ok((CommitHandle { tx }, join))
 }
 
-struct Pipeline {
-    store: Arc<Store>,
-    registry: Arc<Registry>,
-    outbox: Outbox,
-    ids: IdGen,
-    /// Newest inbox seq of each user seen since start.
-    heads: HashMap<Arc<str>, u64>,
+/// Why a request was not applied.
+enum Fail {
+    Refuse(ErrorCode, String),
+    Store(StoreError),
 }
 
-/// A message to push once the batch holding it is durable.
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+fn refuse<T>(code: ErrorCode, why: impl Into<String>) -> Result<T, Fail> {
+    Err(Fail::Refuse(code, why.into()))
+}
+
+/// An event to push once the batch holding it is durable.
 struct Pending {
     user: Arc<str>,
     seq: u64,
-    msg: Arc<pb::Message>,
+    /// `Event { seq: 0, kind }` encoded, shared by every recipient.
+    event: Bytes,
+}
+
+/// What one group of commands produces.
+#[derive(Default)]
+struct Work {
+    batch: Batch,
+    /// Answers sent only if the batch commits.
+    answers: Vec<(ConnRef, Envelope)>,
+    pushes: Vec<Pending>,
+    writes: usize,
+    /// Retries landing in the same group as their original.
+    fresh: HashMap<(Arc<str>, String), pb::Ack>,
+    /// Newest message id per conversation, written in this group.
+    conv_heads: HashMap<Vec<u8>, u64>,
+    /// Watermarks written in this group.
+    marks: HashMap<(Vec<u8>, Arc<str>), (u64, u64)>,
+    /// User-level delivered seqs written in this group.
+    delivered: HashMap<Arc<str>, u64>,
+    /// A store read failed mid-request: cached sequence numbers may be ahead.
+    reset: bool,
 }
 
 /// Per-shard buffers of what a group produces, sent after the commit.
@@ -150,22 +222,14 @@ impl Outbox {
         }
     }
 
-    /// Queue a Deliver of `msg` at `seq` to every online device of `user`.
-    fn push(&mut self, registry: &Registry, user: &str, seq: u64, msg: &pb::Message) {
+    /// Queue a Deliver at `seq` to every online device of `user`.
+    fn push(&mut self, registry: &Registry, user: &str, seq: u64, event: &[u8]) {
         self.conns.clear();
         registry.lookup(user, &mut self.conns);
         if self.conns.is_empty() {
             return;
         }
-        let frame = frame_bytes(&Envelope::new(
-            0,
-            Body::Deliver(pb::Deliver {
-                event: Some(pb::Event {
-                    seq,
-                    kind: Some(pb::event::Kind::Message(msg.clone())),
-                }),
-            }),
-        ));
+        let frame = deliver_frame(seq, event);
         for c in &self.conns {
             if let Some(v) = self.pushes.get_mut(usize::from(c.shard)) {
                 v.push(Push {
@@ -190,8 +254,47 @@ impl Outbox {
     }
 }
 
-fn ack_envelope(request_id: u64, ack: pb::Ack) -> Envelope {
-    Envelope::new(request_id, Body::Ack(ack))
+fn encode_event(kind: Kind) -> Bytes {
+    Bytes::from(
+        pb::Event {
+            seq: 0,
+            kind: Some(kind),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn direct(user: &str) -> pb::Conversation {
+    pb::Conversation {
+        kind: Some(conversation::Kind::User(user.to_owned())),
+    }
+}
+
+fn group_conv(id: u64) -> pb::Conversation {
+    pb::Conversation {
+        kind: Some(conversation::Kind::GroupId(id)),
+    }
+}
+
+fn receipt(conversation: pb::Conversation, user: &str, kind: ReceiptKind, up_to: u64) -> Kind {
+    Kind::Receipt(pb::Receipt {
+        conversation: Some(conversation),
+        user: user.to_owned(),
+        kind: kind as i32,
+        up_to,
+        timestamp_ms: unix_ms(),
+    })
+}
+
+struct Pipeline {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    groups: Arc<GroupDirectory>,
+    outbox: Outbox,
+    ids: IdGen,
+    max_group_members: usize,
+    /// Newest inbox seq of each user seen since start.
+    heads: HashMap<Arc<str>, u64>,
 }
 
 impl Pipeline {
@@ -210,6 +313,94 @@ impl Pipeline {
         tracing::debug!("commit pipeline stopped");
     }
 
+    fn commit_group(&mut self, group: &mut Vec<CommitCmd>) {
+        let mut w = Work::default();
+        let mut flushes = Vec::new();
+        for cmd in group.drain(..) {
+            match cmd {
+                CommitCmd::Request(origin, op) => match self.apply(&mut w, &origin, op) {
+                    Ok(Some(body)) => w
+                        .answers
+                        .push((origin.reply, Envelope::new(origin.request_id, body))),
+                    Ok(None) => {}
+                    Err(Fail::Refuse(code, why)) => self.outbox.reply(
+                        origin.reply,
+                        &Envelope::error(origin.request_id, code, why, false),
+                    ),
+                    Err(Fail::Store(e)) => {
+                        tracing::error!(error = %e, "reading the store for a request failed");
+                        w.reset = true;
+                        self.outbox.reply(
+                            origin.reply,
+                            &Envelope::error(
+                                origin.request_id,
+                                ErrorCode::StoreUnavailable,
+                                "storage error",
+                                false,
+                            ),
+                        );
+                    }
+                },
+                CommitCmd::Delivered { user, seq } => {
+                    if let Err(e) = self.delivered(&mut w, &user, seq) {
+                        tracing::error!(error = %e, "cursor update failed");
+                        w.reset = true;
+                    }
+                }
+                CommitCmd::LastSeen { user, at_ms } => {
+                    let r = self.store.presence(&user).and_then(|(_, hide)| {
+                        w.writes += 1;
+                        self.store.put_presence(&mut w.batch, &user, at_ms, hide)
+                    });
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "last-seen update failed");
+                    }
+                }
+                CommitCmd::Flush(done) => flushes.push(done),
+            }
+        }
+
+        let committed = w.writes == 0 || {
+            match self.store.commit(std::mem::take(&mut w.batch)) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "group commit failed");
+                    false
+                }
+            }
+        };
+        if committed {
+            for (to, env) in &w.answers {
+                self.outbox.reply(*to, env);
+            }
+            for p in &w.pushes {
+                self.outbox.push(&self.registry, &p.user, p.seq, &p.event);
+            }
+        } else {
+            w.reset = true;
+            for (to, env) in &w.answers {
+                self.outbox.reply(
+                    *to,
+                    &Envelope::error(
+                        env.request_id,
+                        ErrorCode::StoreUnavailable,
+                        "storage write failed",
+                        false,
+                    ),
+                );
+            }
+        }
+        if w.reset {
+            self.heads.clear();
+            self.groups.clear();
+        }
+        self.outbox.dispatch();
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+
+    /// Reserve the next inbox seq of `user`.
     fn next_seq(&mut self, user: &Arc<str>) -> Result<u64, StoreError> {
         let head = match self.heads.get(user) {
             Some(h) => *h,
@@ -219,166 +410,453 @@ impl Pipeline {
         Ok(head + 1)
     }
 
-    fn commit_group(&mut self, group: &mut Vec<CommitCmd>) {
-        let mut batch = self.store.batch();
-        // Acks of this group by (sender, client_msg_id): a retry that lands
-        // in the same group as its original must get the same answer.
-        let mut fresh: HashMap<(Arc<str>, String), pb::Ack> = HashMap::new();
-        let mut acks: Vec<(ConnRef, u64, pb::Ack)> = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut flushes = Vec::new();
-        let mut writes = 0usize;
+    /// Append an encoded event to `user`'s inbox; `entry` is what the slot
+    /// stores (a message reference or the event itself).
+    fn append(
+        &mut self,
+        w: &mut Work,
+        user: &Arc<str>,
+        seq: u64,
+        entry: InboxEntry,
+        event: &Bytes,
+    ) -> Result<(), StoreError> {
+        self.store.put_inbox(&mut w.batch, user, seq, entry)?;
+        w.writes += 1;
+        w.pushes.push(Pending {
+            user: user.clone(),
+            seq,
+            event: event.clone(),
+        });
+        Ok(())
+    }
 
-        for cmd in group.drain(..) {
-            match cmd {
-                CommitCmd::Send {
-                    reply,
-                    request_id,
-                    from_user,
-                    from_device,
-                    send,
-                } => {
-                    let key = (from_user.clone(), send.client_msg_id.clone());
-                    if let Some(ack) = fresh.get(&key) {
-                        acks.push((reply, request_id, ack.clone()));
-                        continue;
-                    }
-                    match self.store_send(&mut batch, &from_user, &from_device, send) {
-                        Ok(Stored::Duplicate(ack)) => {
-                            self.outbox.reply(reply, &ack_envelope(request_id, ack))
-                        }
-                        Ok(Stored::New { ack, pushes }) => {
-                            writes += 1;
-                            fresh.insert(key, ack.clone());
-                            acks.push((reply, request_id, ack));
-                            pending.extend(pushes);
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "reading the store for a send failed");
-                            self.outbox.reply(
-                                reply,
-                                &Envelope::error(
-                                    request_id,
-                                    ErrorCode::StoreUnavailable,
-                                    "storage error",
-                                    false,
-                                ),
-                            );
-                        }
-                    }
-                }
-                CommitCmd::Cursor { user, device, seq } => {
-                    match self.store.put_cursor(&mut batch, &user, &device, seq) {
-                        Ok(()) => writes += 1,
-                        Err(e) => tracing::error!(error = %e, "cursor write failed"),
-                    }
-                }
-                CommitCmd::Flush(done) => flushes.push(done),
-            }
+    /// Append an inline event (group change, receipt) to each of `users`.
+    fn append_inline(
+        &mut self,
+        w: &mut Work,
+        users: &[Arc<str>],
+        kind: Kind,
+    ) -> Result<(), StoreError> {
+        let seqs = users
+            .iter()
+            .map(|u| self.next_seq(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let event = encode_event(kind);
+        for (u, seq) in users.iter().zip(seqs) {
+            self.append(w, u, seq, InboxEntry::Inline(event.to_vec()), &event)?;
         }
+        Ok(())
+    }
 
-        let committed = writes == 0 || {
-            match self.store.commit(std::mem::take(&mut batch)) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "group commit failed");
-                    false
-                }
+    fn apply(&mut self, w: &mut Work, o: &Origin, op: Op) -> Result<Option<Body>, Fail> {
+        match op {
+            Op::Send(send) => self.send(w, o, send),
+            Op::CreateGroup(req) => self.create_group(w, o, req),
+            Op::AddMembers(req) => self.change_members(w, o, req.group_id, req.users, true),
+            Op::RemoveMembers(req) => self.change_members(w, o, req.group_id, req.users, false),
+            Op::LeaveGroup(req) => self.leave_group(w, o, req.group_id),
+            Op::RenameGroup(req) => self.rename_group(w, o, req),
+            Op::MarkRead(req) => self.mark_read(w, o, req),
+            Op::SetPrivacy(req) => {
+                let (last_seen, _) = self.store.presence(&o.user)?;
+                self.store
+                    .put_presence(&mut w.batch, &o.user, last_seen, req.hide_last_seen)?;
+                w.writes += 1;
+                Ok(Some(Body::Done(pb::Done {})))
             }
-        };
-        if committed {
-            for (to, request_id, ack) in acks {
-                self.outbox.reply(to, &ack_envelope(request_id, ack));
-            }
-            for p in pending {
-                self.outbox.push(&self.registry, &p.user, p.seq, &p.msg);
-            }
-        } else {
-            // Sequence numbers handed out in this group were never written.
-            self.heads.clear();
-            for (to, request_id, _) in acks {
-                self.outbox.reply(
-                    to,
-                    &Envelope::error(
-                        request_id,
-                        ErrorCode::StoreUnavailable,
-                        "storage write failed",
-                        false,
-                    ),
-                );
-            }
-        }
-        self.outbox.dispatch();
-        for done in flushes {
-            let _ = done.send(());
         }
     }
 
-    /// Put one send into `batch`, or find that it was stored before.
-    fn store_send(
-        &mut self,
-        batch: &mut crate::store::Batch,
-        from_user: &Arc<str>,
-        from_device: &Arc<str>,
-        send: pb::Send,
-    ) -> Result<Stored, StoreError> {
-        if let Some(ack) = self.store.dedup(from_user, &send.client_msg_id)? {
-            return Ok(Stored::Duplicate(ack));
+    fn member_group(&self, id: u64, user: &str) -> Result<Arc<Group>, Fail> {
+        match self.groups.get(id)? {
+            None => refuse(ErrorCode::NotFound, format!("no group {id}")),
+            Some(g) if !g.is_member(user) => {
+                refuse(ErrorCode::Forbidden, "not a member of this group")
+            }
+            Some(g) => Ok(g),
         }
-        // Every read happens before the first put, so an error leaves nothing
-        // half-written in the batch.
-        let to_user: Arc<str> = if *send.to_user == **from_user {
-            from_user.clone()
+    }
+
+    fn send(&mut self, w: &mut Work, o: &Origin, send: pb::Send) -> Result<Option<Body>, Fail> {
+        let key = (o.user.clone(), send.client_msg_id.clone());
+        if let Some(ack) = w.fresh.get(&key) {
+            w.answers
+                .push((o.reply, Envelope::new(o.request_id, Body::Ack(ack.clone()))));
+            return Ok(None);
+        }
+        if let Some(ack) = self.store.dedup(&o.user, &send.client_msg_id)? {
+            // Already durable: answer at once, whatever happens to this batch.
+            self.outbox
+                .reply(o.reply, &Envelope::new(o.request_id, Body::Ack(ack)));
+            return Ok(None);
+        }
+        let group = if send.group_id != 0 {
+            Some(self.member_group(send.group_id, &o.user)?)
         } else {
-            Arc::from(send.to_user.as_str())
-        };
-        let to_seq = self.next_seq(&to_user)?;
-        let from_seq = if Arc::ptr_eq(&to_user, from_user) {
             None
-        } else {
-            Some(self.next_seq(from_user)?)
         };
+        let recipients: Vec<Arc<str>> = match &group {
+            Some(g) => g.members().cloned().collect(),
+            None if *send.to_user == *o.user => vec![o.user.clone()],
+            None => vec![Arc::from(send.to_user.as_str()), o.user.clone()],
+        };
+        let conv = match &group {
+            Some(g) => keys::group_conversation(g.id),
+            None => keys::direct_conversation(&o.user, &send.to_user),
+        };
+        // Reads first: nothing is put until every seq is known.
+        let seqs = recipients
+            .iter()
+            .map(|u| self.next_seq(u))
+            .collect::<Result<Vec<_>, _>>()?;
         let now = unix_ms();
         let id = self.ids.next_at(now);
-        let msg = Arc::new(pb::Message {
+        let msg = pb::Message {
             id,
-            from_user: from_user.to_string(),
-            from_device: from_device.to_string(),
-            to_user: send.to_user,
+            from_user: o.user.to_string(),
+            from_device: o.device.to_string(),
+            to_user: if group.is_some() {
+                String::new()
+            } else {
+                send.to_user
+            },
             client_msg_id: send.client_msg_id,
             timestamp_ms: now,
             content_type: send.content_type,
             body: send.body,
-        });
+            group_id: send.group_id,
+        };
         let ack = pb::Ack {
             client_msg_id: msg.client_msg_id.clone(),
             server_msg_id: id,
             timestamp_ms: now,
         };
-        self.store.put_message(batch, &msg)?;
-        self.store
-            .put_inbox(batch, &to_user, to_seq, InboxEntry::Message(id))?;
-        let mut pushes = vec![Pending {
-            user: to_user,
-            seq: to_seq,
-            msg: msg.clone(),
-        }];
-        if let Some(seq) = from_seq {
-            self.store
-                .put_inbox(batch, from_user, seq, InboxEntry::Message(id))?;
-            pushes.push(Pending {
-                user: from_user.clone(),
-                seq,
-                msg,
-            });
+        self.store.put_message(&mut w.batch, &msg)?;
+        let event = encode_event(Kind::Message(msg));
+        for (u, seq) in recipients.iter().zip(seqs) {
+            self.append(w, u, seq, InboxEntry::Message(id), &event)?;
         }
         self.store
-            .put_dedup(batch, from_user, &ack.client_msg_id, &ack)?;
-        Ok(Stored::New { ack, pushes })
+            .put_dedup(&mut w.batch, &o.user, &ack.client_msg_id, &ack)?;
+        self.store.put_conversation_head(&mut w.batch, &conv, id)?;
+        if let Some(g) = &group {
+            self.store.put_group_log(&mut w.batch, g.id, id, &o.user)?;
+        }
+        w.conv_heads.insert(conv, id);
+        w.fresh.insert(key, ack.clone());
+        Ok(Some(Body::Ack(ack)))
     }
-}
 
-enum Stored {
-    Duplicate(pb::Ack),
-    New { ack: pb::Ack, pushes: Vec<Pending> },
+    fn valid_users(users: Vec<String>) -> Result<Vec<Arc<str>>, Fail> {
+        let mut out: Vec<Arc<str>> = Vec::with_capacity(users.len());
+        for u in users {
+            if !valid_id(&u) {
+                return refuse(
+                    ErrorCode::InvalidRecipient,
+                    format!("{u:?} is not a valid user id"),
+                );
+            }
+            if !out.iter().any(|x| **x == *u) {
+                out.push(Arc::from(u));
+            }
+        }
+        Ok(out)
+    }
+
+    fn valid_name(name: &str) -> Result<(), Fail> {
+        if name.is_empty() || name.len() > MAX_GROUP_NAME {
+            return refuse(ErrorCode::InvalidRequest, "group names are 1-128 bytes");
+        }
+        Ok(())
+    }
+
+    /// Write a changed group, its memberships, and an event to `notify`.
+    fn save_group(
+        &mut self,
+        w: &mut Work,
+        g: Group,
+        notify: &[Arc<str>],
+        event: pb::GroupEvent,
+    ) -> Result<Option<Body>, Fail> {
+        // Reserve the seqs first: the only fallible reads.
+        let event_kind = Kind::GroupEvent(event);
+        let g = Arc::new(g);
+        self.append_inline(w, notify, event_kind)?;
+        self.store.put_group(&mut w.batch, &g.info(true))?;
+        w.writes += 1;
+        self.groups.put(g.clone());
+        Ok(Some(Body::GroupInfo(g.info(true))))
+    }
+
+    fn group_event(
+        g: &Group,
+        kind: GroupEventKind,
+        actor: &str,
+        users: &[Arc<str>],
+    ) -> pb::GroupEvent {
+        pb::GroupEvent {
+            group_id: g.id,
+            kind: kind as i32,
+            actor: actor.to_owned(),
+            users: users.iter().map(|u| u.to_string()).collect(),
+            name: g.name.clone(),
+            version: g.version,
+            timestamp_ms: unix_ms(),
+        }
+    }
+
+    fn create_group(
+        &mut self,
+        w: &mut Work,
+        o: &Origin,
+        req: pb::CreateGroup,
+    ) -> Result<Option<Body>, Fail> {
+        Self::valid_name(&req.name)?;
+        let mut users = Self::valid_users(req.members)?;
+        users.retain(|u| **u != *o.user);
+        if users.len() + 1 > self.max_group_members {
+            return refuse(
+                ErrorCode::LimitExceeded,
+                format!("groups hold at most {} members", self.max_group_members),
+            );
+        }
+        let now = unix_ms();
+        let id = self.ids.next_at(now);
+        let mut members = vec![(o.user.clone(), GroupRole::Admin)];
+        members.extend(users.iter().map(|u| (u.clone(), GroupRole::Member)));
+        let g = Group::new(id, req.name, o.user.to_string(), now, 1, members);
+        let all: Vec<Arc<str>> = g.members().cloned().collect();
+        for u in &all {
+            self.store.put_membership(&mut w.batch, u, id, true)?;
+        }
+        let event = Self::group_event(&g, GroupEventKind::Created, &o.user, &all);
+        self.save_group(w, g, &all, event)
+    }
+
+    fn change_members(
+        &mut self,
+        w: &mut Work,
+        o: &Origin,
+        id: u64,
+        users: Vec<String>,
+        add: bool,
+    ) -> Result<Option<Body>, Fail> {
+        let g = self.member_group(id, &o.user)?;
+        if g.role(&o.user) != Some(GroupRole::Admin) {
+            return refuse(ErrorCode::Forbidden, "only admins add or remove members");
+        }
+        let users = Self::valid_users(users)?;
+        if add {
+            let new: Vec<Arc<str>> = users.into_iter().filter(|u| !g.is_member(u)).collect();
+            if g.len() + new.len() > self.max_group_members {
+                return refuse(
+                    ErrorCode::LimitExceeded,
+                    format!("groups hold at most {} members", self.max_group_members),
+                );
+            }
+            let changed = g.with_added(&new);
+            let notify: Vec<Arc<str>> = changed.members().cloned().collect();
+            for u in &new {
+                self.store.put_membership(&mut w.batch, u, id, true)?;
+            }
+            let event = Self::group_event(&changed, GroupEventKind::MembersAdded, &o.user, &new);
+            self.save_group(w, changed, &notify, event)
+        } else {
+            let gone: Vec<Arc<str>> = users.into_iter().filter(|u| g.is_member(u)).collect();
+            // Everyone before the change hears of it, the removed included.
+            let notify: Vec<Arc<str>> = g.members().cloned().collect();
+            let changed = g.with_removed(&gone);
+            for u in &gone {
+                self.store.put_membership(&mut w.batch, u, id, false)?;
+            }
+            let event = Self::group_event(&changed, GroupEventKind::MembersRemoved, &o.user, &gone);
+            self.save_group(w, changed, &notify, event)
+        }
+    }
+
+    fn leave_group(&mut self, w: &mut Work, o: &Origin, id: u64) -> Result<Option<Body>, Fail> {
+        let g = self.member_group(id, &o.user)?;
+        let notify: Vec<Arc<str>> = g.members().cloned().collect();
+        let me = [o.user.clone()];
+        let changed = g.with_removed(&me);
+        self.store
+            .put_membership(&mut w.batch, &o.user, id, false)?;
+        let event = Self::group_event(&changed, GroupEventKind::MemberLeft, &o.user, &me);
+        self.save_group(w, changed, &notify, event)
+    }
+
+    fn rename_group(
+        &mut self,
+        w: &mut Work,
+        o: &Origin,
+        req: pb::RenameGroup,
+    ) -> Result<Option<Body>, Fail> {
+        Self::valid_name(&req.name)?;
+        let g = self.member_group(req.group_id, &o.user)?;
+        let changed = g.renamed(req.name);
+        let notify: Vec<Arc<str>> = changed.members().cloned().collect();
+        let event = Self::group_event(&changed, GroupEventKind::Renamed, &o.user, &[]);
+        self.save_group(w, changed, &notify, event)
+    }
+
+    fn watermarks(&self, w: &Work, conv: &[u8], user: &Arc<str>) -> Result<(u64, u64), StoreError> {
+        match w.marks.get(&(conv.to_vec(), user.clone())) {
+            Some(m) => Ok(*m),
+            None => self.store.watermarks(conv, user),
+        }
+    }
+
+    fn set_watermarks(
+        &self,
+        w: &mut Work,
+        conv: &[u8],
+        user: &Arc<str>,
+        marks: (u64, u64),
+    ) -> Result<(), StoreError> {
+        self.store
+            .put_watermarks(&mut w.batch, conv, user, marks.0, marks.1)?;
+        w.writes += 1;
+        w.marks.insert((conv.to_vec(), user.clone()), marks);
+        Ok(())
+    }
+
+    fn mark_read(
+        &mut self,
+        w: &mut Work,
+        o: &Origin,
+        req: pb::MarkRead,
+    ) -> Result<Option<Body>, Fail> {
+        let (conv, group, peer) = match req.conversation.and_then(|c| c.kind) {
+            Some(conversation::Kind::User(peer)) if valid_id(&peer) => {
+                (keys::direct_conversation(&o.user, &peer), None, Some(peer))
+            }
+            Some(conversation::Kind::GroupId(id)) => {
+                let g = self.member_group(id, &o.user)?;
+                (keys::group_conversation(id), Some(g), None)
+            }
+            _ => {
+                return refuse(
+                    ErrorCode::InvalidRequest,
+                    "MarkRead needs a conversation (a user or a group)",
+                )
+            }
+        };
+        let head = match w.conv_heads.get(&conv) {
+            Some(h) => *h,
+            None => self.store.conversation_head(&conv)?,
+        };
+        if req.up_to == 0 || req.up_to > head {
+            return refuse(
+                ErrorCode::InvalidRequest,
+                "up_to is beyond the conversation's latest message",
+            );
+        }
+        let (delivered, read) = self.watermarks(w, &conv, &o.user)?;
+        if req.up_to <= read {
+            return Ok(Some(Body::Done(pb::Done {})));
+        }
+        // Who learns of it: the senders of what this covers, and the reader's
+        // own devices (so they clear their unread state too).
+        let (to_senders, senders_conv): (Vec<Arc<str>>, pb::Conversation) = match (&group, &peer) {
+            (Some(g), _) => {
+                let senders = self
+                    .store
+                    .group_senders(g.id, read, req.up_to, RECEIPT_SCAN)?;
+                (
+                    senders
+                        .into_iter()
+                        .filter(|s| *s != *o.user)
+                        .map(Arc::from)
+                        .collect(),
+                    group_conv(g.id),
+                )
+            }
+            (None, Some(peer)) => (
+                if *peer == *o.user {
+                    Vec::new()
+                } else {
+                    vec![Arc::from(peer.as_str())]
+                },
+                direct(&o.user),
+            ),
+            (None, None) => return refuse(ErrorCode::InvalidRequest, "no conversation"),
+        };
+        let own_conv = match (&group, &peer) {
+            (Some(g), _) => group_conv(g.id),
+            (_, Some(peer)) => direct(peer),
+            _ => direct(&o.user),
+        };
+        self.append_inline(
+            w,
+            &to_senders,
+            receipt(senders_conv, &o.user, ReceiptKind::Read, req.up_to),
+        )?;
+        self.append_inline(
+            w,
+            &[o.user.clone()],
+            receipt(own_conv, &o.user, ReceiptKind::Read, req.up_to),
+        )?;
+        self.set_watermarks(w, &conv, &o.user, (delivered.max(req.up_to), req.up_to))?;
+        Ok(Some(Body::Done(pb::Done {})))
+    }
+
+    /// For what a device's acknowledgement newly covers (across all the
+    /// user's devices), raise the delivered watermarks and tell the senders.
+    fn delivered(&mut self, w: &mut Work, user: &Arc<str>, seq: u64) -> Result<(), StoreError> {
+        let prev = match w.delivered.get(user) {
+            Some(s) => *s,
+            None => self.store.cursor(user, "")?,
+        };
+        if seq <= prev {
+            return Ok(());
+        }
+        let page = self.store.read_inbox(
+            user,
+            prev,
+            RECEIPT_SCAN.min((seq - prev) as usize),
+            usize::MAX,
+        )?;
+        let mut covered = prev;
+        // (conversation key) -> (conversation as senders see it, newest id, senders)
+        let mut convs: HashMap<Vec<u8>, (pb::Conversation, u64, Vec<String>)> = HashMap::new();
+        for ev in page.events {
+            if ev.seq > seq {
+                break;
+            }
+            covered = ev.seq;
+            let Some(Kind::Message(m)) = ev.kind else {
+                continue;
+            };
+            if *m.from_user == **user {
+                continue;
+            }
+            let (key, seen_as) = if m.group_id != 0 {
+                (keys::group_conversation(m.group_id), group_conv(m.group_id))
+            } else {
+                (keys::direct_conversation(user, &m.from_user), direct(user))
+            };
+            let entry = convs.entry(key).or_insert_with(|| (seen_as, 0, Vec::new()));
+            entry.1 = entry.1.max(m.id);
+            if !entry.2.contains(&m.from_user) {
+                entry.2.push(m.from_user);
+            }
+        }
+        for (key, (seen_as, newest, senders)) in convs {
+            let (delivered, read) = self.watermarks(w, &key, user)?;
+            if newest <= delivered {
+                continue;
+            }
+            let senders: Vec<Arc<str>> = senders.into_iter().map(Arc::from).collect();
+            self.append_inline(
+                w,
+                &senders,
+                receipt(seen_as, user, ReceiptKind::Delivered, newest),
+            )?;
+            self.set_watermarks(w, &key, user, (newest, read))?;
+        }
+        self.store.put_cursor(&mut w.batch, user, "", covered)?;
+        w.writes += 1;
+        w.delivered.insert(user.clone(), covered);
+        Ok(())
+    }
 }

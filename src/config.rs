@@ -40,6 +40,10 @@ pub struct Config {
     pub wal_sync: bool,
     /// This node's id (0-1023), part of every message id.
     pub node_id: u16,
+    /// Most members a group may have.
+    pub max_group_members: usize,
+    /// A typing indicator lapses this long after its last STARTED.
+    pub typing_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -56,6 +60,8 @@ impl Default for Config {
             push_buffer_bytes: 256 * 1024,
             wal_sync: false,
             node_id: 0,
+            max_group_members: 1024,
+            typing_ttl_ms: 6_000,
         }
     }
 }
@@ -116,6 +122,12 @@ pub struct ServeArgs {
     /// Node id, 0-1023 [default: 0].
     #[arg(long, env = "SWIFTLET_NODE_ID")]
     pub node_id: Option<u16>,
+    /// Most members per group [default: 1024].
+    #[arg(long, env = "SWIFTLET_MAX_GROUP_MEMBERS")]
+    pub max_group_members: Option<usize>,
+    /// Typing indicators lapse after this many ms without a new STARTED [default: 6000].
+    #[arg(long, env = "SWIFTLET_TYPING_TTL_MS")]
+    pub typing_ttl_ms: Option<u64>,
 }
 
 impl Config {
@@ -136,7 +148,9 @@ impl Config {
             handshake_timeout_ms,
             max_frame,
             push_buffer_bytes,
-            node_id
+            node_id,
+            max_group_members,
+            typing_ttl_ms
         );
         if args.jwt_secret.is_some() {
             c.jwt_secret = args.jwt_secret.clone();
@@ -170,6 +184,12 @@ impl Config {
         }
         if self.idle_timeout_ms < 100 || self.handshake_timeout_ms < 100 {
             return bad("timeouts must be at least 100 ms");
+        }
+        if self.max_group_members < 2 || self.max_group_members > 100_000 {
+            return bad("max_group_members must be between 2 and 100000");
+        }
+        if self.typing_ttl_ms < 100 {
+            return bad("typing_ttl_ms must be at least 100");
         }
         if self.push_buffer_bytes < self.max_frame {
             return bad("push_buffer_bytes must be at least max_frame");

@@ -15,7 +15,8 @@
 //!   timeout wheel, [`shard::mailbox`] how other threads hand a shard work.
 //! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
 //!   atomic writes, then Acks and pushes.
-//! - [`registry`]: which user is connected where.
+//! - [`registry`]: which user is connected where (and who watches whose presence).
+//! - [`groups`]: group membership, cached for the pipeline and the shards.
 //! - [`store`]: RocksDB, the only module that knows it.
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
@@ -24,6 +25,7 @@
 pub mod auth;
 pub mod commit;
 pub mod config;
+pub mod groups;
 pub mod ids;
 pub mod registry;
 pub mod server;

@@ -1,5 +1,6 @@
 //! Who is online where: user id → the connections (shard, slot, generation)
-//! of that user's logged-in devices, across all shards.
+//! of that user's logged-in devices, across all shards. The same structure
+//! also indexes presence subscriptions (watched user → watching connections).
 //!
 //! The commit pipeline reads it to route pushes; shards write it on login and
 //! logout. It is striped into independently locked maps so logins on
@@ -54,29 +55,33 @@ impl Registry {
     }
 
     /// Record that `conn` is a logged-in device of `user`. Returns the shared
-    /// id to keep in the session, so all devices of a user share one string.
-    pub fn add(&self, user: &str, conn: ConnRef) -> Arc<str> {
+    /// id to keep in the session, so all devices of a user share one string,
+    /// and whether this is the user's first connection (they came online).
+    pub fn add(&self, user: &str, conn: ConnRef) -> (Arc<str>, bool) {
         let mut map = self.stripe(user).write();
         if let Some(conns) = map.get_mut(user) {
             conns.push(conn);
             if let Some((key, _)) = map.get_key_value(user) {
-                return key.clone();
+                return (key.clone(), false);
             }
         }
         let key: Arc<str> = Arc::from(user);
         map.insert(key.clone(), SmallVec::from_elem(conn, 1));
-        key
+        (key, true)
     }
 
     /// Forget `conn`; the user's entry goes when its last connection does.
-    pub fn remove(&self, user: &str, conn: ConnRef) {
+    /// True when that happened (the user went offline).
+    pub fn remove(&self, user: &str, conn: ConnRef) -> bool {
         let mut map = self.stripe(user).write();
         if let Some(conns) = map.get_mut(user) {
             conns.retain(|c| *c != conn);
             if conns.is_empty() {
                 map.remove(user);
+                return true;
             }
         }
+        false
     }
 
     /// Append the connections of `user` to `out`.
@@ -114,15 +119,17 @@ mod tests {
             slot: 7,
             gen: 3,
         };
-        let id1 = r.add("alice", a);
-        let id2 = r.add("alice", b);
+        let (id1, first) = r.add("alice", a);
+        assert!(first);
+        let (id2, first) = r.add("alice", b);
+        assert!(!first);
         assert!(Arc::ptr_eq(&id1, &id2));
         let mut out = Vec::new();
         r.lookup("alice", &mut out);
         assert_eq!(out, vec![a, b]);
-        r.remove("alice", a);
+        assert!(!r.remove("alice", a));
         assert!(r.is_online("alice"));
-        r.remove("alice", b);
+        assert!(r.remove("alice", b));
         assert!(!r.is_online("alice"));
         assert_eq!(r.online_users(), 0);
     }

@@ -17,8 +17,9 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
-use crate::commit::{self, CommitHandle};
+use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
+use crate::groups::GroupDirectory;
 use crate::registry::Registry;
 use crate::shard::mailbox::{ShardHandle, ShardMsg};
 use crate::shard::{Limits, Shard, ShardCtx, WAKER};
@@ -83,6 +84,8 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     )?);
     let n = config.shard_count();
     let registry = Arc::new(Registry::new(n * 16));
+    let watchers = Arc::new(Registry::new(n * 16));
+    let groups = Arc::new(GroupDirectory::new(store.clone()));
 
     // Listeners first: the first one may pick the port (port 0 in tests),
     // and the rest join it.
@@ -108,16 +111,22 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     let (commit, commit_thread) = commit::spawn(
         store.clone(),
         registry.clone(),
+        groups.clone(),
         handles.clone(),
-        config.node_id,
-        COMMIT_QUEUE,
+        PipelineConfig {
+            node_id: config.node_id,
+            queue: COMMIT_QUEUE,
+            max_group_members: config.max_group_members,
+        },
     )?;
+    let shard_handles: Arc<[ShardHandle]> = handles.clone().into();
     let auth = Authenticator::new(secret, config.dev_auth);
     let limits = Limits {
         max_frame: config.max_frame,
         push_buffer_bytes: config.push_buffer_bytes,
         idle_timeout_ms: config.idle_timeout_ms,
         handshake_timeout_ms: config.handshake_timeout_ms,
+        typing_ttl_ms: config.typing_ttl_ms,
     };
     let mut shard_threads = Vec::with_capacity(n);
     for (i, ((poll, listener), mailbox)) in
@@ -127,6 +136,9 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             id: i as u16,
             store: store.clone(),
             registry: registry.clone(),
+            watchers: watchers.clone(),
+            groups: groups.clone(),
+            shards: shard_handles.clone(),
             commit: commit.clone(),
             auth: auth.clone(),
             limits: limits.clone(),

@@ -91,6 +91,42 @@ pub fn frame_bytes(env: &Envelope) -> bytes::Bytes {
     out.freeze()
 }
 
+/// The frame of a `Deliver` push, `Envelope { request_id: 0, deliver:
+/// Deliver { event: Event { seq, kind } } }`, built from `event_without_seq`,
+/// the encoding of `Event { seq: 0, kind }`.
+///
+/// A group message reaches every member with a different `seq`; encoding
+/// the event body once and splicing the seq in front per member saves
+/// re-encoding the message for each of them. The bytes are exactly what
+/// prost would produce (a test checks it): fields in tag order, seq first.
+pub fn deliver_frame(seq: u64, event_without_seq: &[u8]) -> bytes::Bytes {
+    use prost::encoding::{encode_varint, encoded_len_varint};
+    const DELIVER_TAG: u64 = (22 << 3) | 2; // Envelope.deliver, length-delimited
+    const EVENT_TAG: u8 = (1 << 3) | 2; // Deliver.event, length-delimited
+    const SEQ_TAG: u8 = 1 << 3; // Event.seq, varint
+    let seq_len = if seq == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(seq)
+    };
+    let event_len = seq_len + event_without_seq.len();
+    let deliver_len = 1 + encoded_len_varint(event_len as u64) + event_len;
+    let env_len =
+        encoded_len_varint(DELIVER_TAG) + encoded_len_varint(deliver_len as u64) + deliver_len;
+    let mut out = BytesMut::with_capacity(encoded_len_varint(env_len as u64) + env_len);
+    encode_varint(env_len as u64, &mut out);
+    encode_varint(DELIVER_TAG, &mut out);
+    encode_varint(deliver_len as u64, &mut out);
+    out.put_u8(EVENT_TAG);
+    encode_varint(event_len as u64, &mut out);
+    if seq != 0 {
+        out.put_u8(SEQ_TAG);
+        encode_varint(seq, &mut out);
+    }
+    out.extend_from_slice(event_without_seq);
+    out.freeze()
+}
+
 /// tokio-util codec over [`decode_frame`] / [`encode_frame`].
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
@@ -145,5 +181,43 @@ impl tokio_util::codec::Encoder<Envelope> for FrameCodec {
 
     fn encode(&mut self, env: Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
         <Self as tokio_util::codec::Encoder<&Envelope>>::encode(self, &env, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb;
+
+    #[test]
+    fn spliced_deliver_frames_equal_prost_encoding() {
+        let kind = pb::event::Kind::Message(pb::Message {
+            id: 77,
+            from_user: "alice".into(),
+            body: bytes::Bytes::from_static(&[1u8; 300]),
+            group_id: 9,
+            ..Default::default()
+        });
+        let without_seq = pb::Event {
+            seq: 0,
+            kind: Some(kind.clone()),
+        }
+        .encode_to_vec();
+        for seq in [0u64, 1, 127, 128, 1 << 40] {
+            let env = Envelope::new(
+                0,
+                crate::Body::Deliver(pb::Deliver {
+                    event: Some(pb::Event {
+                        seq,
+                        kind: Some(kind.clone()),
+                    }),
+                }),
+            );
+            assert_eq!(
+                deliver_frame(seq, &without_seq),
+                frame_bytes(&env),
+                "seq {seq}"
+            );
+        }
     }
 }

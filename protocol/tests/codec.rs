@@ -41,6 +41,7 @@ fn send() -> Envelope {
             to_user: "bob".into(),
             content_type: "text/plain".into(),
             body: Bytes::from_static(b"hi"),
+            group_id: 0,
         }),
     )
 }
@@ -71,6 +72,7 @@ fn deliver() -> Envelope {
                     timestamp_ms: T_2025,
                     content_type: "text/plain".into(),
                     body: Bytes::from_static(b"hi"),
+                    group_id: 0,
                 })),
             }),
         }),
@@ -86,6 +88,7 @@ fn big_send() -> Envelope {
             to_user: "bob".into(),
             content_type: "text/plain; charset=utf-8".into(),
             body: Bytes::from(vec![b'x'; 300]),
+            group_id: 0,
         }),
     )
 }

@@ -13,6 +13,11 @@ use std::sync::Arc;
 
 use mio::net::TcpStream;
 
+/// Typing frames a connection may send in a burst; one more is allowed per
+/// [`TYPING_REFILL_TICKS`].
+pub const TYPING_BURST: u8 = 10;
+pub const TYPING_REFILL_TICKS: u32 = 2;
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -48,6 +53,13 @@ pub struct Conn {
     pub next_seq: u64,
     /// The highest seq the device acknowledged.
     pub acked: u64,
+    /// Typing frames this connection may still send (a token bucket).
+    pub typing_tokens: u8,
+    /// Tick the bucket was last refilled.
+    pub typing_refill: u32,
+    /// Users whose presence this connection subscribed to (boxed: most
+    /// connections have none, and then this costs one pointer).
+    pub watching: Option<Box<Vec<Arc<str>>>>,
     /// Bytes of a partial frame.
     pub inbuf: Vec<u8>,
     /// Encoded frames not yet accepted by the socket.
@@ -69,9 +81,27 @@ impl Conn {
             device: None,
             next_seq: 1,
             acked: 0,
+            typing_tokens: TYPING_BURST,
+            typing_refill: now,
+            watching: None,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
         }
+    }
+
+    /// Take one typing token; false when the bucket is empty.
+    pub fn take_typing_token(&mut self, now: u32) -> bool {
+        let refill = now.saturating_sub(self.typing_refill) / TYPING_REFILL_TICKS;
+        if refill > 0 {
+            self.typing_tokens =
+                (u32::from(self.typing_tokens) + refill).min(u32::from(TYPING_BURST)) as u8;
+            self.typing_refill = now;
+        }
+        if self.typing_tokens == 0 {
+            return false;
+        }
+        self.typing_tokens -= 1;
+        true
     }
 
     /// Write as much pending output as the socket takes. Ok(true) when all of

@@ -31,6 +31,12 @@ pub enum ShardMsg {
         replies: Vec<(ConnRef, Bytes)>,
         pushes: Vec<Push>,
     },
+    /// Ephemeral frames (typing, presence) for live connections: never
+    /// stored, so never caught up; dropped for a connection that is behind.
+    Ephemeral {
+        targets: Vec<(u32, u32)>,
+        frame: Bytes,
+    },
     /// Stop accepting connections and reading requests; answer when done.
     StopAccepting(Sender<()>),
     /// Tell every client the server is stopping, close, and exit the loop.

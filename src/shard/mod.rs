@@ -39,12 +39,13 @@ use swiftlet_protocol::codec::{decode_frame, encode_frame, FrameError};
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
-use crate::commit::CommitHandle;
+use crate::commit::{CommitCmd, CommitHandle};
+use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::store::Store;
 use conn::{Conn, Phase};
-use mailbox::ShardMsg;
-use session::Flow;
+use mailbox::{ShardHandle, ShardMsg};
+use session::{Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
 
 pub const LISTENER: Token = Token(usize::MAX);
@@ -62,6 +63,7 @@ pub struct Limits {
     pub push_buffer_bytes: usize,
     pub idle_timeout_ms: u64,
     pub handshake_timeout_ms: u64,
+    pub typing_ttl_ms: u64,
 }
 
 /// What a shard shares with the rest of the server.
@@ -69,12 +71,18 @@ pub struct ShardCtx {
     pub id: u16,
     pub store: Arc<Store>,
     pub registry: Arc<Registry>,
+    /// Presence subscriptions: watched user -> watching connections.
+    pub watchers: Arc<Registry>,
+    pub groups: Arc<GroupDirectory>,
     pub commit: CommitHandle,
     pub auth: Authenticator,
     pub limits: Limits,
+    /// Every shard's mailbox, this one's included (ephemeral pushes).
+    pub shards: Arc<[ShardHandle]>,
 }
 
-fn ticks(ms: u64) -> u32 {
+/// `ms` in timer ticks, rounded up.
+pub fn ticks(ms: u64) -> u32 {
     ms.div_ceil(TICK_MS).min(u64::from(u32::MAX)) as u32
 }
 
@@ -90,6 +98,7 @@ pub struct Shard {
     catchup: Vec<usize>,
     due: Vec<(u32, u32)>,
     wheel: Wheel,
+    sessions: ShardSessions,
     ctx: ShardCtx,
     start: Instant,
     now: u32,
@@ -122,6 +131,7 @@ impl Shard {
             catchup: Vec::new(),
             due: Vec::new(),
             wheel: Wheel::default(),
+            sessions: ShardSessions::default(),
             ctx,
             start: Instant::now(),
             now: 0,
@@ -314,7 +324,14 @@ impl Shard {
                 break;
             };
             let was_handshake = conn.phase == Phase::Handshake;
-            match session::handle(conn, slot as u32, env, &self.ctx, self.now) {
+            match session::handle(
+                conn,
+                slot as u32,
+                env,
+                &self.ctx,
+                &mut self.sessions,
+                self.now,
+            ) {
                 Flow::Continue => {
                     if was_handshake && conn.phase == Phase::Live {
                         // The handshake deadline's wheel entry may be far
@@ -367,6 +384,19 @@ impl Shard {
                         } else if !conn.lagging {
                             conn.lagging = true;
                             self.catchup.push(p.slot as usize);
+                        }
+                    }
+                }
+                ShardMsg::Ephemeral { targets, frame } => {
+                    let high = self.ctx.limits.push_buffer_bytes;
+                    for (slot, gen) in targets {
+                        let Some(conn) = self.live_conn(slot, gen) else {
+                            continue;
+                        };
+                        // Ephemeral: a connection that is behind skips it.
+                        if !conn.lagging && conn.outbuf.len() < high {
+                            conn.outbuf.extend_from_slice(&frame);
+                            self.mark_dirty(slot as usize);
                         }
                     }
                 }
@@ -470,6 +500,7 @@ impl Shard {
         if self.accept_pending {
             self.accept();
         }
+        self.expire_typing();
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(u64::from(self.now), &mut due);
         let idle = ticks(self.ctx.limits.idle_timeout_ms);
@@ -514,6 +545,71 @@ impl Shard {
         self.due = due;
     }
 
+    /// Typing indicators whose TTL lapsed without a new STARTED: tell the
+    /// other side they stopped.
+    fn expire_typing(&mut self) {
+        if self.sessions.typing.is_empty() {
+            return;
+        }
+        let now = self.now;
+        let expired: Vec<(u32, u32)> = self
+            .sessions
+            .typing
+            .iter()
+            .filter(|(_, t)| t.deadline <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(t) = self.sessions.typing.remove(&key) {
+                session::send_typing(
+                    &self.ctx,
+                    &mut self.sessions.conns,
+                    &t.user,
+                    &t.target,
+                    pb::TypingState::Stopped,
+                );
+            }
+        }
+    }
+
+    /// Everything that ends with a logged-in session: leave the registry
+    /// (and, for the user's last connection, record last seen and tell the
+    /// watchers), drop presence subscriptions, and stop a typing indicator.
+    fn logout(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let me = ConnRef {
+            shard: self.ctx.id,
+            slot: slot as u32,
+            gen: conn.gen,
+        };
+        session::unsubscribe_all(conn, me, &self.ctx);
+        if let Some(t) = self.sessions.typing.remove(&(me.slot, me.gen)) {
+            session::send_typing(
+                &self.ctx,
+                &mut self.sessions.conns,
+                &t.user,
+                &t.target,
+                pb::TypingState::Stopped,
+            );
+        }
+        let Some(user) = conn.user.take() else { return };
+        if self.ctx.registry.remove(&user, me) {
+            let at_ms = crate::ids::unix_ms();
+            let hidden = self
+                .ctx
+                .store
+                .presence(&user)
+                .map(|(_, hide)| hide)
+                .unwrap_or(true);
+            session::notify_presence(&self.ctx, &user, false, if hidden { 0 } else { at_ms });
+            if let Err(e) = self.ctx.commit.submit(CommitCmd::LastSeen { user, at_ms }) {
+                tracing::debug!(error = %e, "last seen not recorded");
+            }
+        }
+    }
+
     /// Tell the client why, then close: the error frame is flushed, the write
     /// side shut, and the socket kept (reads discarded) until the peer closes
     /// or a short grace period ends, so the frame is not lost to a reset.
@@ -525,16 +621,10 @@ impl Shard {
             return;
         }
         tracing::debug!(shard = self.ctx.id, slot, ?code, why, "closing connection");
-        if let Some(user) = conn.user.take() {
-            self.ctx.registry.remove(
-                &user,
-                ConnRef {
-                    shard: self.ctx.id,
-                    slot: slot as u32,
-                    gen: conn.gen,
-                },
-            );
-        }
+        self.logout(slot);
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         conn.phase = Phase::Closing;
         conn.lagging = false;
         conn.since = self.now;
@@ -558,17 +648,8 @@ impl Shard {
         if !self.conns.contains(slot) {
             return;
         }
+        self.logout(slot);
         let mut conn = self.conns.remove(slot);
-        if let Some(user) = conn.user.take() {
-            self.ctx.registry.remove(
-                &user,
-                ConnRef {
-                    shard: self.ctx.id,
-                    slot: slot as u32,
-                    gen: conn.gen,
-                },
-            );
-        }
         let _ = self.poll.registry().deregister(&mut conn.stream);
     }
 }

@@ -1,19 +1,27 @@
 //! The protocol as one connection sees it: what each frame a client sends
 //! does, with no socket code. The shard decodes frames and calls [`handle`];
-//! responses are encoded into the connection's output buffer, durable work
-//! is submitted to the commit pipeline, and anything fatal comes back as
-//! [`Flow::Close`] with the code the client is told.
+//! answers are encoded into the connection's output buffer, durable work is
+//! submitted to the commit pipeline (which answers after the commit), reads
+//! (Sync, group info, receipt lists, presence) are served here from the
+//! store, ephemeral notices (typing, presence) go straight to the shards of
+//! their recipients, and anything fatal comes back as [`Flow::Close`] with the
+//! code the client is told.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use swiftlet_protocol::codec::encode_frame;
-use swiftlet_protocol::{pb, Body, Envelope, ErrorCode, PROTOCOL_VERSION};
+use bytes::Bytes;
+use swiftlet_protocol::codec::{encode_frame, frame_bytes};
+use swiftlet_protocol::pb::{self, conversation, TypingState};
+use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use super::conn::{Conn, Phase};
+use super::mailbox::ShardMsg;
 use super::ShardCtx;
 use crate::auth::valid_id;
-use crate::commit::{CommitCmd, SubmitError};
+use crate::commit::{CommitCmd, Op, Origin, SubmitError};
 use crate::registry::ConnRef;
+use crate::store::keys;
 
 /// What the shard does with the connection after a frame.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,6 +37,32 @@ const DEFAULT_SYNC_LIMIT: u32 = 100;
 /// Room kept in a frame for everything around a message body.
 pub const FRAME_OVERHEAD: usize = 1024;
 const MAX_CONTENT_TYPE: usize = 128;
+/// Most users one connection may watch the presence of.
+pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 1000;
+
+/// Where a typing indicator goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypingTarget {
+    User(Arc<str>),
+    Group(u64),
+}
+
+/// A connection that said it is typing, until it stops or the TTL lapses.
+#[derive(Debug, Clone)]
+pub struct Typist {
+    pub user: Arc<str>,
+    pub target: TypingTarget,
+    pub deadline: u32,
+}
+
+/// Per-shard session state that is not per-connection.
+#[derive(Default)]
+pub struct ShardSessions {
+    /// Active typists by (slot, generation).
+    pub typing: HashMap<(u32, u32), Typist>,
+    /// Reused buffer for recipient lookups.
+    pub conns: Vec<ConnRef>,
+}
 
 /// Append `env` to the connection's output.
 pub fn queue(conn: &mut Conn, env: &Envelope) {
@@ -40,38 +74,80 @@ fn request_error(conn: &mut Conn, request_id: u64, code: ErrorCode, message: &st
     Flow::Continue
 }
 
+fn store_error(conn: &mut Conn, rid: u64, e: crate::store::StoreError) -> Flow {
+    tracing::error!(error = %e, "store read failed");
+    request_error(conn, rid, ErrorCode::StoreUnavailable, "storage error")
+}
+
 /// Act on one frame from the client.
-pub fn handle(conn: &mut Conn, slot: u32, env: Envelope, ctx: &ShardCtx, now: u32) -> Flow {
+pub fn handle(
+    conn: &mut Conn,
+    slot: u32,
+    env: Envelope,
+    ctx: &ShardCtx,
+    local: &mut ShardSessions,
+    now: u32,
+) -> Flow {
     let rid = env.request_id;
-    match (conn.phase, env.body) {
-        (Phase::Closing, _) => Flow::Continue,
-        (Phase::Handshake, Some(Body::Hello(hello))) => login(conn, slot, rid, hello, ctx, now),
-        (Phase::Handshake, _) => Flow::Close(
-            ErrorCode::ProtocolViolation,
-            "the first frame must be Hello".into(),
-        ),
-        (Phase::Live, Some(Body::Hello(_))) => {
-            Flow::Close(ErrorCode::ProtocolViolation, "already logged in".into())
+    let body = match (conn.phase, env.body) {
+        (Phase::Closing, _) => return Flow::Continue,
+        (Phase::Handshake, Some(Body::Hello(hello))) => {
+            return login(conn, slot, rid, hello, ctx, now)
         }
-        (Phase::Live, Some(Body::Ping(p))) => {
+        (Phase::Handshake, _) => {
+            return Flow::Close(
+                ErrorCode::ProtocolViolation,
+                "the first frame must be Hello".into(),
+            )
+        }
+        (Phase::Live, None) => {
+            return request_error(
+                conn,
+                rid,
+                ErrorCode::InvalidRequest,
+                "empty or unknown request type",
+            )
+        }
+        (Phase::Live, Some(body)) => body,
+    };
+    match body {
+        Body::Hello(_) => Flow::Close(ErrorCode::ProtocolViolation, "already logged in".into()),
+        Body::Ping(p) => {
             queue(
                 conn,
                 &Envelope::new(rid, Body::Pong(pb::Pong { nonce: p.nonce })),
             );
             Flow::Continue
         }
-        (Phase::Live, Some(Body::Send(send))) => submit_send(conn, slot, rid, send, ctx),
-        (Phase::Live, Some(Body::DeliveryAck(a))) => delivery_ack(conn, rid, a.up_to, ctx),
-        (Phase::Live, Some(Body::Sync(s))) => sync(conn, rid, s, ctx),
-        (Phase::Live, Some(_)) => {
-            request_error(conn, rid, ErrorCode::InvalidRequest, "not a client request")
+        Body::Send(send) => {
+            if let Some(problem) = check_send(&send, ctx) {
+                return request_error(conn, rid, problem.0, problem.1);
+            }
+            submit(conn, slot, rid, Op::Send(send), ctx)
         }
-        (Phase::Live, None) => request_error(
-            conn,
-            rid,
-            ErrorCode::InvalidRequest,
-            "empty or unknown request type",
-        ),
+        Body::DeliveryAck(a) => delivery_ack(conn, rid, a.up_to, ctx),
+        Body::Sync(s) => sync(conn, rid, s, ctx),
+        Body::CreateGroup(r) => submit(conn, slot, rid, Op::CreateGroup(r), ctx),
+        Body::AddMembers(r) => submit(conn, slot, rid, Op::AddMembers(r), ctx),
+        Body::RemoveMembers(r) => submit(conn, slot, rid, Op::RemoveMembers(r), ctx),
+        Body::LeaveGroup(r) => submit(conn, slot, rid, Op::LeaveGroup(r), ctx),
+        Body::RenameGroup(r) => submit(conn, slot, rid, Op::RenameGroup(r), ctx),
+        Body::MarkRead(r) => submit(conn, slot, rid, Op::MarkRead(r), ctx),
+        Body::SetPrivacy(r) => submit(conn, slot, rid, Op::SetPrivacy(r), ctx),
+        Body::GetGroup(r) => get_group(conn, rid, r.group_id, ctx),
+        Body::ListGroups(_) => list_groups(conn, rid, ctx),
+        Body::GetReceipts(r) => get_receipts(conn, rid, r, ctx),
+        Body::Typing(t) => typing(conn, slot, rid, t, ctx, local, now),
+        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, ctx),
+        _ => request_error(conn, rid, ErrorCode::InvalidRequest, "not a client request"),
+    }
+}
+
+fn me(conn: &Conn, slot: u32, ctx: &ShardCtx) -> ConnRef {
+    ConnRef {
+        shard: ctx.id,
+        slot,
+        gen: conn.gen,
     }
 }
 
@@ -105,14 +181,9 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
             return Flow::Close(ErrorCode::Internal, "storage error".into());
         }
     };
-    let me = ConnRef {
-        shard: ctx.id,
-        slot,
-        gen: conn.gen,
-    };
     // Registered before the backlog is read: a message committed from here on
     // is pushed to this connection, and one committed before is in the read.
-    let user = ctx.registry.add(&user, me);
+    let (user, first) = ctx.registry.add(&user, me(conn, slot, ctx));
     queue(
         conn,
         &Envelope::new(
@@ -129,6 +200,9 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
             }),
         ),
     );
+    if first {
+        notify_presence(ctx, &user, true, 0);
+    }
     conn.user = Some(user);
     conn.device = Some(Arc::from(hello.device_id));
     conn.phase = Phase::Live;
@@ -140,61 +214,54 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     Flow::Continue
 }
 
-fn submit_send(conn: &mut Conn, slot: u32, rid: u64, send: pb::Send, ctx: &ShardCtx) -> Flow {
+/// A Send's problem, if it has one the pipeline need not see.
+fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'static str)> {
     if !valid_id(&send.client_msg_id) {
-        return request_error(
-            conn,
-            rid,
+        return Some((
             ErrorCode::InvalidRequest,
             "client_msg_id must be 1-64 bytes of [A-Za-z0-9._@-]",
-        );
+        ));
     }
-    if !valid_id(&send.to_user) {
-        return request_error(
-            conn,
-            rid,
+    if send.group_id == 0 && !valid_id(&send.to_user) {
+        return Some((
             ErrorCode::InvalidRecipient,
             "to_user is not a valid user id",
-        );
+        ));
+    }
+    if send.group_id != 0 && !send.to_user.is_empty() {
+        return Some((
+            ErrorCode::InvalidRequest,
+            "set to_user or group_id, not both",
+        ));
     }
     if send.content_type.len() > MAX_CONTENT_TYPE {
-        return request_error(
-            conn,
-            rid,
+        return Some((
             ErrorCode::InvalidRequest,
             "content_type is longer than 128 bytes",
-        );
+        ));
     }
     if send.body.len() > ctx.limits.max_frame.saturating_sub(FRAME_OVERHEAD) {
-        return request_error(
-            conn,
-            rid,
-            ErrorCode::BodyTooLarge,
-            "body is over the size limit",
-        );
+        return Some((ErrorCode::BodyTooLarge, "body is over the size limit"));
     }
+    None
+}
+
+/// Hand a durable request to the commit pipeline; it answers after the write.
+fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> Flow {
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Close(ErrorCode::Internal, "session without a user".into());
     };
-    let cmd = CommitCmd::Send {
-        reply: ConnRef {
-            shard: ctx.id,
-            slot,
-            gen: conn.gen,
-        },
+    let origin = Origin {
+        reply: me(conn, slot, ctx),
         request_id: rid,
-        from_user: user,
-        from_device: device,
-        send,
+        user,
+        device,
     };
-    match ctx.commit.submit(cmd) {
+    match ctx.commit.submit(CommitCmd::Request(origin, op)) {
         Ok(()) => Flow::Continue,
-        Err(SubmitError::Busy) => request_error(
-            conn,
-            rid,
-            ErrorCode::RateLimited,
-            "server busy; retry the send",
-        ),
+        Err(SubmitError::Busy) => {
+            request_error(conn, rid, ErrorCode::RateLimited, "server busy; retry")
+        }
         Err(SubmitError::Closed) => request_error(
             conn,
             rid,
@@ -216,17 +283,18 @@ fn delivery_ack(conn: &mut Conn, rid: u64, up_to: u64, ctx: &ShardCtx) -> Flow {
     if up_to <= conn.acked {
         return Flow::Continue;
     }
+    let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
+        return Flow::Continue;
+    };
+    // Written here, not queued: the device's next login must see it.
+    if let Err(e) = ctx.store.write_cursor(&user, &device, up_to) {
+        return store_error(conn, rid, e);
+    }
     conn.acked = up_to;
-    if let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) {
-        // A cursor that could not be queued is only a later resume point:
-        // the device sees those events again, and acknowledges them again.
-        if let Err(e) = ctx.commit.submit(CommitCmd::Cursor {
-            user,
-            device,
-            seq: up_to,
-        }) {
-            tracing::debug!(error = %e, "cursor update dropped");
-        }
+    // Receipts are a consequence, not a precondition: if the queue is full
+    // they come with the next acknowledgement, which covers these events too.
+    if let Err(e) = ctx.commit.submit(CommitCmd::Delivered { user, seq: up_to }) {
+        tracing::debug!(error = %e, "delivered receipts deferred");
     }
     Flow::Continue
 }
@@ -235,35 +303,377 @@ fn sync(conn: &mut Conn, rid: u64, req: pb::Sync, ctx: &ShardCtx) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Close(ErrorCode::Internal, "session without a user".into());
     };
-    let limit = match req.limit {
+    match sync_page(ctx, &user, req.after, req.limit) {
+        Ok(batch) => {
+            queue(conn, &Envelope::new(rid, Body::SyncBatch(batch)));
+            Flow::Continue
+        }
+        Err(e) => store_error(conn, rid, e),
+    }
+}
+
+/// One Sync page of `user`'s inbox (shared with the HTTP sync endpoint).
+pub fn sync_page(
+    ctx: &ShardCtx,
+    user: &str,
+    after: u64,
+    limit: u32,
+) -> Result<pb::SyncBatch, crate::store::StoreError> {
+    let limit = match limit {
         0 => DEFAULT_SYNC_LIMIT,
         n => n.min(MAX_SYNC_LIMIT),
     } as usize;
     let max_bytes = ctx.limits.max_frame.saturating_sub(FRAME_OVERHEAD);
-    let page = ctx.store.read_inbox(&user, req.after, limit, max_bytes);
-    let bounds = ctx
-        .store
-        .last_seq(&user)
-        .and_then(|h| Ok((h, ctx.store.first_seq(&user)?)));
-    match (page, bounds) {
-        (Ok(page), Ok((head_seq, first_available_seq))) => {
+    let page = ctx.store.read_inbox(user, after, limit, max_bytes)?;
+    Ok(pb::SyncBatch {
+        events: page.events,
+        has_more: page.has_more,
+        head_seq: ctx.store.last_seq(user)?,
+        first_available_seq: ctx.store.first_seq(user)?,
+    })
+}
+
+fn get_group(conn: &mut Conn, rid: u64, id: u64, ctx: &ShardCtx) -> Flow {
+    let Some(user) = conn.user.clone() else {
+        return Flow::Continue;
+    };
+    match ctx.groups.get(id) {
+        Err(e) => store_error(conn, rid, e),
+        Ok(None) => request_error(conn, rid, ErrorCode::NotFound, "no such group"),
+        Ok(Some(g)) if !g.is_member(&user) => request_error(
+            conn,
+            rid,
+            ErrorCode::Forbidden,
+            "not a member of this group",
+        ),
+        Ok(Some(g)) => {
+            queue(conn, &Envelope::new(rid, Body::GroupInfo(g.info(true))));
+            Flow::Continue
+        }
+    }
+}
+
+fn list_groups(conn: &mut Conn, rid: u64, ctx: &ShardCtx) -> Flow {
+    let Some(user) = conn.user.clone() else {
+        return Flow::Continue;
+    };
+    let groups = ctx.store.memberships(&user).and_then(|ids| {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(g) = ctx.groups.get(id)? {
+                out.push(g.info(false));
+            }
+        }
+        Ok(out)
+    });
+    match groups {
+        Ok(groups) => {
             queue(
                 conn,
-                &Envelope::new(
-                    rid,
-                    Body::SyncBatch(pb::SyncBatch {
-                        events: page.events,
-                        has_more: page.has_more,
-                        head_seq,
-                        first_available_seq,
-                    }),
-                ),
+                &Envelope::new(rid, Body::GroupList(pb::GroupList { groups })),
             );
             Flow::Continue
         }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "sync read failed");
-            request_error(conn, rid, ErrorCode::StoreUnavailable, "storage error")
+        Err(e) => store_error(conn, rid, e),
+    }
+}
+
+fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx) -> Flow {
+    let Some(user) = conn.user.clone() else {
+        return Flow::Continue;
+    };
+    let msg = match ctx.store.message(req.message_id) {
+        Err(e) => return store_error(conn, rid, e),
+        Ok(Some(m)) if m.group_id == req.group_id && req.group_id != 0 => m,
+        Ok(_) => {
+            return request_error(
+                conn,
+                rid,
+                ErrorCode::NotFound,
+                "no such message in that group",
+            )
+        }
+    };
+    if *msg.from_user != *user {
+        return request_error(
+            conn,
+            rid,
+            ErrorCode::Forbidden,
+            "only the sender sees a message's receipts",
+        );
+    }
+    let group = match ctx.groups.get(req.group_id) {
+        Err(e) => return store_error(conn, rid, e),
+        Ok(None) => return request_error(conn, rid, ErrorCode::NotFound, "no such group"),
+        Ok(Some(g)) => g,
+    };
+    let members: Vec<&str> = group
+        .members()
+        .map(|m| &**m)
+        .filter(|m| *m != &*user)
+        .collect();
+    let marks = match ctx
+        .store
+        .watermarks_of(&keys::group_conversation(group.id), &members)
+    {
+        Ok(m) => m,
+        Err(e) => return store_error(conn, rid, e),
+    };
+    let mut list = pb::ReceiptList {
+        message_id: msg.id,
+        ..Default::default()
+    };
+    for (m, (delivered, read)) in members.into_iter().zip(marks) {
+        if read >= msg.id {
+            list.read.push(m.to_owned());
+        } else if delivered >= msg.id {
+            list.delivered.push(m.to_owned());
+        } else {
+            list.pending.push(m.to_owned());
         }
     }
+    queue(conn, &Envelope::new(rid, Body::ReceiptList(list)));
+    Flow::Continue
+}
+
+fn typing(
+    conn: &mut Conn,
+    slot: u32,
+    rid: u64,
+    t: pb::Typing,
+    ctx: &ShardCtx,
+    local: &mut ShardSessions,
+    now: u32,
+) -> Flow {
+    let Some(user) = conn.user.clone() else {
+        return Flow::Continue;
+    };
+    if !conn.take_typing_token(now) {
+        return request_error(
+            conn,
+            rid,
+            ErrorCode::RateLimited,
+            "too many typing notices; slow down",
+        );
+    }
+    let target = match t.conversation.and_then(|c| c.kind) {
+        Some(conversation::Kind::User(u)) if valid_id(&u) => TypingTarget::User(Arc::from(u)),
+        Some(conversation::Kind::GroupId(id)) => match ctx.groups.get(id) {
+            Err(e) => return store_error(conn, rid, e),
+            Ok(Some(g)) if g.is_member(&user) => TypingTarget::Group(id),
+            Ok(Some(_)) => {
+                return request_error(
+                    conn,
+                    rid,
+                    ErrorCode::Forbidden,
+                    "not a member of this group",
+                )
+            }
+            Ok(None) => return request_error(conn, rid, ErrorCode::NotFound, "no such group"),
+        },
+        _ => {
+            return request_error(
+                conn,
+                rid,
+                ErrorCode::InvalidRequest,
+                "Typing needs a conversation",
+            )
+        }
+    };
+    let state = TypingState::try_from(t.state).unwrap_or(TypingState::Unspecified);
+    let key = (slot, conn.gen);
+    match state {
+        TypingState::Started => {
+            let deadline = now + super::ticks(ctx.limits.typing_ttl_ms);
+            if let Some(old) = local.typing.insert(
+                key,
+                Typist {
+                    user: user.clone(),
+                    target: target.clone(),
+                    deadline,
+                },
+            ) {
+                if old.target != target {
+                    send_typing(
+                        ctx,
+                        &mut local.conns,
+                        &old.user,
+                        &old.target,
+                        TypingState::Stopped,
+                    );
+                }
+            }
+            send_typing(ctx, &mut local.conns, &user, &target, TypingState::Started);
+        }
+        TypingState::Stopped => {
+            local.typing.remove(&key);
+            send_typing(ctx, &mut local.conns, &user, &target, TypingState::Stopped);
+        }
+        TypingState::Unspecified => {
+            return request_error(
+                conn,
+                rid,
+                ErrorCode::InvalidRequest,
+                "state must be STARTED or STOPPED",
+            )
+        }
+    }
+    Flow::Continue
+}
+
+/// Push a TypingNotice from `typist` to the other party or the group's
+/// online members (not to the typist's own devices).
+pub fn send_typing(
+    ctx: &ShardCtx,
+    conns: &mut Vec<ConnRef>,
+    typist: &str,
+    target: &TypingTarget,
+    state: TypingState,
+) {
+    conns.clear();
+    let conversation = match target {
+        TypingTarget::User(peer) => {
+            ctx.registry.lookup(peer, conns);
+            conversation::Kind::User(typist.to_owned())
+        }
+        TypingTarget::Group(id) => {
+            let Ok(Some(g)) = ctx.groups.get(*id) else {
+                return;
+            };
+            for m in g.members() {
+                if **m != *typist {
+                    ctx.registry.lookup(m, conns);
+                }
+            }
+            conversation::Kind::GroupId(*id)
+        }
+    };
+    let frame = frame_bytes(&Envelope::new(
+        0,
+        Body::TypingNotice(pb::TypingNotice {
+            conversation: Some(pb::Conversation {
+                kind: Some(conversation),
+            }),
+            user: typist.to_owned(),
+            state: state as i32,
+            expires_in_ms: if state == TypingState::Started {
+                ctx.limits.typing_ttl_ms as u32
+            } else {
+                0
+            },
+        }),
+    ));
+    push_ephemeral(ctx, conns, frame);
+}
+
+/// Send one frame to many live connections, one mailbox message per shard.
+pub fn push_ephemeral(ctx: &ShardCtx, conns: &[ConnRef], frame: Bytes) {
+    if conns.is_empty() {
+        return;
+    }
+    let mut per_shard: Vec<Vec<(u32, u32)>> = vec![Vec::new(); ctx.shards.len()];
+    for c in conns {
+        if let Some(v) = per_shard.get_mut(usize::from(c.shard)) {
+            v.push((c.slot, c.gen));
+        }
+    }
+    for (shard, targets) in ctx.shards.iter().zip(per_shard) {
+        if !targets.is_empty() {
+            shard.send(ShardMsg::Ephemeral {
+                targets,
+                frame: frame.clone(),
+            });
+        }
+    }
+}
+
+/// Tell the watchers of `user` that they came online or went offline.
+pub fn notify_presence(ctx: &ShardCtx, user: &str, online: bool, last_seen_ms: u64) {
+    let mut conns = Vec::new();
+    ctx.watchers.lookup(user, &mut conns);
+    if conns.is_empty() {
+        return;
+    }
+    let frame = frame_bytes(&Envelope::new(
+        0,
+        Body::Presence(pb::Presence {
+            user: user.to_owned(),
+            online,
+            last_seen_ms,
+        }),
+    ));
+    push_ephemeral(ctx, &conns, frame);
+}
+
+/// The presence of `user` as others may see it.
+fn presence_of(ctx: &ShardCtx, user: &str) -> Result<pb::Presence, crate::store::StoreError> {
+    let online = ctx.registry.is_online(user);
+    let last_seen_ms = if online {
+        0
+    } else {
+        let (at, hide) = ctx.store.presence(user)?;
+        if hide {
+            0
+        } else {
+            at
+        }
+    };
+    Ok(pb::Presence {
+        user: user.to_owned(),
+        online,
+        last_seen_ms,
+    })
+}
+
+/// Drop every presence subscription of a connection.
+pub fn unsubscribe_all(conn: &mut Conn, me: ConnRef, ctx: &ShardCtx) {
+    if let Some(old) = conn.watching.take() {
+        for u in old.iter() {
+            ctx.watchers.remove(u, me);
+        }
+    }
+}
+
+fn subscribe_presence(
+    conn: &mut Conn,
+    slot: u32,
+    rid: u64,
+    users: Vec<String>,
+    ctx: &ShardCtx,
+) -> Flow {
+    if users.len() > MAX_PRESENCE_SUBSCRIPTIONS {
+        return request_error(
+            conn,
+            rid,
+            ErrorCode::LimitExceeded,
+            "at most 1,000 presence subscriptions",
+        );
+    }
+    if users.iter().any(|u| !valid_id(u)) {
+        return request_error(
+            conn,
+            rid,
+            ErrorCode::InvalidRecipient,
+            "not a valid user id",
+        );
+    }
+    let me = me(conn, slot, ctx);
+    unsubscribe_all(conn, me, ctx);
+    let mut watching = Vec::with_capacity(users.len());
+    let mut list = pb::PresenceList::default();
+    for u in &users {
+        if watching.iter().any(|w: &Arc<str>| **w == **u) {
+            continue;
+        }
+        watching.push(ctx.watchers.add(u, me).0);
+        match presence_of(ctx, u) {
+            Ok(p) => list.users.push(p),
+            Err(e) => return store_error(conn, rid, e),
+        }
+    }
+    if !watching.is_empty() {
+        conn.watching = Some(Box::new(watching));
+    }
+    queue(conn, &Envelope::new(rid, Body::PresenceList(list)));
+    Flow::Continue
 }

@@ -18,5 +18,33 @@ pub const DEDUP: &str = "dedup";
 /// acknowledged.
 pub const CURSORS: &str = "cursors";
 
+/// `group_id: u64 BE` → encoded `pb::GroupInfo` (with members): the whole
+/// group, rewritten on each membership or name change (rare next to posts).
+pub const GROUPS: &str = "groups";
+/// `user ‖ 0x00 ‖ group_id: u64 BE` → empty: the groups a user is in.
+pub const MEMBERSHIPS: &str = "memberships";
+/// `conversation ‖ 0x00 ‖ user` → `delivered: u64 BE ‖ read: u64 BE`, the
+/// user's receipt watermarks (message ids) in that conversation; and
+/// `conversation ‖ 0x00` (no user) → `u64 BE`, its newest message id.
+/// A conversation key is `'u' ‖ a ‖ '|' ‖ b` for a 1:1 chat (a < b) or
+/// `'g' ‖ group_id: u64 BE` for a group.
+pub const STATUS: &str = "status";
+/// `group_id: u64 BE ‖ msg_id: u64 BE` → sender: the group's messages in
+/// order, to find whose messages a read receipt covers.
+pub const GROUP_LOG: &str = "group_log";
+/// `user` → `last_seen_ms: u64 BE ‖ flags: u8` (bit 0: hide last seen).
+/// Written on disconnect and on a privacy change, never per presence change.
+pub const PRESENCE: &str = "presence";
+
 /// Every column family the store opens.
-pub const ALL_CFS: [&str; 4] = [MESSAGES, INBOX, DEDUP, CURSORS];
+pub const ALL_CFS: [&str; 9] = [
+    MESSAGES,
+    INBOX,
+    DEDUP,
+    CURSORS,
+    GROUPS,
+    MEMBERSHIPS,
+    STATUS,
+    GROUP_LOG,
+    PRESENCE,
+];

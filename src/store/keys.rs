@@ -41,24 +41,33 @@ pub fn decode_u64(v: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("u64 value of {} bytes", v.len())))
 }
 
-/// What one inbox slot holds. The first byte is the kind, so later kinds
-/// (group membership changes, receipts) fit beside messages without a
-/// migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What one inbox slot holds. The first byte is the kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboxEntry {
-    /// A reference to a message in the `messages` column family.
+    /// A reference to a message in the `messages` column family: a message
+    /// is stored once however many inboxes hold it.
     Message(u64),
+    /// A small event stored in the slot itself (group change, receipt): an
+    /// encoded `pb::Event` whose seq is filled in when read.
+    Inline(Vec<u8>),
 }
 
 const KIND_MESSAGE: u8 = 1;
+const KIND_INLINE: u8 = 2;
 
 impl InboxEntry {
-    pub fn encode(&self) -> [u8; 9] {
-        match *self {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
             InboxEntry::Message(id) => {
-                let mut v = [0u8; 9];
-                v[0] = KIND_MESSAGE;
-                v[1..].copy_from_slice(&id.to_be_bytes());
+                let mut v = Vec::with_capacity(9);
+                v.push(KIND_MESSAGE);
+                v.extend_from_slice(&id.to_be_bytes());
+                v
+            }
+            InboxEntry::Inline(event) => {
+                let mut v = Vec::with_capacity(1 + event.len());
+                v.push(KIND_INLINE);
+                v.extend_from_slice(event);
                 v
             }
         }
@@ -67,9 +76,57 @@ impl InboxEntry {
     pub fn decode(v: &[u8]) -> Result<Self, StoreError> {
         match v.split_first() {
             Some((&KIND_MESSAGE, rest)) => Ok(InboxEntry::Message(decode_u64(rest)?)),
+            Some((&KIND_INLINE, rest)) => Ok(InboxEntry::Inline(rest.to_vec())),
             _ => Err(StoreError::Corrupt("unknown inbox entry".into())),
         }
     }
+}
+
+/// The key of a conversation in the `status` column family.
+pub fn direct_conversation(a: &str, b: &str) -> Vec<u8> {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut k = Vec::with_capacity(2 + lo.len() + hi.len());
+    k.push(b'u');
+    k.extend_from_slice(lo.as_bytes());
+    k.push(b'|');
+    k.extend_from_slice(hi.as_bytes());
+    k
+}
+
+/// The key of a group conversation in the `status` column family.
+pub fn group_conversation(group: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'g');
+    k.extend_from_slice(&group.to_be_bytes());
+    k
+}
+
+/// `conversation ‖ 0x00 ‖ user` (user may be empty: the conversation's own row).
+pub fn status_key(conversation: &[u8], user: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(conversation.len() + 1 + user.len());
+    k.extend_from_slice(conversation);
+    k.push(0);
+    k.extend_from_slice(user.as_bytes());
+    k
+}
+
+/// `a: u64 BE ‖ b: u64 BE`.
+pub fn u64_pair(a: u64, b: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&a.to_be_bytes());
+    k[8..].copy_from_slice(&b.to_be_bytes());
+    k
+}
+
+/// Inverse of [`u64_pair`].
+pub fn decode_u64_pair(v: &[u8]) -> Result<(u64, u64), StoreError> {
+    if v.len() != 16 {
+        return Err(StoreError::Corrupt(format!(
+            "pair value of {} bytes",
+            v.len()
+        )));
+    }
+    Ok((decode_u64(&v[..8])?, decode_u64(&v[8..])?))
 }
 
 #[cfg(test)]
@@ -106,8 +163,29 @@ mod tests {
     fn entries_round_trip_and_garbage_is_an_error() {
         let e = InboxEntry::Message(42);
         assert_eq!(InboxEntry::decode(&e.encode()).ok(), Some(e));
+        let e = InboxEntry::Inline(vec![1, 2, 3]);
+        assert_eq!(InboxEntry::decode(&e.encode()).ok(), Some(e));
         assert!(InboxEntry::decode(&[]).is_err());
         assert!(InboxEntry::decode(&[1, 2]).is_err());
         assert!(InboxEntry::decode(&[9; 9]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod conversation_tests {
+    use super::*;
+
+    #[test]
+    fn a_direct_conversation_has_one_key_whoever_names_it() {
+        assert_eq!(
+            direct_conversation("bob", "alice"),
+            direct_conversation("alice", "bob")
+        );
+        assert_ne!(
+            direct_conversation("a", "bc"),
+            direct_conversation("ab", "c")
+        );
+        assert_eq!(decode_u64_pair(&u64_pair(3, 9)).ok(), Some((3, 9)));
+        assert!(decode_u64_pair(&[0; 15]).is_err());
     }
 }

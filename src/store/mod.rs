@@ -181,6 +181,15 @@ impl Store {
         Ok(())
     }
 
+    /// Write a device's cursor on its own, outside any batch: a session
+    /// calls this when the device acknowledges, so the next login of the
+    /// device sees it whatever else is queued.
+    pub fn write_cursor(&self, user: &str, device: &str, seq: u64) -> Result<(), StoreError> {
+        let mut batch = self.batch();
+        self.put_cursor(&mut batch, user, device, seq)?;
+        self.commit(batch)
+    }
+
     /// The Ack an earlier send with this `client_msg_id` got, if any.
     pub fn dedup(&self, user: &str, client_msg_id: &str) -> Result<Option<pb::Ack>, StoreError> {
         match self.db.get_pinned_cf(
@@ -268,18 +277,34 @@ impl Store {
         let messages_cf = self.cf(cf::MESSAGES)?;
         let ids: Vec<_> = slots
             .iter()
-            .map(|(_, InboxEntry::Message(id))| (messages_cf, id.to_be_bytes()))
+            .filter_map(|(_, e)| match e {
+                InboxEntry::Message(id) => Some((messages_cf, id.to_be_bytes())),
+                InboxEntry::Inline(_) => None,
+            })
             .collect();
-        let values = self.db.multi_get_cf(ids);
+        let mut values = self.db.multi_get_cf(ids).into_iter();
         let mut page = InboxPage {
             events: Vec::with_capacity(slots.len()),
             has_more,
         };
         let mut bytes = 0usize;
-        for ((seq, InboxEntry::Message(id)), value) in slots.into_iter().zip(values) {
-            let raw = value?.ok_or_else(|| {
-                StoreError::Corrupt(format!("inbox of {user} references missing message {id}"))
-            })?;
+        for (seq, entry) in slots {
+            let (raw, what) = match entry {
+                InboxEntry::Message(id) => {
+                    let raw = values
+                        .next()
+                        .ok_or_else(|| {
+                            StoreError::Corrupt("multi_get returned too few values".into())
+                        })??
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "inbox of {user} references missing message {id}"
+                            ))
+                        })?;
+                    (raw, Some(id))
+                }
+                InboxEntry::Inline(raw) => (raw, None),
+            };
             // 16 bytes covers the Event wrapper around each message (tags, seq).
             let cost = raw.len() + 16;
             if !page.events.is_empty() && bytes + cost > max_bytes {
@@ -287,14 +312,259 @@ impl Store {
                 break;
             }
             bytes += cost;
-            let msg = pb::Message::decode(raw.as_slice())
-                .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
-            page.events.push(pb::Event {
-                seq,
-                kind: Some(pb::event::Kind::Message(msg)),
-            });
+            let event = match what {
+                Some(id) => {
+                    let msg = pb::Message::decode(raw.as_slice())
+                        .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
+                    pb::Event {
+                        seq,
+                        kind: Some(pb::event::Kind::Message(msg)),
+                    }
+                }
+                None => {
+                    let mut ev = pb::Event::decode(raw.as_slice()).map_err(|e| {
+                        StoreError::Corrupt(format!("inline event at {user}/{seq}: {e}"))
+                    })?;
+                    ev.seq = seq;
+                    ev
+                }
+            };
+            page.events.push(event);
         }
         Ok(page)
+    }
+
+    /// Put an inline event (group change, receipt) into an inbox slot.
+    pub fn put_inbox_event(
+        &self,
+        batch: &mut Batch,
+        user: &str,
+        seq: u64,
+        kind: &pb::event::Kind,
+    ) -> Result<(), StoreError> {
+        let ev = pb::Event {
+            seq: 0,
+            kind: Some(kind.clone()),
+        };
+        self.put_inbox(batch, user, seq, InboxEntry::Inline(ev.encode_to_vec()))
+    }
+
+    /// One message by id.
+    pub fn message(&self, id: u64) -> Result<Option<pb::Message>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(cf::MESSAGES)?, id.to_be_bytes())?
+        {
+            None => Ok(None),
+            Some(v) => pb::Message::decode(&*v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}"))),
+        }
+    }
+
+    /// A group with its members.
+    pub fn group(&self, id: u64) -> Result<Option<pb::GroupInfo>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(cf::GROUPS)?, id.to_be_bytes())?
+        {
+            None => Ok(None),
+            Some(v) => pb::GroupInfo::decode(&*v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("group {id}: {e}"))),
+        }
+    }
+
+    pub fn put_group(&self, batch: &mut Batch, group: &pb::GroupInfo) -> Result<(), StoreError> {
+        batch.wb.put_cf(
+            self.cf(cf::GROUPS)?,
+            group.group_id.to_be_bytes(),
+            group.encode_to_vec(),
+        );
+        Ok(())
+    }
+
+    /// Record (or, with `member == false`, erase) that `user` is in `group`.
+    pub fn put_membership(
+        &self,
+        batch: &mut Batch,
+        user: &str,
+        group: u64,
+        member: bool,
+    ) -> Result<(), StoreError> {
+        let mut key = keys::user_prefix(user);
+        key.extend_from_slice(&group.to_be_bytes());
+        let cf = self.cf(cf::MEMBERSHIPS)?;
+        if member {
+            batch.wb.put_cf(cf, key, []);
+        } else {
+            batch.wb.delete_cf(cf, key);
+        }
+        Ok(())
+    }
+
+    /// The groups `user` is in, by id.
+    pub fn memberships(&self, user: &str) -> Result<Vec<u64>, StoreError> {
+        let prefix = keys::user_prefix(user);
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(cf::MEMBERSHIPS)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            out.push(keys::seq_of_inbox_key(&prefix, &k)?);
+        }
+        Ok(out)
+    }
+
+    /// `user`'s (delivered, read) watermarks in a conversation.
+    pub fn watermarks(&self, conversation: &[u8], user: &str) -> Result<(u64, u64), StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(cf::STATUS)?, keys::status_key(conversation, user))?
+        {
+            None => Ok((0, 0)),
+            Some(v) => keys::decode_u64_pair(&v),
+        }
+    }
+
+    /// Watermarks of many users in one conversation.
+    pub fn watermarks_of(
+        &self,
+        conversation: &[u8],
+        users: &[&str],
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let cf = self.cf(cf::STATUS)?;
+        let keys: Vec<_> = users
+            .iter()
+            .map(|u| (cf, keys::status_key(conversation, u)))
+            .collect();
+        self.db
+            .multi_get_cf(keys)
+            .into_iter()
+            .map(|v| match v? {
+                None => Ok((0, 0)),
+                Some(v) => keys::decode_u64_pair(&v),
+            })
+            .collect()
+    }
+
+    pub fn put_watermarks(
+        &self,
+        batch: &mut Batch,
+        conversation: &[u8],
+        user: &str,
+        delivered: u64,
+        read: u64,
+    ) -> Result<(), StoreError> {
+        batch.wb.put_cf(
+            self.cf(cf::STATUS)?,
+            keys::status_key(conversation, user),
+            keys::u64_pair(delivered, read),
+        );
+        Ok(())
+    }
+
+    /// The newest message id of a conversation (0 when it has none).
+    pub fn conversation_head(&self, conversation: &[u8]) -> Result<u64, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(cf::STATUS)?, keys::status_key(conversation, ""))?
+        {
+            None => Ok(0),
+            Some(v) => keys::decode_u64(&v),
+        }
+    }
+
+    pub fn put_conversation_head(
+        &self,
+        batch: &mut Batch,
+        conversation: &[u8],
+        msg_id: u64,
+    ) -> Result<(), StoreError> {
+        batch.wb.put_cf(
+            self.cf(cf::STATUS)?,
+            keys::status_key(conversation, ""),
+            msg_id.to_be_bytes(),
+        );
+        Ok(())
+    }
+
+    pub fn put_group_log(
+        &self,
+        batch: &mut Batch,
+        group: u64,
+        msg_id: u64,
+        sender: &str,
+    ) -> Result<(), StoreError> {
+        batch.wb.put_cf(
+            self.cf(cf::GROUP_LOG)?,
+            keys::u64_pair(group, msg_id),
+            sender.as_bytes(),
+        );
+        Ok(())
+    }
+
+    /// Distinct senders of the group's messages with ids in `(after, up_to]`,
+    /// looking at no more than `scan_limit` messages (the newest first).
+    pub fn group_senders(
+        &self,
+        group: u64,
+        after: u64,
+        up_to: u64,
+        scan_limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(keys::u64_pair(group, after.saturating_add(1)).to_vec());
+        let start = keys::u64_pair(group, up_to);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf::GROUP_LOG)?,
+            ro,
+            IteratorMode::From(&start, Direction::Reverse),
+        );
+        let mut senders: Vec<String> = Vec::new();
+        for item in iter.take(scan_limit) {
+            let (_, v) = item?;
+            let sender = String::from_utf8(v.to_vec())
+                .map_err(|_| StoreError::Corrupt("group log sender".into()))?;
+            if !senders.contains(&sender) {
+                senders.push(sender);
+            }
+        }
+        Ok(senders)
+    }
+
+    /// `user`'s (last seen ms, hides last seen).
+    pub fn presence(&self, user: &str) -> Result<(u64, bool), StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(cf::PRESENCE)?, user.as_bytes())?
+        {
+            None => Ok((0, false)),
+            Some(v) if v.len() == 9 => Ok((keys::decode_u64(&v[..8])?, v[8] & 1 == 1)),
+            Some(v) => Err(StoreError::Corrupt(format!(
+                "presence value of {} bytes",
+                v.len()
+            ))),
+        }
+    }
+
+    pub fn put_presence(
+        &self,
+        batch: &mut Batch,
+        user: &str,
+        last_seen_ms: u64,
+        hide: bool,
+    ) -> Result<(), StoreError> {
+        let mut v = [0u8; 9];
+        v[..8].copy_from_slice(&last_seen_ms.to_be_bytes());
+        v[8] = u8::from(hide);
+        batch.wb.put_cf(self.cf(cf::PRESENCE)?, user.as_bytes(), v);
+        Ok(())
     }
 
     /// How many messages are stored (exact count by a scan: for tests and

@@ -79,6 +79,12 @@ pub enum DeliveryItem {
     /// The next inbox event for this device, in seq order. Acknowledge it with
     /// [`Client::ack_delivery`] once it is processed.
     Event(pb::Event),
+    /// Someone started or stopped typing in a conversation (live only,
+    /// never stored; a STARTED lapses after its `expires_in_ms`).
+    Typing(pb::TypingNotice),
+    /// A watched user came online or went offline (see
+    /// [`Client::subscribe_presence`]).
+    Presence(pb::Presence),
     /// The connection ended; no more events follow. `Server { .. }` carries a
     /// fatal error from the server.
     Closed(CloseReason),
@@ -228,7 +234,7 @@ impl Shared {
     }
 }
 
-fn unexpected(wanted: &str, got: &Body) -> ClientError {
+pub(crate) fn unexpected(wanted: &str, got: &Body) -> ClientError {
     ClientError::Protocol(format!("expected {wanted}, got {got:?}"))
 }
 
@@ -264,7 +270,7 @@ impl std::fmt::Debug for Client {
 
 /// The server's pushes for this connection, in order.
 pub struct Deliveries {
-    rx: mpsc::Receiver<pb::Event>,
+    rx: mpsc::Receiver<DeliveryItem>,
     shared: Arc<Shared>,
     closed_reported: bool,
 }
@@ -274,7 +280,7 @@ impl Deliveries {
     /// [`DeliveryItem::Closed`]; then `None`.
     pub async fn next(&mut self) -> Option<DeliveryItem> {
         match self.rx.recv().await {
-            Some(event) => Some(DeliveryItem::Event(event)),
+            Some(item) => Some(item),
             None if self.closed_reported => None,
             None => {
                 self.closed_reported = true;
@@ -382,6 +388,7 @@ impl Client {
             to_user: to_user.to_owned(),
             content_type: content_type.to_owned(),
             body: body.into(),
+            group_id: 0,
         };
         match self.request(Body::Send(send)).await? {
             Body::Ack(ack) => Ok(ack),
@@ -429,11 +436,16 @@ impl Client {
         }
     }
 
-    async fn request(&self, body: Body) -> Reply {
+    pub(crate) async fn request(&self, body: Body) -> Reply {
         self.inner
             .shared
             .request(body, self.inner.request_timeout)
             .await
+    }
+
+    /// Queue a frame that gets no answer (DeliveryAck, Typing).
+    pub(crate) async fn post(&self, body: Body) -> Result<(), ClientError> {
+        self.inner.shared.post(body).await
     }
 }
 
@@ -471,7 +483,11 @@ async fn handshake(cfg: &ClientConfig) -> Result<(Reader, Writer, pb::Welcome), 
     }
 }
 
-async fn run_reader(shared: Arc<Shared>, mut frames: Reader, deliveries: mpsc::Sender<pb::Event>) {
+async fn run_reader(
+    shared: Arc<Shared>,
+    mut frames: Reader,
+    deliveries: mpsc::Sender<DeliveryItem>,
+) {
     let reason = tokio::select! {
         reason = read_loop(&shared, &mut frames, &deliveries) => reason,
         _ = shared.shutdown.cancelled() => CloseReason::Local,
@@ -487,7 +503,7 @@ async fn run_reader(shared: Arc<Shared>, mut frames: Reader, deliveries: mpsc::S
 async fn read_loop(
     shared: &Shared,
     frames: &mut Reader,
-    deliveries: &mpsc::Sender<pb::Event>,
+    deliveries: &mpsc::Sender<DeliveryItem>,
 ) -> CloseReason {
     let mut deliveries_open = true;
     loop {
@@ -504,7 +520,17 @@ async fn read_loop(
                     continue;
                 };
                 // A dropped Deliveries means "discard"; keep serving responses.
-                if deliveries_open && deliveries.send(event).await.is_err() {
+                if deliveries_open && deliveries.send(DeliveryItem::Event(event)).await.is_err() {
+                    deliveries_open = false;
+                }
+            }
+            Some(Body::TypingNotice(t)) => {
+                if deliveries_open && deliveries.send(DeliveryItem::Typing(t)).await.is_err() {
+                    deliveries_open = false;
+                }
+            }
+            Some(Body::Presence(p)) => {
+                if deliveries_open && deliveries.send(DeliveryItem::Presence(p)).await.is_err() {
                     deliveries_open = false;
                 }
             }

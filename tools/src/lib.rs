@@ -37,6 +37,7 @@ pub mod client;
 pub mod config;
 pub mod cursor;
 pub mod error;
+pub mod features;
 pub mod reliable;
 
 pub use backoff::Backoff;
@@ -44,6 +45,7 @@ pub use client::{new_client_msg_id, Client, Deliveries, DeliveryItem};
 pub use config::{ClientConfig, DEFAULT_DELIVERY_BUFFER, DEFAULT_REQUEST_TIMEOUT};
 pub use cursor::{CursorTracker, Observed};
 pub use error::{code_name, ClientError, CloseReason};
+pub use features::{with_group, with_user};
 pub use reliable::{send_reliably, ReliableSender, RetryPolicy};
 
 pub use swiftlet_protocol::{

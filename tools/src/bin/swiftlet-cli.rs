@@ -164,6 +164,7 @@ fn render_event(me: &str, ev: &pb::Event) -> String {
             )
         }
         None => format!("[event {}] (a kind this client does not show)", ev.seq),
+        _ => format!("(event {})", ev.seq),
     }
 }
 
@@ -243,6 +244,7 @@ async fn session(
                     // Printed means processed: advance the cursor at once.
                     let _ = client.ack_delivery(tracker.last()).await;
                 }
+                Some(DeliveryItem::Typing(_)) | Some(DeliveryItem::Presence(_)) => {}
                 Some(DeliveryItem::Closed(reason)) => {
                     println!("connection lost: {reason}");
                     if !reason.may_reconnect() {

@@ -1,0 +1,220 @@
+//! The chat features beyond 1:1 messaging, as `Client` methods: groups,
+//! receipts, typing and presence. Each is one request/answer pair of the
+//! protocol (see protocol/README.md); live notices (typing, presence) arrive
+//! through [`Deliveries`](crate::Deliveries).
+
+use bytes::Bytes;
+use swiftlet_protocol::pb::{self, conversation, TypingState};
+use swiftlet_protocol::Body;
+
+use crate::client::{new_client_msg_id, unexpected, Client};
+use crate::error::ClientError;
+
+/// A 1:1 conversation with `user`.
+pub fn with_user(user: &str) -> pb::Conversation {
+    pb::Conversation {
+        kind: Some(conversation::Kind::User(user.to_owned())),
+    }
+}
+
+/// A group conversation.
+pub fn with_group(group_id: u64) -> pb::Conversation {
+    pb::Conversation {
+        kind: Some(conversation::Kind::GroupId(group_id)),
+    }
+}
+
+fn group_info(body: Body) -> Result<pb::GroupInfo, ClientError> {
+    match body {
+        Body::GroupInfo(g) => Ok(g),
+        other => Err(unexpected("GroupInfo", &other)),
+    }
+}
+
+fn done(body: Body) -> Result<(), ClientError> {
+    match body {
+        Body::Done(_) => Ok(()),
+        other => Err(unexpected("Done", &other)),
+    }
+}
+
+impl Client {
+    /// Create a group; the caller becomes its admin.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        members: &[&str],
+    ) -> Result<pb::GroupInfo, ClientError> {
+        let req = pb::CreateGroup {
+            name: name.to_owned(),
+            members: members.iter().map(|m| (*m).to_owned()).collect(),
+        };
+        group_info(self.request(Body::CreateGroup(req)).await?)
+    }
+
+    /// Admins: add members.
+    pub async fn add_members(
+        &self,
+        group_id: u64,
+        users: &[&str],
+    ) -> Result<pb::GroupInfo, ClientError> {
+        let req = pb::AddMembers {
+            group_id,
+            users: users.iter().map(|m| (*m).to_owned()).collect(),
+        };
+        group_info(self.request(Body::AddMembers(req)).await?)
+    }
+
+    /// Admins: remove members.
+    pub async fn remove_members(
+        &self,
+        group_id: u64,
+        users: &[&str],
+    ) -> Result<pb::GroupInfo, ClientError> {
+        let req = pb::RemoveMembers {
+            group_id,
+            users: users.iter().map(|m| (*m).to_owned()).collect(),
+        };
+        group_info(self.request(Body::RemoveMembers(req)).await?)
+    }
+
+    pub async fn leave_group(&self, group_id: u64) -> Result<pb::GroupInfo, ClientError> {
+        group_info(
+            self.request(Body::LeaveGroup(pb::LeaveGroup { group_id }))
+                .await?,
+        )
+    }
+
+    pub async fn rename_group(
+        &self,
+        group_id: u64,
+        name: &str,
+    ) -> Result<pb::GroupInfo, ClientError> {
+        let req = pb::RenameGroup {
+            group_id,
+            name: name.to_owned(),
+        };
+        group_info(self.request(Body::RenameGroup(req)).await?)
+    }
+
+    /// The caller's groups (without member lists).
+    pub async fn list_groups(&self) -> Result<Vec<pb::GroupInfo>, ClientError> {
+        match self.request(Body::ListGroups(pb::ListGroups {})).await? {
+            Body::GroupList(l) => Ok(l.groups),
+            other => Err(unexpected("GroupList", &other)),
+        }
+    }
+
+    /// One group with its members (members only).
+    pub async fn get_group(&self, group_id: u64) -> Result<pb::GroupInfo, ClientError> {
+        group_info(
+            self.request(Body::GetGroup(pb::GetGroup { group_id }))
+                .await?,
+        )
+    }
+
+    /// Post to a group with a fresh `client_msg_id`.
+    pub async fn send_group(
+        &self,
+        group_id: u64,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<pb::Ack, ClientError> {
+        self.send_group_with_id(&new_client_msg_id(), group_id, content_type, body)
+            .await
+    }
+
+    /// Post to a group; retrying with the same `client_msg_id` is safe.
+    pub async fn send_group_with_id(
+        &self,
+        client_msg_id: &str,
+        group_id: u64,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<pb::Ack, ClientError> {
+        let send = pb::Send {
+            client_msg_id: client_msg_id.to_owned(),
+            to_user: String::new(),
+            content_type: content_type.to_owned(),
+            body: body.into(),
+            group_id,
+        };
+        match self.request(Body::Send(send)).await? {
+            Body::Ack(ack) => Ok(ack),
+            other => Err(unexpected("Ack", &other)),
+        }
+    }
+
+    /// Mark a conversation read up to and including message id `up_to`.
+    pub async fn mark_read(
+        &self,
+        conversation: pb::Conversation,
+        up_to: u64,
+    ) -> Result<(), ClientError> {
+        let req = pb::MarkRead {
+            conversation: Some(conversation),
+            up_to,
+        };
+        done(self.request(Body::MarkRead(req)).await?)
+    }
+
+    /// Sender only: who has read, has, or lacks a group message.
+    pub async fn receipts(
+        &self,
+        group_id: u64,
+        message_id: u64,
+    ) -> Result<pb::ReceiptList, ClientError> {
+        match self
+            .request(Body::GetReceipts(pb::GetReceipts {
+                group_id,
+                message_id,
+            }))
+            .await?
+        {
+            Body::ReceiptList(l) => Ok(l),
+            other => Err(unexpected("ReceiptList", &other)),
+        }
+    }
+
+    /// Say the caller started (`true`) or stopped typing. No answer unless
+    /// refused; a refusal (e.g. RATE_LIMITED) is logged by the reader.
+    pub async fn typing(
+        &self,
+        conversation: pb::Conversation,
+        started: bool,
+    ) -> Result<(), ClientError> {
+        let state = if started {
+            TypingState::Started
+        } else {
+            TypingState::Stopped
+        };
+        let req = pb::Typing {
+            conversation: Some(conversation),
+            state: state as i32,
+        };
+        self.post(Body::Typing(req)).await
+    }
+
+    /// Replace this connection's presence subscriptions; returns the current
+    /// state of each user. Changes then arrive as `DeliveryItem::Presence`.
+    pub async fn subscribe_presence(
+        &self,
+        users: &[&str],
+    ) -> Result<Vec<pb::Presence>, ClientError> {
+        let req = pb::SubscribePresence {
+            users: users.iter().map(|u| (*u).to_owned()).collect(),
+        };
+        match self.request(Body::SubscribePresence(req)).await? {
+            Body::PresenceList(l) => Ok(l.users),
+            other => Err(unexpected("PresenceList", &other)),
+        }
+    }
+
+    /// Hide (or show) the caller's last seen time.
+    pub async fn set_privacy(&self, hide_last_seen: bool) -> Result<(), ClientError> {
+        done(
+            self.request(Body::SetPrivacy(pb::SetPrivacy { hide_last_seen }))
+                .await?,
+        )
+    }
+}
