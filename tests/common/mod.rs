@@ -102,6 +102,44 @@ pub async fn next_event(d: &mut Deliveries) -> pb::Event {
     }
 }
 
+/// The next item of any kind (event, typing, presence).
+pub async fn next_item(d: &mut Deliveries) -> DeliveryItem {
+    match tokio::time::timeout(PATIENCE, d.next()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("deliveries ended"),
+        Err(_) => panic!("nothing delivered within {PATIENCE:?}"),
+    }
+}
+
+/// The next event, which must be a group change.
+pub async fn next_group_event(d: &mut Deliveries) -> (u64, pb::GroupEvent) {
+    let e = next_event(d).await;
+    match e.kind {
+        Some(pb::event::Kind::GroupEvent(g)) => (e.seq, g),
+        other => panic!("expected a group event, got {other:?}"),
+    }
+}
+
+/// The next event, which must be a receipt.
+pub async fn next_receipt(d: &mut Deliveries) -> (u64, pb::Receipt) {
+    let e = next_event(d).await;
+    match e.kind {
+        Some(pb::event::Kind::Receipt(r)) => (e.seq, r),
+        other => panic!("expected a receipt, got {other:?}"),
+    }
+}
+
+/// The code of a refused request.
+pub fn code_of<T: std::fmt::Debug>(
+    r: Result<T, swiftlet_client::ClientError>,
+) -> swiftlet_protocol::ErrorCode {
+    let e = r.expect_err("the request must be refused");
+    let code = e
+        .code()
+        .unwrap_or_else(|| panic!("not a server error: {e}"));
+    swiftlet_protocol::ErrorCode::try_from(code).expect("a known code")
+}
+
 /// The next event, which must be a message.
 pub async fn next_message(d: &mut Deliveries) -> (u64, pb::Message) {
     let e = next_event(d).await;

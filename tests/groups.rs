@@ -1,0 +1,180 @@
+//! Groups: fan-out to every device of every member across shards, exactly
+//! once and in order; offline members catch up; only members post; a removed
+//! member gets nothing after the removal; admin rules and the size limit.
+
+mod common;
+
+use common::*;
+use swiftlet_client::{pb, Client, Deliveries};
+use swiftlet_protocol::pb::GroupEventKind;
+use swiftlet_protocol::ErrorCode;
+
+const MEMBERS: usize = 50;
+
+fn name(i: usize) -> String {
+    format!("m{i:02}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_members_over_four_shards_get_every_post_once_in_order() {
+    let srv = TestServer::start_with(|c| c.shards = 4);
+    let users: Vec<String> = (0..MEMBERS).map(name).collect();
+    // Members 0-39 online (0-9 with a second device), 40-49 offline.
+    let mut devices: Vec<(String, Client, Deliveries)> = Vec::new();
+    for (i, u) in users.iter().enumerate().take(40) {
+        let (c, d) = srv.connect(u, "phone").await;
+        devices.push((u.clone(), c, d));
+        if i < 10 {
+            let (c, d) = srv.connect(u, "tablet").await;
+            devices.push((u.clone(), c, d));
+        }
+    }
+    let admin = devices[0].1.clone();
+    let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
+    let info = admin.create_group("fifty", &others).await.expect("create");
+    assert_eq!(info.members.len(), MEMBERS);
+    assert_eq!(info.members[0].role, pb::GroupRole::Admin as i32);
+    let gid = info.group_id;
+
+    let mut acks = Vec::new();
+    for i in 0..5 {
+        let poster = &devices[(i * 7) % devices.len()].1;
+        acks.push(
+            poster
+                .send_group(gid, "text/plain", format!("post {i}"))
+                .await
+                .expect("ack"),
+        );
+    }
+    for (user, _, d) in devices.iter_mut() {
+        let (seq, ev) = next_group_event(d).await;
+        assert_eq!(
+            (seq, ev.kind),
+            (1, GroupEventKind::Created as i32),
+            "{user}"
+        );
+        for (i, ack) in acks.iter().enumerate() {
+            let (seq, m) = next_message(d).await;
+            assert_eq!(seq, i as u64 + 2, "{user}: in order, no gap");
+            assert_eq!((m.id, m.group_id), (ack.server_msg_id, gid));
+            assert_eq!(m.body, format!("post {i}").into_bytes());
+        }
+    }
+    for (_, c, d) in devices.iter_mut() {
+        assert_no_more(c, d).await;
+    }
+    // Offline at send time: all of it on login.
+    for u in &users[40..] {
+        let (c, mut d) = srv.connect(u, "phone").await;
+        assert_eq!(next_group_event(&mut d).await.0, 1);
+        for ack in &acks {
+            assert_eq!(next_message(&mut d).await.1.id, ack.server_msg_id);
+        }
+        assert_no_more(&c, &mut d).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_members_post_and_a_removed_member_gets_nothing_after() {
+    let srv = TestServer::start();
+    let (alice, mut arx) = srv.connect("alice", "phone").await;
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    let (carol, mut crx) = srv.connect("carol", "phone").await;
+    let (mallory, _mrx) = srv.connect("mallory", "phone").await;
+    let gid = alice
+        .create_group("trio", &["bob", "carol"])
+        .await
+        .expect("create")
+        .group_id;
+    for d in [&mut arx, &mut brx, &mut crx] {
+        next_group_event(d).await;
+    }
+
+    let before = srv.server().store().count_messages().expect("count");
+    assert_eq!(
+        code_of(mallory.send_group(gid, "text/plain", "let me in").await),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(code_of(mallory.get_group(gid).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(alice.send_group(987_654, "text/plain", "nowhere").await),
+        ErrorCode::NotFound
+    );
+    assert_eq!(
+        srv.server().store().count_messages().expect("count"),
+        before,
+        "nothing stored"
+    );
+    // Only admins change membership.
+    assert_eq!(
+        code_of(bob.add_members(gid, &["mallory"]).await),
+        ErrorCode::Forbidden
+    );
+
+    let after = alice.remove_members(gid, &["carol"]).await.expect("remove");
+    assert_eq!(after.members.len(), 2);
+    let (_, ev) = next_group_event(&mut crx).await;
+    assert_eq!(ev.kind, GroupEventKind::MembersRemoved as i32);
+    assert_eq!(ev.users, vec!["carol".to_string()]);
+    next_group_event(&mut brx).await;
+    next_group_event(&mut arx).await;
+
+    alice
+        .send_group(gid, "text/plain", "carol is gone")
+        .await
+        .expect("ack");
+    assert_eq!(&next_message(&mut brx).await.1.body[..], b"carol is gone");
+    assert_no_more(&carol, &mut crx).await;
+    assert_eq!(
+        code_of(carol.send_group(gid, "text/plain", "still here?").await),
+        ErrorCode::Forbidden
+    );
+
+    // Rename and leave are events too; the last admin leaving promotes bob.
+    alice.rename_group(gid, "duo").await.expect("rename");
+    let (_, ev) = next_group_event(&mut brx).await;
+    assert_eq!(
+        (ev.kind, ev.name.as_str()),
+        (GroupEventKind::Renamed as i32, "duo")
+    );
+    let left = alice.leave_group(gid).await.expect("leave");
+    assert_eq!(left.members.len(), 1);
+    assert_eq!(left.members[0].role, pb::GroupRole::Admin as i32);
+    let groups = bob.list_groups().await.expect("list");
+    assert_eq!(
+        groups
+            .iter()
+            .map(|g| (g.group_id, g.member_count))
+            .collect::<Vec<_>>(),
+        vec![(gid, 1)]
+    );
+    assert!(alice.list_groups().await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_limit_is_enforced() {
+    let srv = TestServer::start_with(|c| c.max_group_members = 4);
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    assert_eq!(
+        code_of(alice.create_group("big", &["b", "c", "d", "e"]).await),
+        ErrorCode::LimitExceeded
+    );
+    let gid = alice
+        .create_group("full", &["b", "c", "d"])
+        .await
+        .expect("create")
+        .group_id;
+    assert_eq!(
+        code_of(alice.add_members(gid, &["e"]).await),
+        ErrorCode::LimitExceeded
+    );
+    assert_eq!(alice.get_group(gid).await.expect("info").members.len(), 4);
+    assert_eq!(
+        code_of(alice.create_group("", &["b"]).await),
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        code_of(alice.create_group("bad", &["not ok"]).await),
+        ErrorCode::InvalidRecipient
+    );
+}

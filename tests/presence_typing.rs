@@ -1,0 +1,144 @@
+//! Typing indicators and presence: ephemeral pushes, a typing notice that
+//! lapses by itself, a flood answered with a typed error, and last seen that
+//! survives a restart (and can be hidden).
+
+mod common;
+
+use common::*;
+use swiftlet_client::{pb, with_group, with_user, DeliveryItem};
+use swiftlet_protocol::pb::{conversation, TypingState};
+use swiftlet_protocol::{Body, Envelope, ErrorCode};
+
+async fn next_typing(d: &mut swiftlet_client::Deliveries) -> pb::TypingNotice {
+    match next_item(d).await {
+        DeliveryItem::Typing(t) => t,
+        other => panic!("expected a typing notice, got {other:?}"),
+    }
+}
+
+async fn next_presence(d: &mut swiftlet_client::Deliveries) -> pb::Presence {
+    match next_item(d).await {
+        DeliveryItem::Presence(p) => p,
+        other => panic!("expected a presence change, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_the_other_party_and_lapses_by_itself() {
+    let srv = TestServer::start_with(|c| c.typing_ttl_ms = 300);
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let (_bob, mut brx) = srv.connect("bob", "phone").await;
+    alice.typing(with_user("bob"), true).await.expect("typing");
+    let t = next_typing(&mut brx).await;
+    assert_eq!(
+        (t.user.as_str(), t.state, t.expires_in_ms),
+        ("alice", TypingState::Started as i32, 300)
+    );
+    assert_eq!(
+        t.conversation.and_then(|c| c.kind),
+        Some(conversation::Kind::User("alice".into()))
+    );
+    // No STOPPED from alice: the server sends it when the TTL lapses.
+    let t = next_typing(&mut brx).await;
+    assert_eq!(t.state, TypingState::Stopped as i32);
+
+    // In a group, the other online members see it.
+    let (carol, mut crx) = srv.connect("carol", "phone").await;
+    let gid = alice
+        .create_group("g", &["bob", "carol"])
+        .await
+        .expect("group")
+        .group_id;
+    next_group_event(&mut brx).await;
+    next_group_event(&mut crx).await;
+    carol.typing(with_group(gid), true).await.expect("typing");
+    let t = next_typing(&mut brx).await;
+    assert_eq!(
+        (t.user.as_str(), t.conversation.and_then(|c| c.kind)),
+        ("carol", Some(conversation::Kind::GroupId(gid)))
+    );
+    carol.typing(with_group(gid), false).await.expect("stop");
+    assert_eq!(
+        next_typing(&mut brx).await.state,
+        TypingState::Stopped as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typing_flood_gets_rate_limited_not_disconnected() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("alice")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    for i in 0..40 {
+        raw.send(Envelope::new(
+            10 + i,
+            Body::Typing(pb::Typing {
+                conversation: Some(with_user("bob")),
+                state: TypingState::Started as i32,
+            }),
+        ))
+        .await;
+    }
+    raw.send(Envelope::new(99, Body::Ping(pb::Ping { nonce: 5 })))
+        .await;
+    let mut limited = 0;
+    loop {
+        match raw.recv().await.and_then(|e| e.body) {
+            Some(Body::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::RateLimited as i32);
+                assert!(!e.fatal);
+                limited += 1;
+            }
+            Some(Body::Pong(p)) => {
+                assert_eq!(p.nonce, 5);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        limited >= 20,
+        "a burst of 10 is allowed, the rest refused ({limited} refused)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_pushed_and_last_seen_survives_a_restart() {
+    let mut srv = TestServer::start();
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    let now = bob.subscribe_presence(&["alice"]).await.expect("subscribe");
+    assert_eq!(
+        (now[0].online, now[0].last_seen_ms),
+        (false, 0),
+        "never seen"
+    );
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let p = next_presence(&mut brx).await;
+    assert_eq!((p.user.as_str(), p.online), ("alice", true));
+    alice.close().await;
+    let p = next_presence(&mut brx).await;
+    assert!(!p.online && p.last_seen_ms > 0);
+    let last_seen = p.last_seen_ms;
+
+    drop((bob, brx));
+    srv.restart();
+    let (bob, _brx) = srv.connect("bob", "phone").await;
+    let now = bob.subscribe_presence(&["alice"]).await.expect("subscribe");
+    assert_eq!((now[0].online, now[0].last_seen_ms), (false, last_seen));
+
+    // Hidden last seen: 0 for everyone.
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    alice.set_privacy(true).await.expect("privacy");
+    alice.close().await;
+    let (carol, _crx) = srv.connect("carol", "phone").await;
+    let now = carol
+        .subscribe_presence(&["alice", "bob"])
+        .await
+        .expect("subscribe");
+    assert_eq!((now[0].online, now[0].last_seen_ms), (false, 0));
+    assert!(now[1].online);
+}

@@ -1,0 +1,145 @@
+//! Receipts: delivered when a device of the recipient acknowledges, read by
+//! watermark, told to every device of the sender; the group receipt list.
+
+mod common;
+
+use common::*;
+use swiftlet_client::{with_group, with_user};
+use swiftlet_protocol::pb::{conversation, ReceiptKind};
+use swiftlet_protocol::ErrorCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_and_read_reach_both_devices_of_the_sender() {
+    let srv = TestServer::start();
+    let (alice, mut phone) = srv.connect("alice", "phone").await;
+    let (_laptop_client, mut laptop) = srv.connect("alice", "laptop").await;
+    let (bob, mut bob_phone) = srv.connect("bob", "phone").await;
+
+    let mut ids = Vec::new();
+    for i in 1..=3 {
+        ids.push(
+            alice
+                .send("bob", "text/plain", format!("m{i}"))
+                .await
+                .expect("ack")
+                .server_msg_id,
+        );
+    }
+    for d in [&mut phone, &mut laptop] {
+        for _ in 0..3 {
+            next_message(d).await;
+        }
+    }
+    for _ in 0..3 {
+        next_message(&mut bob_phone).await;
+    }
+    bob.ack_delivery(3).await.expect("ack delivery");
+    for d in [&mut phone, &mut laptop] {
+        let (seq, r) = next_receipt(d).await;
+        assert_eq!(seq, 4);
+        assert_eq!(
+            (r.kind, r.user.as_str(), r.up_to),
+            (ReceiptKind::Delivered as i32, "bob", ids[2])
+        );
+        assert_eq!(
+            r.conversation.and_then(|c| c.kind),
+            Some(conversation::Kind::User("bob".into()))
+        );
+    }
+
+    bob.mark_read(with_user("alice"), ids[1])
+        .await
+        .expect("mark read");
+    for d in [&mut phone, &mut laptop] {
+        let (_, r) = next_receipt(d).await;
+        assert_eq!((r.kind, r.up_to), (ReceiptKind::Read as i32, ids[1]));
+        // Covers one and two, not three.
+        assert!(ids[0] <= r.up_to && ids[1] <= r.up_to && ids[2] > r.up_to);
+    }
+    // Bob's own devices learn the conversation is read up to there.
+    let (_, own) = next_receipt(&mut bob_phone).await;
+    assert_eq!(
+        (own.kind, own.user.as_str()),
+        (ReceiptKind::Read as i32, "bob")
+    );
+    assert_eq!(
+        own.conversation.and_then(|c| c.kind),
+        Some(conversation::Kind::User("alice".into()))
+    );
+
+    // A MarkRead beyond the newest message is refused; an older one is a no-op.
+    assert_eq!(
+        code_of(bob.mark_read(with_user("alice"), ids[2] + 1).await),
+        ErrorCode::InvalidRequest
+    );
+    bob.mark_read(with_user("alice"), ids[0])
+        .await
+        .expect("no-op");
+    assert_no_more(&alice, &mut phone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_receipt_list_tells_read_delivered_and_pending() {
+    let srv = TestServer::start();
+    let (alice, mut arx) = srv.connect("alice", "phone").await;
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    let (carol, mut crx) = srv.connect("carol", "phone").await;
+    let gid = alice
+        .create_group("crew", &["bob", "carol", "dave"])
+        .await
+        .expect("create")
+        .group_id;
+    for d in [&mut arx, &mut brx, &mut crx] {
+        next_group_event(d).await;
+    }
+    let m = alice
+        .send_group(gid, "text/plain", "who reads this?")
+        .await
+        .expect("ack")
+        .server_msg_id;
+    next_message(&mut arx).await;
+    let (bseq, _) = next_message(&mut brx).await;
+    next_message(&mut crx).await;
+
+    bob.ack_delivery(bseq).await.expect("delivered");
+    carol.mark_read(with_group(gid), m).await.expect("read");
+    // The sender is told of both; then the list is settled.
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (_, r) = next_receipt(&mut arx).await;
+        assert_eq!(
+            r.conversation.and_then(|c| c.kind),
+            Some(conversation::Kind::GroupId(gid))
+        );
+        seen.push((r.user, r.kind));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("bob".to_string(), ReceiptKind::Delivered as i32),
+            ("carol".to_string(), ReceiptKind::Read as i32)
+        ]
+    );
+    let list = alice.receipts(gid, m).await.expect("receipts");
+    assert_eq!(
+        (list.read, list.delivered, list.pending),
+        (
+            vec!["carol".to_string()],
+            vec!["bob".to_string()],
+            vec!["dave".to_string()]
+        )
+    );
+    // Only the sender may ask.
+    assert_eq!(code_of(bob.receipts(gid, m).await), ErrorCode::Forbidden);
+    assert_eq!(
+        code_of(alice.receipts(gid, m + 1).await),
+        ErrorCode::NotFound
+    );
+    // And only members mark a group read.
+    let (mallory, _mrx) = srv.connect("mallory", "phone").await;
+    assert_eq!(
+        code_of(mallory.mark_read(with_group(gid), m).await),
+        ErrorCode::Forbidden
+    );
+}
