@@ -31,6 +31,11 @@ impl Authenticator {
         let fail = |code, reason: String| AuthError { code, reason };
         // A JWT always has two dots; a user id may contain dots, but never two
         // in a row followed by a base64 segment, so try the JWT first.
+        // A bare id has no dots-separated JWT shape: in dev mode take it as
+        // it is, without a failed JWT parse first.
+        if self.dev_auth && token.bytes().filter(|&b| b == b'.').count() != 2 && valid_id(token) {
+            return Ok(token.to_owned());
+        }
         let user = match token::verify(&self.secret, token) {
             Ok(claims) => claims.sub,
             Err(TokenError::Expired) => {

@@ -18,10 +18,12 @@
 //! - [`registry`]: which user is connected where (and who watches whose presence).
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
 //! - [`store`]: RocksDB, the only module that knows it.
+//! - [`alloc`]: mimalloc, and returning an idle shard's free pages.
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
 //! - [`config`]: defaults, TOML file, environment, flags.
 
+pub mod alloc;
 pub mod auth;
 pub mod commit;
 pub mod config;

@@ -8,9 +8,6 @@ use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use swiftlet::config::{Config, ServeArgs};
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "swiftlet", version, about = "A dense, durable chat server")]
 struct Cli {

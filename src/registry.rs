@@ -9,8 +9,8 @@
 //!
 //! Memory per entry matters (it counts against the per-connection budget):
 //! the user id is one shared `Arc<str>` (the same allocation the session
-//! holds), and a user's connections live inline in a `SmallVec` until a user
-//! has more than two devices online.
+//! holds), and a user's connection lives inline in a `SmallVec` until the
+//! user has a second device online.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -29,7 +29,7 @@ pub struct ConnRef {
     pub gen: u32,
 }
 
-type Conns = SmallVec<[ConnRef; 2]>;
+type Conns = SmallVec<[ConnRef; 1]>;
 type Stripe = RwLock<HashMap<Arc<str>, Conns>>;
 
 /// The process-wide map of online users.

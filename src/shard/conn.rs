@@ -60,10 +60,18 @@ pub struct Conn {
     /// Users whose presence this connection subscribed to (boxed: most
     /// connections have none, and then this costs one pointer).
     pub watching: Option<Box<Vec<Arc<str>>>>,
+    /// Buffers, only while one holds something: an idle connection pays
+    /// one null pointer for both.
+    io: Option<Box<Buffers>>,
+}
+
+/// A connection's buffers.
+#[derive(Default)]
+struct Buffers {
     /// Bytes of a partial frame.
-    pub inbuf: Vec<u8>,
+    inbuf: Vec<u8>,
     /// Encoded frames not yet accepted by the socket.
-    pub outbuf: Vec<u8>,
+    outbuf: Vec<u8>,
 }
 
 impl Conn {
@@ -84,8 +92,7 @@ impl Conn {
             typing_tokens: TYPING_BURST,
             typing_refill: now,
             watching: None,
-            inbuf: Vec::new(),
-            outbuf: Vec::new(),
+            io: None,
         }
     }
 
@@ -104,15 +111,70 @@ impl Conn {
         true
     }
 
+    /// Pending output, created on first use.
+    pub fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.io.get_or_insert_with(Box::default).outbuf
+    }
+
+    /// Bytes of output waiting for the socket.
+    pub fn out_len(&self) -> usize {
+        self.io.as_ref().map_or(0, |b| b.outbuf.len())
+    }
+
+    /// Drop pending output and any partial input (the connection is closing).
+    pub fn discard_buffers(&mut self) {
+        self.io = None;
+    }
+
+    /// The partial frame kept from earlier reads (empty if none).
+    pub fn partial(&self) -> &[u8] {
+        self.io.as_ref().map_or(&[], |b| &b.inbuf)
+    }
+
+    /// Append read bytes to the partial frame.
+    pub fn extend_partial(&mut self, bytes: &[u8]) {
+        self.io
+            .get_or_insert_with(Box::default)
+            .inbuf
+            .extend_from_slice(bytes);
+    }
+
+    /// Forget the first `n` bytes of the partial frame.
+    pub fn consume_partial(&mut self, n: usize) {
+        if let Some(b) = self.io.as_mut() {
+            if n >= b.inbuf.len() {
+                b.inbuf = Vec::new();
+            } else {
+                b.inbuf.drain(..n);
+            }
+        }
+        self.release_if_empty();
+    }
+
+    fn release_if_empty(&mut self) {
+        if self
+            .io
+            .as_ref()
+            .is_some_and(|b| b.inbuf.is_empty() && b.outbuf.is_empty())
+        {
+            self.io = None;
+        }
+    }
+
     /// Write as much pending output as the socket takes. Ok(true) when all of
     /// it went; the buffer's memory is then released.
     pub fn flush(&mut self, now: u32) -> io::Result<bool> {
+        let Some(bufs) = self.io.as_mut() else {
+            self.last_tx = now;
+            return Ok(true);
+        };
+        let out = &mut bufs.outbuf;
         let mut written = 0;
         let result = loop {
-            if written == self.outbuf.len() {
+            if written == out.len() {
                 break Ok(true);
             }
-            match self.stream.write(&self.outbuf[written..]) {
+            match self.stream.write(&out[written..]) {
                 Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
@@ -122,15 +184,31 @@ impl Conn {
         };
         if written > 0 {
             self.last_tx = now;
-            if written == self.outbuf.len() {
-                self.outbuf = Vec::new();
+            if written == out.len() {
+                *out = Vec::new();
             } else {
-                self.outbuf.drain(..written);
+                out.drain(..written);
             }
         }
-        if self.outbuf.is_empty() {
+        if out.is_empty() {
             self.last_tx = now;
         }
+        self.release_if_empty();
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The struct is most of an idle connection's cost: keep it in budget.
+    #[test]
+    fn a_connection_struct_stays_small() {
+        // A slab slot is the struct plus a tag (its niche is used when it has one).
+        let size = std::mem::size_of::<Conn>();
+        let slot = std::mem::size_of::<Option<Conn>>();
+        eprintln!("Conn: {size} bytes, slab slot about {slot} bytes");
+        assert!(slot <= 192, "a connection slot is {slot} bytes");
     }
 }

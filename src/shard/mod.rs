@@ -108,6 +108,8 @@ pub struct Shard {
     draining: bool,
     /// Shutdown: exit once every connection is gone, or at this tick.
     exit_at: Option<u32>,
+    /// Work was done since free memory was last returned to the OS.
+    busy: bool,
 }
 
 impl Shard {
@@ -138,6 +140,7 @@ impl Shard {
             accept_pending: false,
             draining: false,
             exit_at: None,
+            busy: false,
         })
     }
 
@@ -160,6 +163,16 @@ impl Shard {
                 break;
             }
             self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
+            if events.is_empty() && self.mailbox.is_empty() && self.catchup.is_empty() {
+                if self.busy {
+                    // Quiet for a whole tick after work: give back what
+                    // the burst freed (see crate::alloc).
+                    crate::alloc::release_free_memory();
+                    self.busy = false;
+                }
+            } else {
+                self.busy = true;
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -292,25 +305,25 @@ impl Shard {
             return Ok(());
         };
         let max = self.ctx.limits.max_frame;
-        let data: &[u8] = if conn.inbuf.is_empty() {
-            &self.scratch[..n]
-        } else {
-            conn.inbuf.extend_from_slice(&self.scratch[..n]);
-            &conn.inbuf
-        };
         let mut pos = 0;
-        while let Some((env, used)) = decode_frame(&data[pos..], max)? {
-            self.frames.push(env);
-            pos += used;
-        }
-        if conn.inbuf.is_empty() {
-            if pos < n {
-                conn.inbuf.extend_from_slice(&self.scratch[pos..n]);
+        if conn.partial().is_empty() {
+            // The common case: whole frames straight from the scratch buffer.
+            let data = &self.scratch[..n];
+            while let Some((env, used)) = decode_frame(&data[pos..], max)? {
+                self.frames.push(env);
+                pos += used;
             }
-        } else if pos == conn.inbuf.len() {
-            conn.inbuf = Vec::new();
+            if pos < n {
+                conn.extend_partial(&data[pos..]);
+            }
         } else {
-            conn.inbuf.drain(..pos);
+            conn.extend_partial(&self.scratch[..n]);
+            let data = conn.partial();
+            while let Some((env, used)) = decode_frame(&data[pos..], max)? {
+                self.frames.push(env);
+                pos += used;
+            }
+            conn.consume_partial(pos);
         }
         Ok(())
     }
@@ -333,11 +346,17 @@ impl Shard {
                 self.now,
             ) {
                 Flow::Continue => {
-                    if was_handshake && conn.phase == Phase::Live {
-                        // The handshake deadline's wheel entry may be far
-                        // off; the idle deadline may come sooner.
-                        let at = self.now + ticks(self.ctx.limits.idle_timeout_ms);
-                        self.wheel.schedule(u64::from(at), slot as u32, conn.gen);
+                    let idle = ticks(self.ctx.limits.idle_timeout_ms);
+                    if was_handshake
+                        && conn.phase == Phase::Live
+                        && idle < ticks(self.ctx.limits.handshake_timeout_ms)
+                    {
+                        // The wheel entry filed at accept comes due at the
+                        // handshake deadline and re-files itself at the idle
+                        // one; only an idle timeout shorter than that needs
+                        // an entry of its own.
+                        self.wheel
+                            .schedule(u64::from(self.now + idle), slot as u32, conn.gen);
                     }
                 }
                 Flow::Close(code, why) => {
@@ -352,7 +371,7 @@ impl Shard {
             if conn.lagging {
                 self.catchup.push(slot);
             }
-            if !conn.outbuf.is_empty() {
+            if conn.out_len() > 0 {
                 self.mark_dirty(slot);
             }
         }
@@ -365,7 +384,7 @@ impl Shard {
                 ShardMsg::Deliver { replies, pushes } => {
                     for (to, frame) in replies {
                         if let Some(conn) = self.live_conn(to.slot, to.gen) {
-                            conn.outbuf.extend_from_slice(&frame);
+                            conn.out().extend_from_slice(&frame);
                             self.mark_dirty(to.slot as usize);
                         }
                     }
@@ -377,8 +396,8 @@ impl Shard {
                         if p.seq < conn.next_seq {
                             continue;
                         }
-                        if p.seq == conn.next_seq && !conn.lagging && conn.outbuf.len() < high {
-                            conn.outbuf.extend_from_slice(&p.frame);
+                        if p.seq == conn.next_seq && !conn.lagging && conn.out_len() < high {
+                            conn.out().extend_from_slice(&p.frame);
                             conn.next_seq += 1;
                             self.mark_dirty(p.slot as usize);
                         } else if !conn.lagging {
@@ -394,8 +413,8 @@ impl Shard {
                             continue;
                         };
                         // Ephemeral: a connection that is behind skips it.
-                        if !conn.lagging && conn.outbuf.len() < high {
-                            conn.outbuf.extend_from_slice(&frame);
+                        if !conn.lagging && conn.out_len() < high {
+                            conn.out().extend_from_slice(&frame);
                             self.mark_dirty(slot as usize);
                         }
                     }
@@ -440,7 +459,7 @@ impl Shard {
                 continue;
             };
             let mut failed = None;
-            while conn.outbuf.len() < low {
+            while conn.out_len() < low {
                 match self
                     .ctx
                     .store
@@ -451,7 +470,7 @@ impl Shard {
                             conn.next_seq = event.seq + 1;
                             let env =
                                 Envelope::new(0, Body::Deliver(pb::Deliver { event: Some(event) }));
-                            encode_frame(&env, &mut conn.outbuf);
+                            encode_frame(&env, conn.out());
                         }
                         if !page.has_more {
                             conn.lagging = false;
@@ -486,7 +505,7 @@ impl Shard {
             conn.dirty = false;
             match conn.flush(self.now) {
                 Ok(_) => {
-                    if conn.lagging && conn.outbuf.len() < low && conn.phase == Phase::Live {
+                    if conn.lagging && conn.out_len() < low && conn.phase == Phase::Live {
                         self.catchup.push(slot);
                     }
                 }
@@ -514,7 +533,7 @@ impl Shard {
                 Phase::Closing => (conn.since + CLOSE_GRACE_TICKS, None),
                 Phase::Live => {
                     let read_deadline = conn.last_rx + idle;
-                    let write_deadline = if conn.outbuf.is_empty() {
+                    let write_deadline = if conn.out_len() == 0 {
                         u32::MAX
                     } else {
                         conn.last_tx + idle
@@ -628,11 +647,11 @@ impl Shard {
         conn.phase = Phase::Closing;
         conn.lagging = false;
         conn.since = self.now;
-        conn.inbuf = Vec::new();
+
         // Output not yet sent is abandoned: everything durable is resent from
         // the store on the next login.
-        conn.outbuf.clear();
-        encode_frame(&Envelope::error(0, code, why, true), &mut conn.outbuf);
+        conn.discard_buffers();
+        encode_frame(&Envelope::error(0, code, why, true), conn.out());
         let flushed = conn.flush(self.now);
         let _ = conn.stream.shutdown(Shutdown::Write);
         let gen = conn.gen;

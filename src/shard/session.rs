@@ -66,7 +66,7 @@ pub struct ShardSessions {
 
 /// Append `env` to the connection's output.
 pub fn queue(conn: &mut Conn, env: &Envelope) {
-    encode_frame(env, &mut conn.outbuf);
+    encode_frame(env, conn.out());
 }
 
 fn request_error(conn: &mut Conn, request_id: u64, code: ErrorCode, message: &str) -> Flow {
