@@ -74,9 +74,13 @@ pub enum Op {
 pub enum CommitCmd {
     /// A client request; answered to `origin.reply` after the commit.
     Request(Origin, Op),
-    /// A device of `user` acknowledged its inbox up to `seq` (its cursor is
-    /// already written): send delivered receipts for what that newly covers.
-    Delivered { user: Arc<str>, seq: u64 },
+    /// A device of `user` acknowledged messages (its cursor is already
+    /// written): the conversations that covers, summarized by the shard with
+    /// [`summarize_delivered`], for delivered receipts.
+    Delivered {
+        user: Arc<str>,
+        convs: Vec<DeliveredConv>,
+    },
     /// The user's last connection closed.
     LastSeen { user: Arc<str>, at_ms: u64 },
     /// Answer once everything submitted before it is committed and handed to
@@ -187,12 +191,10 @@ struct Work {
     writes: usize,
     /// Retries landing in the same group as their original.
     fresh: HashMap<(Arc<str>, String), pb::Ack>,
-    /// Newest message id per conversation, written in this group.
-    conv_heads: HashMap<Vec<u8>, u64>,
+    /// Conversation of each message written in this group.
+    written: HashMap<u64, Vec<u8>>,
     /// Watermarks written in this group.
     marks: HashMap<(Vec<u8>, Arc<str>), (u64, u64)>,
-    /// User-level delivered seqs written in this group.
-    delivered: HashMap<Arc<str>, u64>,
     /// A store read failed mid-request: cached sequence numbers may be ahead.
     reset: bool,
 }
@@ -251,6 +253,81 @@ impl Outbox {
                 shard.deliver(replies, pushes);
             }
         }
+    }
+}
+
+/// What one acknowledgement covers in one conversation.
+#[derive(Debug, Clone)]
+pub struct DeliveredConv {
+    /// The conversation's `status` key.
+    pub key: Vec<u8>,
+    /// The conversation as its senders see it.
+    pub seen_as: pb::Conversation,
+    /// The newest message id covered.
+    pub newest: u64,
+    /// Who sent the covered messages.
+    pub senders: Vec<String>,
+}
+
+/// Read `user`'s inbox in `(after, up_to]` (at most [`RECEIPT_SCAN`] events)
+/// and summarize the messages from others by conversation. Runs on the
+/// shard that received the acknowledgement, so the reading is spread over
+/// the shards instead of loading the single commit thread.
+pub fn summarize_delivered(
+    store: &Store,
+    user: &str,
+    after: u64,
+    up_to: u64,
+) -> Result<Vec<DeliveredConv>, StoreError> {
+    if up_to <= after {
+        return Ok(Vec::new());
+    }
+    let page = store.read_inbox(
+        user,
+        after,
+        RECEIPT_SCAN.min((up_to - after) as usize),
+        usize::MAX,
+    )?;
+    let mut convs: Vec<DeliveredConv> = Vec::new();
+    for ev in page.events {
+        if ev.seq > up_to {
+            break;
+        }
+        let Some(Kind::Message(m)) = ev.kind else {
+            continue;
+        };
+        if m.from_user == user {
+            continue;
+        }
+        let (key, seen_as) = if m.group_id != 0 {
+            (keys::group_conversation(m.group_id), group_conv(m.group_id))
+        } else {
+            (keys::direct_conversation(user, &m.from_user), direct(user))
+        };
+        match convs.iter_mut().find(|c| c.key == key) {
+            Some(c) => {
+                c.newest = c.newest.max(m.id);
+                if !c.senders.contains(&m.from_user) {
+                    c.senders.push(m.from_user);
+                }
+            }
+            None => convs.push(DeliveredConv {
+                key,
+                seen_as,
+                newest: m.id,
+                senders: vec![m.from_user],
+            }),
+        }
+    }
+    Ok(convs)
+}
+
+/// The `status` key of the conversation a message belongs to.
+fn conversation_of(m: &pb::Message) -> Vec<u8> {
+    if m.group_id != 0 {
+        keys::group_conversation(m.group_id)
+    } else {
+        keys::direct_conversation(&m.from_user, &m.to_user)
     }
 }
 
@@ -341,8 +418,8 @@ impl Pipeline {
                         );
                     }
                 },
-                CommitCmd::Delivered { user, seq } => {
-                    if let Err(e) = self.delivered(&mut w, &user, seq) {
+                CommitCmd::Delivered { user, convs } => {
+                    if let Err(e) = self.delivered(&mut w, &user, convs) {
                         tracing::error!(error = %e, "cursor update failed");
                         w.reset = true;
                     }
@@ -538,11 +615,10 @@ impl Pipeline {
         }
         self.store
             .put_dedup(&mut w.batch, &o.user, &ack.client_msg_id, &ack)?;
-        self.store.put_conversation_head(&mut w.batch, &conv, id)?;
         if let Some(g) = &group {
             self.store.put_group_log(&mut w.batch, g.id, id, &o.user)?;
         }
-        w.conv_heads.insert(conv, id);
+        w.written.insert(id, conv);
         w.fresh.insert(key, ack.clone());
         Ok(Some(Body::Ack(ack)))
     }
@@ -741,14 +817,17 @@ impl Pipeline {
                 )
             }
         };
-        let head = match w.conv_heads.get(&conv) {
-            Some(h) => *h,
-            None => self.store.conversation_head(&conv)?,
+        // up_to must name a message of this conversation: that refuses a
+        // watermark beyond the newest message without keeping a per-post
+        // "newest" record.
+        let up_to_conv = match w.written.get(&req.up_to) {
+            Some(c) => Some(c.clone()),
+            None => self.store.message(req.up_to)?.map(|m| conversation_of(&m)),
         };
-        if req.up_to == 0 || req.up_to > head {
+        if up_to_conv.as_deref() != Some(conv.as_slice()) {
             return refuse(
                 ErrorCode::InvalidRequest,
-                "up_to is beyond the conversation's latest message",
+                "up_to is not a message of this conversation",
             );
         }
         let (delivered, read) = self.watermarks(w, &conv, &o.user)?;
@@ -800,63 +879,28 @@ impl Pipeline {
         Ok(Some(Body::Done(pb::Done {})))
     }
 
-    /// For what a device's acknowledgement newly covers (across all the
-    /// user's devices), raise the delivered watermarks and tell the senders.
-    fn delivered(&mut self, w: &mut Work, user: &Arc<str>, seq: u64) -> Result<(), StoreError> {
-        let prev = match w.delivered.get(user) {
-            Some(s) => *s,
-            None => self.store.cursor(user, "")?,
-        };
-        if seq <= prev {
-            return Ok(());
-        }
-        let page = self.store.read_inbox(
-            user,
-            prev,
-            RECEIPT_SCAN.min((seq - prev) as usize),
-            usize::MAX,
-        )?;
-        let mut covered = prev;
-        // (conversation key) -> (conversation as senders see it, newest id, senders)
-        let mut convs: HashMap<Vec<u8>, (pb::Conversation, u64, Vec<String>)> = HashMap::new();
-        for ev in page.events {
-            if ev.seq > seq {
-                break;
-            }
-            covered = ev.seq;
-            let Some(Kind::Message(m)) = ev.kind else {
-                continue;
-            };
-            if *m.from_user == **user {
+    /// Raise `user`'s delivered watermarks to what a device acknowledged,
+    /// and tell the senders where that is news (the watermark filters out
+    /// what another device of the user already acknowledged).
+    fn delivered(
+        &mut self,
+        w: &mut Work,
+        user: &Arc<str>,
+        convs: Vec<DeliveredConv>,
+    ) -> Result<(), StoreError> {
+        for c in convs {
+            let (delivered, read) = self.watermarks(w, &c.key, user)?;
+            if c.newest <= delivered {
                 continue;
             }
-            let (key, seen_as) = if m.group_id != 0 {
-                (keys::group_conversation(m.group_id), group_conv(m.group_id))
-            } else {
-                (keys::direct_conversation(user, &m.from_user), direct(user))
-            };
-            let entry = convs.entry(key).or_insert_with(|| (seen_as, 0, Vec::new()));
-            entry.1 = entry.1.max(m.id);
-            if !entry.2.contains(&m.from_user) {
-                entry.2.push(m.from_user);
-            }
-        }
-        for (key, (seen_as, newest, senders)) in convs {
-            let (delivered, read) = self.watermarks(w, &key, user)?;
-            if newest <= delivered {
-                continue;
-            }
-            let senders: Vec<Arc<str>> = senders.into_iter().map(Arc::from).collect();
+            let senders: Vec<Arc<str>> = c.senders.into_iter().map(Arc::from).collect();
             self.append_inline(
                 w,
                 &senders,
-                receipt(seen_as, user, ReceiptKind::Delivered, newest),
+                receipt(c.seen_as, user, ReceiptKind::Delivered, c.newest),
             )?;
-            self.set_watermarks(w, &key, user, (newest, read))?;
+            self.set_watermarks(w, &c.key, user, (c.newest, read))?;
         }
-        self.store.put_cursor(&mut w.batch, user, "", covered)?;
-        w.writes += 1;
-        w.delivered.insert(user.clone(), covered);
         Ok(())
     }
 }

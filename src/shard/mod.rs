@@ -189,6 +189,7 @@ impl Shard {
             }
             self.take_mailbox();
             self.run_catchups();
+            self.write_cursors();
             self.flush_dirty();
             self.fire_timers();
             if let Some(at) = self.exit_at {
@@ -493,6 +494,61 @@ impl Shard {
             self.mark_dirty(slot);
         }
         self.catchup = list;
+    }
+
+    /// Persist the device cursors acknowledged this turn in one write, then
+    /// ask the pipeline for the delivered receipts they imply. Runs before
+    /// the turn's output is flushed, so an answer the client sees after its
+    /// DeliveryAck implies the cursor is stored.
+    fn write_cursors(&mut self) {
+        if self.sessions.cursors.is_empty() {
+            return;
+        }
+        let mut cursors = std::mem::take(&mut self.sessions.cursors);
+        // Several acknowledgements of one device this turn: one range.
+        cursors.sort_by(|a, b| (&a.0, &a.1, a.3).cmp(&(&b.0, &b.1, b.3)));
+        let mut merged: Vec<(Arc<str>, Arc<str>, u64, u64)> = Vec::with_capacity(cursors.len());
+        for c in cursors.drain(..) {
+            match merged.last_mut() {
+                Some(m) if m.0 == c.0 && m.1 == c.1 => {
+                    m.2 = m.2.min(c.2);
+                    m.3 = m.3.max(c.3);
+                }
+                _ => merged.push(c),
+            }
+        }
+        let mut batch = self.ctx.store.batch();
+        let mut ok = true;
+        for (user, device, _, seq) in &merged {
+            if let Err(e) = self.ctx.store.put_cursor(&mut batch, user, device, *seq) {
+                tracing::error!(error = %e, "cursor write failed");
+                ok = false;
+            }
+        }
+        if ok {
+            if let Err(e) = self.ctx.store.commit(batch) {
+                // The devices resume from their older cursors: they see
+                // those events again, which they handle as duplicates.
+                tracing::error!(error = %e, "cursor write failed");
+            }
+        }
+        for (user, _, after, up_to) in merged {
+            // Receipts are a consequence, not a precondition. If the queue is
+            // full (overload) this range's delivered receipts are dropped;
+            // the next message in the same conversation that this user
+            // acknowledges moves the watermark past them, since a watermark
+            // covers everything before it.
+            match crate::commit::summarize_delivered(&self.ctx.store, &user, after, up_to) {
+                Ok(convs) if convs.is_empty() => {}
+                Ok(convs) => {
+                    if let Err(e) = self.ctx.commit.submit(CommitCmd::Delivered { user, convs }) {
+                        tracing::debug!(error = %e, "delivered receipts dropped");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reading acknowledged events failed"),
+            }
+        }
+        self.sessions.cursors = cursors;
     }
 
     fn flush_dirty(&mut self) {

@@ -62,6 +62,8 @@ pub struct ShardSessions {
     pub typing: HashMap<(u32, u32), Typist>,
     /// Reused buffer for recipient lookups.
     pub conns: Vec<ConnRef>,
+    /// Device cursors acknowledged this turn: (user, device, previous, new).
+    pub cursors: Vec<(Arc<str>, Arc<str>, u64, u64)>,
 }
 
 /// Append `env` to the connection's output.
@@ -125,7 +127,7 @@ pub fn handle(
             }
             submit(conn, slot, rid, Op::Send(send), ctx)
         }
-        Body::DeliveryAck(a) => delivery_ack(conn, rid, a.up_to, ctx),
+        Body::DeliveryAck(a) => delivery_ack(conn, rid, a.up_to, local),
         Body::Sync(s) => sync(conn, rid, s, ctx),
         Body::CreateGroup(r) => submit(conn, slot, rid, Op::CreateGroup(r), ctx),
         Body::AddMembers(r) => submit(conn, slot, rid, Op::AddMembers(r), ctx),
@@ -271,7 +273,7 @@ fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> Flow 
     }
 }
 
-fn delivery_ack(conn: &mut Conn, rid: u64, up_to: u64, ctx: &ShardCtx) -> Flow {
+fn delivery_ack(conn: &mut Conn, rid: u64, up_to: u64, local: &mut ShardSessions) -> Flow {
     if up_to >= conn.next_seq {
         return request_error(
             conn,
@@ -286,16 +288,11 @@ fn delivery_ack(conn: &mut Conn, rid: u64, up_to: u64, ctx: &ShardCtx) -> Flow {
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Continue;
     };
-    // Written here, not queued: the device's next login must see it.
-    if let Err(e) = ctx.store.write_cursor(&user, &device, up_to) {
-        return store_error(conn, rid, e);
-    }
+    // Written by the shard at the end of this turn, in one batch with the
+    // other cursors of the turn and before any answer of the turn goes out:
+    // the device's next login sees it.
+    local.cursors.push((user, device, conn.acked, up_to));
     conn.acked = up_to;
-    // Receipts are a consequence, not a precondition: if the queue is full
-    // they come with the next acknowledgement, which covers these events too.
-    if let Err(e) = ctx.commit.submit(CommitCmd::Delivered { user, seq: up_to }) {
-        tracing::debug!(error = %e, "delivered receipts deferred");
-    }
     Flow::Continue
 }
 

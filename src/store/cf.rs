@@ -24,8 +24,7 @@ pub const GROUPS: &str = "groups";
 /// `user ‖ 0x00 ‖ group_id: u64 BE` → empty: the groups a user is in.
 pub const MEMBERSHIPS: &str = "memberships";
 /// `conversation ‖ 0x00 ‖ user` → `delivered: u64 BE ‖ read: u64 BE`, the
-/// user's receipt watermarks (message ids) in that conversation; and
-/// `conversation ‖ 0x00` (no user) → `u64 BE`, its newest message id.
+/// user's receipt watermarks (message ids) in that conversation.
 /// A conversation key is `'u' ‖ a ‖ '|' ‖ b` for a 1:1 chat (a < b) or
 /// `'g' ‖ group_id: u64 BE` for a group.
 pub const STATUS: &str = "status";

@@ -101,7 +101,7 @@ pub fn group_conversation(group: u64) -> Vec<u8> {
     k
 }
 
-/// `conversation ‖ 0x00 ‖ user` (user may be empty: the conversation's own row).
+/// `conversation ‖ 0x00 ‖ user`.
 pub fn status_key(conversation: &[u8], user: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(conversation.len() + 1 + user.len());
     k.extend_from_slice(conversation);

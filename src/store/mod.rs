@@ -45,6 +45,9 @@ pub struct StoreOptions {
     pub wal_sync: bool,
     /// Block cache size in bytes, shared by all column families.
     pub block_cache_bytes: usize,
+    /// Memtable size per column family. Smaller memtables keep skiplist
+    /// inserts of random keys (inboxes, dedup records) shallow.
+    pub write_buffer_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +55,7 @@ impl Default for StoreOptions {
         StoreOptions {
             wal_sync: false,
             block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 16 << 20,
         }
     }
 }
@@ -80,22 +84,31 @@ impl Store {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
         let cache = rocksdb::Cache::new_lru_cache(opts.block_cache_bytes);
-        let cf_opts = |bloom: bool| {
+        let cf_opts = |name: &str| {
+            // Column families read by whole key (not scanned by prefix).
+            let point = matches!(
+                name,
+                cf::MESSAGES | cf::DEDUP | cf::CURSORS | cf::STATUS | cf::GROUPS | cf::PRESENCE
+            );
             let mut bbo = BlockBasedOptions::default();
             bbo.set_block_cache(&cache);
-            if bloom {
-                // Most dedup lookups are misses (a first send): a bloom filter
-                // answers them without touching a data block.
-                bbo.set_bloom_filter(10.0, false);
-            }
             let mut o = Options::default();
+            if point {
+                // Most dedup lookups are misses (a first send): bloom filters,
+                // on the SST files and on the memtable, answer them without
+                // touching a data block or walking the skiplist.
+                bbo.set_bloom_filter(10.0, false);
+                o.set_memtable_prefix_bloom_ratio(0.02);
+                o.set_memtable_whole_key_filtering(true);
+            }
             o.set_block_based_table_factory(&bbo);
             o.set_compression_type(DBCompressionType::Lz4);
+            o.set_write_buffer_size(opts.write_buffer_bytes);
             o
         };
-        let descriptors = cf::ALL_CFS.iter().map(|name| {
-            ColumnFamilyDescriptor::new(*name, cf_opts(*name == cf::DEDUP || *name == cf::CURSORS))
-        });
+        let descriptors = cf::ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, cf_opts(name)));
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -465,31 +478,6 @@ impl Store {
             self.cf(cf::STATUS)?,
             keys::status_key(conversation, user),
             keys::u64_pair(delivered, read),
-        );
-        Ok(())
-    }
-
-    /// The newest message id of a conversation (0 when it has none).
-    pub fn conversation_head(&self, conversation: &[u8]) -> Result<u64, StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(cf::STATUS)?, keys::status_key(conversation, ""))?
-        {
-            None => Ok(0),
-            Some(v) => keys::decode_u64(&v),
-        }
-    }
-
-    pub fn put_conversation_head(
-        &self,
-        batch: &mut Batch,
-        conversation: &[u8],
-        msg_id: u64,
-    ) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::STATUS)?,
-            keys::status_key(conversation, ""),
-            msg_id.to_be_bytes(),
         );
         Ok(())
     }
