@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rand::Rng;
@@ -46,6 +46,11 @@ struct Shared {
     body_bytes: usize,
     /// Open loop: seconds between two sends of one user.
     period: Option<Duration>,
+    /// Open loop: seconds between the sends of two consecutive users
+    /// (1 / rate), so user k sends at `t0 + k·stagger + j·period`.
+    stagger: Duration,
+    /// When the measured phase started (set just before `go`).
+    t0: OnceLock<Instant>,
     ping: Option<Duration>,
     go: CancellationToken,
     stop_sending: CancellationToken,
@@ -76,6 +81,11 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
         stats: ctx.stats.clone(),
         body_bytes: ctx.args.body_bytes,
         period,
+        stagger: ctx
+            .args
+            .rate
+            .map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r)),
+        t0: OnceLock::new(),
         ping: ctx.args.ping_interval.map(Duration::from_secs_f64),
         go: CancellationToken::new(),
         stop_sending: CancellationToken::new(),
@@ -110,6 +120,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     ctx.barrier().await?;
 
     let stats = &ctx.stats;
+    let _ = shared.t0.set(Instant::now());
     shared.go.cancel();
     if ctx.args.warmup > 0.0 {
         stats.measuring.store(false, Relaxed);
@@ -173,6 +184,12 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     })
 }
 
+/// Now plus a random fraction of `period`: the first tick of a periodic timer.
+fn jitter(period: Duration) -> Instant {
+    let us = rand::thread_rng().gen_range(0..period.as_micros().max(1) as u64);
+    Instant::now() + Duration::from_micros(us)
+}
+
 /// One simulated user: its connection and its checks.
 struct User {
     me: u32,
@@ -206,18 +223,26 @@ impl User {
 
     async fn run(&mut self, sh: &Shared) -> Result<(), ConnError> {
         let _open = OpenGuard::new(&sh.stats);
-        let mut ack_tick = tokio::time::interval(Duration::from_millis(500));
+        // Periodic DeliveryAcks and Pings start at a random phase: users
+        // connect within a few ms of each other, and timers armed then would
+        // make all of them ack (and the server write receipts) in the same
+        // millisecond every 500 ms.
+        let ack_every = Duration::from_millis(500);
+        let mut ack_tick = tokio::time::interval_at(jitter(ack_every), ack_every);
         ack_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let ping_every = sh.ping.unwrap_or(Duration::from_millis(
             u64::from(self.conn.welcome.idle_timeout_ms.max(3000)) / 3,
         ));
-        let mut ping_tick = tokio::time::interval(ping_every);
+        let mut ping_tick = tokio::time::interval_at(jitter(ping_every), ping_every);
         ping_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // Open loop: a per-user timer with a random phase.
+        // Open loop: a per-user timer, armed at `go`. User k's first send is
+        // at t0 + k/rate, so the users' sends interleave evenly at the total
+        // rate. (A timer armed at go + period, or any phase shared by every
+        // user, makes all of them send in the same millisecond: a burst of
+        // `--users` messages each period, whose queueing is then measured
+        // as latency.)
         let period = sh.period.unwrap_or(Duration::from_secs(3600));
-        let phase = rand::thread_rng().gen_range(0..period.as_micros().max(1) as u64);
-        let mut send_tick =
-            tokio::time::interval_at(Instant::now() + Duration::from_micros(phase), period);
+        let mut send_tick = tokio::time::interval(period);
         let mut started = false;
         loop {
             tokio::select! {
@@ -226,8 +251,14 @@ impl User {
                 _ = sh.go.cancelled(), if !started => {
                     started = true;
                     self.sending = true;
-                    send_tick.reset();
-                    if sh.period.is_none() {
+                    if let Some(period) = sh.period {
+                        let t0 = *sh.t0.get_or_init(Instant::now);
+                        let offset = (sh.stagger * self.me).as_nanos() % period.as_nanos().max(1);
+                        send_tick = tokio::time::interval_at(
+                            t0 + Duration::from_nanos(offset as u64),
+                            period,
+                        );
+                    } else {
                         self.queue_send(sh);
                     }
                 }
