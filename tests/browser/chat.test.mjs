@@ -263,7 +263,7 @@ async function main() {
     gsendSupported = /\/gsend|\/group send/.test(cli.out.slice(from));
     from = cli.mark();
     cli.line(`/send alice ${fromTcp}`);
-    await cli.waitFor(/✓/, from, 'the ✓ of its send');
+    await cli.waitFor(/✓ alice \(#\d+\)/, from, 'the ✓ (Ack) of its send');
     const conv = alice.locator('[data-testid="conv-u:carol"]');
     await conv.locator('.preview', { hasText: fromTcp }).waitFor();
     await conv.click();

@@ -665,6 +665,9 @@ async function login(token) {
   S.client = client;
   client.addEventListener('state', (e) => {
     setConnStatus(e.detail);
+    if (e.detail.state === 'offline' && !S.me) {
+      $('#login-error').textContent = `Cannot reach the server (${e.detail.error ? e.detail.error.message : 'offline'}); retrying…`;
+    }
     if (e.detail.state === 'stopped' && !S.me) {
       $('#login-error').textContent = `Login refused: ${e.detail.error ? e.detail.error.message : 'stopped'}`;
       $('#login-button').disabled = false;
@@ -691,6 +694,7 @@ async function onWelcome({ welcome, first }) {
     $('#chat').hidden = false;
     $('#logout-button').hidden = false;
     $('#login-button').disabled = false;
+    $('#login-error').textContent = '';
     // Pending sends from before a reload: show them until their Ack.
     for (const e of S.client.pendingSends()) {
       upsertMessage({
@@ -745,7 +749,6 @@ function init() {
   $('#logout-button').addEventListener('click', logout);
   document.addEventListener('visibilitychange', () => { if (!document.hidden) scheduleMarkRead(); });
   window.addEventListener('pagehide', () => { if (S.client) S.client.flushAck(); });
-  $('#device-hint').textContent = 'one per user and tab';
   const saved = sessionStorage.getItem('swiftlet.token');
   if (saved) {
     $('#login-user').value = saved;

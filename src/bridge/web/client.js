@@ -311,6 +311,7 @@ export class SwiftletClient extends EventTarget {
    */
   drop(holdMs = 0) {
     this.holdUntil = Date.now() + holdMs;
+    this.flushAck();
     if (this.ws) this.ws.close(4000, 'dropped by the client');
   }
 
