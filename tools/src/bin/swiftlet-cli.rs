@@ -2,24 +2,45 @@
 //!
 //! Owns only presentation and the reconnect loop; every protocol detail lives
 //! in the `swiftlet_client` library. Lines typed on stdin are commands
-//! (`/send bob hi there`, `/sync [after]`, `/help`, `/quit`); incoming
-//! messages are printed as they arrive and acknowledged with `DeliveryAck`
-//! at once (printing is this client's "processing"). When the connection
-//! drops, the CLI reconnects with backoff and the server resumes delivery
-//! from the acknowledged cursor; a send that failed with the connection is
-//! retried after the reconnect under the same `client_msg_id`, so it is
-//! never stored twice. Times are shown in UTC (no time-zone database here).
+//! (`/send bob hi there`, `/group create team bob carol`, `/read bob`,
+//! `/help`, `/quit`); incoming messages, group changes, receipts, typing and
+//! presence are printed as they arrive, and inbox events are acknowledged
+//! with `DeliveryAck` at once (printing is this client's "processing"). When
+//! the connection drops, the CLI reconnects with backoff and the server
+//! resumes delivery from the acknowledged cursor; a send that failed with the
+//! connection is retried after the reconnect under the same `client_msg_id`,
+//! so it is never stored twice. Presence subscriptions belong to a
+//! connection, so the watched users are subscribed again after a reconnect.
+//! Times are shown in UTC (no time-zone database here).
+//!
+//! # Receipts
+//!
+//! The CLI learns the ids of its user's own messages from their own inbox
+//! (every message a user sends is also an event of their inbox, ahead of any
+//! receipt about it), so it tracks messages sent from other devices too. A
+//! `Receipt{conversation, user, kind, up_to}` covers every tracked id
+//! `<= up_to` of that conversation; each message is reported once per
+//! recipient and kind: `✓` on the Ack, `✓✓` when delivered, `read` when read.
+//! `/read` marks a conversation read up to the newest message id this CLI
+//! has seen in it (a message id, never beyond the conversation's newest, as
+//! the server requires).
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use swiftlet_client::pb::{self, event::Kind};
+use swiftlet_client::pb::{
+    self, conversation, event::Kind, GroupEventKind, GroupRole, ReceiptKind, TypingState,
+};
 use swiftlet_client::{
-    new_client_msg_id, token, Backoff, Client, ClientConfig, CursorTracker, DeliveryItem, Observed,
+    new_client_msg_id, token, with_group, with_user, Backoff, Client, ClientConfig, CursorTracker,
+    DeliveryItem, Observed,
 };
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// How long a `--jwt-secret` token minted here stays valid.
 const TOKEN_TTL_SECS: u64 = 24 * 3600;
@@ -29,6 +50,16 @@ const MAX_SEND_ATTEMPTS: u32 = 5;
 
 /// Page size for `/sync`.
 const SYNC_PAGE: u32 = 50;
+
+/// Own message ids remembered per conversation for receipts.
+const TRACKED_PER_CONVERSATION: usize = 1000;
+
+/// A typing indicator whose STARTED carried no lifetime lapses after this.
+const DEFAULT_TYPING_TTL: Duration = Duration::from_secs(6);
+
+/// Slack before a typing indicator is cleared locally: the server's own
+/// STOPPED at the end of the TTL normally arrives first.
+const TYPING_GRACE: Duration = Duration::from_millis(500);
 
 /// Interactive swiftlet chat client.
 #[derive(Debug, Parser)]
@@ -70,15 +101,164 @@ impl Args {
     }
 }
 
+/// A conversation: the other user of a 1:1 chat, or a group (`#GID`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    User(String),
+    Group(u64),
+}
+
+impl Target {
+    fn conversation(&self) -> pb::Conversation {
+        match self {
+            Target::User(u) => with_user(u),
+            Target::Group(g) => with_group(*g),
+        }
+    }
+
+    /// The conversation as the protocol names it, if it names one.
+    fn of(c: Option<&pb::Conversation>) -> Option<Target> {
+        match c?.kind.as_ref()? {
+            conversation::Kind::User(u) => Some(Target::User(u.clone())),
+            conversation::Kind::GroupId(g) => Some(Target::Group(*g)),
+        }
+    }
+
+    /// The conversation a message belongs to, as `me` sees it.
+    fn of_message(me: &str, m: &pb::Message) -> Target {
+        if m.group_id != 0 {
+            Target::Group(m.group_id)
+        } else if m.from_user == me {
+            Target::User(m.to_user.clone())
+        } else {
+            Target::User(m.from_user.clone())
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::User(u) => f.write_str(u),
+            Target::Group(g) => write!(f, "#{g}"),
+        }
+    }
+}
+
+/// `/group` subcommands.
+#[derive(Debug, PartialEq)]
+enum GroupCmd {
+    Create { name: String, members: Vec<String> },
+    Add { group: u64, users: Vec<String> },
+    Remove { group: u64, users: Vec<String> },
+    Leave { group: u64 },
+    Rename { group: u64, name: String },
+    List,
+    Info { group: u64 },
+}
+
 /// One parsed stdin line.
 #[derive(Debug, PartialEq)]
 enum Command {
-    Send { to: String, text: String },
+    Send { to: Target, text: String },
     Sync { after: u64 },
+    Group(GroupCmd),
+    Read { conv: Target },
+    Receipts { group: u64, msg: u64 },
+    Typing { conv: Target },
+    Watch { users: Vec<String> },
+    Privacy { hide: bool },
     Help,
     Quit,
     Nothing,
     Bad(String),
+}
+
+/// `USER` or `#GID`.
+fn parse_target(s: &str) -> Option<Target> {
+    match s.strip_prefix('#') {
+        Some(g) => parse_group_id(g).map(Target::Group),
+        None if !s.is_empty() => Some(Target::User(s.to_owned())),
+        None => None,
+    }
+}
+
+/// A group id, with or without its `#`.
+fn parse_group_id(s: &str) -> Option<u64> {
+    s.strip_prefix('#')
+        .unwrap_or(s)
+        .parse()
+        .ok()
+        .filter(|g| *g != 0)
+}
+
+/// Split off the first word: `("word", "rest")`, the rest trimmed.
+fn word(s: &str) -> (&str, &str) {
+    let s = s.trim();
+    match s.split_once(char::is_whitespace) {
+        Some((w, rest)) => (w, rest.trim()),
+        None => (s, ""),
+    }
+}
+
+/// A group name at the start of `s`: one word, or `"a quoted name"`.
+fn take_name(s: &str) -> Option<(String, &str)> {
+    let s = s.trim();
+    if let Some(quoted) = s.strip_prefix('"') {
+        let (name, rest) = quoted.split_once('"')?;
+        return Some((name.to_owned(), rest.trim()));
+    }
+    let (name, rest) = word(s);
+    (!name.is_empty()).then(|| (name.to_owned(), rest))
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_owned).collect()
+}
+
+fn parse_group(rest: &str) -> Command {
+    const USAGE: &str = "usage: /group create NAME USER... | add GID USER... | remove GID USER... \
+                         | leave GID | rename GID NAME | list | info GID | send GID TEXT";
+    let (sub, rest) = word(rest);
+    let (gid, after) = word(rest);
+    let group = parse_group_id(gid);
+    let cmd = match (sub, group) {
+        ("create" | "new", _) => match take_name(rest) {
+            Some((name, members)) if !name.is_empty() => GroupCmd::Create {
+                name,
+                members: words(members),
+            },
+            _ => return Command::Bad("usage: /group create NAME [USER...]".into()),
+        },
+        ("add", Some(group)) if !after.is_empty() => GroupCmd::Add {
+            group,
+            users: words(after),
+        },
+        ("remove" | "rm" | "kick", Some(group)) if !after.is_empty() => GroupCmd::Remove {
+            group,
+            users: words(after),
+        },
+        ("leave", Some(group)) if after.is_empty() => GroupCmd::Leave { group },
+        ("rename", Some(group)) => match take_name(after) {
+            // A quoted name, or the rest of the line as it stands.
+            Some((name, "")) if !name.is_empty() => GroupCmd::Rename { group, name },
+            Some(_) => GroupCmd::Rename {
+                group,
+                name: after.to_owned(),
+            },
+            None => return Command::Bad("usage: /group rename GID NAME".into()),
+        },
+        ("list" | "ls", _) if rest.is_empty() => GroupCmd::List,
+        ("info", Some(group)) if after.is_empty() => GroupCmd::Info { group },
+        ("send", Some(group)) if !after.is_empty() => {
+            return Command::Send {
+                to: Target::Group(group),
+                text: after.to_owned(),
+            }
+        }
+        _ => return Command::Bad(USAGE.into()),
+    };
+    Command::Group(cmd)
 }
 
 fn parse_command(line: &str) -> Command {
@@ -86,15 +266,27 @@ fn parse_command(line: &str) -> Command {
     if line.is_empty() {
         return Command::Nothing;
     }
-    let (cmd, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
-    let rest = rest.trim();
+    let (cmd, rest) = word(line);
     match cmd {
         "/send" | "/s" => match rest.split_once(char::is_whitespace) {
-            Some((to, text)) if !text.trim().is_empty() => Command::Send {
-                to: to.to_owned(),
-                text: text.trim().to_owned(),
+            Some((to, text)) if !text.trim().is_empty() => match parse_target(to) {
+                Some(to) => Command::Send {
+                    to,
+                    text: text.trim().to_owned(),
+                },
+                None => Command::Bad(format!("{to:?} is not a user or #GROUP_ID")),
             },
-            _ => Command::Bad("usage: /send USER TEXT".into()),
+            _ => Command::Bad("usage: /send USER|#GID TEXT".into()),
+        },
+        "/gsend" | "/gs" => match rest.split_once(char::is_whitespace) {
+            Some((gid, text)) if !text.trim().is_empty() => match parse_group_id(gid) {
+                Some(g) => Command::Send {
+                    to: Target::Group(g),
+                    text: text.trim().to_owned(),
+                },
+                None => Command::Bad(format!("{gid:?} is not a group id")),
+            },
+            _ => Command::Bad("usage: /gsend GID TEXT".into()),
         },
         "/sync" => {
             if rest.is_empty() {
@@ -106,6 +298,31 @@ fn parse_command(line: &str) -> Command {
                 }
             }
         }
+        "/group" | "/g" => parse_group(rest),
+        "/read" => match (word(rest), parse_target(rest)) {
+            ((_, ""), Some(conv)) => Command::Read { conv },
+            _ => Command::Bad("usage: /read USER|#GID".into()),
+        },
+        "/typing" => match (word(rest), parse_target(rest)) {
+            ((_, ""), Some(conv)) => Command::Typing { conv },
+            _ => Command::Bad("usage: /typing USER|#GID".into()),
+        },
+        "/receipts" => {
+            let (gid, msg) = word(rest);
+            match (
+                parse_group_id(gid),
+                msg.strip_prefix('#').unwrap_or(msg).parse(),
+            ) {
+                (Some(group), Ok(msg)) => Command::Receipts { group, msg },
+                _ => Command::Bad("usage: /receipts GID MSG_ID".into()),
+            }
+        }
+        "/watch" => Command::Watch { users: words(rest) },
+        "/privacy" => match rest {
+            "on" => Command::Privacy { hide: true },
+            "off" => Command::Privacy { hide: false },
+            _ => Command::Bad("usage: /privacy on|off (on hides your last seen)".into()),
+        },
         "/help" | "/h" | "/?" => Command::Help,
         "/quit" | "/q" | "/exit" => Command::Quit,
         _ => Command::Bad(format!("unknown command {cmd:?}; /help lists them")),
@@ -114,16 +331,30 @@ fn parse_command(line: &str) -> Command {
 
 const HELP: &str = "\
 commands:
-  /send USER TEXT   send TEXT to USER (✓ once the server has stored it)
-  /sync [AFTER]     list your inbox after seq AFTER (default 0)
-  /help             this text
-  /quit             leave";
+  /send USER TEXT         send TEXT to USER (✓ stored, ✓✓ delivered, read)
+  /group create NAME U... create a group (NAME one word or \"quoted\") with members U...
+  /group add GID U...     add members (admins only)
+  /group remove GID U...  remove members (admins only)
+  /group leave GID        leave a group
+  /group rename GID NAME  rename a group
+  /group list             your groups
+  /group info GID         a group's members and roles
+  /group send GID TEXT    post to a group (also /gsend GID TEXT, /send #GID TEXT)
+  /read USER|#GID         mark the conversation read up to its newest message
+  /receipts GID MSG_ID    who has read / has / lacks your group message
+  /typing USER|#GID       say you are typing (your next message stops it)
+  /watch USER...          follow these users' presence (replaces the list)
+  /privacy on|off         hide (on) or show (off) your last seen
+  /sync [AFTER]           list your inbox after seq AFTER (default 0)
+  /help                   this text
+  /quit                   leave
+a group is written GID or #GID; incoming group messages show as #GID.";
 
 /// A message on its way, kept for a retry after a reconnect.
 #[derive(Debug, Clone)]
 struct Outgoing {
     client_msg_id: String,
-    to: String,
+    to: Target,
     text: String,
     attempts: u32,
 }
@@ -139,6 +370,34 @@ fn clock(ms: u64) -> String {
     )
 }
 
+/// `HH:MM` (UTC) when `ms` is on the same UTC day as `now_ms`, else
+/// `YYYY-MM-DD HH:MM`.
+fn last_seen(ms: u64, now_ms: u64) -> String {
+    let hm = &clock(ms)[..5];
+    let day = ms / 86_400_000;
+    if day == now_ms / 86_400_000 {
+        return hm.to_owned();
+    }
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = day as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {hm}")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn render_body(m: &pb::Message) -> String {
     if m.content_type.is_empty() || m.content_type.starts_with("text/") {
         String::from_utf8_lossy(&m.body).into_owned()
@@ -147,8 +406,51 @@ fn render_body(m: &pb::Message) -> String {
     }
 }
 
+fn render_group_event(g: &pb::GroupEvent) -> String {
+    let users = g.users.join(", ");
+    let at = format!("\"{}\" (#{})", g.name, g.group_id);
+    match GroupEventKind::try_from(g.kind).unwrap_or(GroupEventKind::Unspecified) {
+        GroupEventKind::Created => {
+            let others: Vec<&str> = g
+                .users
+                .iter()
+                .map(String::as_str)
+                .filter(|u| *u != g.actor)
+                .collect();
+            if others.is_empty() {
+                format!("* {} created {at}", g.actor)
+            } else {
+                format!("* {} created {at} with {}", g.actor, others.join(", "))
+            }
+        }
+        GroupEventKind::MembersAdded => format!("* {} added {users} to {at}", g.actor),
+        GroupEventKind::MembersRemoved => format!("* {} removed {users} from {at}", g.actor),
+        GroupEventKind::MemberLeft => format!("* {} left {at}", g.actor),
+        GroupEventKind::Renamed => {
+            format!("* {} renamed #{} to \"{}\"", g.actor, g.group_id, g.name)
+        }
+        GroupEventKind::Unspecified => format!("* #{} changed (version {})", g.group_id, g.version),
+    }
+}
+
+fn receipt_word(kind: i32) -> &'static str {
+    match ReceiptKind::try_from(kind) {
+        Ok(ReceiptKind::Read) => "read",
+        Ok(ReceiptKind::Delivered) => "delivered",
+        _ => "acknowledged",
+    }
+}
+
+/// One line for an inbox event (live and in `/sync` listings).
 fn render_event(me: &str, ev: &pb::Event) -> String {
     match &ev.kind {
+        Some(Kind::Message(m)) if m.group_id != 0 => format!(
+            "[{}] #{} {}: {}",
+            clock(m.timestamp_ms),
+            m.group_id,
+            m.from_user,
+            render_body(m)
+        ),
         Some(Kind::Message(m)) if m.from_user == me => format!(
             "[{}] {me} → {}: {}",
             clock(m.timestamp_ms),
@@ -163,9 +465,178 @@ fn render_event(me: &str, ev: &pb::Event) -> String {
                 render_body(m)
             )
         }
+        Some(Kind::GroupEvent(g)) => render_group_event(g),
+        Some(Kind::Receipt(r)) => {
+            let conv = Target::of(r.conversation.as_ref())
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "?".into());
+            let who = if r.user == me { "you" } else { &r.user };
+            format!(
+                "(receipt: {who} {} {conv} up to #{})",
+                receipt_word(r.kind),
+                r.up_to
+            )
+        }
         None => format!("[event {}] (a kind this client does not show)", ev.seq),
-        _ => format!("(event {})", ev.seq),
     }
+}
+
+/// Who has each of the user's own messages, per conversation.
+#[derive(Debug, Default)]
+struct MessageMarks {
+    delivered: BTreeSet<String>,
+    read: BTreeSet<String>,
+}
+
+/// What the CLI remembers about conversations across reconnects: the newest
+/// message id seen in each (for `/read`) and the user's own messages (for
+/// receipts).
+#[derive(Debug, Default)]
+struct Conversations {
+    newest: HashMap<Target, u64>,
+    sent: HashMap<Target, BTreeMap<u64, MessageMarks>>,
+}
+
+impl Conversations {
+    /// Note a message of the inbox.
+    fn on_message(&mut self, me: &str, m: &pb::Message) {
+        let conv = Target::of_message(me, m);
+        let newest = self.newest.entry(conv.clone()).or_default();
+        *newest = (*newest).max(m.id);
+        if m.from_user == me {
+            let sent = self.sent.entry(conv).or_default();
+            sent.entry(m.id).or_default();
+            while sent.len() > TRACKED_PER_CONVERSATION {
+                sent.pop_first();
+            }
+        }
+    }
+
+    /// The ids of own messages a receipt newly covers for its user.
+    fn on_receipt(&mut self, conv: &Target, user: &str, read: bool, up_to: u64) -> Vec<u64> {
+        let Some(sent) = self.sent.get_mut(conv) else {
+            return Vec::new();
+        };
+        let mut newly = Vec::new();
+        for (id, marks) in sent.range_mut(..=up_to) {
+            let fresh_delivery = marks.delivered.insert(user.to_owned());
+            let fresh = if read {
+                marks.read.insert(user.to_owned())
+            } else {
+                fresh_delivery && !marks.read.contains(user)
+            };
+            if fresh {
+                newly.push(*id);
+            }
+        }
+        newly
+    }
+}
+
+/// The line for a receipt on the user's own messages, if there is news.
+fn render_receipt(marks: &mut Conversations, me: &str, r: &pb::Receipt) -> Option<String> {
+    if r.user == me {
+        // Our own reads (from any device): nothing to show.
+        return None;
+    }
+    let conv = Target::of(r.conversation.as_ref())?;
+    let read = r.kind == ReceiptKind::Read as i32;
+    let ids = marks.on_receipt(&conv, &r.user, read, r.up_to);
+    let mark = if read { "read" } else { "✓✓" };
+    let whom = match &conv {
+        Target::User(u) => u.clone(),
+        Target::Group(g) => format!("#{g} by {}", r.user),
+    };
+    if ids.is_empty() {
+        // Messages this CLI never saw (sent before it started).
+        return Some(format!("{mark} {whom} (everything up to #{})", r.up_to));
+    }
+    let ids: Vec<String> = ids.iter().map(|i| format!("#{i}")).collect();
+    Some(format!("{mark} {whom} ({})", ids.join(", ")))
+}
+
+/// Who is typing where, until they stop or their indicator lapses.
+#[derive(Debug, Default)]
+struct Typists {
+    active: HashMap<(Target, String), Instant>,
+}
+
+fn typing_line(conv: &Target, user: &str, started: bool) -> String {
+    let verb = if started {
+        "is typing"
+    } else {
+        "stopped typing"
+    };
+    match conv {
+        Target::Group(g) if started => format!("{user} {verb} in #{g}…"),
+        Target::Group(g) => format!("{user} {verb} in #{g}"),
+        Target::User(_) if started => format!("{user} {verb}…"),
+        Target::User(_) => format!("{user} {verb}"),
+    }
+}
+
+impl Typists {
+    /// The line to print for a notice, if it changes what is shown.
+    fn on_notice(&mut self, n: &pb::TypingNotice, now: Instant) -> Option<String> {
+        let conv = Target::of(n.conversation.as_ref())?;
+        let key = (conv, n.user.clone());
+        if n.state == TypingState::Started as i32 {
+            let ttl = match n.expires_in_ms {
+                0 => DEFAULT_TYPING_TTL,
+                ms => Duration::from_millis(u64::from(ms)),
+            };
+            let line = typing_line(&key.0, &key.1, true);
+            let was = self.active.insert(key, now + ttl + TYPING_GRACE);
+            // A refreshed STARTED is not news.
+            was.is_none().then_some(line)
+        } else {
+            self.active
+                .remove(&key)
+                .map(|_| typing_line(&key.0, &key.1, false))
+        }
+    }
+
+    /// Indicators whose time ran out with no STOPPED.
+    fn expire(&mut self, now: Instant) -> Vec<String> {
+        let gone: Vec<(Target, String)> = self
+            .active
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.into_iter()
+            .map(|k| {
+                self.active.remove(&k);
+                typing_line(&k.0, &k.1, false)
+            })
+            .collect()
+    }
+}
+
+fn render_presence(p: &pb::Presence) -> String {
+    if p.online {
+        format!("{} is online", p.user)
+    } else if p.last_seen_ms > 0 {
+        format!(
+            "{} was last seen {}",
+            p.user,
+            last_seen(p.last_seen_ms, now_ms())
+        )
+    } else {
+        format!("{} is offline", p.user)
+    }
+}
+
+/// Everything the CLI keeps across reconnects.
+#[derive(Debug, Default)]
+struct ChatState {
+    conversations: Conversations,
+    typists: Typists,
+    /// Where this user last said STARTED (a STOPPED goes there before the
+    /// next message).
+    my_typing: Option<Target>,
+    /// Presence subscriptions to restore on every connection.
+    watching: Vec<String>,
 }
 
 /// Send in the background so incoming messages keep printing; a failure that
@@ -173,9 +644,18 @@ fn render_event(me: &str, ev: &pb::Event) -> String {
 fn spawn_send(client: Client, mut out: Outgoing, retry: mpsc::UnboundedSender<Outgoing>) {
     tokio::spawn(async move {
         out.attempts += 1;
-        let result = client
-            .send_with_id(&out.client_msg_id, &out.to, "text/plain", out.text.clone())
-            .await;
+        let result = match &out.to {
+            Target::User(to) => {
+                client
+                    .send_with_id(&out.client_msg_id, to, "text/plain", out.text.clone())
+                    .await
+            }
+            Target::Group(g) => {
+                client
+                    .send_group_with_id(&out.client_msg_id, *g, "text/plain", out.text.clone())
+                    .await
+            }
+        };
         match result {
             Ok(ack) => println!("✓ {} (#{})", out.to, ack.server_msg_id),
             Err(e) if e.is_retryable() && out.attempts < MAX_SEND_ATTEMPTS => {
@@ -214,37 +694,189 @@ fn spawn_sync(client: Client, me: String, after: u64) {
     });
 }
 
+fn render_group_info(g: &pb::GroupInfo) -> String {
+    let mut out = format!(
+        "#{} \"{}\": {} member(s), created by {} at {} UTC, version {}",
+        g.group_id,
+        g.name,
+        g.member_count,
+        g.created_by,
+        last_seen(g.created_ms, now_ms()),
+        g.version
+    );
+    for m in &g.members {
+        let role = if m.role == GroupRole::Admin as i32 {
+            " (admin)"
+        } else {
+            ""
+        };
+        out.push_str(&format!("\n  {}{role}", m.user));
+    }
+    out
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn spawn_group(client: Client, cmd: GroupCmd) {
+    tokio::spawn(async move {
+        let result = match &cmd {
+            GroupCmd::Create { name, members } => client
+                .create_group(name, &refs(members))
+                .await
+                .map(|g| format!("created {}", render_group_info(&g))),
+            GroupCmd::Add { group, users } => client
+                .add_members(*group, &refs(users))
+                .await
+                .map(|g| render_group_info(&g)),
+            GroupCmd::Remove { group, users } => client
+                .remove_members(*group, &refs(users))
+                .await
+                .map(|g| render_group_info(&g)),
+            GroupCmd::Leave { group } => client
+                .leave_group(*group)
+                .await
+                .map(|g| format!("you left #{} \"{}\"", g.group_id, g.name)),
+            GroupCmd::Rename { group, name } => client
+                .rename_group(*group, name)
+                .await
+                .map(|g| format!("#{} is now \"{}\"", g.group_id, g.name)),
+            GroupCmd::Info { group } => client
+                .get_group(*group)
+                .await
+                .map(|g| render_group_info(&g)),
+            GroupCmd::List => client.list_groups().await.map(|groups| {
+                if groups.is_empty() {
+                    return "(you are in no group)".to_owned();
+                }
+                groups
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "#{} \"{}\" ({} member(s))",
+                            g.group_id, g.name, g.member_count
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }),
+        };
+        match result {
+            Ok(text) => println!("{text}"),
+            Err(e) => println!("✗ /group failed: {e}"),
+        }
+    });
+}
+
+fn spawn_receipts(client: Client, group: u64, msg: u64) {
+    tokio::spawn(async move {
+        match client.receipts(group, msg).await {
+            Ok(l) => {
+                let list = |v: &[String]| {
+                    if v.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                println!(
+                    "#{group} message #{}: read: {}; delivered: {}; pending: {}",
+                    l.message_id,
+                    list(&l.read),
+                    list(&l.delivered),
+                    list(&l.pending)
+                );
+            }
+            Err(e) => println!("✗ receipts failed: {e}"),
+        }
+    });
+}
+
+fn spawn_watch(client: Client, users: Vec<String>) {
+    tokio::spawn(async move {
+        let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        match client.subscribe_presence(&refs).await {
+            Ok(list) if list.is_empty() => println!("(watching nobody)"),
+            Ok(list) => {
+                for p in &list {
+                    println!("{}", render_presence(p));
+                }
+            }
+            Err(e) => println!("✗ /watch failed: {e}"),
+        }
+    });
+}
+
 /// What ended a session.
 enum SessionEnd {
     Quit,
     Lost,
 }
 
+/// Print and acknowledge one inbox event.
+async fn on_event(
+    client: &Client,
+    me: &str,
+    ev: pb::Event,
+    tracker: &mut CursorTracker,
+    state: &mut ChatState,
+) {
+    let show = match tracker.observe(ev.seq) {
+        Observed::Duplicate => false,
+        Observed::InOrder => true,
+        Observed::Gap { from, to } => {
+            println!(
+                "(events {from}..{to} have not arrived; /sync {} fetches them)",
+                from - 1
+            );
+            true
+        }
+    };
+    if show {
+        match &ev.kind {
+            Some(Kind::Message(m)) => {
+                state.conversations.on_message(me, m);
+                // A message ends its sender's typing indicator.
+                let conv = Target::of_message(me, m);
+                state.typists.active.remove(&(conv, m.from_user.clone()));
+                println!("{}", render_event(me, &ev));
+            }
+            Some(Kind::Receipt(r)) => {
+                if let Some(line) = render_receipt(&mut state.conversations, me, r) {
+                    println!("{line}");
+                }
+            }
+            _ => println!("{}", render_event(me, &ev)),
+        }
+    }
+    // Printed means processed: advance the cursor at once.
+    let _ = client.ack_delivery(tracker.last()).await;
+}
+
 async fn session(
     client: &Client,
     deliveries: &mut swiftlet_client::Deliveries,
     tracker: &mut CursorTracker,
+    state: &mut ChatState,
     lines: &mut mpsc::Receiver<String>,
     outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
     outbox_tx: &mpsc::UnboundedSender<Outgoing>,
 ) -> anyhow::Result<SessionEnd> {
     let me = client.welcome().user_id.clone();
+    // Typing indicators end by themselves; look for lapsed ones now and then.
+    let mut sweep = tokio::time::interval(Duration::from_millis(250));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             item = deliveries.next() => match item {
-                Some(DeliveryItem::Event(ev)) => {
-                    match tracker.observe(ev.seq) {
-                        Observed::Duplicate => {}
-                        Observed::InOrder => println!("{}", render_event(&me, &ev)),
-                        Observed::Gap { from, to } => {
-                            println!("(events {from}..{to} have not arrived; /sync {} fetches them)", from - 1);
-                            println!("{}", render_event(&me, &ev));
-                        }
+                Some(DeliveryItem::Event(ev)) => on_event(client, &me, ev, tracker, state).await,
+                Some(DeliveryItem::Typing(n)) => {
+                    if let Some(line) = state.typists.on_notice(&n, Instant::now()) {
+                        println!("{line}");
                     }
-                    // Printed means processed: advance the cursor at once.
-                    let _ = client.ack_delivery(tracker.last()).await;
                 }
-                Some(DeliveryItem::Typing(_)) | Some(DeliveryItem::Presence(_)) => {}
+                Some(DeliveryItem::Presence(p)) => println!("{}", render_presence(&p)),
                 Some(DeliveryItem::Closed(reason)) => {
                     println!("connection lost: {reason}");
                     if !reason.may_reconnect() {
@@ -254,13 +886,60 @@ async fn session(
                 }
                 None => return Ok(SessionEnd::Lost),
             },
+            _ = sweep.tick() => {
+                for line in state.typists.expire(Instant::now()) {
+                    println!("{line}");
+                }
+            }
             line = lines.recv() => match parse_command(line.as_deref().unwrap_or("/quit")) {
                 Command::Quit => return Ok(SessionEnd::Quit),
                 Command::Send { to, text } => {
+                    // Stop the typing indicator first: same queue, so the
+                    // STOPPED reaches the server before the message.
+                    if let Some(conv) = state.my_typing.take() {
+                        let _ = client.typing(conv.conversation(), false).await;
+                    }
                     let out = Outgoing { client_msg_id: new_client_msg_id(), to, text, attempts: 0 };
                     spawn_send(client.clone(), out, outbox_tx.clone());
                 }
                 Command::Sync { after } => spawn_sync(client.clone(), me.clone(), after),
+                Command::Group(cmd) => spawn_group(client.clone(), cmd),
+                Command::Read { conv } => match state.conversations.newest.get(&conv) {
+                    Some(&up_to) => {
+                        let client = client.clone();
+                        tokio::spawn(async move {
+                            match client.mark_read(conv.conversation(), up_to).await {
+                                Ok(()) => println!("(marked {conv} read up to #{up_to})"),
+                                Err(e) => println!("✗ /read {conv} failed: {e}"),
+                            }
+                        });
+                    }
+                    None => println!("(no message from {conv} seen yet; nothing to mark read)"),
+                },
+                Command::Receipts { group, msg } => spawn_receipts(client.clone(), group, msg),
+                Command::Typing { conv } => {
+                    if let Some(old) = state.my_typing.take().filter(|old| *old != conv) {
+                        let _ = client.typing(old.conversation(), false).await;
+                    }
+                    match client.typing(conv.conversation(), true).await {
+                        Ok(()) => state.my_typing = Some(conv),
+                        Err(e) => println!("✗ /typing failed: {e}"),
+                    }
+                }
+                Command::Watch { users } => {
+                    state.watching = users.clone();
+                    spawn_watch(client.clone(), users);
+                }
+                Command::Privacy { hide } => {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        match client.set_privacy(hide).await {
+                            Ok(()) if hide => println!("(your last seen is hidden)"),
+                            Ok(()) => println!("(your last seen is visible)"),
+                            Err(e) => println!("✗ /privacy failed: {e}"),
+                        }
+                    });
+                }
                 Command::Help => println!("{HELP}"),
                 Command::Bad(msg) => println!("{msg}"),
                 Command::Nothing => {}
@@ -276,6 +955,7 @@ async fn wait_or_quit(
     wait: Duration,
     lines: &mut mpsc::Receiver<String>,
     outbox: &mpsc::UnboundedSender<Outgoing>,
+    state: &mut ChatState,
 ) -> bool {
     let sleep = tokio::time::sleep(wait);
     tokio::pin!(sleep);
@@ -290,9 +970,20 @@ async fn wait_or_quit(
                     let out = Outgoing { client_msg_id: new_client_msg_id(), to, text, attempts: 0 };
                     let _ = outbox.send(out);
                 }
+                Command::Watch { users } => {
+                    println!("(not connected; will watch them after reconnecting)");
+                    state.watching = users;
+                }
                 Command::Help => println!("{HELP}"),
                 Command::Bad(msg) => println!("{msg}"),
-                Command::Sync { .. } => println!("(not connected; reconnecting in a moment)"),
+                Command::Sync { .. }
+                | Command::Group(_)
+                | Command::Read { .. }
+                | Command::Receipts { .. }
+                | Command::Typing { .. }
+                | Command::Privacy { .. } => {
+                    println!("(not connected; reconnecting in a moment, try again then)")
+                }
             },
         }
     }
@@ -333,6 +1024,7 @@ async fn run() -> anyhow::Result<()> {
     let (outbox_tx, mut outbox) = mpsc::unbounded_channel::<Outgoing>();
 
     let mut tracker: Option<CursorTracker> = None;
+    let mut state = ChatState::default();
     let mut backoff = Backoff::default();
     loop {
         let (client, mut deliveries) = match Client::connect(cfg.clone()).await {
@@ -340,7 +1032,7 @@ async fn run() -> anyhow::Result<()> {
             Err(e) if e.is_retryable() => {
                 let wait = backoff.next_delay();
                 println!("cannot reach {}: {e}; retrying in {wait:.1?}", cfg.addr);
-                if wait_or_quit(wait, &mut lines, &outbox_tx).await {
+                if wait_or_quit(wait, &mut lines, &outbox_tx, &mut state).await {
                     return Ok(());
                 }
                 continue;
@@ -360,11 +1052,18 @@ async fn run() -> anyhow::Result<()> {
         // lost with the connection is recognised and not printed twice.
         let t = tracker.get_or_insert_with(|| CursorTracker::new(w.cursor));
         t.skip_to(w.cursor);
+        // Subscriptions (and a typing indicator) die with a connection.
+        state.my_typing = None;
+        state.typists.active.clear();
+        if !state.watching.is_empty() {
+            spawn_watch(client.clone(), state.watching.clone());
+        }
 
         let end = session(
             &client,
             &mut deliveries,
             t,
+            &mut state,
             &mut lines,
             &mut outbox,
             &outbox_tx,
@@ -378,7 +1077,7 @@ async fn run() -> anyhow::Result<()> {
             Ok(SessionEnd::Lost) => {
                 let wait = backoff.next_delay();
                 println!("reconnecting in {wait:.1?}");
-                if wait_or_quit(wait, &mut lines, &outbox_tx).await {
+                if wait_or_quit(wait, &mut lines, &outbox_tx, &mut state).await {
                     return Ok(());
                 }
             }
@@ -394,12 +1093,20 @@ async fn run() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn user(u: &str) -> Target {
+        Target::User(u.into())
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
     #[test]
     fn commands_parse() {
         assert_eq!(
             parse_command("/send bob hi  there "),
             Command::Send {
-                to: "bob".into(),
+                to: user("bob"),
                 text: "hi  there".into()
             }
         );
@@ -413,9 +1120,330 @@ mod tests {
     }
 
     #[test]
+    fn group_commands_parse() {
+        assert_eq!(
+            parse_command("/group create team alice bob"),
+            Command::Group(GroupCmd::Create {
+                name: "team".into(),
+                members: strings(&["alice", "bob"])
+            })
+        );
+        assert_eq!(
+            parse_command("/group create \"the team\" bob"),
+            Command::Group(GroupCmd::Create {
+                name: "the team".into(),
+                members: strings(&["bob"])
+            })
+        );
+        assert_eq!(
+            parse_command("/group create solo"),
+            Command::Group(GroupCmd::Create {
+                name: "solo".into(),
+                members: vec![]
+            })
+        );
+        assert!(matches!(parse_command("/group create"), Command::Bad(_)));
+        assert_eq!(
+            parse_command("/group add 7 carol dave"),
+            Command::Group(GroupCmd::Add {
+                group: 7,
+                users: strings(&["carol", "dave"])
+            })
+        );
+        assert_eq!(
+            parse_command("/group remove #7 carol"),
+            Command::Group(GroupCmd::Remove {
+                group: 7,
+                users: strings(&["carol"])
+            })
+        );
+        assert!(matches!(parse_command("/group add 7"), Command::Bad(_)));
+        assert!(matches!(parse_command("/group add x bob"), Command::Bad(_)));
+        assert!(matches!(parse_command("/group add 0 bob"), Command::Bad(_)));
+        assert_eq!(
+            parse_command("/group leave #7"),
+            Command::Group(GroupCmd::Leave { group: 7 })
+        );
+        assert_eq!(
+            parse_command("/group rename 7 night shift"),
+            Command::Group(GroupCmd::Rename {
+                group: 7,
+                name: "night shift".into()
+            })
+        );
+        assert_eq!(
+            parse_command("/group rename 7 \"quoted name\""),
+            Command::Group(GroupCmd::Rename {
+                group: 7,
+                name: "quoted name".into()
+            })
+        );
+        assert!(matches!(parse_command("/group rename 7"), Command::Bad(_)));
+        assert_eq!(parse_command("/group list"), Command::Group(GroupCmd::List));
+        assert_eq!(
+            parse_command("/group info 7"),
+            Command::Group(GroupCmd::Info { group: 7 })
+        );
+        assert!(matches!(parse_command("/group"), Command::Bad(_)));
+        assert!(matches!(parse_command("/group frob 7"), Command::Bad(_)));
+    }
+
+    #[test]
+    fn group_sends_parse() {
+        let want = Command::Send {
+            to: Target::Group(7),
+            text: "hello all".into(),
+        };
+        assert_eq!(parse_command("/group send 7 hello all"), want);
+        assert_eq!(parse_command("/gsend 7 hello all"), want);
+        assert_eq!(parse_command("/gsend #7 hello all"), want);
+        assert_eq!(parse_command("/send #7 hello all"), want);
+        assert!(matches!(parse_command("/gsend bob hi"), Command::Bad(_)));
+        assert!(matches!(parse_command("/gsend 7"), Command::Bad(_)));
+        assert!(matches!(parse_command("/send #x hi"), Command::Bad(_)));
+    }
+
+    #[test]
+    fn feature_commands_parse() {
+        assert_eq!(
+            parse_command("/read bob"),
+            Command::Read { conv: user("bob") }
+        );
+        assert_eq!(
+            parse_command("/read #7"),
+            Command::Read {
+                conv: Target::Group(7)
+            }
+        );
+        assert!(matches!(parse_command("/read"), Command::Bad(_)));
+        assert!(matches!(parse_command("/read bob carol"), Command::Bad(_)));
+        assert_eq!(
+            parse_command("/typing #7"),
+            Command::Typing {
+                conv: Target::Group(7)
+            }
+        );
+        assert_eq!(
+            parse_command("/typing bob"),
+            Command::Typing { conv: user("bob") }
+        );
+        assert!(matches!(parse_command("/typing"), Command::Bad(_)));
+        assert_eq!(
+            parse_command("/receipts 7 123456"),
+            Command::Receipts {
+                group: 7,
+                msg: 123456
+            }
+        );
+        assert_eq!(
+            parse_command("/receipts #7 #123456"),
+            Command::Receipts {
+                group: 7,
+                msg: 123456
+            }
+        );
+        assert!(matches!(parse_command("/receipts 7"), Command::Bad(_)));
+        assert_eq!(
+            parse_command("/watch bob  carol"),
+            Command::Watch {
+                users: strings(&["bob", "carol"])
+            }
+        );
+        assert_eq!(parse_command("/watch"), Command::Watch { users: vec![] });
+        assert_eq!(
+            parse_command("/privacy on"),
+            Command::Privacy { hide: true }
+        );
+        assert_eq!(
+            parse_command("/privacy off"),
+            Command::Privacy { hide: false }
+        );
+        assert!(matches!(parse_command("/privacy"), Command::Bad(_)));
+    }
+
+    #[test]
     fn clock_is_utc_time_of_day() {
         assert_eq!(clock(0), "00:00:00");
         assert_eq!(clock((12 * 3600 + 65) * 1000 + 999), "12:01:05");
         assert_eq!(clock(86_400_000 + 1000), "00:00:01");
+    }
+
+    #[test]
+    fn last_seen_shows_the_date_when_not_today() {
+        let t = 1_735_689_600_000 + (12 * 3600 + 60) * 1000; // 2025-01-01 12:01
+        assert_eq!(last_seen(t, t + 3_600_000), "12:01");
+        assert_eq!(last_seen(t, t + 86_400_000), "2025-01-01 12:01");
+        assert_eq!(last_seen(951_782_400_000, 0), "2000-02-29 00:00");
+    }
+
+    fn msg(id: u64, from: &str, to: &str, group_id: u64) -> pb::Message {
+        pb::Message {
+            id,
+            from_user: from.into(),
+            to_user: to.into(),
+            group_id,
+            timestamp_ms: (12 * 3600 + 65) * 1000,
+            content_type: "text/plain".into(),
+            body: "hi".into(),
+            ..Default::default()
+        }
+    }
+
+    fn receipt(conv: pb::Conversation, user: &str, kind: ReceiptKind, up_to: u64) -> pb::Receipt {
+        pb::Receipt {
+            conversation: Some(conv),
+            user: user.into(),
+            kind: kind as i32,
+            up_to,
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn receipts_cover_own_messages_up_to_the_watermark() {
+        let mut c = Conversations::default();
+        for id in [10, 20, 30] {
+            c.on_message("alice", &msg(id, "alice", "bob", 0));
+        }
+        c.on_message("alice", &msg(25, "bob", "alice", 0));
+        assert_eq!(c.newest.get(&user("bob")), Some(&30));
+        // Bob's receipts name alice's 1:1 conversation as "alice" for him, and
+        // as "bob" for alice, who receives them.
+        let r = receipt(with_user("bob"), "bob", ReceiptKind::Delivered, 30);
+        assert_eq!(
+            render_receipt(&mut c, "alice", &r).as_deref(),
+            Some("✓✓ bob (#10, #20, #30)")
+        );
+        let r = receipt(with_user("bob"), "bob", ReceiptKind::Read, 20);
+        assert_eq!(
+            render_receipt(&mut c, "alice", &r).as_deref(),
+            Some("read bob (#10, #20)")
+        );
+        // Nothing new: a delivered receipt for what is already read.
+        assert!(c.on_receipt(&user("bob"), "bob", false, 20).is_empty());
+        // A receipt from before this CLI's time still says something.
+        let r = receipt(with_user("carol"), "carol", ReceiptKind::Read, 5);
+        assert_eq!(
+            render_receipt(&mut c, "alice", &r).as_deref(),
+            Some("read carol (everything up to #5)")
+        );
+        // Our own reads (another device) are not shown.
+        let r = receipt(with_user("bob"), "alice", ReceiptKind::Read, 25);
+        assert_eq!(render_receipt(&mut c, "alice", &r), None);
+    }
+
+    #[test]
+    fn group_receipts_are_per_member() {
+        let mut c = Conversations::default();
+        c.on_message("alice", &msg(10, "alice", "", 7));
+        c.on_message("alice", &msg(11, "bob", "", 7));
+        assert_eq!(c.newest.get(&Target::Group(7)), Some(&11));
+        let r = receipt(with_group(7), "bob", ReceiptKind::Read, 11);
+        assert_eq!(
+            render_receipt(&mut c, "alice", &r).as_deref(),
+            Some("read #7 by bob (#10)")
+        );
+        let r = receipt(with_group(7), "carol", ReceiptKind::Delivered, 10);
+        assert_eq!(
+            render_receipt(&mut c, "alice", &r).as_deref(),
+            Some("✓✓ #7 by carol (#10)")
+        );
+    }
+
+    #[test]
+    fn events_render() {
+        let ev = |kind| pb::Event {
+            seq: 1,
+            kind: Some(kind),
+        };
+        assert_eq!(
+            render_event("bob", &ev(Kind::Message(msg(1, "alice", "", 7)))),
+            "[12:01:05] #7 alice: hi"
+        );
+        assert_eq!(
+            render_event("bob", &ev(Kind::Message(msg(1, "alice", "bob", 0)))),
+            "[12:01:05] alice: hi"
+        );
+        let g = |kind: GroupEventKind, users: &[&str]| pb::GroupEvent {
+            group_id: 7,
+            kind: kind as i32,
+            actor: "alice".into(),
+            users: strings(users),
+            name: "team".into(),
+            version: 2,
+            timestamp_ms: 0,
+        };
+        let cases = [
+            (
+                g(GroupEventKind::Created, &["alice", "bob"]),
+                "* alice created \"team\" (#7) with bob",
+            ),
+            (
+                g(GroupEventKind::MembersAdded, &["bob"]),
+                "* alice added bob to \"team\" (#7)",
+            ),
+            (
+                g(GroupEventKind::MembersRemoved, &["bob", "carol"]),
+                "* alice removed bob, carol from \"team\" (#7)",
+            ),
+            (
+                g(GroupEventKind::MemberLeft, &["alice"]),
+                "* alice left \"team\" (#7)",
+            ),
+            (
+                g(GroupEventKind::Renamed, &[]),
+                "* alice renamed #7 to \"team\"",
+            ),
+        ];
+        for (event, want) in cases {
+            assert_eq!(render_event("bob", &ev(Kind::GroupEvent(event))), want);
+        }
+    }
+
+    #[test]
+    fn typing_is_shown_once_and_lapses() {
+        let mut t = Typists::default();
+        let now = Instant::now();
+        let notice = |state: TypingState| pb::TypingNotice {
+            conversation: Some(with_user("bob")),
+            user: "bob".into(),
+            state: state as i32,
+            expires_in_ms: 1000,
+        };
+        assert_eq!(
+            t.on_notice(&notice(TypingState::Started), now).as_deref(),
+            Some("bob is typing…")
+        );
+        assert_eq!(t.on_notice(&notice(TypingState::Started), now), None);
+        assert_eq!(
+            t.on_notice(&notice(TypingState::Stopped), now).as_deref(),
+            Some("bob stopped typing")
+        );
+        assert_eq!(t.on_notice(&notice(TypingState::Stopped), now), None);
+        let mut group = notice(TypingState::Started);
+        group.conversation = Some(with_group(7));
+        assert_eq!(
+            t.on_notice(&group, now).as_deref(),
+            Some("bob is typing in #7…")
+        );
+        assert!(t.expire(now + Duration::from_millis(900)).is_empty());
+        assert_eq!(
+            t.expire(now + Duration::from_secs(2)),
+            vec!["bob stopped typing in #7".to_owned()]
+        );
+        assert!(t.active.is_empty());
+    }
+
+    #[test]
+    fn presence_renders() {
+        let p = |online, last_seen_ms| pb::Presence {
+            user: "bob".into(),
+            online,
+            last_seen_ms,
+        };
+        assert_eq!(render_presence(&p(true, 0)), "bob is online");
+        assert_eq!(render_presence(&p(false, 0)), "bob is offline");
+        let today = now_ms() / 86_400_000 * 86_400_000 + 60_000;
+        assert_eq!(render_presence(&p(false, today)), "bob was last seen 00:01");
     }
 }
