@@ -13,7 +13,7 @@ pub enum Scenario {
     Idle,
     /// N users sending 1:1 messages to random peers (closed or open loop).
     Chat,
-    /// G groups of S members (not available until the server has groups).
+    /// G groups of S members; members post to their group.
     Group,
     /// N clients log in, then all drop and reconnect at once.
     Storm,
@@ -75,9 +75,10 @@ pub struct Args {
     #[arg(long, default_value_t = 10_000)]
     pub messages: u64,
 
-    /// Sender connections that queue the offline messages (offline).
-    #[arg(long, default_value_t = 8)]
-    pub senders: u64,
+    /// offline: sender connections that queue the messages (default 8).
+    /// group: posters per group, its first K members (default 1).
+    #[arg(long)]
+    pub senders: Option<u64>,
 
     /// Seconds to hold (idle) or to send for (chat), after the warm-up.
     #[arg(long, default_value_t = 10.0)]
@@ -87,8 +88,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
 
-    /// Open loop: total messages per second over all users. Without it, chat
-    /// is closed loop (one message in flight per user; the next on its Ack).
+    /// Open loop: total messages per second over all users (group: over all
+    /// posters). Without it, chat and group are closed loop (chat: the next
+    /// message on the Ack; group: on the Ack and delivery to every member).
     #[arg(long)]
     pub rate: Option<f64>,
 
@@ -138,6 +140,14 @@ pub struct Args {
 }
 
 impl Args {
+    /// `--senders` with the scenario's default.
+    pub fn senders(&self) -> u64 {
+        self.senders.unwrap_or(match self.scenario {
+            Scenario::Group => 1,
+            _ => 8,
+        })
+    }
+
     /// The parameters echoed in the JSON summary.
     pub fn params_json(&self) -> serde_json::Value {
         serde_json::json!({
@@ -148,7 +158,7 @@ impl Args {
             "groups": self.groups,
             "members": self.members,
             "messages": self.messages,
-            "senders": self.senders,
+            "senders": self.senders(),
             "duration_s": self.duration,
             "warmup_s": self.warmup,
             "rate": self.rate,

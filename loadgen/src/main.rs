@@ -7,7 +7,7 @@
 //! - [`cli`]: the flags; [`addr`]: servers, source addresses, tokens, shares.
 //! - [`conn`]: the lean raw protocol connection every scenario but the
 //!   offline senders uses.
-//! - [`scenario`]: idle, chat, storm, offline (group until groups exist).
+//! - [`scenario`]: idle, chat, group, storm, offline.
 //! - [`run`]: the per-process context, barrier, progress and timeline.
 //! - [`parent`]: `--workers`: child processes and merging their results.
 //! - [`stats`], [`summary`]: counters, histograms, the JSON summary.
@@ -45,13 +45,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.scenario == Scenario::Group {
-        eprintln!(
-            "loadgen: the group scenario needs groups, which this swiftlet server does not \
-             implement yet (the protocol reserves fields 30-49 for them); nothing was run"
-        );
-        return ExitCode::from(2);
-    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -144,7 +137,7 @@ async fn run_scenario(mut ctx: Ctx) -> anyhow::Result<(WorkerResult, ServerMemor
         Scenario::Chat => scenario::chat::run(&mut ctx).await?,
         Scenario::Storm => scenario::storm::run(&mut ctx).await?,
         Scenario::Offline => scenario::offline::run(&mut ctx).await?,
-        Scenario::Group => anyhow::bail!("group scenario is not available"),
+        Scenario::Group => scenario::group::run(&mut ctx).await?,
     };
     let mem = match ctx.coord {
         Coord::Local { mem } => mem,

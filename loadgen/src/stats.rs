@@ -54,6 +54,8 @@ pub struct Stats {
     delivery_second: Mutex<Histogram<u64>>,
     ack: Mutex<Histogram<u64>>,
     login: Mutex<Histogram<u64>>,
+    /// group: send → delivery to the last online member, per post.
+    fanout: Mutex<Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -75,6 +77,7 @@ impl Default for Stats {
             delivery_second: Mutex::new(new_hist()),
             ack: Mutex::new(new_hist()),
             login: Mutex::new(new_hist()),
+            fanout: Mutex::new(new_hist()),
         }
     }
 }
@@ -138,6 +141,18 @@ impl Stats {
         }
     }
 
+    /// A post that reached its last member `us` microseconds after it was sent.
+    pub fn record_fanout(&self, us: u64) {
+        if self.measuring() {
+            record(&self.fanout, us);
+        }
+    }
+
+    /// Move the fan-out histogram out.
+    pub fn take_fanout(&self) -> Histogram<u64> {
+        take(&self.fanout)
+    }
+
     /// A connect + login that took `us` microseconds.
     pub fn record_login(&self, us: u64) {
         self.logins.fetch_add(1, Relaxed);
@@ -154,6 +169,7 @@ impl Stats {
         take(&self.delivery);
         take(&self.delivery_second);
         take(&self.ack);
+        take(&self.fanout);
     }
 
     /// Move the totals out: (delivery, ack, login).

@@ -80,6 +80,10 @@ pub struct WorkerResult {
     pub sent: u64,
     pub acked: u64,
     pub delivered: u64,
+    /// group: deliveries owed (each acknowledged post × its online
+    /// receivers); `None`: one per acknowledged message.
+    #[serde(default)]
+    pub expected: Option<u64>,
     pub echoes: u64,
     pub duplicated: u64,
     pub reordered: u64,
@@ -90,6 +94,9 @@ pub struct WorkerResult {
     pub measured_s: f64,
     /// Deliveries counted within the measured phase.
     pub measured_delivered: u64,
+    /// group: posts acknowledged within the measured phase.
+    #[serde(default)]
+    pub measured_posts: u64,
     /// Seconds the (first) login phase took.
     pub login_phase_s: f64,
     /// storm: seconds from the drop until every client logged in again.
@@ -102,6 +109,9 @@ pub struct WorkerResult {
     pub ack_latency: Histogram<u64>,
     #[serde(with = "hist_b64")]
     pub login_latency: Histogram<u64>,
+    /// group: send → delivery to the post's last online member.
+    #[serde(with = "hist_b64", default = "new_hist")]
+    pub fanout: Histogram<u64>,
     pub timeline: Vec<Second>,
 }
 
@@ -115,6 +125,7 @@ impl Default for WorkerResult {
             sent: 0,
             acked: 0,
             delivered: 0,
+            expected: None,
             echoes: 0,
             duplicated: 0,
             reordered: 0,
@@ -122,12 +133,14 @@ impl Default for WorkerResult {
             errors: BTreeMap::new(),
             measured_s: 0.0,
             measured_delivered: 0,
+            measured_posts: 0,
             login_phase_s: 0.0,
             relogin_s: None,
             catchup_s: None,
             latency: new_hist(),
             ack_latency: new_hist(),
             login_latency: new_hist(),
+            fanout: new_hist(),
             timeline: Vec::new(),
         }
     }
@@ -153,6 +166,10 @@ impl WorkerResult {
         self.sent += o.sent;
         self.acked += o.acked;
         self.delivered += o.delivered;
+        self.expected = match (self.expected, o.expected) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
         self.echoes += o.echoes;
         self.duplicated += o.duplicated;
         self.reordered += o.reordered;
@@ -162,12 +179,14 @@ impl WorkerResult {
         }
         self.measured_s = self.measured_s.max(o.measured_s);
         self.measured_delivered += o.measured_delivered;
+        self.measured_posts += o.measured_posts;
         self.login_phase_s = self.login_phase_s.max(o.login_phase_s);
         self.relogin_s = max_opt(self.relogin_s, o.relogin_s);
         self.catchup_s = max_opt(self.catchup_s, o.catchup_s);
         merge_hist(&mut self.latency, &o.latency);
         merge_hist(&mut self.ack_latency, &o.ack_latency);
         merge_hist(&mut self.login_latency, &o.login_latency);
+        merge_hist(&mut self.fanout, &o.fanout);
         for (i, s) in o.timeline.iter().enumerate() {
             match self.timeline.get_mut(i) {
                 Some(mine) => {
@@ -181,9 +200,12 @@ impl WorkerResult {
         }
     }
 
-    /// Messages acknowledged but never delivered (after the drain).
+    /// Deliveries owed but never made (after the drain): one per
+    /// acknowledged message, or (group) one per online receiver of each.
     pub fn lost(&self) -> u64 {
-        self.acked.saturating_sub(self.delivered)
+        self.expected
+            .unwrap_or(self.acked)
+            .saturating_sub(self.delivered)
     }
 
     pub fn error_total(&self) -> u64 {
@@ -281,6 +303,10 @@ pub fn summary(scenario: &str, params: Value, r: &WorkerResult, mem: &ServerMemo
         "errors_total": r.error_total(),
         "measured_s": round3(r.measured_s),
         "msgs_per_s": rate(r.measured_delivered, r.measured_s),
+        "delivered_per_s": rate(r.measured_delivered, r.measured_s),
+        "posts_per_s": if r.expected.is_some() { rate(r.measured_posts, r.measured_s) } else { Value::Null },
+        "expected": r.expected,
+        "fanout_ms": percentiles_ms(&r.fanout),
         "latency_ms": percentiles_ms(&r.latency),
         "ack_latency_ms": percentiles_ms(&r.ack_latency),
         "login_latency_ms": percentiles_ms(&r.login_latency),

@@ -185,7 +185,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
 }
 
 /// Now plus a random fraction of `period`: the first tick of a periodic timer.
-fn jitter(period: Duration) -> Instant {
+pub(crate) fn jitter(period: Duration) -> Instant {
     let us = rand::thread_rng().gen_range(0..period.as_micros().max(1) as u64);
     Instant::now() + Duration::from_micros(us)
 }

@@ -2,6 +2,7 @@
 //! without `--workers`) and returns a [`WorkerResult`](crate::summary::WorkerResult).
 
 pub mod chat;
+pub mod group;
 pub mod idle;
 pub mod offline;
 pub mod storm;

@@ -31,7 +31,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let r_count = receivers.end - receivers.start;
     let msgs = share(ctx.args.messages, ctx.worker_index, ctx.worker_count);
     let m_count = msgs.end - msgs.start;
-    let senders = ctx.args.senders.clamp(1, m_count.max(1));
+    let senders = ctx.args.senders().clamp(1, m_count.max(1));
     let stats = ctx.stats.clone();
 
     // Phase 1: queue the messages.
