@@ -42,6 +42,7 @@ impl Bench {
             registry,
             groups,
             Vec::new(),
+            Arc::new(swiftlet::bridge::metrics::Metrics::default()),
             PipelineConfig {
                 node_id: 0,
                 queue: 64 * 1024,

@@ -33,6 +33,7 @@ use swiftlet_protocol::pb::{
 use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
 use crate::auth::valid_id;
+use crate::bridge::metrics::Metrics;
 use crate::groups::{Group, GroupDirectory};
 use crate::ids::{unix_ms, IdGen};
 use crate::registry::{ConnRef, Registry};
@@ -139,6 +140,7 @@ pub fn spawn(
     registry: Arc<Registry>,
     groups: Arc<GroupDirectory>,
     shards: Vec<ShardHandle>,
+    metrics: Arc<Metrics>,
     config: PipelineConfig,
 ) -> std::io::Result<(CommitHandle, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded(config.queue);
@@ -146,6 +148,7 @@ pub fn spawn(
         store,
         registry,
         groups,
+        metrics,
         outbox: Outbox::new(shards),
         ids: IdGen::new(config.node_id),
         max_group_members: config.max_group_members,
@@ -367,6 +370,7 @@ struct Pipeline {
     store: Arc<Store>,
     registry: Arc<Registry>,
     groups: Arc<GroupDirectory>,
+    metrics: Arc<Metrics>,
     outbox: Outbox,
     ids: IdGen,
     max_group_members: usize,
@@ -438,7 +442,12 @@ impl Pipeline {
         }
 
         let committed = w.writes == 0 || {
-            match self.store.commit(std::mem::take(&mut w.batch)) {
+            let started = std::time::Instant::now();
+            let result = self.store.commit(std::mem::take(&mut w.batch));
+            self.metrics
+                .commit_us
+                .observe(started.elapsed().as_micros() as u64);
+            match result {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(error = %e, "group commit failed");
@@ -447,6 +456,14 @@ impl Pipeline {
             }
         };
         if committed {
+            let acks = w
+                .answers
+                .iter()
+                .filter(|(_, e)| matches!(e.body, Some(Body::Ack(_))))
+                .count();
+            self.metrics
+                .acks
+                .fetch_add(acks as u64, std::sync::atomic::Ordering::Relaxed);
             for (to, env) in &w.answers {
                 self.outbox.reply(*to, env);
             }
@@ -609,6 +626,10 @@ impl Pipeline {
             timestamp_ms: now,
         };
         self.store.put_message(&mut w.batch, &msg)?;
+        self.metrics
+            .messages_in
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.fanout.observe(recipients.len() as u64);
         let event = encode_event(Kind::Message(msg));
         for (u, seq) in recipients.iter().zip(seqs) {
             self.append(w, u, seq, InboxEntry::Message(id), &event)?;

@@ -15,8 +15,13 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// TCP address of the protobuf protocol.
+    /// TCP address of the protocol.
     pub listen: SocketAddr,
+    /// HTTP address: WebSocket bridge, HTTP sync, web page, metrics.
+    pub http: SocketAddr,
+    /// Origins allowed to open a WebSocket besides the server's own page
+    /// (`*` allows any: only for development).
+    pub allowed_origins: Vec<String>,
     /// Directory of the RocksDB database (created if missing).
     pub data_dir: PathBuf,
     /// Event-loop shards; 0 means one per available core.
@@ -50,6 +55,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7480)),
+            allowed_origins: Vec::new(),
             data_dir: PathBuf::from("./data"),
             shards: 0,
             dev_auth: false,
@@ -92,6 +99,17 @@ pub struct ServeArgs {
     /// TCP address for the protocol [default: 127.0.0.1:7400].
     #[arg(long, env = "SWIFTLET_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// HTTP address: WebSocket, HTTP sync, web page, metrics [default: 127.0.0.1:7480].
+    #[arg(long, env = "SWIFTLET_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// An origin allowed to open a WebSocket besides the server's own page
+    /// (repeatable; env: comma-separated; `*` allows any).
+    #[arg(
+        long = "allow-origin",
+        env = "SWIFTLET_ALLOW_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
     /// Data directory [default: ./data].
     #[arg(long, env = "SWIFTLET_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -142,6 +160,7 @@ impl Config {
         }
         take!(
             listen,
+            http,
             data_dir,
             shards,
             idle_timeout_ms,
@@ -154,6 +173,9 @@ impl Config {
         );
         if args.jwt_secret.is_some() {
             c.jwt_secret = args.jwt_secret.clone();
+        }
+        if !args.allowed_origins.is_empty() {
+            c.allowed_origins = args.allowed_origins.clone();
         }
         c.dev_auth |= args.dev_auth;
         c.wal_sync |= args.wal_sync;

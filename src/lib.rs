@@ -13,6 +13,8 @@
 //! - [`shard`]: one core's event loop; [`shard::conn`] one connection's state,
 //!   [`shard::session`] what each client frame does, [`shard::timer`] the
 //!   timeout wheel, [`shard::mailbox`] how other threads hand a shard work.
+//! - [`bridge`]: WebSocket and HTTP (sync, long-poll, send, page, metrics)
+//!   served by the same shards.
 //! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
 //!   atomic writes, then Acks and pushes.
 //! - [`registry`]: which user is connected where (and who watches whose presence).
@@ -25,6 +27,7 @@
 
 pub mod alloc;
 pub mod auth;
+pub mod bridge;
 pub mod commit;
 pub mod config;
 pub mod groups;

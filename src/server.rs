@@ -17,6 +17,7 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
+use crate::bridge::metrics::Metrics;
 use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
 use crate::groups::GroupDirectory;
@@ -47,6 +48,8 @@ pub enum ServerError {
 /// A running node. Dropping it shuts it down.
 pub struct Server {
     addr: SocketAddr,
+    http_addr: SocketAddr,
+    metrics: Arc<Metrics>,
     shards: Vec<ShardHandle>,
     shard_threads: Vec<JoinHandle<()>>,
     commit: Option<CommitHandle>,
@@ -89,13 +92,20 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
 
     // Listeners first: the first one may pick the port (port 0 in tests),
     // and the rest join it.
-    let mut listeners = Vec::with_capacity(n);
-    let mut addr = config.listen;
-    for _ in 0..n {
-        let l = bind_reuseport(addr).map_err(|source| ServerError::Bind { addr, source })?;
-        addr = l.local_addr()?;
-        listeners.push(l);
-    }
+    let bind_all =
+        |mut addr: SocketAddr| -> Result<(Vec<mio::net::TcpListener>, SocketAddr), ServerError> {
+            let mut listeners = Vec::with_capacity(n);
+            for _ in 0..n {
+                let l =
+                    bind_reuseport(addr).map_err(|source| ServerError::Bind { addr, source })?;
+                addr = l.local_addr()?;
+                listeners.push(l);
+            }
+            Ok((listeners, addr))
+        };
+    let (listeners, addr) = bind_all(config.listen)?;
+    let (http_listeners, http_addr) = bind_all(config.http)?;
+    let metrics = Arc::new(Metrics::default());
 
     let mut polls = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
@@ -113,6 +123,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         registry.clone(),
         groups.clone(),
         handles.clone(),
+        metrics.clone(),
         PipelineConfig {
             node_id: config.node_id,
             queue: COMMIT_QUEUE,
@@ -127,10 +138,15 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         idle_timeout_ms: config.idle_timeout_ms,
         handshake_timeout_ms: config.handshake_timeout_ms,
         typing_ttl_ms: config.typing_ttl_ms,
+        allowed_origins: config.allowed_origins.clone(),
     };
     let mut shard_threads = Vec::with_capacity(n);
-    for (i, ((poll, listener), mailbox)) in
-        polls.into_iter().zip(listeners).zip(mailboxes).enumerate()
+    for (i, (((poll, listener), http_listener), mailbox)) in polls
+        .into_iter()
+        .zip(listeners)
+        .zip(http_listeners)
+        .zip(mailboxes)
+        .enumerate()
     {
         let ctx = ShardCtx {
             id: i as u16,
@@ -139,20 +155,23 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             watchers: watchers.clone(),
             groups: groups.clone(),
             shards: shard_handles.clone(),
+            metrics: metrics.clone(),
             commit: commit.clone(),
             auth: auth.clone(),
             limits: limits.clone(),
         };
-        let shard = Shard::new(poll, listener, mailbox, ctx)?;
+        let shard = Shard::new(poll, listener, http_listener, mailbox, ctx)?;
         shard_threads.push(
             std::thread::Builder::new()
                 .name(format!("swiftlet-shard-{i}"))
                 .spawn(move || shard.run())?,
         );
     }
-    tracing::info!(%addr, shards = n, data_dir = %config.data_dir.display(), "swiftlet serving");
+    tracing::info!(%addr, %http_addr, shards = n, data_dir = %config.data_dir.display(), "swiftlet serving");
     Ok(Server {
         addr,
+        http_addr,
+        metrics,
         shards: handles,
         shard_threads,
         commit: Some(commit),
@@ -166,6 +185,16 @@ impl Server {
     /// The address the protocol listens on (with the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The HTTP address (WebSocket, sync, page, metrics).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The node's store (for tools and tests that inspect what is durable).

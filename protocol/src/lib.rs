@@ -7,6 +7,10 @@
 //!   the server's mio event loops, and as a tokio-util `Decoder`/`Encoder`,
 //!   used by the async client and the bridge.
 //!
+//! Every message also has serde impls that follow proto3's JSON mapping
+//! (camelCase names, 64-bit integers as strings, bytes as base64), used by
+//! the HTTP sync and send endpoints.
+//!
 //! `README.md` beside this crate is the specification a third party writes a
 //! client from.
 
@@ -17,6 +21,8 @@ pub mod token;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/swiftlet.v1.rs"));
+    // serde impls following proto3's JSON mapping (for the HTTP endpoints).
+    include!(concat!(env!("OUT_DIR"), "/swiftlet.v1.serde.rs"));
 }
 
 pub use codec::{FrameCodec, FrameError, DEFAULT_MAX_FRAME};

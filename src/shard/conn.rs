@@ -12,11 +12,27 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use mio::net::TcpStream;
+use prost::Message as _;
+use swiftlet_protocol::codec::{decode_head, encode_frame};
+use swiftlet_protocol::Envelope;
+
+use crate::bridge::ws;
 
 /// Typing frames a connection may send in a burst; one more is allowed per
 /// [`TYPING_REFILL_TICKS`].
 pub const TYPING_BURST: u8 = 10;
 pub const TYPING_REFILL_TICKS: u32 = 2;
+
+/// How frames travel on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The protocol's own framing: varint length, Envelope.
+    Tcp,
+    /// An HTTP request on the HTTP listener (before any WebSocket upgrade).
+    Http,
+    /// After `GET /ws`: one Envelope per binary WebSocket message.
+    WebSocket,
+}
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +52,7 @@ pub struct Conn {
     /// one in the same slot.
     pub gen: u32,
     pub phase: Phase,
+    pub transport: Transport,
     /// Set by a push that could not be sent in order (a gap, or too much
     /// output waiting): the shard refills from the store instead.
     pub lagging: bool,
@@ -47,6 +64,8 @@ pub struct Conn {
     pub last_rx: u32,
     /// Tick of the last time output made progress (or was empty).
     pub last_tx: u32,
+    /// HTTP: when a parked long-poll or a pending send gives up.
+    pub wait_until: u32,
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
     /// The next inbox seq this connection should be sent.
@@ -75,11 +94,13 @@ struct Buffers {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, gen: u32, now: u32) -> Self {
+    pub fn new(stream: TcpStream, gen: u32, now: u32, transport: Transport) -> Self {
         Conn {
             stream,
             gen,
             phase: Phase::Handshake,
+            transport,
+            wait_until: 0,
             lagging: false,
             dirty: false,
             since: now,
@@ -109,6 +130,43 @@ impl Conn {
         }
         self.typing_tokens -= 1;
         true
+    }
+
+    /// Queue one frame in the protocol's framing (varint length, Envelope),
+    /// re-framed for the connection's transport.
+    pub fn send_frame(&mut self, frame: &[u8]) {
+        match self.transport {
+            Transport::Tcp => self.out().extend_from_slice(frame),
+            Transport::WebSocket => {
+                // Frames built in this process always have a valid head.
+                if let Ok(Some((_, head))) = decode_head(frame, usize::MAX) {
+                    ws::write_frame(self.out(), ws::OP_BINARY, &frame[head..]);
+                }
+            }
+            // Plain HTTP answers are built by the bridge, never from frames.
+            Transport::Http => {}
+        }
+    }
+
+    /// Queue one envelope, framed for the connection's transport.
+    pub fn send_env(&mut self, env: &Envelope) {
+        match self.transport {
+            Transport::Tcp => encode_frame(env, self.out()),
+            Transport::WebSocket => {
+                let out = self.out();
+                ws::write_header(out, ws::OP_BINARY, env.encoded_len());
+                env.encode_raw(out);
+            }
+            Transport::Http => {}
+        }
+    }
+
+    /// A closing connection's write side is shut once its last bytes are
+    /// out (a FIN after the answer, never instead of it).
+    pub fn shutdown_when_flushed(&mut self) {
+        if self.phase == Phase::Closing && self.out_len() == 0 {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Pending output, created on first use.

@@ -25,9 +25,9 @@ pub mod conn;
 pub mod mailbox;
 pub mod session;
 pub mod timer;
+mod web;
 
 use std::io::{self, Read};
-use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,24 +35,28 @@ use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use swiftlet_protocol::codec::{decode_frame, encode_frame, FrameError};
+use swiftlet_protocol::codec::{decode_frame, FrameError};
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
+use crate::bridge::metrics::Metrics;
 use crate::commit::{CommitCmd, CommitHandle};
 use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::store::Store;
-use conn::{Conn, Phase};
+use conn::{Conn, Phase, Transport};
 use mailbox::{ShardHandle, ShardMsg};
 use session::{Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
 
 pub const LISTENER: Token = Token(usize::MAX);
 pub const WAKER: Token = Token(usize::MAX - 1);
+pub const HTTP_LISTENER: Token = Token(usize::MAX - 2);
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// How long a closing connection may take to read its last frame.
 const CLOSE_GRACE_TICKS: u32 = 20;
+/// Ticks without any work before a shard returns free memory to the OS.
+const QUIET_TICKS: u32 = 10;
 /// Events read from the store per catch-up page.
 const CATCHUP_PAGE: usize = 256;
 
@@ -64,6 +68,8 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     pub handshake_timeout_ms: u64,
     pub typing_ttl_ms: u64,
+    /// Origins allowed to open a WebSocket besides the server's own page.
+    pub allowed_origins: Vec<String>,
 }
 
 /// What a shard shares with the rest of the server.
@@ -79,6 +85,29 @@ pub struct ShardCtx {
     pub limits: Limits,
     /// Every shard's mailbox, this one's included (ephemeral pushes).
     pub shards: Arc<[ShardHandle]>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a connection's input ends it: the code the client is told, and the
+/// WebSocket close code when it speaks WebSocket.
+pub struct Fatal {
+    pub code: ErrorCode,
+    pub why: String,
+    pub ws_close: Option<u16>,
+}
+
+impl From<FrameError> for Fatal {
+    fn from(e: FrameError) -> Self {
+        let code = match e {
+            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            _ => ErrorCode::MalformedFrame,
+        };
+        Fatal {
+            code,
+            why: e.to_string(),
+            ws_close: None,
+        }
+    }
 }
 
 /// `ms` in timer ticks, rounded up.
@@ -89,6 +118,7 @@ pub fn ticks(ms: u64) -> u32 {
 pub struct Shard {
     poll: Poll,
     listener: Option<TcpListener>,
+    http_listener: Option<TcpListener>,
     mailbox: Receiver<ShardMsg>,
     conns: Slab<Conn>,
     next_gen: u32,
@@ -110,20 +140,26 @@ pub struct Shard {
     exit_at: Option<u32>,
     /// Work was done since free memory was last returned to the OS.
     busy: bool,
+    /// Tick of the last turn with work.
+    last_busy: u32,
 }
 
 impl Shard {
     pub fn new(
         poll: Poll,
         mut listener: TcpListener,
+        mut http_listener: TcpListener,
         mailbox: Receiver<ShardMsg>,
         ctx: ShardCtx,
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut http_listener, HTTP_LISTENER, Interest::READABLE)?;
         Ok(Shard {
             poll,
             listener: Some(listener),
+            http_listener: Some(http_listener),
             mailbox,
             conns: Slab::new(),
             next_gen: 0,
@@ -141,6 +177,7 @@ impl Shard {
             draining: false,
             exit_at: None,
             busy: false,
+            last_busy: 0,
         })
     }
 
@@ -163,19 +200,21 @@ impl Shard {
                 break;
             }
             self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
-            if events.is_empty() && self.mailbox.is_empty() && self.catchup.is_empty() {
-                if self.busy {
-                    // Quiet for a whole tick after work: give back what
-                    // the burst freed (see crate::alloc).
-                    crate::alloc::release_free_memory();
-                    self.busy = false;
-                }
-            } else {
+            if !events.is_empty() || !self.mailbox.is_empty() || !self.catchup.is_empty() {
+                self.last_busy = self.now;
                 self.busy = true;
+            } else if self.busy && self.now >= self.last_busy + QUIET_TICKS {
+                // Quiet for a while after work: give back what the burst
+                // freed (see crate::alloc). Not sooner: the walk over the
+                // heap costs a few milliseconds with many connections, which
+                // a shard that is merely between messages must not pay.
+                crate::alloc::release_free_memory();
+                self.busy = false;
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(Transport::Tcp),
+                    HTTP_LISTENER => self.accept(Transport::Http),
                     WAKER => {}
                     Token(slot) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
@@ -205,9 +244,12 @@ impl Shard {
         tracing::debug!(shard = self.ctx.id, "shard stopped");
     }
 
-    fn accept(&mut self) {
-        self.accept_pending = false;
-        let Some(listener) = &self.listener else {
+    fn accept(&mut self, transport: Transport) {
+        let listener = match transport {
+            Transport::Http => &self.http_listener,
+            _ => &self.listener,
+        };
+        let Some(listener) = listener else {
             return;
         };
         loop {
@@ -228,7 +270,7 @@ impl Shard {
                     }
                     self.next_gen = self.next_gen.wrapping_add(1);
                     let gen = self.next_gen;
-                    entry.insert(Conn::new(stream, gen, self.now));
+                    entry.insert(Conn::new(stream, gen, self.now, transport));
                     self.wheel.schedule(
                         u64::from(self.now + ticks(self.ctx.limits.handshake_timeout_ms)),
                         slot as u32,
@@ -277,12 +319,16 @@ impl Shard {
                         continue;
                     }
                     conn.last_rx = self.now;
-                    if let Err(e) = self.ingest(slot, n) {
-                        let code = match e {
-                            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                            _ => ErrorCode::MalformedFrame,
-                        };
-                        self.close_with(slot, code, &e.to_string());
+                    let ingested = match conn.transport {
+                        Transport::Tcp => self.ingest(slot, n).map_err(Fatal::from),
+                        Transport::WebSocket => self.ingest_ws(slot, n),
+                        Transport::Http => {
+                            self.ingest_http(slot, n);
+                            return;
+                        }
+                    };
+                    if let Err(f) = ingested {
+                        self.close_with_ws(slot, f.code, &f.why, f.ws_close);
                         return;
                     }
                     if !self.process_frames(slot) {
@@ -385,7 +431,11 @@ impl Shard {
                 ShardMsg::Deliver { replies, pushes } => {
                     for (to, frame) in replies {
                         if let Some(conn) = self.live_conn(to.slot, to.gen) {
-                            conn.out().extend_from_slice(&frame);
+                            if conn.transport == Transport::Http {
+                                self.http_reply(to.slot as usize, &frame);
+                                continue;
+                            }
+                            conn.send_frame(&frame);
                             self.mark_dirty(to.slot as usize);
                         }
                     }
@@ -397,9 +447,16 @@ impl Shard {
                         if p.seq < conn.next_seq {
                             continue;
                         }
-                        if p.seq == conn.next_seq && !conn.lagging && conn.out_len() < high {
-                            conn.out().extend_from_slice(&p.frame);
+                        if conn.transport == Transport::Http {
+                            // A parked long-poll: answer with what arrived.
+                            self.http_wake(p.slot as usize);
+                        } else if p.seq == conn.next_seq && !conn.lagging && conn.out_len() < high {
+                            conn.send_frame(&p.frame);
                             conn.next_seq += 1;
+                            self.ctx
+                                .metrics
+                                .messages_out
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             self.mark_dirty(p.slot as usize);
                         } else if !conn.lagging {
                             conn.lagging = true;
@@ -414,14 +471,20 @@ impl Shard {
                             continue;
                         };
                         // Ephemeral: a connection that is behind skips it.
-                        if !conn.lagging && conn.out_len() < high {
-                            conn.out().extend_from_slice(&frame);
+                        if !conn.lagging
+                            && conn.out_len() < high
+                            && conn.transport != Transport::Http
+                        {
+                            conn.send_frame(&frame);
                             self.mark_dirty(slot as usize);
                         }
                     }
                 }
                 ShardMsg::StopAccepting(done) => {
-                    if let Some(mut l) = self.listener.take() {
+                    for mut l in [self.listener.take(), self.http_listener.take()]
+                        .into_iter()
+                        .flatten()
+                    {
                         let _ = self.poll.registry().deregister(&mut l);
                     }
                     self.draining = true;
@@ -471,7 +534,11 @@ impl Shard {
                             conn.next_seq = event.seq + 1;
                             let env =
                                 Envelope::new(0, Body::Deliver(pb::Deliver { event: Some(event) }));
-                            encode_frame(&env, conn.out());
+                            conn.send_env(&env);
+                            self.ctx
+                                .metrics
+                                .messages_out
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         if !page.has_more {
                             conn.lagging = false;
@@ -561,6 +628,7 @@ impl Shard {
             conn.dirty = false;
             match conn.flush(self.now) {
                 Ok(_) => {
+                    conn.shutdown_when_flushed();
                     if conn.lagging && conn.out_len() < low && conn.phase == Phase::Live {
                         self.catchup.push(slot);
                     }
@@ -573,7 +641,9 @@ impl Shard {
 
     fn fire_timers(&mut self) {
         if self.accept_pending {
-            self.accept();
+            self.accept_pending = false;
+            self.accept(Transport::Tcp);
+            self.accept(Transport::Http);
         }
         self.expire_typing();
         let mut due = std::mem::take(&mut self.due);
@@ -584,6 +654,14 @@ impl Shard {
             let Some(conn) = self.conns.get(slot as usize).filter(|c| c.gen == gen) else {
                 continue;
             };
+            if conn.transport == Transport::Http && conn.phase == Phase::Live {
+                if conn.wait_until > self.now {
+                    self.wheel.schedule(u64::from(conn.wait_until), slot, gen);
+                } else {
+                    self.http_timeout(slot as usize);
+                }
+                continue;
+            }
             let (deadline, code) = match conn.phase {
                 Phase::Handshake => (conn.since + handshake, Some(ErrorCode::HandshakeTimeout)),
                 Phase::Closing => (conn.since + CLOSE_GRACE_TICKS, None),
@@ -670,6 +748,14 @@ impl Shard {
             );
         }
         let Some(user) = conn.user.take() else { return };
+        let gauge = match conn.transport {
+            Transport::Tcp => Some(&self.ctx.metrics.tcp_connections),
+            Transport::WebSocket => Some(&self.ctx.metrics.ws_connections),
+            Transport::Http => None,
+        };
+        if let Some(g) = gauge {
+            g.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.ctx.registry.remove(&user, me) {
             let at_ms = crate::ids::unix_ms();
             let hidden = self
@@ -689,6 +775,12 @@ impl Shard {
     /// side shut, and the socket kept (reads discarded) until the peer closes
     /// or a short grace period ends, so the frame is not lost to a reset.
     fn close_with(&mut self, slot: usize, code: ErrorCode, why: &str) {
+        self.close_with_ws(slot, code, why, None);
+    }
+
+    /// [`Self::close_with`], naming the WebSocket close code for a
+    /// WebSocket (else one is derived from `code`).
+    fn close_with_ws(&mut self, slot: usize, code: ErrorCode, why: &str, ws_close: Option<u16>) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -707,9 +799,19 @@ impl Shard {
         // Output not yet sent is abandoned: everything durable is resent from
         // the store on the next login.
         conn.discard_buffers();
-        encode_frame(&Envelope::error(0, code, why, true), conn.out());
+        let error = Envelope::error(0, code, why, true);
+        match conn.transport {
+            Transport::Tcp => conn.send_env(&error),
+            Transport::WebSocket => {
+                conn.send_env(&error);
+                let close = ws_close.unwrap_or_else(|| web::close_code(code));
+                crate::bridge::ws::write_close(conn.out(), close, why);
+            }
+            // An HTTP request ends with the answer it was given.
+            Transport::Http => {}
+        }
         let flushed = conn.flush(self.now);
-        let _ = conn.stream.shutdown(Shutdown::Write);
+        conn.shutdown_when_flushed();
         let gen = conn.gen;
         if flushed.is_err() {
             self.drop_conn(slot);

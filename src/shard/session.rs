@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use swiftlet_protocol::codec::{encode_frame, frame_bytes};
+use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
-use super::conn::{Conn, Phase};
+use super::conn::{Conn, Phase, Transport};
 use super::mailbox::ShardMsg;
 use super::ShardCtx;
 use crate::auth::valid_id;
@@ -68,7 +68,7 @@ pub struct ShardSessions {
 
 /// Append `env` to the connection's output.
 pub fn queue(conn: &mut Conn, env: &Envelope) {
-    encode_frame(env, conn.out());
+    conn.send_env(env);
 }
 
 fn request_error(conn: &mut Conn, request_id: u64, code: ErrorCode, message: &str) -> Flow {
@@ -209,6 +209,11 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     conn.device = Some(Arc::from(hello.device_id));
     conn.phase = Phase::Live;
     conn.since = now;
+    let gauge = match conn.transport {
+        Transport::WebSocket => &ctx.metrics.ws_connections,
+        _ => &ctx.metrics.tcp_connections,
+    };
+    gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     conn.acked = cursor;
     conn.next_seq = cursor + 1;
     // The backlog (possibly empty) is sent by the shard's catch-up.
@@ -217,7 +222,7 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
 }
 
 /// A Send's problem, if it has one the pipeline need not see.
-fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'static str)> {
+pub fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'static str)> {
     if !valid_id(&send.client_msg_id) {
         return Some((
             ErrorCode::InvalidRequest,
@@ -249,7 +254,7 @@ fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'static st
 }
 
 /// Hand a durable request to the commit pipeline; it answers after the write.
-fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> Flow {
+pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> Flow {
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Close(ErrorCode::Internal, "session without a user".into());
     };

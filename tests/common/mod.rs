@@ -38,6 +38,7 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
+            http: "127.0.0.1:0".parse().expect("addr"),
             data_dir: dir.path().to_owned(),
             shards: 2,
             jwt_secret: Some(SECRET.into()),
@@ -56,15 +57,20 @@ impl TestServer {
         self.server.as_ref().expect("running").local_addr()
     }
 
+    pub fn http_addr(&self) -> SocketAddr {
+        self.server.as_ref().expect("running").http_addr()
+    }
+
     pub fn server(&self) -> &Server {
         self.server.as_ref().expect("running")
     }
 
     /// Graceful shutdown, then start again on the same data directory and port.
     pub fn restart(&mut self) {
-        let addr = self.addr();
+        let (addr, http) = (self.addr(), self.http_addr());
         self.stop();
         self.config.listen = addr;
+        self.config.http = http;
         self.server = Some(swiftlet::start(self.config.clone()).expect("server restarts"));
     }
 
@@ -221,4 +227,27 @@ impl Raw {
             }
         }
     }
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body). The
+/// server closes after every answer, so the body runs to EOF.
+pub async fn http(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect http");
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write request");
+    s.write_all(body).await.expect("write body");
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
+        .await
+        .expect("answer within patience")
+        .expect("read answer");
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(raw.len(), |p| p + 4);
+    (status, raw[split..].to_vec())
 }

@@ -1,0 +1,412 @@
+//! The shard's side of the browser bridge: WebSocket input, and HTTP
+//! requests answered on the connection (see `crate::bridge` for why they
+//! live on the shards). A WebSocket connection, once upgraded, runs the same
+//! session code as TCP; only the framing differs (`Conn::send_frame`).
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use swiftlet_protocol::{Body, Envelope, ErrorCode};
+
+use super::conn::{Phase, Transport};
+use super::session;
+use super::{ticks, Fatal, Shard};
+use crate::bridge::{http, web as assets, ws};
+use crate::commit::{CommitCmd, Op, Origin, SubmitError};
+use crate::registry::ConnRef;
+
+/// Longest long-poll wait, in seconds.
+const MAX_WAIT_S: u64 = 60;
+
+/// The WebSocket close code for a fatal protocol error.
+pub fn close_code(code: ErrorCode) -> u16 {
+    match code {
+        ErrorCode::FrameTooLarge => ws::CLOSE_TOO_BIG,
+        ErrorCode::MalformedFrame => ws::CLOSE_INVALID_PAYLOAD,
+        ErrorCode::ShuttingDown | ErrorCode::IdleTimeout => ws::CLOSE_GOING_AWAY,
+        ErrorCode::Internal => ws::CLOSE_INTERNAL,
+        _ => ws::CLOSE_POLICY,
+    }
+}
+
+impl Shard {
+    /// Decode WebSocket frames in `scratch[..n]` (after any partial frame)
+    /// into `self.frames`; answer pings and closes.
+    pub(super) fn ingest_ws(&mut self, slot: usize, n: usize) -> Result<(), Fatal> {
+        let max = self.ctx.limits.max_frame;
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Ok(());
+        };
+        conn.extend_partial(&self.scratch[..n]);
+        let mut pos = 0;
+        let mut result = Ok(());
+        loop {
+            let frame = match ws::decode(&conn.partial()[pos..], max) {
+                Ok(Some((frame, used))) => {
+                    pos += used;
+                    frame
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let (code, close) = match e {
+                        ws::WsError::TooLarge(_) => (ErrorCode::FrameTooLarge, ws::CLOSE_TOO_BIG),
+                        _ => (ErrorCode::MalformedFrame, ws::CLOSE_PROTOCOL),
+                    };
+                    result = Err(Fatal {
+                        code,
+                        why: e.to_string(),
+                        ws_close: Some(close),
+                    });
+                    break;
+                }
+            };
+            match frame.opcode {
+                ws::OP_BINARY => match Envelope::decode(frame.payload.as_slice()) {
+                    Ok(env) => self.frames.push(env),
+                    Err(e) => {
+                        result = Err(Fatal {
+                            code: ErrorCode::MalformedFrame,
+                            why: format!("malformed envelope: {e}"),
+                            ws_close: Some(ws::CLOSE_INVALID_PAYLOAD),
+                        });
+                        break;
+                    }
+                },
+                ws::OP_TEXT => {
+                    result = Err(Fatal {
+                        code: ErrorCode::MalformedFrame,
+                        why:
+                            "text frames are not accepted: send each Envelope as one binary message"
+                                .into(),
+                        ws_close: Some(ws::CLOSE_UNSUPPORTED),
+                    });
+                    break;
+                }
+                ws::OP_PING => ws::write_frame(conn.out(), ws::OP_PONG, &frame.payload),
+                ws::OP_CLOSE => {
+                    result = Err(Fatal {
+                        code: ErrorCode::Unspecified,
+                        why: "closed by the client".into(),
+                        ws_close: Some(ws::CLOSE_NORMAL),
+                    });
+                    break;
+                }
+                _ => {}
+            }
+        }
+        conn.consume_partial(pos);
+        if conn.out_len() > 0 {
+            self.mark_dirty(slot);
+        }
+        result
+    }
+
+    /// Buffer an HTTP request until it is complete, then answer it.
+    pub(super) fn ingest_http(&mut self, slot: usize, n: usize) {
+        let max_body = self.ctx.limits.max_frame;
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if conn.phase != Phase::Handshake {
+            // One request per connection; anything after it is ignored.
+            return;
+        }
+        conn.extend_partial(&self.scratch[..n]);
+        match http::parse(conn.partial(), max_body) {
+            Ok(None) => {}
+            Ok(Some((req, used))) => {
+                let rest = conn
+                    .partial()
+                    .get(used..)
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                conn.consume_partial(usize::MAX);
+                self.ctx
+                    .metrics
+                    .http_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.handle_http(slot, req, rest);
+            }
+            Err(e) => {
+                let code = match e {
+                    http::HttpError::BodyTooLarge | http::HttpError::HeadTooLarge => {
+                        ErrorCode::BodyTooLarge
+                    }
+                    http::HttpError::Malformed(_) => ErrorCode::InvalidRequest,
+                };
+                self.http_finish(slot, http::error(code, &e.to_string()));
+            }
+        }
+    }
+
+    fn handle_http(&mut self, slot: usize, req: http::Request, rest: Vec<u8>) {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/ws") => self.upgrade(slot, &req, rest),
+            ("GET", "/healthz") => {
+                self.http_finish(slot, http::response(200, "text/plain", b"ok\n"))
+            }
+            ("GET", "/metrics") => {
+                let text = self.ctx.metrics.render();
+                self.http_finish(
+                    slot,
+                    http::response(200, "text/plain; version=0.0.4", text.as_bytes()),
+                );
+            }
+            ("GET", "/v1/sync") => self.http_sync(slot, &req),
+            ("POST", "/v1/messages") => self.http_send(slot, &req),
+            ("GET", path) => match assets::asset(path) {
+                Some((content_type, body)) => {
+                    self.http_finish(slot, http::response(200, content_type, body))
+                }
+                None => self.http_finish(slot, http::error(ErrorCode::NotFound, "no such page")),
+            },
+            (_, "/v1/messages" | "/v1/sync" | "/ws" | "/healthz" | "/metrics") => self.http_finish(
+                slot,
+                http::response(405, "text/plain", b"method not allowed\n"),
+            ),
+            _ => self.http_finish(slot, http::error(ErrorCode::NotFound, "no such page")),
+        }
+    }
+
+    fn upgrade(&mut self, slot: usize, req: &http::Request, rest: Vec<u8>) {
+        let key = match (&req.websocket_key, req.upgrade_websocket) {
+            (Some(k), true) => k.clone(),
+            _ => {
+                return self.http_finish(
+                    slot,
+                    http::error(ErrorCode::InvalidRequest, "expected a WebSocket upgrade"),
+                )
+            }
+        };
+        if !http::origin_allowed(req, &self.ctx.limits.allowed_origins) {
+            return self.http_finish(
+                slot,
+                http::error(ErrorCode::Forbidden, "origin not allowed"),
+            );
+        }
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.out().extend_from_slice(&http::upgrade(&key));
+        conn.transport = Transport::WebSocket;
+        // The handshake timer keeps running: Hello is still due.
+        self.mark_dirty(slot);
+        if !rest.is_empty() {
+            // Frames the client sent right behind its request.
+            let n = rest.len().min(self.scratch.len());
+            self.scratch[..n].copy_from_slice(&rest[..n]);
+            match self.ingest_ws(slot, n) {
+                Ok(()) => {
+                    self.process_frames(slot);
+                }
+                Err(f) => self.close_with_ws(slot, f.code, &f.why, f.ws_close),
+            }
+        }
+    }
+
+    /// The user a request's bearer token names, or the error answer.
+    fn http_user(&self, req: &http::Request) -> Result<String, Vec<u8>> {
+        let Some(token) = http::bearer(req) else {
+            return Err(http::error(
+                ErrorCode::AuthFailed,
+                "Authorization: Bearer <token> is required",
+            ));
+        };
+        self.ctx
+            .auth
+            .authenticate(token)
+            .map_err(|e| http::error(e.code, &e.reason))
+    }
+
+    fn http_sync(&mut self, slot: usize, req: &http::Request) {
+        let user = match self.http_user(req) {
+            Ok(u) => u,
+            Err(answer) => return self.http_finish(slot, answer),
+        };
+        let num = |name| http::query_param(&req.query, name).map(str::parse::<u64>);
+        let (after, limit, wait) = match (num("after"), num("limit"), num("wait")) {
+            (Some(Err(_)), _, _) | (_, Some(Err(_)), _) | (_, _, Some(Err(_))) => {
+                return self.http_finish(
+                    slot,
+                    http::error(
+                        ErrorCode::InvalidRequest,
+                        "after, limit and wait are numbers",
+                    ),
+                )
+            }
+            (a, l, w) => (
+                a.and_then(Result::ok).unwrap_or(0),
+                l.and_then(Result::ok).unwrap_or(0).min(u64::from(u32::MAX)) as u32,
+                w.and_then(Result::ok).unwrap_or(0).min(MAX_WAIT_S),
+            ),
+        };
+        let me = self.conn_ref(slot);
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        // Registered before the read, like a device at login: an event
+        // committed from here on wakes the poll, one before is in the page.
+        let user = if wait > 0 {
+            let (user, _) = self.ctx.registry.add(&user, me);
+            conn.user = Some(user.clone());
+            user
+        } else {
+            Arc::from(user)
+        };
+        let page = match session::sync_page(&self.ctx, &user, after, limit) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "sync read failed");
+                return self.http_finish(
+                    slot,
+                    http::error(ErrorCode::StoreUnavailable, "storage error"),
+                );
+            }
+        };
+        if !page.events.is_empty() || wait == 0 {
+            return self.http_finish(slot, http::json(200, &page));
+        }
+        // Park until a push for this user or the wait ends.
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.phase = Phase::Live;
+        conn.next_seq = after + 1;
+        // A parked poll acknowledges nothing: `acked` holds its page limit.
+        conn.acked = u64::from(limit);
+        conn.wait_until = self.now + ticks(wait * 1000);
+        let (at, gen) = (conn.wait_until, conn.gen);
+        self.wheel.schedule(u64::from(at), slot as u32, gen);
+    }
+
+    /// A parked long-poll's user got an event: answer with the page.
+    pub(super) fn http_wake(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get(slot) else {
+            return;
+        };
+        let (Some(user), after, limit) = (conn.user.clone(), conn.next_seq - 1, conn.acked as u32)
+        else {
+            return;
+        };
+        let answer = match session::sync_page(&self.ctx, &user, after, limit) {
+            Ok(page) => http::json(200, &page),
+            Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),
+        };
+        self.http_finish(slot, answer);
+    }
+
+    /// A long-poll's wait ended (empty page), or a send got no answer.
+    pub(super) fn http_timeout(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get(slot) else {
+            return;
+        };
+        if conn.user.is_some() {
+            self.http_wake(slot);
+        } else {
+            self.http_finish(
+                slot,
+                http::error(
+                    ErrorCode::StoreUnavailable,
+                    "no answer from storage in time",
+                ),
+            );
+        }
+    }
+
+    fn http_send(&mut self, slot: usize, req: &http::Request) {
+        let user = match self.http_user(req) {
+            Ok(u) => u,
+            Err(answer) => return self.http_finish(slot, answer),
+        };
+        let send = match http::parse_send(&req.body) {
+            Ok(s) => s,
+            Err(e) => {
+                return self.http_finish(
+                    slot,
+                    http::error(ErrorCode::InvalidRequest, &format!("bad JSON: {e}")),
+                )
+            }
+        };
+        if let Some((code, why)) = session::check_send(&send, &self.ctx) {
+            return self.http_finish(slot, http::error(code, why));
+        }
+        let origin = Origin {
+            reply: self.conn_ref(slot),
+            request_id: 1,
+            user: Arc::from(user),
+            device: Arc::from("http"),
+        };
+        if let Err(e) = self
+            .ctx
+            .commit
+            .submit(CommitCmd::Request(origin, Op::Send(send)))
+        {
+            let code = match e {
+                SubmitError::Busy => ErrorCode::RateLimited,
+                SubmitError::Closed => ErrorCode::StoreUnavailable,
+            };
+            return self.http_finish(slot, http::error(code, &e.to_string()));
+        }
+        let idle = ticks(self.ctx.limits.idle_timeout_ms);
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        // Live so the pipeline's answer reaches it; not in the registry, so
+        // nothing is pushed to it.
+        conn.phase = Phase::Live;
+        conn.wait_until = self.now + idle;
+        let (at, gen) = (conn.wait_until, conn.gen);
+        self.wheel.schedule(u64::from(at), slot as u32, gen);
+    }
+
+    /// The pipeline's answer to `POST /v1/messages`, as HTTP.
+    pub(super) fn http_reply(&mut self, slot: usize, frame: &[u8]) {
+        let env = swiftlet_protocol::codec::decode_frame(frame, usize::MAX)
+            .ok()
+            .flatten()
+            .map(|(e, _)| e);
+        let answer = match env.and_then(|e| e.body) {
+            Some(Body::Ack(ack)) => http::json(200, &ack),
+            Some(Body::Error(e)) => http::error(
+                ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal),
+                &e.message,
+            ),
+            _ => http::error(ErrorCode::Internal, "unexpected answer"),
+        };
+        self.http_finish(slot, answer);
+    }
+
+    /// Write `answer` and close the connection.
+    pub(super) fn http_finish(&mut self, slot: usize, answer: Vec<u8>) {
+        self.logout(slot);
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.discard_buffers();
+        conn.out().extend_from_slice(&answer);
+        conn.phase = Phase::Closing;
+        conn.since = self.now;
+        let flushed = conn.flush(self.now);
+        let gen = conn.gen;
+        conn.shutdown_when_flushed();
+        match flushed {
+            Err(_) => self.drop_conn(slot),
+            Ok(_) => {
+                self.mark_dirty(slot);
+                self.wheel.schedule(
+                    u64::from(self.now + super::CLOSE_GRACE_TICKS),
+                    slot as u32,
+                    gen,
+                );
+            }
+        }
+    }
+
+    fn conn_ref(&self, slot: usize) -> ConnRef {
+        ConnRef {
+            shard: self.ctx.id,
+            slot: slot as u32,
+            gen: self.conns.get(slot).map_or(0, |c| c.gen),
+        }
+    }
+}
