@@ -19,9 +19,12 @@ build: setup
 run: build
 	$(BIN)/swiftlet serve $(ARGS)
 
-## Every test of the workspace: unit, codec, integration (real server, real RocksDB, kill -9).
+## Every test: unit, codec, integration (real server, real RocksDB, kill -9),
+## then the web page in headless Chromium (installs chromium and playwright-core if missing).
 test: setup
 	cargo nextest run --release --workspace --no-fail-fast
+	cargo build --release --workspace
+	tools/scripts/browser-test.sh
 
 bench: setup
 	cargo bench --bench codec --bench store

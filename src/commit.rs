@@ -745,6 +745,10 @@ impl Pipeline {
         let users = Self::valid_users(users)?;
         if add {
             let new: Vec<Arc<str>> = users.into_iter().filter(|u| !g.is_member(u)).collect();
+            if new.is_empty() {
+                // Nothing changes: no new version, no event.
+                return Ok(Some(Body::GroupInfo(g.info(true))));
+            }
             if g.len() + new.len() > self.max_group_members {
                 return refuse(
                     ErrorCode::LimitExceeded,
@@ -760,6 +764,9 @@ impl Pipeline {
             self.save_group(w, changed, &notify, event)
         } else {
             let gone: Vec<Arc<str>> = users.into_iter().filter(|u| g.is_member(u)).collect();
+            if gone.is_empty() {
+                return Ok(Some(Body::GroupInfo(g.info(true))));
+            }
             // Everyone before the change hears of it, the removed included.
             let notify: Vec<Arc<str>> = g.members().cloned().collect();
             let changed = g.with_removed(&gone);

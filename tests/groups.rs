@@ -110,6 +110,9 @@ async fn only_members_post_and_a_removed_member_gets_nothing_after() {
         code_of(bob.add_members(gid, &["mallory"]).await),
         ErrorCode::Forbidden
     );
+    // Adding a current member changes nothing: same version, no event.
+    let same = alice.add_members(gid, &["bob"]).await.expect("no-op add");
+    assert_eq!((same.version, same.members.len()), (1, 3));
 
     let after = alice.remove_members(gid, &["carol"]).await.expect("remove");
     assert_eq!(after.members.len(), 2);
