@@ -13,25 +13,39 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn ws_connect(srv: &TestServer, origin: Option<&str>) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+async fn ws_connect(
+    srv: &TestServer,
+    origin: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let mut req = format!("ws://{}/ws", srv.http_addr()).into_client_request()?;
     if let Some(o) = origin {
-        req.headers_mut().insert("Origin", o.parse().expect("header"));
+        req.headers_mut()
+            .insert("Origin", o.parse().expect("header"));
     }
-    tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
 }
 
 async fn ws_send(ws: &mut Ws, env: Envelope) {
-    ws.send(WsMessage::Binary(env.encode_to_vec())).await.expect("ws send");
+    ws.send(WsMessage::Binary(env.encode_to_vec()))
+        .await
+        .expect("ws send");
 }
 
 /// The next envelope; None once the server closed.
 async fn ws_recv(ws: &mut Ws) -> Option<Envelope> {
     loop {
-        match tokio::time::timeout(PATIENCE, ws.next()).await.expect("ws answer within patience") {
-            Some(Ok(WsMessage::Binary(b))) => return Some(Envelope::decode(b.as_slice()).expect("valid envelope")),
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("ws answer within patience")
+        {
+            Some(Ok(WsMessage::Binary(b))) => {
+                return Some(Envelope::decode(b.as_slice()).expect("valid envelope"))
+            }
             Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => return None,
             Some(Ok(_)) => continue,
         }
@@ -64,13 +78,18 @@ async fn a_websocket_and_a_tcp_client_chat() {
     assert_eq!(ws_login(&mut bob, "bob").await.user_id, "bob");
     let (alice, mut arx) = srv.connect("alice", "phone").await;
 
-    let ack = alice.send("bob", "text/plain", "hi browser").await.expect("ack");
+    let ack = alice
+        .send("bob", "text/plain", "hi browser")
+        .await
+        .expect("ack");
     match ws_recv(&mut bob).await.and_then(|e| e.body) {
         Some(Body::Deliver(d)) => {
             let ev = d.event.expect("event");
             assert_eq!(ev.seq, 1);
             match ev.kind {
-                Some(pb::event::Kind::Message(m)) => assert_eq!((m.id, &m.body[..]), (ack.server_msg_id, &b"hi browser"[..])),
+                Some(pb::event::Kind::Message(m)) => {
+                    assert_eq!((m.id, &m.body[..]), (ack.server_msg_id, &b"hi browser"[..]))
+                }
                 other => panic!("{other:?}"),
             }
         }
@@ -103,7 +122,10 @@ async fn a_websocket_and_a_tcp_client_chat() {
     let (status, body) = http(srv.http_addr(), "GET", "/metrics", &[], b"").await;
     assert_eq!(status, 200);
     let text = String::from_utf8_lossy(&body);
-    assert!(text.contains("swiftlet_connections{transport=\"websocket\"} 1"), "{text}");
+    assert!(
+        text.contains("swiftlet_connections{transport=\"websocket\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("swiftlet_connections{transport=\"tcp\"} 1"));
 }
 
@@ -112,10 +134,20 @@ async fn http_sync_returns_what_was_missed_as_proto3_json() {
     let srv = TestServer::start();
     let (alice, _arx) = srv.connect("alice", "phone").await;
     for i in 0..3 {
-        alice.send("bob", "text/plain", format!("m{i}")).await.expect("ack");
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
     }
     let auth = format!("Bearer {}", token("bob"));
-    let (status, body) = http(srv.http_addr(), "GET", "/v1/sync?after=1&limit=10", &[("Authorization", &auth)], b"").await;
+    let (status, body) = http(
+        srv.http_addr(),
+        "GET",
+        "/v1/sync?after=1&limit=10",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
     assert_eq!(status, 200);
     let page: Value = serde_json::from_slice(&body).expect("json");
     let events = page["events"].as_array().expect("events");
@@ -134,7 +166,16 @@ async fn long_poll_returns_when_something_arrives_or_when_the_wait_ends() {
     let addr = srv.http_addr();
     let poll = {
         let auth = auth.clone();
-        tokio::spawn(async move { http(addr, "GET", "/v1/sync?after=0&wait=30", &[("Authorization", &auth)], b"").await })
+        tokio::spawn(async move {
+            http(
+                addr,
+                "GET",
+                "/v1/sync?after=0&wait=30",
+                &[("Authorization", &auth)],
+                b"",
+            )
+            .await
+        })
     };
     // The poll is parked once bob shows as online.
     let (carol, _crx) = srv.connect("carol", "phone").await;
@@ -142,17 +183,31 @@ async fn long_poll_returns_when_something_arrives_or_when_the_wait_ends() {
         tokio::task::yield_now().await;
     }
     let (alice, _arx) = srv.connect("alice", "phone").await;
-    alice.send("bob", "text/plain", "wake up").await.expect("ack");
+    alice
+        .send("bob", "text/plain", "wake up")
+        .await
+        .expect("ack");
     let (status, body) = poll.await.expect("poll task");
     assert_eq!(status, 200);
     let page: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(page["events"][0]["message"]["body"], "d2FrZSB1cA==");
 
     // Nothing new: the answer comes when the wait ends, empty.
-    let (status, body) = http(addr, "GET", "/v1/sync?after=1&wait=1", &[("Authorization", &auth)], b"").await;
+    let (status, body) = http(
+        addr,
+        "GET",
+        "/v1/sync?after=1&wait=1",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
     assert_eq!(status, 200);
     let page: Value = serde_json::from_slice(&body).expect("json");
-    assert!(page.get("events").is_none_or(|e| e.as_array().is_some_and(Vec::is_empty)), "{page}");
+    assert!(
+        page.get("events")
+            .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty)),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,10 +215,27 @@ async fn http_send_is_idempotent_like_the_socket() {
     let srv = TestServer::start();
     let auth = format!("Bearer {}", token("alice"));
     let body = br#"{"clientMsgId":"h1","toUser":"bob","contentType":"text/plain","body":"aGk="}"#;
-    let (s1, a1) = http(srv.http_addr(), "POST", "/v1/messages", &[("Authorization", &auth)], body).await;
-    let (s2, a2) = http(srv.http_addr(), "POST", "/v1/messages", &[("Authorization", &auth)], body).await;
+    let (s1, a1) = http(
+        srv.http_addr(),
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        body,
+    )
+    .await;
+    let (s2, a2) = http(
+        srv.http_addr(),
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        body,
+    )
+    .await;
     assert_eq!((s1, s2), (200, 200));
-    let (a1, a2): (Value, Value) = (serde_json::from_slice(&a1).expect("json"), serde_json::from_slice(&a2).expect("json"));
+    let (a1, a2): (Value, Value) = (
+        serde_json::from_slice(&a1).expect("json"),
+        serde_json::from_slice(&a2).expect("json"),
+    );
     assert_eq!(a1["serverMsgId"], a2["serverMsgId"]);
     assert_eq!(srv.server().store().count_messages().expect("count"), 1);
     let (bob, _brx) = srv.connect("bob", "phone").await;
@@ -174,17 +246,35 @@ async fn http_send_is_idempotent_like_the_socket() {
 async fn bad_input_over_http_gets_typed_errors() {
     let srv = TestServer::start();
     let addr = srv.http_addr();
-    let code = |body: &[u8]| serde_json::from_slice::<Value>(body).expect("json error")["code"].as_i64();
+    let code =
+        |body: &[u8]| serde_json::from_slice::<Value>(body).expect("json error")["code"].as_i64();
     let (s, b) = http(addr, "GET", "/v1/sync", &[], b"").await;
     assert_eq!((s, code(&b)), (401, Some(ErrorCode::AuthFailed as i64)));
-    let forged = format!("Bearer {}", swiftlet_protocol::token::mint(b"wrong", "bob", 60));
+    let forged = format!(
+        "Bearer {}",
+        swiftlet_protocol::token::mint(b"wrong", "bob", 60)
+    );
     let (s, b) = http(addr, "GET", "/v1/sync", &[("Authorization", &forged)], b"").await;
     assert_eq!((s, code(&b)), (401, Some(ErrorCode::AuthFailed as i64)));
     let auth = format!("Bearer {}", token("alice"));
-    let (s, b) = http(addr, "POST", "/v1/messages", &[("Authorization", &auth)], b"{not json").await;
+    let (s, b) = http(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        b"{not json",
+    )
+    .await;
     assert_eq!((s, code(&b)), (400, Some(ErrorCode::InvalidRequest as i64)));
     let huge = vec![b'x'; srv.config.max_frame + 1];
-    let (s, b) = http(addr, "POST", "/v1/messages", &[("Authorization", &auth)], &huge).await;
+    let (s, b) = http(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        &huge,
+    )
+    .await;
     assert_eq!((s, code(&b)), (413, Some(ErrorCode::BodyTooLarge as i64)));
     let (s, _) = http(addr, "GET", "/nope", &[], b"").await;
     assert_eq!(s, 404);
@@ -210,9 +300,14 @@ async fn bad_input_over_websocket_gets_typed_errors_and_close_codes() {
     async fn expect_close(ws: &mut Ws, code: ErrorCode, close: CloseCode) {
         let mut saw_error = false;
         loop {
-            match tokio::time::timeout(PATIENCE, ws.next()).await.expect("answer") {
+            match tokio::time::timeout(PATIENCE, ws.next())
+                .await
+                .expect("answer")
+            {
                 Some(Ok(WsMessage::Binary(b))) => {
-                    if let Some(Body::Error(e)) = Envelope::decode(b.as_slice()).expect("envelope").body {
+                    if let Some(Body::Error(e)) =
+                        Envelope::decode(b.as_slice()).expect("envelope").body
+                    {
                         assert_eq!((e.code, e.fatal), (code as i32, true));
                         saw_error = true;
                     }
@@ -227,16 +322,22 @@ async fn bad_input_over_websocket_gets_typed_errors_and_close_codes() {
         }
     }
     let mut ws = ws_connect(&srv, None).await.expect("upgrade");
-    ws.send(WsMessage::Text("hello?".into())).await.expect("send text");
+    ws.send(WsMessage::Text("hello?".into()))
+        .await
+        .expect("send text");
     expect_close(&mut ws, ErrorCode::MalformedFrame, CloseCode::Unsupported).await;
 
     let mut ws = ws_connect(&srv, None).await.expect("upgrade");
     ws_login(&mut ws, "dave").await;
-    ws.send(WsMessage::Binary(vec![0u8; srv.config.max_frame + 1])).await.expect("send big");
+    ws.send(WsMessage::Binary(vec![0u8; srv.config.max_frame + 1]))
+        .await
+        .expect("send big");
     expect_close(&mut ws, ErrorCode::FrameTooLarge, CloseCode::Size).await;
 
     let mut ws = ws_connect(&srv, None).await.expect("upgrade");
-    ws.send(WsMessage::Binary(vec![0x0f, 0xff, 0xff])).await.expect("send junk");
+    ws.send(WsMessage::Binary(vec![0x0f, 0xff, 0xff]))
+        .await
+        .expect("send junk");
     expect_close(&mut ws, ErrorCode::MalformedFrame, CloseCode::Invalid).await;
 
     let mut ws = ws_connect(&srv, None).await.expect("upgrade");

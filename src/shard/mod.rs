@@ -758,13 +758,7 @@ impl Shard {
         }
         if self.ctx.registry.remove(&user, me) {
             let at_ms = crate::ids::unix_ms();
-            let hidden = self
-                .ctx
-                .store
-                .presence(&user)
-                .map(|(_, hide)| hide)
-                .unwrap_or(true);
-            session::notify_presence(&self.ctx, &user, false, if hidden { 0 } else { at_ms });
+            session::notify_offline(&self.ctx, &user, at_ms);
             if let Err(e) = self.ctx.commit.submit(CommitCmd::LastSeen { user, at_ms }) {
                 tracing::debug!(error = %e, "last seen not recorded");
             }

@@ -173,6 +173,13 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
         Ok(u) => u,
         Err(e) => return Flow::Close(e.code, e.reason),
     };
+    // Registered before the inbox head is read: a message committed after
+    // that read is pushed to this connection (its push is looked up after
+    // its commit), and one committed before is at or below the head, which
+    // the catch-up from the cursor covers. So a device with nothing pending
+    // (cursor == head) needs no store read beyond these two.
+    let me = me(conn, slot, ctx);
+    let (user, first) = ctx.registry.add(&user, me);
     let (cursor, head) = match (
         ctx.store.cursor(&user, &hello.device_id),
         ctx.store.last_seq(&user),
@@ -180,12 +187,10 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
         (Ok(c), Ok(h)) => (c, h),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "reading a cursor at login failed");
+            ctx.registry.remove(&user, me);
             return Flow::Close(ErrorCode::Internal, "storage error".into());
         }
     };
-    // Registered before the backlog is read: a message committed from here on
-    // is pushed to this connection, and one committed before is in the read.
-    let (user, first) = ctx.registry.add(&user, me(conn, slot, ctx));
     queue(
         conn,
         &Envelope::new(
@@ -216,8 +221,8 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     conn.acked = cursor;
     conn.next_seq = cursor + 1;
-    // The backlog (possibly empty) is sent by the shard's catch-up.
-    conn.lagging = true;
+    // The backlog is sent by the shard's catch-up.
+    conn.lagging = cursor < head;
     Flow::Continue
 }
 
@@ -605,6 +610,23 @@ pub fn notify_presence(ctx: &ShardCtx, user: &str, online: bool, last_seen_ms: u
         }),
     ));
     push_ephemeral(ctx, &conns, frame);
+}
+
+/// Tell the watchers of `user` that they went offline at `at_ms` (or with
+/// no time, if they hide it). The privacy flag is read only when someone
+/// is watching, so a reconnect storm of unwatched users costs no reads.
+pub fn notify_offline(ctx: &ShardCtx, user: &str, at_ms: u64) {
+    let mut conns = Vec::new();
+    ctx.watchers.lookup(user, &mut conns);
+    if conns.is_empty() {
+        return;
+    }
+    let hidden = ctx
+        .store
+        .presence(user)
+        .map(|(_, hide)| hide)
+        .unwrap_or(true);
+    notify_presence(ctx, user, false, if hidden { 0 } else { at_ms });
 }
 
 /// The presence of `user` as others may see it.

@@ -231,10 +231,19 @@ impl Raw {
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body). The
 /// server closes after every answer, so the body runs to EOF.
-pub async fn http(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect http");
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -248,6 +257,9 @@ pub async fn http(addr: SocketAddr, method: &str, target: &str, headers: &[(&str
         .expect("read answer");
     let text = String::from_utf8_lossy(&raw);
     let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(raw.len(), |p| p + 4);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(raw.len(), |p| p + 4);
     (status, raw[split..].to_vec())
 }

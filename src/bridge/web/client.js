@@ -286,6 +286,8 @@ export class SwiftletClient extends EventTarget {
     this.welcome = w;
     this.user = w.userId;
     this.acked = u64(w.cursor);
+    this.setState('online');
+    this.startHeartbeat();
     return w;
   }
 
@@ -337,8 +339,6 @@ export class SwiftletClient extends EventTarget {
         await this.connect(this.url);
         const first = this.welcome === null;
         await this.hello();
-        this.setState('online');
-        this.startHeartbeat();
         clearTimeout(this.stableTimer);
         this.stableTimer = setTimeout(() => { this.attempt = 0; }, STABLE_AFTER_MS);
         this.emit('welcome', { welcome: this.welcome, first });
