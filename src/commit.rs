@@ -900,7 +900,7 @@ impl Pipeline {
         )?;
         self.append_inline(
             w,
-            &[o.user.clone()],
+            std::slice::from_ref(&o.user),
             receipt(own_conv, &o.user, ReceiptKind::Read, req.up_to),
         )?;
         self.set_watermarks(w, &conv, &o.user, (delivered.max(req.up_to), req.up_to))?;
