@@ -2,7 +2,7 @@
 //
 // Runs against a live server (tools/scripts/browser-test.sh starts one with
 // --dev-auth on free ports and runs this file):
-//   SWIFTLET_HTTP       the HTTP listener, e.g. http://127.0.0.1:7480
+//   SWIFTLET_PAGE_URL       the HTTP listener, e.g. http://127.0.0.1:7480
 //   SWIFTLET_TCP        the TCP listener, e.g. 127.0.0.1:7400 (for the CLI user)
 //   SWIFTLET_BIN_DIR    where swiftlet-cli is (default: the release target dir)
 //   SWIFTLET_ARTIFACTS  where screenshots go (default target/browser-artifacts)
@@ -26,7 +26,7 @@ import { fileURLToPath } from 'node:url';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '..', '..');
-const BASE = (process.env.SWIFTLET_HTTP || 'http://127.0.0.1:7480').replace(/\/$/, '');
+const BASE = (process.env.SWIFTLET_PAGE_URL || 'http://127.0.0.1:7480').replace(/\/$/, '');
 const TCP = process.env.SWIFTLET_TCP || '127.0.0.1:7400';
 const TARGET = process.env.CARGO_TARGET_DIR || path.join(os.homedir(), '.cache', 'swiftlet', 'target');
 const BIN_DIR = process.env.SWIFTLET_BIN_DIR || path.join(TARGET, 'release');

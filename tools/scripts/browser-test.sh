@@ -91,7 +91,7 @@ for _ in $(seq 150); do
 done
 [ "$ok" = 1 ] || { say "no /healthz answer within 15 s"; exit 1; }
 
-export SWIFTLET_HTTP="http://127.0.0.1:$HTTP_PORT"
+export SWIFTLET_PAGE_URL="http://127.0.0.1:$HTTP_PORT"
 export SWIFTLET_TCP="127.0.0.1:$TCP_PORT"
 export SWIFTLET_BIN_DIR="$TARGET/release"
 set +e
