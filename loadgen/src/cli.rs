@@ -103,6 +103,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
 
+    /// Runtime worker threads of each loadgen process (default: one per
+    /// core). 1 runs everything on one thread.
+    #[arg(long)]
+    pub threads: Option<usize>,
+
     /// Local source addresses, round-robin per connection: one address, a
     /// range `127.0.0.2-127.0.0.9`, or a comma-separated list of either.
     #[arg(long)]
@@ -164,6 +169,7 @@ impl Args {
             "rate": self.rate,
             "body_bytes": self.body_bytes,
             "workers": self.workers,
+            "threads": self.threads,
             "source": self.source,
             "concurrency": self.concurrency,
             "server_pid": self.server_pid,

@@ -368,6 +368,32 @@ mod tests {
     }
 
     #[test]
+    fn group_lost_counts_owed_deliveries_and_fanout_merges() {
+        let mut a = WorkerResult {
+            acked: 2,
+            delivered: 1_998,
+            expected: Some(1_998),
+            ..Default::default()
+        };
+        a.fanout.record(4_000).expect("in range");
+        let b = WorkerResult {
+            acked: 1,
+            delivered: 998,
+            expected: Some(999),
+            ..Default::default()
+        };
+        let wire = serde_json::to_string(&b).expect("serialize");
+        let b: WorkerResult = serde_json::from_str(&wire).expect("deserialize");
+        a.merge(&b);
+        assert_eq!(a.lost(), 1, "one member missed one post");
+        assert_eq!(a.fanout.len(), 1);
+        let s = summary("group", json!({}), &a, &ServerMemory::default());
+        let p50 = s["fanout_ms"]["p50"].as_f64().expect("a number");
+        assert!((p50 - 4.0).abs() < 0.01, "p50 {p50}");
+        assert_eq!(s["expected"], 2_997);
+    }
+
+    #[test]
     fn summary_has_the_documented_shape() {
         let mut r = result_with(&[1_000, 2_000, 3_000]);
         r.acked = 4;
