@@ -921,12 +921,19 @@ impl Pipeline {
             if c.newest <= delivered {
                 continue;
             }
-            let senders: Vec<Arc<str>> = c.senders.into_iter().map(Arc::from).collect();
-            self.append_inline(
-                w,
-                &senders,
-                receipt(c.seen_as, user, ReceiptKind::Delivered, c.newest),
-            )?;
+            // In a group, delivered is kept as the watermark only (the
+            // sender asks with GetReceipts): an event per member per post
+            // would make each post to M members cost M more inbox writes
+            // and M more pushes to the sender. Read stays an event (a
+            // user's action, far rarer than deliveries).
+            if !matches!(c.seen_as.kind, Some(conversation::Kind::GroupId(_))) {
+                let senders: Vec<Arc<str>> = c.senders.into_iter().map(Arc::from).collect();
+                self.append_inline(
+                    w,
+                    &senders,
+                    receipt(c.seen_as, user, ReceiptKind::Delivered, c.newest),
+                )?;
+            }
             self.set_watermarks(w, &c.key, user, (c.newest, read))?;
         }
         Ok(())
