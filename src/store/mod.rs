@@ -114,6 +114,13 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_compression_type(DBCompressionType::Lz4);
         db_opts.set_max_background_jobs(2);
+        // Flushes and compactions run at a lower CPU priority than the shards
+        // and the commit thread: on a small machine they otherwise compete
+        // for the same cores and show up as latency spikes on the Ack path.
+        let mut env = rocksdb::Env::new()?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        db_opts.set_env(&env);
         db_opts.set_keep_log_file_num(4);
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors)?;
         let mut write_opts = WriteOptions::default();

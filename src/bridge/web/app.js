@@ -570,7 +570,34 @@ function onAck({ clientMsgId, serverMsgId, timestampMs, entry }) {
   } else {
     upsertMessage({ id: serverMsgId, clientMsgId, from: S.me, fromDevice: S.deviceId, text: entry.text, ts: timestampMs, conv: key });
   }
+  if (c.kind === 'group') pollGroupReceipts(c, serverMsgId);
   scheduleRender();
+}
+
+// In groups the server keeps "delivered" as watermarks and does not push a
+// receipt per member (see protocol/README.md, Receipts): the sender asks
+// with GetReceipts. A few asks after a post, backing off, until every member
+// has it.
+function pollGroupReceipts(c, msgId, attempt = 0) {
+  const delays = [300, 1000, 3000, 8000, 20000];
+  if (attempt >= delays.length) return;
+  setTimeout(async () => {
+    if (!S.client || !S.client.online) return;
+    try {
+      const list = await S.client.getReceipts(c.groupId, msgId);
+      const id = u64(msgId);
+      for (const u of [...(list.delivered || []), ...(list.read || [])]) {
+        if ((c.delivered.get(u) || 0n) < id) c.delivered.set(u, id);
+      }
+      for (const u of list.read || []) {
+        if ((c.read.get(u) || 0n) < id) c.read.set(u, id);
+      }
+      scheduleRender();
+      if ((list.pending || []).length > 0) pollGroupReceipts(c, msgId, attempt + 1);
+    } catch (_) {
+      pollGroupReceipts(c, msgId, attempt + 1);
+    }
+  }, delays[attempt]);
 }
 
 function onSendFailed({ clientMsgId, error, entry }) {
