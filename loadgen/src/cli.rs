@@ -33,6 +33,17 @@ impl Scenario {
     }
 }
 
+/// How connections talk to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The TCP protocol: `varint(len) ‖ Envelope` on `--server`.
+    Tcp,
+    /// WebSocket on `--http-server` (`GET /ws`), one Envelope per binary
+    /// message. The offline scenario's senders still use TCP.
+    Ws,
+}
+
 /// loadgen: drive a swiftlet server with simulated clients and report a JSON
 /// summary on the last line of stdout. See loadgen/README.md.
 #[derive(Debug, Clone, Parser)]
@@ -45,6 +56,14 @@ pub struct Args {
     /// Server TCP address(es), comma-separated; connections go round-robin.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub server: String,
+
+    /// `tcp` (on --server) or `ws` (WebSocket on --http-server).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+
+    /// The server's HTTP listener(s), comma-separated, for --transport ws.
+    #[arg(long, default_value = "127.0.0.1:7480")]
+    pub http_server: String,
 
     /// Log in with bare user ids (server started with --dev-auth).
     #[arg(long, conflicts_with = "jwt_secret")]
@@ -157,6 +176,8 @@ impl Args {
     pub fn params_json(&self) -> serde_json::Value {
         serde_json::json!({
             "server": self.server,
+            "transport": self.transport,
+            "http_server": (self.transport == Transport::Ws).then_some(&self.http_server),
             "auth": if self.dev_auth { "dev" } else { "jwt" },
             "connections": self.connections,
             "users": self.users,

@@ -10,6 +10,16 @@
 //! memory; a chat user is one task that reads, sends and checks in one
 //! loop, so loadgen costs less CPU than the server it measures on a shared
 //! machine. The offline scenario's senders do use the client library.
+//!
+//! Two framings behind one interface (`queue`/`flush`/`recv`/`try_next`):
+//! TCP (`varint(len) ‖ Envelope`) and WebSocket (`--transport ws`: an HTTP
+//! upgrade written by hand over the same socket, then one Envelope per
+//! masked binary frame; see [`crate::ws`]).
+//!
+//! With a source address the socket gets `IP_BIND_ADDRESS_NO_PORT` before
+//! `bind`, so the kernel picks the port at `connect` by the whole 4-tuple:
+//! otherwise a bind to port 0 must find a port free on that address, and the
+//! TIME_WAIT sockets of a previous run (two per connection) count as used.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -21,6 +31,9 @@ use swiftlet_protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::cli::Transport;
+use crate::ws;
 
 /// Everything a raw connection can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +52,10 @@ pub enum ConnError {
     Timeout,
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("websocket: {0}")]
+    Ws(#[from] ws::WsError),
+    #[error("websocket closed by the server (code {0})")]
+    WsClosed(u16),
 }
 
 impl ConnError {
@@ -52,6 +69,8 @@ impl ConnError {
             ConnError::Eof => "eof".into(),
             ConnError::Timeout => "timeout".into(),
             ConnError::Protocol(_) => "protocol".into(),
+            ConnError::Ws(_) => "bad_ws_frame".into(),
+            ConnError::WsClosed(code) => format!("ws_close_{code}"),
         }
     }
 }
@@ -63,11 +82,17 @@ pub struct Target {
     pub source: Option<IpAddr>,
     pub token: String,
     pub device: String,
+    /// TCP framing, or WebSocket (then `server` is the HTTP listener).
+    pub transport: Transport,
 }
 
 /// One logged-in connection.
 pub struct Conn {
     stream: TcpStream,
+    /// WebSocket framing (`--transport ws`) instead of varint frames.
+    ws: bool,
+    /// A Pong is queued in `wbuf`: `recv` flushes it before reading.
+    pong_pending: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
     /// Bytes to reserve before each read (0: let the buffer grow by itself).
@@ -88,29 +113,21 @@ impl Conn {
     // (groups, receipts) that loadgen leaves unset.
     #[allow(clippy::needless_update)]
     async fn connect_inner(target: &Target) -> Result<Conn, ConnError> {
-        let socket = match target.server {
-            SocketAddr::V4(_) => TcpSocket::new_v4(),
-            SocketAddr::V6(_) => TcpSocket::new_v6(),
-        }
-        .map_err(ConnError::Connect)?;
-        if let Some(src) = target.source {
-            socket
-                .bind(SocketAddr::new(src, 0))
-                .map_err(ConnError::Connect)?;
-        }
-        let stream = socket
-            .connect(target.server)
-            .await
-            .map_err(ConnError::Connect)?;
+        let stream = open(target.server, target.source).await?;
         stream.set_nodelay(true)?;
         let mut conn = Conn {
             stream,
+            ws: target.transport == Transport::Ws,
+            pong_pending: false,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             read_chunk: 0,
             next_request: 1,
             welcome: pb::Welcome::default(),
         };
+        if conn.ws {
+            conn.upgrade(&target.server.to_string()).await?;
+        }
         conn.send(Body::Hello(pb::Hello {
             protocol_version: PROTOCOL_VERSION,
             token: target.token.clone(),
@@ -136,6 +153,28 @@ impl Conn {
         Ok(conn)
     }
 
+    /// The WebSocket upgrade: request, then read the response head (any
+    /// bytes after it stay in the read buffer) and require status 101.
+    /// Sec-WebSocket-Accept is not checked (that needs SHA-1; the server is
+    /// ours and the status line suffices for a load generator).
+    async fn upgrade(&mut self, host: &str) -> Result<(), ConnError> {
+        let req = ws::upgrade_request(host, rand::random());
+        self.stream.write_all(req.as_bytes()).await?;
+        loop {
+            if let Some(end) = ws::head_end(&self.rbuf) {
+                ws::check_upgrade(&self.rbuf[..end]).map_err(ConnError::Protocol)?;
+                self.rbuf.advance(end);
+                return Ok(());
+            }
+            if self.rbuf.len() > 16 * 1024 {
+                return Err(ConnError::Protocol("upgrade response head too long".into()));
+            }
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ConnError::Eof);
+            }
+        }
+    }
+
     /// Reserve `chunk` bytes before each read (busy connections); the
     /// default 0 keeps idle connections' buffers tiny.
     pub fn set_read_chunk(&mut self, chunk: usize) {
@@ -157,16 +196,26 @@ impl Conn {
     pub fn queue(&mut self, body: Body) -> u64 {
         let id = self.next_request;
         self.next_request += 1;
-        encode_frame(&Envelope::new(id, body), &mut self.wbuf);
+        let env = Envelope::new(id, body);
+        if self.ws {
+            ws::encode_envelope(&mut self.wbuf, &env, rand::random());
+        } else {
+            encode_frame(&env, &mut self.wbuf);
+        }
         id
     }
 
-    /// Write everything queued.
+    /// Write everything queued. Cancel-safe: the buffer is advanced by what
+    /// each write took, so a cancelled flush resumes where it stopped.
     pub async fn flush(&mut self) -> Result<(), ConnError> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
+        while !self.wbuf.is_empty() {
+            let n = self.stream.write(&self.wbuf).await?;
+            if n == 0 {
+                return Err(ConnError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.advance(n);
         }
+        self.pong_pending = false;
         Ok(())
     }
 
@@ -179,12 +228,53 @@ impl Conn {
 
     /// The next frame already in the read buffer, without reading the socket.
     pub fn try_next(&mut self) -> Result<Option<Envelope>, ConnError> {
+        if self.ws {
+            return self.try_next_ws();
+        }
         match decode_frame(&self.rbuf, DEFAULT_MAX_FRAME)? {
             Some((env, used)) => {
                 self.rbuf.advance(used);
                 Ok(Some(env))
             }
             None => Ok(None),
+        }
+    }
+
+    /// [`Conn::try_next`] for WebSocket: answers Pings (queued; written by
+    /// the next flush or `recv`), skips Pongs, ends on Close.
+    fn try_next_ws(&mut self) -> Result<Option<Envelope>, ConnError> {
+        loop {
+            let Some(f) = ws::decode(&self.rbuf, DEFAULT_MAX_FRAME)? else {
+                return Ok(None);
+            };
+            if f.mask.is_some() {
+                return Err(ConnError::Protocol("masked server frame".into()));
+            }
+            match f.opcode {
+                ws::OP_BINARY => {
+                    let env =
+                        prost::Message::decode(&self.rbuf[f.payload]).map_err(FrameError::from)?;
+                    self.rbuf.advance(f.used);
+                    return Ok(Some(env));
+                }
+                ws::OP_PING => {
+                    let payload = self.rbuf[f.payload].to_vec();
+                    ws::encode_masked(&mut self.wbuf, ws::OP_PONG, &payload, rand::random());
+                    self.pong_pending = true;
+                }
+                ws::OP_PONG => {}
+                ws::OP_CLOSE => {
+                    let p = &self.rbuf[f.payload];
+                    let code = if p.len() >= 2 {
+                        u16::from_be_bytes([p[0], p[1]])
+                    } else {
+                        1005
+                    };
+                    return Err(ConnError::WsClosed(code));
+                }
+                op => return Err(ConnError::Protocol(format!("unexpected ws opcode {op}"))),
+            }
+            self.rbuf.advance(f.used);
         }
     }
 
@@ -195,6 +285,9 @@ impl Conn {
             if let Some(env) = self.try_next()? {
                 return Ok(env);
             }
+            if self.pong_pending {
+                self.flush().await?;
+            }
             if self.read_chunk > 0 {
                 self.rbuf.reserve(self.read_chunk);
             }
@@ -203,6 +296,36 @@ impl Conn {
             }
         }
     }
+}
+
+/// Open a TCP connection to `server`, from `source` if given. With a source
+/// the socket is made with socket2, gets `IP_BIND_ADDRESS_NO_PORT` (through
+/// nix: socket2 and tokio have no setter, and the crate has no unsafe code),
+/// is bound to `source:0`, and is handed to tokio to connect.
+async fn open(server: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ConnError> {
+    let socket = match source {
+        None => match server {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(ConnError::Connect)?,
+        Some(src) => {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let s = Socket::new(
+                Domain::for_address(server),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+            .map_err(ConnError::Connect)?;
+            s.set_nonblocking(true).map_err(ConnError::Connect)?;
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+                .map_err(|e| ConnError::Connect(e.into()))?;
+            s.bind(&SocketAddr::new(src, 0).into())
+                .map_err(ConnError::Connect)?;
+            TcpSocket::from_std_stream(std::net::TcpStream::from(s))
+        }
+    };
+    socket.connect(server).await.map_err(ConnError::Connect)
 }
 
 /// A fatal server `Error` frame as a [`ConnError`], or `None` if not fatal.

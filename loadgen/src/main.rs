@@ -7,6 +7,7 @@
 //! - [`cli`]: the flags; [`addr`]: servers, source addresses, tokens, shares.
 //! - [`conn`]: the lean raw protocol connection every scenario but the
 //!   offline senders uses.
+//! - [`ws`]: hand-rolled WebSocket framing for `--transport ws`.
 //! - [`scenario`]: idle, chat, group, storm, offline.
 //! - [`run`]: the per-process context, barrier, progress and timeline.
 //! - [`parent`]: `--workers`: child processes and merging their results.
@@ -25,6 +26,7 @@ mod run;
 mod scenario;
 mod stats;
 mod summary;
+mod ws;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -103,6 +105,12 @@ async fn real_main(args: Args) -> anyhow::Result<ExitCode> {
 
 async fn build_ctx(args: &Args, prefix: String) -> anyhow::Result<Ctx> {
     let servers = addr::resolve_servers(&args.server).await?;
+    let conn_servers = match args.transport {
+        cli::Transport::Tcp => servers.clone(),
+        cli::Transport::Ws => addr::resolve_servers(&args.http_server)
+            .await
+            .context("--http-server")?,
+    };
     let sources = match &args.source {
         Some(s) => addr::parse_sources(s).context("--source")?,
         None => Vec::new(),
@@ -126,6 +134,7 @@ async fn build_ctx(args: &Args, prefix: String) -> anyhow::Result<Ctx> {
     Ok(Ctx {
         args: args.clone(),
         servers,
+        conn_servers,
         sources,
         auth,
         prefix,

@@ -37,7 +37,10 @@ pub enum Coord {
 /// The run context of one process.
 pub struct Ctx {
     pub args: Args,
+    /// `--server`: TCP addresses (the offline senders always use these).
     pub servers: Vec<SocketAddr>,
+    /// Where raw connections go: `--server`, or `--http-server` for ws.
+    pub conn_servers: Vec<SocketAddr>,
     pub sources: Vec<IpAddr>,
     pub auth: Auth,
     pub prefix: String,
@@ -53,10 +56,11 @@ impl Ctx {
     pub fn target(&self, k: u64, user: &str) -> Target {
         let pick = |len: usize| (k % len.max(1) as u64) as usize;
         Target {
-            server: self.servers[pick(self.servers.len())],
+            server: self.conn_servers[pick(self.conn_servers.len())],
             source: self.sources.get(pick(self.sources.len())).copied(),
             token: self.auth.token(user),
             device: "d1".to_owned(),
+            transport: self.args.transport,
         }
     }
 
