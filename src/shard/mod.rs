@@ -55,8 +55,8 @@ pub const HTTP_LISTENER: Token = Token(usize::MAX - 2);
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// How long a closing connection may take to read its last frame.
 const CLOSE_GRACE_TICKS: u32 = 20;
-/// Ticks without any work before a shard returns free memory to the OS.
-const QUIET_TICKS: u32 = 10;
+/// Least ticks between two returns of free memory to the OS.
+const COLLECT_TICKS: u32 = 10;
 /// Events read from the store per catch-up page.
 const CATCHUP_PAGE: usize = 256;
 
@@ -140,8 +140,8 @@ pub struct Shard {
     exit_at: Option<u32>,
     /// Work was done since free memory was last returned to the OS.
     busy: bool,
-    /// Tick of the last turn with work.
-    last_busy: u32,
+    /// Tick of the last return of free memory to the OS.
+    last_collect: u32,
 }
 
 impl Shard {
@@ -177,7 +177,7 @@ impl Shard {
             draining: false,
             exit_at: None,
             busy: false,
-            last_busy: 0,
+            last_collect: 0,
         })
     }
 
@@ -200,16 +200,18 @@ impl Shard {
                 break;
             }
             self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
-            if !events.is_empty() || !self.mailbox.is_empty() || !self.catchup.is_empty() {
-                self.last_busy = self.now;
+            let idle_poll = events.is_empty() && self.mailbox.is_empty() && self.catchup.is_empty();
+            if !idle_poll {
                 self.busy = true;
-            } else if self.busy && self.now >= self.last_busy + QUIET_TICKS {
-                // Quiet for a while after work: give back what the burst
-                // freed (see crate::alloc). Not sooner: the walk over the
-                // heap costs a few milliseconds with many connections, which
-                // a shard that is merely between messages must not pay.
+            } else if self.busy && self.now >= self.last_collect + COLLECT_TICKS {
+                // A poll that found nothing to do, after work, at most once a
+                // second: give back the allocator pages freed since (see
+                // crate::alloc). Only between events, never in the middle of
+                // a burst; rate-limited because the walk over a big heap
+                // costs a millisecond or more.
                 crate::alloc::release_free_memory();
                 self.busy = false;
+                self.last_collect = self.now;
             }
             for ev in events.iter() {
                 match ev.token() {
