@@ -247,8 +247,13 @@ impl Shard {
         // Registered before the read, like a device at login: an event
         // committed from here on wakes the poll, one before is in the page.
         let user = if wait > 0 {
-            let (user, _) = self.ctx.registry.add(&user, me);
+            let (user, first) = self.ctx.registry.add(&user, me);
             conn.user = Some(user.clone());
+            if first {
+                // A parked poll is a connected client: online, like a device
+                // (its end is an offline, with last seen, in `logout`).
+                session::notify_presence(&self.ctx, &user, true, 0);
+            }
             user
         } else {
             Arc::from(user)
