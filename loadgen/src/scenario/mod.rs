@@ -5,6 +5,7 @@ pub mod chat;
 pub mod group;
 pub mod idle;
 pub mod offline;
+pub mod session;
 pub mod storm;
 
 use std::time::Duration;
