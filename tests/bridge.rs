@@ -71,6 +71,14 @@ async fn ws_login(ws: &mut Ws, user: &str) -> pb::Welcome {
     }
 }
 
+/// `GET /v1/sync?<query>` as `user`: the status and the JSON page.
+async fn sync_as(addr: std::net::SocketAddr, user: &str, query: &str) -> (u16, Value) {
+    let auth = format!("Bearer {}", token(user));
+    let target = format!("/v1/sync?{query}");
+    let (status, body) = http(addr, "GET", &target, &[("Authorization", &auth)], b"").await;
+    (status, serde_json::from_slice(&body).expect("json"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_and_a_tcp_client_chat() {
     let srv = TestServer::start();
@@ -139,17 +147,8 @@ async fn http_sync_returns_what_was_missed_as_proto3_json() {
             .await
             .expect("ack");
     }
-    let auth = format!("Bearer {}", token("bob"));
-    let (status, body) = http(
-        srv.http_addr(),
-        "GET",
-        "/v1/sync?after=1&limit=10",
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let (status, page) = sync_as(srv.http_addr(), "bob", "after=1&limit=10").await;
     assert_eq!(status, 200);
-    let page: Value = serde_json::from_slice(&body).expect("json");
     let events = page["events"].as_array().expect("events");
     assert_eq!(events.len(), 2);
     // proto3 JSON: 64-bit integers as strings, bytes as base64, camelCase.
@@ -162,21 +161,8 @@ async fn http_sync_returns_what_was_missed_as_proto3_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_returns_when_something_arrives_or_when_the_wait_ends() {
     let srv = TestServer::start();
-    let auth = format!("Bearer {}", token("bob"));
     let addr = srv.http_addr();
-    let poll = {
-        let auth = auth.clone();
-        tokio::spawn(async move {
-            http(
-                addr,
-                "GET",
-                "/v1/sync?after=0&wait=30",
-                &[("Authorization", &auth)],
-                b"",
-            )
-            .await
-        })
-    };
+    let poll = tokio::spawn(async move { sync_as(addr, "bob", "after=0&wait=30").await });
     // The poll is parked once bob shows as online.
     let (carol, _crx) = srv.connect("carol", "phone").await;
     while !carol.subscribe_presence(&["bob"]).await.expect("presence")[0].online {
@@ -187,22 +173,13 @@ async fn long_poll_returns_when_something_arrives_or_when_the_wait_ends() {
         .send("bob", "text/plain", "wake up")
         .await
         .expect("ack");
-    let (status, body) = poll.await.expect("poll task");
+    let (status, page) = poll.await.expect("poll task");
     assert_eq!(status, 200);
-    let page: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(page["events"][0]["message"]["body"], "d2FrZSB1cA==");
 
     // Nothing new: the answer comes when the wait ends, empty.
-    let (status, body) = http(
-        addr,
-        "GET",
-        "/v1/sync?after=1&wait=1",
-        &[("Authorization", &auth)],
-        b"",
-    )
-    .await;
+    let (status, page) = sync_as(addr, "bob", "after=1&wait=1").await;
     assert_eq!(status, 200);
-    let page: Value = serde_json::from_slice(&body).expect("json");
     assert!(
         page.get("events")
             .is_none_or(|e| e.as_array().is_some_and(Vec::is_empty)),

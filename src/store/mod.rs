@@ -201,15 +201,6 @@ impl Store {
         Ok(())
     }
 
-    /// Write a device's cursor on its own, outside any batch: a session
-    /// calls this when the device acknowledges, so the next login of the
-    /// device sees it whatever else is queued.
-    pub fn write_cursor(&self, user: &str, device: &str, seq: u64) -> Result<(), StoreError> {
-        let mut batch = self.batch();
-        self.put_cursor(&mut batch, user, device, seq)?;
-        self.commit(batch)
-    }
-
     /// The Ack an earlier send with this `client_msg_id` got, if any.
     pub fn dedup(&self, user: &str, client_msg_id: &str) -> Result<Option<pb::Ack>, StoreError> {
         match self.db.get_pinned_cf(

@@ -390,6 +390,11 @@ impl Client {
             body: body.into(),
             group_id: 0,
         };
+        self.send_message(send).await
+    }
+
+    /// Send a prepared `Send` (1:1 or group) and await its Ack.
+    pub(crate) async fn send_message(&self, send: pb::Send) -> Result<pb::Ack, ClientError> {
         match self.request(Body::Send(send)).await? {
             Body::Ack(ack) => Ok(ack),
             other => Err(unexpected("Ack", &other)),

@@ -139,10 +139,7 @@ impl Client {
             body: body.into(),
             group_id,
         };
-        match self.request(Body::Send(send)).await? {
-            Body::Ack(ack) => Ok(ack),
-            other => Err(unexpected("Ack", &other)),
-        }
+        self.send_message(send).await
     }
 
     /// Mark a conversation read up to and including message id `up_to`.
