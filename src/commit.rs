@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prost::Message as _;
-use swiftlet_protocol::codec::{deliver_frame, frame_bytes};
+use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{
     self, conversation, event::Kind, GroupEventKind, GroupRole, ReceiptKind,
 };
@@ -38,6 +38,7 @@ use crate::groups::{Group, GroupDirectory};
 use crate::ids::{unix_ms, IdGen};
 use crate::registry::{ConnRef, Registry};
 use crate::shard::mailbox::{Push, ShardHandle};
+use crate::shard::unacked::Sent;
 use crate::store::keys::{self, InboxEntry};
 use crate::store::{Batch, Store, StoreError};
 
@@ -182,6 +183,8 @@ struct Pending {
     seq: u64,
     /// `Event { seq: 0, kind }` encoded, shared by every recipient.
     event: Bytes,
+    /// For a message: what its delivered receipts need.
+    sent: Option<Arc<Sent>>,
 }
 
 /// What one group of commands produces.
@@ -227,21 +230,21 @@ impl Outbox {
         }
     }
 
-    /// Queue a Deliver at `seq` to every online device of `user`.
-    fn push(&mut self, registry: &Registry, user: &str, seq: u64, event: &[u8]) {
+    /// Queue a Deliver of `p` to every online device of its user.
+    fn push(&mut self, registry: &Registry, p: &Pending) {
         self.conns.clear();
-        registry.lookup(user, &mut self.conns);
+        registry.lookup(&p.user, &mut self.conns);
         if self.conns.is_empty() {
             return;
         }
-        let frame = deliver_frame(seq, event);
         for c in &self.conns {
             if let Some(v) = self.pushes.get_mut(usize::from(c.shard)) {
                 v.push(Push {
                     slot: c.slot,
                     gen: c.gen,
-                    seq,
-                    frame: frame.clone(),
+                    seq: p.seq,
+                    event: p.event.clone(),
+                    sent: p.sent.clone(),
                 });
             }
         }
@@ -273,9 +276,9 @@ pub struct DeliveredConv {
 }
 
 /// Read `user`'s inbox in `(after, up_to]` (at most [`RECEIPT_SCAN`] events)
-/// and summarize the messages from others by conversation. Runs on the
-/// shard that received the acknowledgement, so the reading is spread over
-/// the shards instead of loading the single commit thread.
+/// and summarize the messages from others by conversation. The shards call
+/// it when they no longer hold what a connection was sent (see
+/// [`crate::shard::unacked`]); it runs there, not on the commit thread.
 pub fn summarize_delivered(
     store: &Store,
     user: &str,
@@ -296,33 +299,65 @@ pub fn summarize_delivered(
         if ev.seq > up_to {
             break;
         }
-        let Some(Kind::Message(m)) = ev.kind else {
-            continue;
-        };
-        if m.from_user == user {
-            continue;
-        }
-        let (key, seen_as) = if m.group_id != 0 {
-            (keys::group_conversation(m.group_id), group_conv(m.group_id))
-        } else {
-            (keys::direct_conversation(user, &m.from_user), direct(user))
-        };
-        match convs.iter_mut().find(|c| c.key == key) {
-            Some(c) => {
-                c.newest = c.newest.max(m.id);
-                if !c.senders.contains(&m.from_user) {
-                    c.senders.push(m.from_user);
-                }
-            }
-            None => convs.push(DeliveredConv {
-                key,
-                seen_as,
-                newest: m.id,
-                senders: vec![m.from_user],
-            }),
+        if let Some(Kind::Message(m)) = ev.kind {
+            add_delivered(&mut convs, user, &m.from_user, m.group_id, m.id);
         }
     }
     Ok(convs)
+}
+
+/// Count message `id` from `from` (in group `group_id`, or direct when 0)
+/// as delivered to `user`, in its conversation's entry of `convs`.
+pub fn add_delivered(
+    convs: &mut Vec<DeliveredConv>,
+    user: &str,
+    from: &str,
+    group_id: u64,
+    id: u64,
+) {
+    if from == user {
+        return;
+    }
+    let key = if group_id != 0 {
+        keys::group_conversation(group_id)
+    } else {
+        keys::direct_conversation(user, from)
+    };
+    match convs.iter_mut().find(|c| c.key == key) {
+        Some(c) => {
+            c.newest = c.newest.max(id);
+            if !c.senders.iter().any(|s| s == from) {
+                c.senders.push(from.to_owned());
+            }
+        }
+        None => convs.push(DeliveredConv {
+            key,
+            seen_as: if group_id != 0 {
+                group_conv(group_id)
+            } else {
+                direct(user)
+            },
+            newest: id,
+            senders: vec![from.to_owned()],
+        }),
+    }
+}
+
+/// Fold `more` into `into`, one entry per conversation.
+pub fn merge_delivered(into: &mut Vec<DeliveredConv>, more: Vec<DeliveredConv>) {
+    for c in more {
+        match into.iter_mut().find(|x| x.key == c.key) {
+            Some(x) => {
+                x.newest = x.newest.max(c.newest);
+                for s in c.senders {
+                    if !x.senders.contains(&s) {
+                        x.senders.push(s);
+                    }
+                }
+            }
+            None => into.push(c),
+        }
+    }
 }
 
 /// The `status` key of the conversation a message belongs to.
@@ -468,7 +503,7 @@ impl Pipeline {
                 self.outbox.reply(*to, env);
             }
             for p in &w.pushes {
-                self.outbox.push(&self.registry, &p.user, p.seq, &p.event);
+                self.outbox.push(&self.registry, p);
             }
         } else {
             w.reset = true;
@@ -513,6 +548,7 @@ impl Pipeline {
         seq: u64,
         entry: InboxEntry,
         event: &Bytes,
+        sent: Option<&Arc<Sent>>,
     ) -> Result<(), StoreError> {
         self.store.put_inbox(&mut w.batch, user, seq, entry)?;
         w.writes += 1;
@@ -520,6 +556,7 @@ impl Pipeline {
             user: user.clone(),
             seq,
             event: event.clone(),
+            sent: sent.cloned(),
         });
         Ok(())
     }
@@ -537,7 +574,7 @@ impl Pipeline {
             .collect::<Result<Vec<_>, _>>()?;
         let event = encode_event(kind);
         for (u, seq) in users.iter().zip(seqs) {
-            self.append(w, u, seq, InboxEntry::Inline(event.to_vec()), &event)?;
+            self.append(w, u, seq, InboxEntry::Inline(event.to_vec()), &event, None)?;
         }
         Ok(())
     }
@@ -590,7 +627,7 @@ impl Pipeline {
             None
         };
         let recipients: Vec<Arc<str>> = match &group {
-            Some(g) => g.members().cloned().collect(),
+            Some(g) => g.members_by_name().to_vec(),
             None if *send.to_user == *o.user => vec![o.user.clone()],
             None => vec![Arc::from(send.to_user.as_str()), o.user.clone()],
         };
@@ -630,9 +667,14 @@ impl Pipeline {
             .messages_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.fanout.observe(recipients.len() as u64);
+        let sent = Arc::new(Sent {
+            id,
+            from: o.user.clone(),
+            group_id: msg.group_id,
+        });
         let event = encode_event(Kind::Message(msg));
         for (u, seq) in recipients.iter().zip(seqs) {
-            self.append(w, u, seq, InboxEntry::Message(id), &event)?;
+            self.append(w, u, seq, InboxEntry::Message(id), &event, Some(&sent))?;
         }
         self.store
             .put_dedup(&mut w.batch, &o.user, &ack.client_msg_id, &ack)?;

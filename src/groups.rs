@@ -26,6 +26,11 @@ pub struct Group {
     /// In joining order (the oldest member is promoted when the last admin goes).
     members: Vec<(Arc<str>, GroupRole)>,
     index: HashMap<Arc<str>, usize>,
+    /// The members sorted by name, which is the order of their inbox keys:
+    /// a post appends to the inboxes in this order, so RocksDB inserts the
+    /// batch's keys ascending and each memtable insert starts from where the
+    /// previous one ended instead of searching the skiplist from the top.
+    by_name: Vec<Arc<str>>,
 }
 
 impl Group {
@@ -45,6 +50,7 @@ impl Group {
             version,
             members,
             index: HashMap::new(),
+            by_name: Vec::new(),
         };
         g.reindex();
         g
@@ -57,6 +63,8 @@ impl Group {
             .enumerate()
             .map(|(i, (u, _))| (u.clone(), i))
             .collect();
+        self.by_name = self.members.iter().map(|(u, _)| u.clone()).collect();
+        self.by_name.sort_unstable();
     }
 
     fn from_info(info: pb::GroupInfo) -> Self {
@@ -119,8 +127,14 @@ impl Group {
         self.members.is_empty()
     }
 
+    /// The members in joining order.
     pub fn members(&self) -> impl Iterator<Item = &Arc<str>> {
         self.members.iter().map(|(u, _)| u)
+    }
+
+    /// The members sorted by name (the order of their inbox keys).
+    pub fn members_by_name(&self) -> &[Arc<str>] {
+        &self.by_name
     }
 
     /// A copy with `users` added as members (those already in are skipped).
@@ -133,6 +147,7 @@ impl Group {
             }
         }
         g.version += 1;
+        g.reindex();
         g
     }
 
@@ -213,19 +228,21 @@ mod tests {
             1,
             vec![(Arc::from("a"), GroupRole::Admin)],
         );
-        let g = g.with_added(&ids(&["b", "c", "a"]));
+        let g = g.with_added(&ids(&["c", "b", "a"]));
         assert_eq!(g.len(), 3);
+        assert_eq!(g.members_by_name(), &ids(&["a", "b", "c"])[..]);
         assert_eq!(g.version, 2);
         let g = g.with_removed(&ids(&["a"]));
         assert!(!g.is_member("a"));
+        assert_eq!(g.members_by_name(), &ids(&["b", "c"])[..]);
         assert_eq!(
-            g.role("b"),
+            g.role("c"),
             Some(GroupRole::Admin),
             "oldest remaining member promoted"
         );
-        assert_eq!(g.role("c"), Some(GroupRole::Member));
+        assert_eq!(g.role("b"), Some(GroupRole::Member));
         let back = Group::from_info(g.info(true));
-        assert_eq!(back.role("b"), Some(GroupRole::Admin));
+        assert_eq!(back.role("c"), Some(GroupRole::Admin));
         assert_eq!(back.members().count(), 2);
     }
 }

@@ -147,3 +147,54 @@ async fn the_group_receipt_list_tells_read_delivered_and_pending() {
         ErrorCode::Forbidden
     );
 }
+
+/// Delivered receipts come out right whether the shard still holds what a
+/// device was sent (a catch-up after login, live pushes) or has to read the
+/// acknowledged range back from the store (a longer unacknowledged run than
+/// it keeps per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_receipts_after_a_catch_up_and_after_a_long_unacknowledged_run() {
+    let srv = TestServer::start();
+    let (alice, mut arx) = srv.connect("alice", "phone").await;
+    let mut last = 0;
+    // Bob is offline: these reach him by catch-up when he logs in.
+    for i in 0..3 {
+        last = alice
+            .send("bob", "text/plain", format!("early {i}"))
+            .await
+            .expect("ack")
+            .server_msg_id;
+        next_message(&mut arx).await;
+    }
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    let mut seq = 0;
+    for _ in 0..3 {
+        seq = next_message(&mut brx).await.0;
+    }
+    bob.ack_delivery(seq).await.expect("ack delivery");
+    let (_, r) = next_receipt(&mut arx).await;
+    assert_eq!(
+        (r.kind, r.user.as_str(), r.up_to),
+        (ReceiptKind::Delivered as i32, "bob", last)
+    );
+
+    let n = swiftlet::shard::unacked::MAX_UNACKED + 20;
+    for i in 0..n {
+        last = alice
+            .send("bob", "text/plain", format!("late {i}"))
+            .await
+            .expect("ack")
+            .server_msg_id;
+        next_message(&mut arx).await;
+    }
+    for _ in 0..n {
+        seq = next_message(&mut brx).await.0;
+    }
+    bob.ack_delivery(seq).await.expect("ack delivery");
+    let (_, r) = next_receipt(&mut arx).await;
+    assert_eq!(
+        (r.kind, r.user.as_str(), r.up_to),
+        (ReceiptKind::Delivered as i32, "bob", last)
+    );
+    assert_no_more(&alice, &mut arx).await;
+}

@@ -100,31 +100,64 @@ pub fn frame_bytes(env: &Envelope) -> bytes::Bytes {
 /// re-encoding the message for each of them. The bytes are exactly what
 /// prost would produce (a test checks it): fields in tag order, seq first.
 pub fn deliver_frame(seq: u64, event_without_seq: &[u8]) -> bytes::Bytes {
-    use prost::encoding::{encode_varint, encoded_len_varint};
-    const DELIVER_TAG: u64 = (22 << 3) | 2; // Envelope.deliver, length-delimited
-    const EVENT_TAG: u8 = (1 << 3) | 2; // Deliver.event, length-delimited
-    const SEQ_TAG: u8 = 1 << 3; // Event.seq, varint
+    let env_len = deliver_envelope_len(seq, event_without_seq.len());
+    let mut out =
+        BytesMut::with_capacity(prost::encoding::encoded_len_varint(env_len as u64) + env_len);
+    write_deliver_frame(&mut out, seq, event_without_seq);
+    out.freeze()
+}
+
+const DELIVER_TAG: u64 = (22 << 3) | 2; // Envelope.deliver, length-delimited
+const EVENT_TAG: u8 = (1 << 3) | 2; // Deliver.event, length-delimited
+const SEQ_TAG: u8 = 1 << 3; // Event.seq, varint
+
+/// `(Event length, Deliver length)` of a spliced Deliver.
+fn deliver_lens(seq: u64, event_without_seq: usize) -> (usize, usize) {
+    use prost::encoding::encoded_len_varint;
     let seq_len = if seq == 0 {
         0
     } else {
         1 + encoded_len_varint(seq)
     };
-    let event_len = seq_len + event_without_seq.len();
+    let event_len = seq_len + event_without_seq;
     let deliver_len = 1 + encoded_len_varint(event_len as u64) + event_len;
-    let env_len =
-        encoded_len_varint(DELIVER_TAG) + encoded_len_varint(deliver_len as u64) + deliver_len;
-    let mut out = BytesMut::with_capacity(encoded_len_varint(env_len as u64) + env_len);
-    encode_varint(env_len as u64, &mut out);
-    encode_varint(DELIVER_TAG, &mut out);
-    encode_varint(deliver_len as u64, &mut out);
+    (event_len, deliver_len)
+}
+
+/// The encoded length of `Envelope { deliver: { event: { seq, .. } } }`
+/// whose event without its seq is `event_without_seq` bytes long: the body
+/// of the frame [`write_deliver_frame`] writes, for transports that frame
+/// it themselves (WebSocket).
+pub fn deliver_envelope_len(seq: u64, event_without_seq: usize) -> usize {
+    let (_, deliver_len) = deliver_lens(seq, event_without_seq);
+    prost::encoding::encoded_len_varint(DELIVER_TAG)
+        + prost::encoding::encoded_len_varint(deliver_len as u64)
+        + deliver_len
+}
+
+/// Append the Deliver envelope of [`deliver_frame`] to `out`, without the
+/// length prefix (see [`deliver_envelope_len`]).
+pub fn write_deliver_envelope(out: &mut impl BufMut, seq: u64, event_without_seq: &[u8]) {
+    use prost::encoding::encode_varint;
+    let (event_len, deliver_len) = deliver_lens(seq, event_without_seq.len());
+    encode_varint(DELIVER_TAG, out);
+    encode_varint(deliver_len as u64, out);
     out.put_u8(EVENT_TAG);
-    encode_varint(event_len as u64, &mut out);
+    encode_varint(event_len as u64, out);
     if seq != 0 {
         out.put_u8(SEQ_TAG);
-        encode_varint(seq, &mut out);
+        encode_varint(seq, out);
     }
-    out.extend_from_slice(event_without_seq);
-    out.freeze()
+    out.put_slice(event_without_seq);
+}
+
+/// Append the whole frame of [`deliver_frame`] to `out`: the shards write a
+/// group message's one encoded event straight into each member's output
+/// buffer, with no per-member allocation.
+pub fn write_deliver_frame(out: &mut impl BufMut, seq: u64, event_without_seq: &[u8]) {
+    let env_len = deliver_envelope_len(seq, event_without_seq.len());
+    prost::encoding::encode_varint(env_len as u64, out);
+    write_deliver_envelope(out, seq, event_without_seq);
 }
 
 /// tokio-util codec over [`decode_frame`] / [`encode_frame`].
@@ -217,6 +250,14 @@ mod tests {
                 deliver_frame(seq, &without_seq),
                 frame_bytes(&env),
                 "seq {seq}"
+            );
+            let mut appended = vec![0xAA];
+            write_deliver_frame(&mut appended, seq, &without_seq);
+            assert_eq!(appended[1..], frame_bytes(&env)[..], "appended, seq {seq}");
+            assert_eq!(
+                deliver_envelope_len(seq, without_seq.len()),
+                env.encoded_len(),
+                "envelope length, seq {seq}"
             );
         }
     }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use mio::net::TcpStream;
 use prost::Message as _;
-use swiftlet_protocol::codec::{decode_head, encode_frame};
+use swiftlet_protocol::codec::{
+    decode_head, deliver_envelope_len, encode_frame, write_deliver_envelope, write_deliver_frame,
+};
 use swiftlet_protocol::Envelope;
 
 use crate::bridge::ws;
@@ -144,6 +146,21 @@ impl Conn {
                 }
             }
             // Plain HTTP answers are built by the bridge, never from frames.
+            Transport::Http => {}
+        }
+    }
+
+    /// Queue a Deliver of inbox event `seq`, given as `Event { seq: 0, .. }`
+    /// encoded (see [`Push`](super::mailbox::Push)).
+    pub fn send_deliver(&mut self, seq: u64, event_without_seq: &[u8]) {
+        match self.transport {
+            Transport::Tcp => write_deliver_frame(self.out(), seq, event_without_seq),
+            Transport::WebSocket => {
+                let out = self.out();
+                let len = deliver_envelope_len(seq, event_without_seq.len());
+                ws::write_header(out, ws::OP_BINARY, len);
+                write_deliver_envelope(out, seq, event_without_seq);
+            }
             Transport::Http => {}
         }
     }

@@ -12,16 +12,23 @@ use bytes::Bytes;
 use crossbeam_channel::Sender;
 
 use crate::registry::ConnRef;
+use crate::shard::unacked::Sent;
 
-/// One inbox event for one connection, already encoded as a frame.
+/// One inbox event for one connection.
 #[derive(Debug, Clone)]
 pub struct Push {
     pub slot: u32,
     pub gen: u32,
     /// The event's inbox sequence, which the connection checks against the
-    /// next one it expects.
+    /// next one it expects, and which the shard splices into the frame.
     pub seq: u64,
-    pub frame: Bytes,
+    /// `Event { seq: 0, kind }` encoded once and shared by every recipient
+    /// (a group post's members): the shard frames it straight into each
+    /// connection's output buffer, so fan-out allocates nothing per member.
+    pub event: Bytes,
+    /// For a message: its sender and conversation, remembered until the
+    /// connection acknowledges it (see [`super::unacked`]).
+    pub sent: Option<Arc<Sent>>,
 }
 
 /// Work for a shard.

@@ -25,6 +25,7 @@ pub mod conn;
 pub mod mailbox;
 pub mod session;
 pub mod timer;
+pub mod unacked;
 mod web;
 
 use std::io::{self, Read};
@@ -40,14 +41,15 @@ use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
 use crate::bridge::metrics::Metrics;
-use crate::commit::{CommitCmd, CommitHandle};
+use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
 use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::store::Store;
 use conn::{Conn, Phase, Transport};
 use mailbox::{ShardHandle, ShardMsg};
-use session::{Flow, ShardSessions};
+use session::{Acked, Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
+use unacked::Sent;
 
 pub const LISTENER: Token = Token(usize::MAX);
 pub const WAKER: Token = Token(usize::MAX - 1);
@@ -453,8 +455,11 @@ impl Shard {
                             // A parked long-poll: answer with what arrived.
                             self.http_wake(p.slot as usize);
                         } else if p.seq == conn.next_seq && !conn.lagging && conn.out_len() < high {
-                            conn.send_frame(&p.frame);
+                            conn.send_deliver(p.seq, &p.event);
                             conn.next_seq += 1;
+                            if let Some(sent) = p.sent {
+                                self.sessions.unacked.record(p.slot, p.gen, p.seq, sent);
+                            }
                             self.ctx
                                 .metrics
                                 .messages_out
@@ -534,6 +539,19 @@ impl Shard {
                     Ok(page) => {
                         for event in page.events {
                             conn.next_seq = event.seq + 1;
+                            if let Some(pb::event::Kind::Message(m)) = &event.kind {
+                                let sent = Sent {
+                                    id: m.id,
+                                    from: Arc::from(m.from_user.as_str()),
+                                    group_id: m.group_id,
+                                };
+                                self.sessions.unacked.record(
+                                    slot as u32,
+                                    conn.gen,
+                                    event.seq,
+                                    Arc::new(sent),
+                                );
+                            }
                             let env =
                                 Envelope::new(0, Body::Deliver(pb::Deliver { event: Some(event) }));
                             conn.send_env(&env);
@@ -575,21 +593,32 @@ impl Shard {
         }
         let mut cursors = std::mem::take(&mut self.sessions.cursors);
         // Several acknowledgements of one device this turn: one range.
-        cursors.sort_by(|a, b| (&a.0, &a.1, a.3).cmp(&(&b.0, &b.1, b.3)));
-        let mut merged: Vec<(Arc<str>, Arc<str>, u64, u64)> = Vec::with_capacity(cursors.len());
+        cursors.sort_by(|a, b| (&a.user, &a.device, a.up_to).cmp(&(&b.user, &b.device, b.up_to)));
+        let mut merged: Vec<Acked> = Vec::with_capacity(cursors.len());
         for c in cursors.drain(..) {
             match merged.last_mut() {
-                Some(m) if m.0 == c.0 && m.1 == c.1 => {
-                    m.2 = m.2.min(c.2);
-                    m.3 = m.3.max(c.3);
+                Some(m) if m.user == c.user && m.device == c.device => {
+                    m.after = m.after.min(c.after);
+                    m.up_to = m.up_to.max(c.up_to);
+                    m.delivered = match (m.delivered.take(), c.delivered) {
+                        (Some(mut into), Some(more)) => {
+                            merge_delivered(&mut into, more);
+                            Some(into)
+                        }
+                        _ => None,
+                    };
                 }
                 _ => merged.push(c),
             }
         }
         let mut batch = self.ctx.store.batch();
         let mut ok = true;
-        for (user, device, _, seq) in &merged {
-            if let Err(e) = self.ctx.store.put_cursor(&mut batch, user, device, *seq) {
+        for a in &merged {
+            if let Err(e) = self
+                .ctx
+                .store
+                .put_cursor(&mut batch, &a.user, &a.device, a.up_to)
+            {
                 tracing::error!(error = %e, "cursor write failed");
                 ok = false;
             }
@@ -601,20 +630,31 @@ impl Shard {
                 tracing::error!(error = %e, "cursor write failed");
             }
         }
-        for (user, _, after, up_to) in merged {
+        for a in merged {
             // Receipts are a consequence, not a precondition. If the queue is
             // full (overload) this range's delivered receipts are dropped;
             // the next message in the same conversation that this user
             // acknowledges moves the watermark past them, since a watermark
             // covers everything before it.
-            match crate::commit::summarize_delivered(&self.ctx.store, &user, after, up_to) {
-                Ok(convs) if convs.is_empty() => {}
-                Ok(convs) => {
-                    if let Err(e) = self.ctx.commit.submit(CommitCmd::Delivered { user, convs }) {
-                        tracing::debug!(error = %e, "delivered receipts dropped");
+            let convs = match a.delivered {
+                Some(convs) => convs,
+                None => match summarize_delivered(&self.ctx.store, &a.user, a.after, a.up_to) {
+                    Ok(convs) => convs,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading acknowledged events failed");
+                        continue;
                     }
-                }
-                Err(e) => tracing::error!(error = %e, "reading acknowledged events failed"),
+                },
+            };
+            if convs.is_empty() {
+                continue;
+            }
+            let cmd = CommitCmd::Delivered {
+                user: a.user,
+                convs,
+            };
+            if let Err(e) = self.ctx.commit.submit(cmd) {
+                tracing::debug!(error = %e, "delivered receipts dropped");
             }
         }
         self.sessions.cursors = cursors;
@@ -822,6 +862,7 @@ impl Shard {
             return;
         }
         self.logout(slot);
+        self.sessions.unacked.forget(slot as u32);
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.stream);
     }

@@ -17,9 +17,10 @@ use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use super::conn::{Conn, Phase, Transport};
 use super::mailbox::ShardMsg;
+use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
-use crate::commit::{CommitCmd, Op, Origin, SubmitError};
+use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
 use crate::registry::ConnRef;
 use crate::store::keys;
 
@@ -62,8 +63,22 @@ pub struct ShardSessions {
     pub typing: HashMap<(u32, u32), Typist>,
     /// Reused buffer for recipient lookups.
     pub conns: Vec<ConnRef>,
-    /// Device cursors acknowledged this turn: (user, device, previous, new).
-    pub cursors: Vec<(Arc<str>, Arc<str>, u64, u64)>,
+    /// Device cursors acknowledged this turn.
+    pub cursors: Vec<Acked>,
+    /// What each connection was sent and has not acknowledged.
+    pub unacked: Unacked,
+}
+
+/// One DeliveryAck: a device's cursor moved from `after` to `up_to`.
+#[derive(Debug)]
+pub struct Acked {
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    pub after: u64,
+    pub up_to: u64,
+    /// The delivered receipts it implies, when the shard still held what
+    /// the range was (else they are read from the store).
+    pub delivered: Option<Vec<DeliveredConv>>,
 }
 
 /// Append `env` to the connection's output.
@@ -127,7 +142,7 @@ pub fn handle(
             }
             submit(conn, slot, rid, Op::Send(send), ctx)
         }
-        Body::DeliveryAck(a) => delivery_ack(conn, rid, a.up_to, local),
+        Body::DeliveryAck(a) => delivery_ack(conn, slot, rid, a.up_to, local),
         Body::Sync(s) => sync(conn, rid, s, ctx),
         Body::CreateGroup(r) => submit(conn, slot, rid, Op::CreateGroup(r), ctx),
         Body::AddMembers(r) => submit(conn, slot, rid, Op::AddMembers(r), ctx),
@@ -283,7 +298,13 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
     }
 }
 
-fn delivery_ack(conn: &mut Conn, rid: u64, up_to: u64, local: &mut ShardSessions) -> Flow {
+fn delivery_ack(
+    conn: &mut Conn,
+    slot: u32,
+    rid: u64,
+    up_to: u64,
+    local: &mut ShardSessions,
+) -> Flow {
     if up_to >= conn.next_seq {
         return request_error(
             conn,
@@ -301,7 +322,23 @@ fn delivery_ack(conn: &mut Conn, rid: u64, up_to: u64, local: &mut ShardSessions
     // Written by the shard at the end of this turn, in one batch with the
     // other cursors of the turn and before any answer of the turn goes out:
     // the device's next login sees it.
-    local.cursors.push((user, device, conn.acked, up_to));
+    let delivered = local
+        .unacked
+        .take(slot, conn.gen, conn.acked, up_to)
+        .map(|sent| {
+            let mut convs = Vec::new();
+            for s in &sent {
+                add_delivered(&mut convs, &user, &s.from, s.group_id, s.id);
+            }
+            convs
+        });
+    local.cursors.push(Acked {
+        user,
+        device,
+        after: conn.acked,
+        up_to,
+        delivered,
+    });
     conn.acked = up_to;
     Flow::Continue
 }
