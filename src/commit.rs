@@ -252,11 +252,12 @@ impl Outbox {
 
     /// Hand everything to the shards: one message and one wake-up per shard.
     fn dispatch(&mut self) {
+        let committed = std::time::Instant::now();
         for (i, shard) in self.shards.iter().enumerate() {
             let replies = std::mem::take(&mut self.replies[i]);
             let pushes = std::mem::take(&mut self.pushes[i]);
             if !replies.is_empty() || !pushes.is_empty() {
-                shard.deliver(replies, pushes);
+                shard.deliver(replies, pushes, committed);
             }
         }
     }

@@ -10,6 +10,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
+/// Upper bounds of the push delay histogram, in microseconds.
+const PUSH_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 10_000, 25_000, 100_000,
+];
 /// Upper bounds of the store write histogram, in microseconds.
 const COMMIT_BUCKETS_US: [u64; 10] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
 
@@ -67,6 +71,11 @@ pub struct Metrics {
     pub acks: AtomicU64,
     pub fanout: Histogram<8>,
     pub commit_us: Histogram<10>,
+    /// From a group commit's durable write to a shard having written that
+    /// group's answers and pushes to its sockets (one observation per shard
+    /// loop turn that handled any, from the oldest commit among them): the
+    /// server's share of a fan-out's latency after the write.
+    pub push_delay_us: Histogram<12>,
 }
 
 impl Default for Metrics {
@@ -80,6 +89,7 @@ impl Default for Metrics {
             acks: AtomicU64::new(0),
             fanout: Histogram::new(FANOUT_BUCKETS),
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
+            push_delay_us: Histogram::new(PUSH_BUCKETS_US),
         }
     }
 }
@@ -147,6 +157,12 @@ impl Metrics {
             "Duration of one group commit (WAL write).",
             1e-6,
         );
+        self.push_delay_us.render(
+            &mut out,
+            "swiftlet_push_delay_seconds",
+            "From a group commit's durable write to a shard having written its answers and pushes to the sockets.",
+            1e-6,
+        );
         let _ = writeln!(
             out,
             "# HELP swiftlet_resident_memory_bytes Resident set size.\n# TYPE swiftlet_resident_memory_bytes gauge\nswiftlet_resident_memory_bytes {}",
@@ -171,5 +187,9 @@ mod tests {
         assert!(text.contains("swiftlet_fanout_recipients_bucket{le=\"5\"} 2"));
         assert!(text.contains("swiftlet_fanout_recipients_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("swiftlet_connections{transport=\"tcp\"} 0"));
+        m.push_delay_us.observe(1500);
+        let text = m.render();
+        assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.002\"} 1"));
     }
 }

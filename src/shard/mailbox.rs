@@ -7,6 +7,7 @@
 //! one per message or per recipient.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
@@ -37,6 +38,8 @@ pub enum ShardMsg {
     Deliver {
         replies: Vec<(ConnRef, Bytes)>,
         pushes: Vec<Push>,
+        /// When the group commit that produced them was durable.
+        committed: Instant,
     },
     /// Ephemeral frames (typing, presence) for live connections: never
     /// stored, so never caught up; dropped for a connection that is behind.
@@ -71,7 +74,11 @@ impl ShardHandle {
         }
     }
 
-    pub fn deliver(&self, replies: Vec<(ConnRef, Bytes)>, pushes: Vec<Push>) {
-        self.send(ShardMsg::Deliver { replies, pushes });
+    pub fn deliver(&self, replies: Vec<(ConnRef, Bytes)>, pushes: Vec<Push>, committed: Instant) {
+        self.send(ShardMsg::Deliver {
+            replies,
+            pushes,
+            committed,
+        });
     }
 }

@@ -144,6 +144,9 @@ pub struct Shard {
     busy: bool,
     /// Tick of the last return of free memory to the OS.
     last_collect: u32,
+    /// The oldest commit whose answers and pushes this turn handled, for
+    /// the push delay metric.
+    delivered_since: Option<Instant>,
 }
 
 impl Shard {
@@ -180,6 +183,7 @@ impl Shard {
             exit_at: None,
             busy: false,
             last_collect: 0,
+            delivered_since: None,
         })
     }
 
@@ -234,6 +238,10 @@ impl Shard {
             self.run_catchups();
             self.write_cursors();
             self.flush_dirty();
+            if let Some(t) = self.delivered_since.take() {
+                let us = t.elapsed().as_micros() as u64;
+                self.ctx.metrics.push_delay_us.observe(us);
+            }
             self.fire_timers();
             if let Some(at) = self.exit_at {
                 if self.conns.is_empty() || self.now >= at {
@@ -432,7 +440,12 @@ impl Shard {
     fn take_mailbox(&mut self) {
         while let Ok(msg) = self.mailbox.try_recv() {
             match msg {
-                ShardMsg::Deliver { replies, pushes } => {
+                ShardMsg::Deliver {
+                    replies,
+                    pushes,
+                    committed,
+                } => {
+                    self.delivered_since.get_or_insert(committed);
                     for (to, frame) in replies {
                         if let Some(conn) = self.live_conn(to.slot, to.gen) {
                             if conn.transport == Transport::Http {
