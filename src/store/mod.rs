@@ -67,9 +67,51 @@ pub struct Store {
 }
 
 /// An atomic group of writes. Dropping it unwritten discards it.
+///
+/// The writes are collected and only turned into a RocksDB `WriteBatch` by
+/// [`Store::commit`], which orders them by column family and key first (a
+/// stable sort: writes to one key keep their order). Inbox, dedup and
+/// status keys of a group commit are spread over the whole key space; in
+/// key order, each memtable insert starts its skiplist search from where the
+/// previous one ended instead of from the top, which made the memtable
+/// inserts, the commit thread's largest cost, markedly cheaper.
 #[derive(Default)]
 pub struct Batch {
-    wb: rocksdb::WriteBatch,
+    ops: Vec<BatchOp>,
+}
+
+struct BatchOp {
+    cf: &'static str,
+    key: Vec<u8>,
+    /// `None`: delete the key.
+    value: Option<Vec<u8>>,
+}
+
+impl Batch {
+    fn put(&mut self, cf: &'static str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp {
+            cf,
+            key: key.into(),
+            value: Some(value.into()),
+        });
+    }
+
+    fn delete(&mut self, cf: &'static str, key: impl Into<Vec<u8>>) {
+        self.ops.push(BatchOp {
+            cf,
+            key: key.into(),
+            value: None,
+        });
+    }
+
+    /// Writes collected so far.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
 }
 
 /// One page of a user's inbox.
@@ -122,6 +164,13 @@ impl Store {
         env.lower_high_priority_thread_pool_cpu_priority();
         db_opts.set_env(&env);
         db_opts.set_keep_log_file_num(4);
+        // One writer inserts a write group's batches one after another, in
+        // their sorted order (see `Batch`), reusing its place in the skiplist
+        // from key to key. Concurrent inserts start every key's search from
+        // the top, and the commit thread writes nearly all of the data: a
+        // shard's small cursor batch joining its group made the large batch
+        // pay that.
+        db_opts.set_allow_concurrent_memtable_write(false);
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors)?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.wal_sync);
@@ -134,7 +183,25 @@ impl Store {
 
     /// Write `batch` atomically; when this returns Ok the batch is in the WAL.
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        self.db.write_opt(batch.wb, &self.write_opts)?;
+        let mut ops = batch.ops;
+        ops.sort_by(|a, b| (a.cf, &a.key).cmp(&(b.cf, &b.key)));
+        let mut wb = rocksdb::WriteBatch::default();
+        let mut handle: Option<(&'static str, &ColumnFamily)> = None;
+        for op in &ops {
+            let cf = match handle {
+                Some((name, h)) if name == op.cf => h,
+                _ => {
+                    let h = self.cf(op.cf)?;
+                    handle = Some((op.cf, h));
+                    h
+                }
+            };
+            match &op.value {
+                Some(v) => wb.put_cf(cf, &op.key, v),
+                None => wb.delete_cf(cf, &op.key),
+            }
+        }
+        self.db.write_opt(wb, &self.write_opts)?;
         Ok(())
     }
 
@@ -145,11 +212,7 @@ impl Store {
 
     /// Put a message record into `batch`.
     pub fn put_message(&self, batch: &mut Batch, msg: &pb::Message) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::MESSAGES)?,
-            msg.id.to_be_bytes(),
-            msg.encode_to_vec(),
-        );
+        batch.put(cf::MESSAGES, msg.id.to_be_bytes(), msg.encode_to_vec());
         Ok(())
     }
 
@@ -161,11 +224,7 @@ impl Store {
         seq: u64,
         entry: InboxEntry,
     ) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::INBOX)?,
-            keys::inbox_key(user, seq),
-            entry.encode(),
-        );
+        batch.put(cf::INBOX, keys::inbox_key(user, seq), entry.encode());
         Ok(())
     }
 
@@ -177,8 +236,8 @@ impl Store {
         client_msg_id: &str,
         ack: &pb::Ack,
     ) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::DEDUP)?,
+        batch.put(
+            cf::DEDUP,
             keys::user_named_key(user, client_msg_id),
             ack.encode_to_vec(),
         );
@@ -193,8 +252,8 @@ impl Store {
         device: &str,
         seq: u64,
     ) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::CURSORS)?,
+        batch.put(
+            cf::CURSORS,
             keys::user_named_key(user, device),
             seq.to_be_bytes(),
         );
@@ -387,8 +446,8 @@ impl Store {
     }
 
     pub fn put_group(&self, batch: &mut Batch, group: &pb::GroupInfo) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::GROUPS)?,
+        batch.put(
+            cf::GROUPS,
             group.group_id.to_be_bytes(),
             group.encode_to_vec(),
         );
@@ -405,11 +464,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut key = keys::user_prefix(user);
         key.extend_from_slice(&group.to_be_bytes());
-        let cf = self.cf(cf::MEMBERSHIPS)?;
         if member {
-            batch.wb.put_cf(cf, key, []);
+            batch.put(cf::MEMBERSHIPS, key, Vec::new());
         } else {
-            batch.wb.delete_cf(cf, key);
+            batch.delete(cf::MEMBERSHIPS, key);
         }
         Ok(())
     }
@@ -472,8 +530,8 @@ impl Store {
         delivered: u64,
         read: u64,
     ) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::STATUS)?,
+        batch.put(
+            cf::STATUS,
             keys::status_key(conversation, user),
             keys::u64_pair(delivered, read),
         );
@@ -487,8 +545,8 @@ impl Store {
         msg_id: u64,
         sender: &str,
     ) -> Result<(), StoreError> {
-        batch.wb.put_cf(
-            self.cf(cf::GROUP_LOG)?,
+        batch.put(
+            cf::GROUP_LOG,
             keys::u64_pair(group, msg_id),
             sender.as_bytes(),
         );
@@ -549,7 +607,7 @@ impl Store {
         let mut v = [0u8; 9];
         v[..8].copy_from_slice(&last_seen_ms.to_be_bytes());
         v[8] = u8::from(hide);
-        batch.wb.put_cf(self.cf(cf::PRESENCE)?, user.as_bytes(), v);
+        batch.put(cf::PRESENCE, user.as_bytes(), v);
         Ok(())
     }
 
@@ -565,5 +623,35 @@ impl Store {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch is sorted before it is written; writes to one key must still
+    /// apply in the order they were made.
+    #[test]
+    fn writes_to_one_key_keep_their_order_within_a_batch() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        let mut b = store.batch();
+        store.put_cursor(&mut b, "zed", "phone", 9).expect("put");
+        store.put_cursor(&mut b, "amy", "phone", 3).expect("put");
+        store.put_cursor(&mut b, "amy", "phone", 5).expect("put");
+        store.put_membership(&mut b, "amy", 7, true).expect("put");
+        store
+            .put_membership(&mut b, "amy", 7, false)
+            .expect("delete");
+        store
+            .put_membership(&mut b, "amy", 8, false)
+            .expect("delete");
+        store.put_membership(&mut b, "amy", 8, true).expect("put");
+        assert_eq!(b.len(), 7);
+        store.commit(b).expect("commit");
+        assert_eq!(store.cursor("amy", "phone").expect("read"), 5);
+        assert_eq!(store.cursor("zed", "phone").expect("read"), 9);
+        assert_eq!(store.memberships("amy").expect("read"), vec![8]);
     }
 }
