@@ -109,7 +109,7 @@ fn durable_sends(c: &mut Criterion) {
 fn fan_out(c: &mut Criterion) {
     let mut b = Bench::new();
     let mut group = c.benchmark_group("fan_out");
-    for members in [100usize, 1000] {
+    for members in [100usize, 1000, 10_000] {
         b.submit(
             "alice",
             Op::CreateGroup(pb::CreateGroup {

@@ -44,6 +44,8 @@ use crate::store::{Batch, Store, StoreError};
 
 /// Most commands folded into one write batch.
 pub const MAX_GROUP: usize = 1024;
+/// Most users a GroupEvent lists (see `GroupEvent.users` in the protocol).
+pub const MAX_EVENT_USERS: usize = 64;
 /// Longest group name, in bytes.
 pub const MAX_GROUP_NAME: usize = 128;
 /// Inbox events a single DeliveryAck scans for delivered receipts; a larger
@@ -622,12 +624,24 @@ impl Pipeline {
         users: &[Arc<str>],
         kind: Kind,
     ) -> Result<(), StoreError> {
+        let event = encode_event(kind);
+        self.append_inline_each(w, users, |_| event.clone())
+    }
+
+    /// Append to each of `users` the encoded event `event_for(user)` gives.
+    fn append_inline_each(
+        &mut self,
+        w: &mut Work,
+        users: &[Arc<str>],
+        mut event_for: impl FnMut(&str) -> Bytes,
+    ) -> Result<(), StoreError> {
+        // Reads first: nothing is put until every seq is known.
         let seqs = users
             .iter()
             .map(|u| self.next_seq(u))
             .collect::<Result<Vec<_>, _>>()?;
-        let event = encode_event(kind);
         for (u, seq) in users.iter().zip(seqs) {
+            let event = event_for(u);
             self.append(w, u, seq, InboxEntry::Inline(event.to_vec()), &event, None)?;
         }
         Ok(())
@@ -771,14 +785,33 @@ impl Pipeline {
         notify: &[Arc<str>],
         event: pb::GroupEvent,
     ) -> Result<Option<Body>, Fail> {
-        // Reserve the seqs first: the only fallible reads.
-        let event_kind = Kind::GroupEvent(event);
+        let mut event = event;
         let g = Arc::new(g);
-        self.append_inline(w, notify, event_kind)?;
+        // Reserve the seqs first: the only fallible reads.
+        if event.users.len() <= MAX_EVENT_USERS {
+            self.append_inline(w, notify, Kind::GroupEvent(event))?;
+        } else {
+            // Listing thousands of users in every member's copy would make
+            // a change to a group of n cost n times its size: each affected
+            // user's copy names only them, the others' name nobody.
+            let users = std::mem::take(&mut event.users);
+            let affected: std::collections::HashSet<&str> =
+                users.iter().map(String::as_str).collect();
+            let general = encode_event(Kind::GroupEvent(event.clone()));
+            self.append_inline_each(w, notify, |u| {
+                if affected.contains(u) {
+                    let mut mine = event.clone();
+                    mine.users = vec![u.to_owned()];
+                    encode_event(Kind::GroupEvent(mine))
+                } else {
+                    general.clone()
+                }
+            })?;
+        }
         self.store.put_group(&mut w.batch, &g.info(true))?;
         w.writes += 1;
         self.groups.put(g.clone());
-        Ok(Some(Body::GroupInfo(g.info(true))))
+        Ok(Some(Body::GroupInfo(g.reply_info())))
     }
 
     fn group_event(
@@ -795,6 +828,7 @@ impl Pipeline {
             name: g.name.clone(),
             version: g.version,
             timestamp_ms: unix_ms(),
+            user_count: users.len() as u32,
         }
     }
 
@@ -843,7 +877,7 @@ impl Pipeline {
             let new: Vec<Arc<str>> = users.into_iter().filter(|u| !g.is_member(u)).collect();
             if new.is_empty() {
                 // Nothing changes: no new version, no event.
-                return Ok(Some(Body::GroupInfo(g.info(true))));
+                return Ok(Some(Body::GroupInfo(g.reply_info())));
             }
             if g.len() + new.len() > self.max_group_members {
                 return refuse(
@@ -861,7 +895,7 @@ impl Pipeline {
         } else {
             let gone: Vec<Arc<str>> = users.into_iter().filter(|u| g.is_member(u)).collect();
             if gone.is_empty() {
-                return Ok(Some(Body::GroupInfo(g.info(true))));
+                return Ok(Some(Body::GroupInfo(g.reply_info())));
             }
             // Everyone before the change hears of it, the removed included.
             let notify: Vec<Arc<str>> = g.members().cloned().collect();

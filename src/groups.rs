@@ -15,6 +15,10 @@ use swiftlet_protocol::pb::{self, GroupRole};
 
 use crate::store::{Store, StoreError};
 
+/// Most members one GroupInfo sent to a client lists: 500 of the longest
+/// user ids (64 bytes) come to about 35 KB, inside the 64 KiB frame limit.
+pub const MAX_INFO_MEMBERS: usize = 500;
+
 /// One group, immutable: a change makes a new `Group`.
 #[derive(Debug, Clone)]
 pub struct Group {
@@ -88,7 +92,42 @@ impl Group {
         )
     }
 
-    /// The stored (and wire) form; `with_members == false` leaves the list out.
+    /// The answer to a change of the group: every member in joining order if
+    /// there are at most [`MAX_INFO_MEMBERS`], else the first page by name.
+    pub fn reply_info(&self) -> pb::GroupInfo {
+        if self.members.len() <= MAX_INFO_MEMBERS {
+            self.info(true)
+        } else {
+            self.info_page("", MAX_INFO_MEMBERS)
+        }
+    }
+
+    /// The members after `after` in name order, at most `limit` (0 or more
+    /// than [`MAX_INFO_MEMBERS`] means that many), for GetGroup.
+    pub fn info_page(&self, after: &str, limit: usize) -> pb::GroupInfo {
+        let limit = if limit == 0 {
+            MAX_INFO_MEMBERS
+        } else {
+            limit.min(MAX_INFO_MEMBERS)
+        };
+        let start = self.by_name.partition_point(|u| &**u <= after);
+        let page = &self.by_name[start..];
+        let mut info = self.info(false);
+        info.members = page
+            .iter()
+            .take(limit)
+            .map(|u| pb::GroupMember {
+                user: u.to_string(),
+                role: self.role(u).unwrap_or(GroupRole::Member) as i32,
+            })
+            .collect();
+        info.more_members = page.len() > limit;
+        info
+    }
+
+    /// The stored form (all members); `with_members == false` leaves the
+    /// list out. Replies to clients use [`Group::reply_info`] or
+    /// [`Group::info_page`], which bound the list to what fits in a frame.
     pub fn info(&self, with_members: bool) -> pb::GroupInfo {
         pb::GroupInfo {
             group_id: self.id,
@@ -108,6 +147,7 @@ impl Group {
             created_ms: self.created_ms,
             version: self.version,
             member_count: self.members.len() as u32,
+            more_members: false,
         }
     }
 
@@ -155,7 +195,8 @@ impl Group {
     /// member becomes one.
     pub fn with_removed(&self, users: &[Arc<str>]) -> Group {
         let mut g = self.clone();
-        g.members.retain(|(u, _)| !users.contains(u));
+        let gone: std::collections::HashSet<&str> = users.iter().map(|u| &**u).collect();
+        g.members.retain(|(u, _)| !gone.contains(&**u));
         if !g.members.is_empty() && !g.members.iter().any(|(_, r)| *r == GroupRole::Admin) {
             g.members[0].1 = GroupRole::Admin;
         }

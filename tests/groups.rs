@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use swiftlet_client::{pb, Client, Deliveries};
-use swiftlet_protocol::pb::GroupEventKind;
+use swiftlet_protocol::pb::{GroupEventKind, GroupRole};
 use swiftlet_protocol::ErrorCode;
 
 const MEMBERS: usize = 50;
@@ -179,5 +179,84 @@ async fn the_member_limit_is_enforced() {
     assert_eq!(
         code_of(alice.create_group("bad", &["not ok"]).await),
         ErrorCode::InvalidRecipient
+    );
+}
+
+/// A group past what one frame can list: answers and events stay small
+/// (members paged by name, events naming at most 64 users), and the whole
+/// membership is still there, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_group_pages_its_members_and_keeps_its_events_small() {
+    let srv = TestServer::start();
+    let (alice, mut arx) = srv.connect("alice", "phone").await;
+    let first: Vec<String> = (0..499).map(|i| format!("m{i:03}")).collect();
+    let first_refs: Vec<&str> = first.iter().map(String::as_str).collect();
+    let created = alice
+        .create_group("big", &first_refs)
+        .await
+        .expect("create");
+    let gid = created.group_id;
+    // 500 members fit: all of them, in joining order, the creator first.
+    assert_eq!(created.members.len(), 500);
+    assert_eq!(created.members[0].user, "alice");
+    assert!(!created.more_members);
+    // Alice is one of the 500 the creation concerns: her copy names only her.
+    let (_, ev) = next_group_event(&mut arx).await;
+    assert_eq!(ev.kind, GroupEventKind::Created as i32);
+    assert_eq!(
+        (ev.users.clone(), ev.user_count),
+        (vec!["alice".to_string()], 500)
+    );
+
+    let more: Vec<String> = (500..600).map(|i| format!("m{i:03}")).collect();
+    let more_refs: Vec<&str> = more.iter().map(String::as_str).collect();
+    let grown = alice.add_members(gid, &more_refs).await.expect("add");
+    assert_eq!(grown.member_count, 600);
+    assert_eq!(grown.members.len(), 500, "the first page");
+    assert!(grown.more_members);
+    assert_eq!(grown.members[0].user, "alice", "by name");
+    // Not one of the 100 added: her copy names nobody, and counts them.
+    let (_, ev) = next_group_event(&mut arx).await;
+    assert_eq!(ev.kind, GroupEventKind::MembersAdded as i32);
+    assert!(ev.users.is_empty());
+    assert_eq!(ev.user_count, 100);
+
+    // An added member learns it was added, and an original one that it was
+    // in the group from the start.
+    let (_m550, mut late) = srv.connect("m550", "phone").await;
+    let (_, ev) = next_group_event(&mut late).await;
+    assert_eq!(ev.kind, GroupEventKind::MembersAdded as i32);
+    assert_eq!(
+        (ev.users.clone(), ev.user_count),
+        (vec!["m550".to_string()], 100)
+    );
+    let (_m007, mut early) = srv.connect("m007", "phone").await;
+    let (_, ev) = next_group_event(&mut early).await;
+    assert_eq!(ev.kind, GroupEventKind::Created as i32);
+    assert_eq!(
+        (ev.users.clone(), ev.user_count),
+        (vec!["m007".to_string()], 500)
+    );
+
+    // Paging by name covers every member once.
+    let page = alice.get_group_page(gid, "m100", 10).await.expect("page");
+    let names: Vec<&str> = page.members.iter().map(|m| m.user.as_str()).collect();
+    assert_eq!(
+        names,
+        (101..111).map(|i| format!("m{i:03}")).collect::<Vec<_>>()
+    );
+    assert!(page.more_members);
+    let all = alice.get_group(gid).await.expect("all pages");
+    let mut names: Vec<String> = all.members.iter().map(|m| m.user.clone()).collect();
+    assert_eq!(names.len(), 600);
+    assert!(!all.more_members);
+    names.dedup();
+    assert_eq!(names.len(), 600, "no member twice");
+    assert_eq!(
+        all.members
+            .iter()
+            .find(|m| m.user == "alice")
+            .map(|m| m.role),
+        Some(GroupRole::Admin as i32)
     );
 }

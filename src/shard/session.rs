@@ -151,7 +151,7 @@ pub fn handle(
         Body::RenameGroup(r) => submit(conn, slot, rid, Op::RenameGroup(r), ctx),
         Body::MarkRead(r) => submit(conn, slot, rid, Op::MarkRead(r), ctx),
         Body::SetPrivacy(r) => submit(conn, slot, rid, Op::SetPrivacy(r), ctx),
-        Body::GetGroup(r) => get_group(conn, rid, r.group_id, ctx),
+        Body::GetGroup(r) => get_group(conn, rid, r, ctx),
         Body::ListGroups(_) => list_groups(conn, rid, ctx),
         Body::GetReceipts(r) => get_receipts(conn, rid, r, ctx),
         Body::Typing(t) => typing(conn, slot, rid, t, ctx, local, now),
@@ -377,7 +377,8 @@ pub fn sync_page(
     })
 }
 
-fn get_group(conn: &mut Conn, rid: u64, id: u64, ctx: &ShardCtx) -> Flow {
+fn get_group(conn: &mut Conn, rid: u64, req: pb::GetGroup, ctx: &ShardCtx) -> Flow {
+    let id = req.group_id;
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
@@ -391,7 +392,8 @@ fn get_group(conn: &mut Conn, rid: u64, id: u64, ctx: &ShardCtx) -> Flow {
             "not a member of this group",
         ),
         Ok(Some(g)) => {
-            queue(conn, &Envelope::new(rid, Body::GroupInfo(g.info(true))));
+            let page = g.info_page(&req.members_after, req.members_limit as usize);
+            queue(conn, &Envelope::new(rid, Body::GroupInfo(page)));
             Flow::Continue
         }
     }

@@ -105,11 +105,37 @@ impl Client {
         }
     }
 
-    /// One group with its members (members only).
+    /// One group with all its members (members only): the pages of
+    /// [`Client::get_group_page`] joined, in name order.
     pub async fn get_group(&self, group_id: u64) -> Result<pb::GroupInfo, ClientError> {
+        let mut info = self.get_group_page(group_id, "", 0).await?;
+        while info.more_members {
+            let after = match info.members.last() {
+                Some(m) => m.user.clone(),
+                None => break,
+            };
+            let page = self.get_group_page(group_id, &after, 0).await?;
+            info.members.extend(page.members);
+            info.more_members = page.more_members;
+        }
+        Ok(info)
+    }
+
+    /// One page of a group's members: those after `after` in name order, at
+    /// most `limit` (0: the server's page size, 500).
+    pub async fn get_group_page(
+        &self,
+        group_id: u64,
+        after: &str,
+        limit: u32,
+    ) -> Result<pb::GroupInfo, ClientError> {
         group_info(
-            self.request(Body::GetGroup(pb::GetGroup { group_id }))
-                .await?,
+            self.request(Body::GetGroup(pb::GetGroup {
+                group_id,
+                members_after: after.to_owned(),
+                members_limit: limit,
+            }))
+            .await?,
         )
     }
 

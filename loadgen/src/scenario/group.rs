@@ -3,8 +3,10 @@
 //!
 //! Members are users `u0..`: group g is users g·S .. g·S+S−1 and its first
 //! member creates it. Setup: every member logs in, then each creator sends
-//! CreateGroup with the other S−1 members, gets GroupInfo, and the others
-//! learn the group id from the GroupEvent (CREATED) pushed to their inboxes.
+//! CreateGroup with (up to 500 of) the other S−1 members, gets GroupInfo,
+//! adds the rest with AddMembers 500 at a time, and the others learn the
+//! group id from the GroupEvent (CREATED or MEMBERS_ADDED) pushed to their
+//! inboxes.
 //! When every online member knows its group, the measured phase starts.
 //!
 //! Posting: closed loop by default, one post in flight per poster, where a
@@ -234,9 +236,15 @@ struct Member {
     place: u64,
     group_id: u64,
     create_request: Option<u64>,
+    /// The creator: members to add once the group exists.
+    pending_adds: Vec<String>,
     /// Closed loop: the last post's fan-out has not completed yet.
     fanning: bool,
 }
+
+/// Most members one CreateGroup or AddMembers names (a request must fit in
+/// the server's frame limit).
+const CREATE_CHUNK: usize = 500;
 
 impl Member {
     fn new(me: u32, group: usize, place: u64, conn: crate::conn::Conn) -> Self {
@@ -246,6 +254,7 @@ impl Member {
             place,
             group_id: 0,
             create_request: None,
+            pending_adds: Vec::new(),
             fanning: false,
         }
     }
@@ -268,15 +277,35 @@ impl Member {
     #[allow(clippy::needless_update)]
     fn queue_create(&mut self, sh: &Shared) {
         let first = (sh.first_group + self.group as u64) * sh.members;
-        let others = (first + 1..first + sh.members)
+        let mut others: Vec<String> = (first + 1..first + sh.members)
             .map(|k| sh.user(k))
             .collect();
+        // A request must fit in a frame: a big group is created with its
+        // first members and grown with AddMembers (queued right behind, so
+        // the server applies them in order).
+        let rest = others.split_off(others.len().min(CREATE_CHUNK));
         let id = self.s.conn.queue(Body::CreateGroup(pb::CreateGroup {
             name: format!("{}-g{}", sh.prefix, sh.first_group + self.group as u64),
             members: others,
             ..Default::default()
         }));
         self.create_request = Some(id);
+        self.pending_adds = rest;
+    }
+
+    /// After the CreateGroup answer: the remaining members, in chunks.
+    #[allow(clippy::needless_update)]
+    fn queue_adds(&mut self, group_id: u64) {
+        let mut rest = std::mem::take(&mut self.pending_adds);
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(CREATE_CHUNK));
+            self.s.conn.queue(Body::AddMembers(pb::AddMembers {
+                group_id,
+                users: rest,
+                ..Default::default()
+            }));
+            rest = tail;
+        }
     }
 
     /// This member now knows its group (once).
@@ -418,11 +447,13 @@ impl Role for Member {
             }
             Some(Body::GroupInfo(info)) if Some(env.request_id) == self.create_request => {
                 self.join(info.group_id, sh);
+                self.queue_adds(info.group_id);
             }
             Some(Body::Deliver(d)) => match self.s.deliver(&sh.c, d, Some(self.group_id)) {
                 Delivery::Counted { header, now_ns } => self.fan_out(header, now_ns, sh),
                 Delivery::Event(pb::event::Kind::GroupEvent(e))
-                    if e.kind == pb::GroupEventKind::Created as i32 =>
+                    if e.kind == pb::GroupEventKind::Created as i32
+                        || e.kind == pb::GroupEventKind::MembersAdded as i32 =>
                 {
                     self.join(e.group_id, sh);
                 }

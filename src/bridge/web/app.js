@@ -198,10 +198,18 @@ function onMessage(m) {
   if (key === S.openKey) scheduleMarkRead();
 }
 
+// A change concerning more than 64 users lists at most the reader.
+function whom(e) {
+  const users = e.users || [];
+  const unlisted = (e.userCount || 0) - users.length;
+  if (unlisted <= 0) return users.join(', ');
+  return users.length ? `${users.join(', ')} and ${unlisted} others` : `${e.userCount} users`;
+}
+
 const GROUP_VERBS = {
   GROUP_EVENT_KIND_CREATED: (e) => `${e.actor} created the group “${e.name}”`,
-  GROUP_EVENT_KIND_MEMBERS_ADDED: (e) => `${e.actor} added ${e.users.join(', ')}`,
-  GROUP_EVENT_KIND_MEMBERS_REMOVED: (e) => `${e.actor} removed ${e.users.join(', ')}`,
+  GROUP_EVENT_KIND_MEMBERS_ADDED: (e) => `${e.actor} added ${whom(e)}`,
+  GROUP_EVENT_KIND_MEMBERS_REMOVED: (e) => `${e.actor} removed ${whom(e)}`,
   GROUP_EVENT_KIND_MEMBER_LEFT: (e) => `${(e.users.length ? e.users : [e.actor]).join(', ')} left`,
   GROUP_EVENT_KIND_RENAMED: (e) => `${e.actor} renamed the group to “${e.name}”`,
 };

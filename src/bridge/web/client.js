@@ -671,8 +671,20 @@ export class SwiftletClient extends EventTarget {
     return r.groups || [];
   }
 
+  // The whole membership: GetGroup pages (500 members each) joined.
   async getGroup(groupId) {
-    return this.request('getGroup', { groupId: u64s(groupId) }, 'groupInfo');
+    const info = await this.request('getGroup', { groupId: u64s(groupId) }, 'groupInfo');
+    const members = [...(info.members || [])];
+    let more = info.moreMembers;
+    while (more && members.length) {
+      const after = members[members.length - 1].user;
+      const page = await this.request('getGroup', { groupId: u64s(groupId), membersAfter: after }, 'groupInfo');
+      members.push(...(page.members || []));
+      more = page.moreMembers && (page.members || []).length > 0;
+    }
+    info.members = members;
+    info.moreMembers = false;
+    return info;
   }
 
   async addMembers(groupId, users) {

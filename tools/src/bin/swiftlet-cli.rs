@@ -407,9 +407,20 @@ fn render_body(m: &pb::Message) -> String {
 }
 
 fn render_group_event(g: &pb::GroupEvent) -> String {
-    let users = g.users.join(", ");
+    // A change concerning more than 64 users lists at most the reader.
+    let unlisted = (g.user_count as usize).saturating_sub(g.users.len());
+    let users = match (g.users.is_empty(), unlisted) {
+        (_, 0) => g.users.join(", "),
+        (true, n) => format!("{n} users"),
+        (false, n) => format!("{} and {n} others", g.users.join(", ")),
+    };
     let at = format!("\"{}\" (#{})", g.name, g.group_id);
     match GroupEventKind::try_from(g.kind).unwrap_or(GroupEventKind::Unspecified) {
+        GroupEventKind::Created if unlisted > 0 => format!(
+            "* {} created {at} with {} members",
+            g.actor,
+            g.user_count.saturating_sub(1)
+        ),
         GroupEventKind::Created => {
             let others: Vec<&str> = g
                 .users
@@ -1372,8 +1383,25 @@ mod tests {
             name: "team".into(),
             version: 2,
             timestamp_ms: 0,
+            user_count: users.len() as u32,
+        };
+        let big = |kind: GroupEventKind, users: &[&str], count: u32| pb::GroupEvent {
+            user_count: count,
+            ..g(kind, users)
         };
         let cases = [
+            (
+                big(GroupEventKind::Created, &["bob"], 500),
+                "* alice created \"team\" (#7) with 499 members",
+            ),
+            (
+                big(GroupEventKind::MembersAdded, &["bob"], 100),
+                "* alice added bob and 99 others to \"team\" (#7)",
+            ),
+            (
+                big(GroupEventKind::MembersRemoved, &[], 100),
+                "* alice removed 100 users from \"team\" (#7)",
+            ),
             (
                 g(GroupEventKind::Created, &["alice", "bob"]),
                 "* alice created \"team\" (#7) with bob",
