@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use swiftlet_client::{pb, Client, Deliveries};
+use swiftlet_client::{pb, with_group, Client, Deliveries};
 use swiftlet_protocol::pb::{GroupEventKind, GroupRole};
 use swiftlet_protocol::ErrorCode;
 
@@ -186,7 +186,7 @@ async fn the_member_limit_is_enforced() {
 /// (members paged by name, events naming at most 64 users), and the whole
 /// membership is still there, page by page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_big_group_pages_its_members_and_keeps_its_events_small() {
+async fn a_big_group_pages_members_and_receipts_and_keeps_its_events_small() {
     let srv = TestServer::start();
     let (alice, mut arx) = srv.connect("alice", "phone").await;
     let first: Vec<String> = (0..499).map(|i| format!("m{i:03}")).collect();
@@ -230,7 +230,7 @@ async fn a_big_group_pages_its_members_and_keeps_its_events_small() {
         (ev.users.clone(), ev.user_count),
         (vec!["m550".to_string()], 100)
     );
-    let (_m007, mut early) = srv.connect("m007", "phone").await;
+    let (m007, mut early) = srv.connect("m007", "phone").await;
     let (_, ev) = next_group_event(&mut early).await;
     assert_eq!(ev.kind, GroupEventKind::Created as i32);
     assert_eq!(
@@ -259,4 +259,28 @@ async fn a_big_group_pages_its_members_and_keeps_its_events_small() {
             .map(|m| m.role),
         Some(GroupRole::Admin as i32)
     );
+
+    // The receipt list of a post pages the same way, the sender left out.
+    let post = alice
+        .send_group(gid, "text/plain", "to all 600")
+        .await
+        .expect("post")
+        .server_msg_id;
+    m007.mark_read(with_group(gid), post).await.expect("read");
+    let page = alice
+        .receipts_page(gid, post, "", 10)
+        .await
+        .expect("first receipts page");
+    assert_eq!(page.read, vec!["m007".to_string()]);
+    assert_eq!(page.pending.len(), 9);
+    assert!(page.more_members);
+    assert_eq!(page.last_member, "m009");
+    let list = alice.receipts(gid, post).await.expect("all receipts");
+    assert_eq!(list.read, vec!["m007".to_string()]);
+    assert_eq!(
+        list.read.len() + list.delivered.len() + list.pending.len(),
+        599
+    );
+    assert!(!list.more_members);
+    assert!(!list.pending.iter().any(|u| u == "alice"));
 }

@@ -21,6 +21,7 @@ use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
+use crate::groups::MAX_INFO_MEMBERS;
 use crate::registry::ConnRef;
 use crate::store::keys;
 
@@ -453,11 +454,19 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
         Ok(None) => return request_error(conn, rid, ErrorCode::NotFound, "no such group"),
         Ok(Some(g)) => g,
     };
-    let members: Vec<&str> = group
-        .members()
+    let limit = match req.members_limit as usize {
+        0 => MAX_INFO_MEMBERS,
+        n => n.min(MAX_INFO_MEMBERS),
+    };
+    let by_name = group.members_by_name();
+    let start = by_name.partition_point(|m| **m <= *req.members_after);
+    let mut rest = by_name[start..]
+        .iter()
         .map(|m| &**m)
         .filter(|m| *m != &*user)
-        .collect();
+        .peekable();
+    let members: Vec<&str> = rest.by_ref().take(limit).collect();
+    let more_members = rest.peek().is_some();
     let marks = match ctx
         .store
         .watermarks_of(&keys::group_conversation(group.id), &members)
@@ -467,6 +476,8 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
     };
     let mut list = pb::ReceiptList {
         message_id: msg.id,
+        more_members,
+        last_member: members.last().map(|m| m.to_string()).unwrap_or_default(),
         ..Default::default()
     };
     for (m, (delivered, read)) in members.into_iter().zip(marks) {

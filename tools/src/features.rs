@@ -181,16 +181,41 @@ impl Client {
         done(self.request(Body::MarkRead(req)).await?)
     }
 
-    /// Sender only: who has read, has, or lacks a group message.
+    /// Sender only: who has read, has, or lacks a group message, over the
+    /// whole group (the pages of [`Client::receipts_page`] joined).
     pub async fn receipts(
         &self,
         group_id: u64,
         message_id: u64,
     ) -> Result<pb::ReceiptList, ClientError> {
+        let mut list = self.receipts_page(group_id, message_id, "", 0).await?;
+        while list.more_members && !list.last_member.is_empty() {
+            let after = std::mem::take(&mut list.last_member);
+            let page = self.receipts_page(group_id, message_id, &after, 0).await?;
+            list.read.extend(page.read);
+            list.delivered.extend(page.delivered);
+            list.pending.extend(page.pending);
+            list.more_members = page.more_members;
+            list.last_member = page.last_member;
+        }
+        Ok(list)
+    }
+
+    /// One page of a group message's receipts: the members after `after`
+    /// in user-id order, at most `limit` (0: the server's page size, 500).
+    pub async fn receipts_page(
+        &self,
+        group_id: u64,
+        message_id: u64,
+        after: &str,
+        limit: u32,
+    ) -> Result<pb::ReceiptList, ClientError> {
         match self
             .request(Body::GetReceipts(pb::GetReceipts {
                 group_id,
                 message_id,
+                members_after: after.to_owned(),
+                members_limit: limit,
             }))
             .await?
         {

@@ -700,8 +700,19 @@ export class SwiftletClient extends EventTarget {
     return this.request('markRead', { conversation: conversation(conv), upTo: u64s(upTo) }, 'done');
   }
 
+  // Over the whole group: the pages (500 members each) joined.
   async getReceipts(groupId, messageId) {
-    return this.request('getReceipts', { groupId: u64s(groupId), messageId: u64s(messageId) }, 'receiptList');
+    const ask = (after) => this.request('getReceipts',
+      { groupId: u64s(groupId), messageId: u64s(messageId), membersAfter: after }, 'receiptList');
+    const list = await ask('');
+    for (const k of ['read', 'delivered', 'pending']) list[k] = [...(list[k] || [])];
+    while (list.moreMembers && list.lastMember) {
+      const page = await ask(list.lastMember);
+      for (const k of ['read', 'delivered', 'pending']) list[k].push(...(page[k] || []));
+      list.moreMembers = page.moreMembers;
+      list.lastMember = page.lastMember;
+    }
+    return list;
   }
 
   /** Typing STARTED / STOPPED. No answer unless refused (reported as 'error'). */
