@@ -284,3 +284,35 @@ async fn a_big_group_pages_members_and_receipts_and_keeps_its_events_small() {
     assert!(!list.more_members);
     assert!(!list.pending.iter().any(|u| u == "alice"));
 }
+
+/// ListGroups pages by group id; the client joins the pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_groups_pages_by_group_id() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let g = alice
+            .create_group(&format!("g{i}"), &["bob"])
+            .await
+            .expect("create");
+        ids.push(g.group_id);
+    }
+    ids.sort_unstable();
+    let first = alice.list_groups_page(0, 5).await.expect("first page");
+    let got: Vec<u64> = first.groups.iter().map(|g| g.group_id).collect();
+    assert_eq!(got, ids[..5]);
+    assert!(first.more);
+    let last = alice.list_groups_page(ids[9], 5).await.expect("last page");
+    let got: Vec<u64> = last.groups.iter().map(|g| g.group_id).collect();
+    assert_eq!(got, ids[10..]);
+    assert!(!last.more);
+    let all: Vec<u64> = alice
+        .list_groups()
+        .await
+        .expect("all")
+        .iter()
+        .map(|g| g.group_id)
+        .collect();
+    assert_eq!(all, ids);
+}

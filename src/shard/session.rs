@@ -153,7 +153,7 @@ pub fn handle(
         Body::MarkRead(r) => submit(conn, slot, rid, Op::MarkRead(r), ctx),
         Body::SetPrivacy(r) => submit(conn, slot, rid, Op::SetPrivacy(r), ctx),
         Body::GetGroup(r) => get_group(conn, rid, r, ctx),
-        Body::ListGroups(_) => list_groups(conn, rid, ctx),
+        Body::ListGroups(r) => list_groups(conn, rid, r, ctx),
         Body::GetReceipts(r) => get_receipts(conn, rid, r, ctx),
         Body::Typing(t) => typing(conn, slot, rid, t, ctx, local, now),
         Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, ctx),
@@ -400,25 +400,34 @@ fn get_group(conn: &mut Conn, rid: u64, req: pb::GetGroup, ctx: &ShardCtx) -> Fl
     }
 }
 
-fn list_groups(conn: &mut Conn, rid: u64, ctx: &ShardCtx) -> Flow {
+/// Most groups one GroupList holds (a GroupInfo without members is at most
+/// about 200 bytes, so a page stays inside a frame).
+const MAX_GROUPS_PAGE: usize = 250;
+
+fn list_groups(conn: &mut Conn, rid: u64, req: pb::ListGroups, ctx: &ShardCtx) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    let groups = ctx.store.memberships(&user).and_then(|ids| {
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
+    let limit = match req.limit as usize {
+        0 => MAX_GROUPS_PAGE,
+        n => n.min(MAX_GROUPS_PAGE),
+    };
+    let page = ctx.store.memberships(&user).and_then(|ids| {
+        let mut ids = ids.into_iter().filter(|id| *id > req.after_group_id);
+        let mut groups = Vec::new();
+        for id in ids.by_ref().take(limit) {
             if let Some(g) = ctx.groups.get(id)? {
-                out.push(g.info(false));
+                groups.push(g.info(false));
             }
         }
-        Ok(out)
+        Ok(pb::GroupList {
+            groups,
+            more: ids.next().is_some(),
+        })
     });
-    match groups {
-        Ok(groups) => {
-            queue(
-                conn,
-                &Envelope::new(rid, Body::GroupList(pb::GroupList { groups })),
-            );
+    match page {
+        Ok(page) => {
+            queue(conn, &Envelope::new(rid, Body::GroupList(page)));
             Flow::Continue
         }
         Err(e) => store_error(conn, rid, e),

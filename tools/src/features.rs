@@ -97,10 +97,34 @@ impl Client {
         group_info(self.request(Body::RenameGroup(req)).await?)
     }
 
-    /// The caller's groups (without member lists).
+    /// All the caller's groups (without member lists): the pages of
+    /// [`Client::list_groups_page`] joined, in group id order.
     pub async fn list_groups(&self) -> Result<Vec<pb::GroupInfo>, ClientError> {
-        match self.request(Body::ListGroups(pb::ListGroups {})).await? {
-            Body::GroupList(l) => Ok(l.groups),
+        let mut page = self.list_groups_page(0, 0).await?;
+        let mut groups = std::mem::take(&mut page.groups);
+        while page.more {
+            let Some(after) = groups.last().map(|g| g.group_id) else {
+                break;
+            };
+            page = self.list_groups_page(after, 0).await?;
+            groups.append(&mut page.groups);
+        }
+        Ok(groups)
+    }
+
+    /// One page of the caller's groups: ids above `after_group_id`, at most
+    /// `limit` (0: the server's page size, 250).
+    pub async fn list_groups_page(
+        &self,
+        after_group_id: u64,
+        limit: u32,
+    ) -> Result<pb::GroupList, ClientError> {
+        let req = pb::ListGroups {
+            after_group_id,
+            limit,
+        };
+        match self.request(Body::ListGroups(req)).await? {
+            Body::GroupList(l) => Ok(l),
             other => Err(unexpected("GroupList", &other)),
         }
     }

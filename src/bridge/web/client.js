@@ -666,9 +666,16 @@ export class SwiftletClient extends EventTarget {
     return this.request('createGroup', { name, members }, 'groupInfo');
   }
 
+  // All my groups: the pages (250 groups each) joined.
   async listGroups() {
-    const r = await this.request('listGroups', {}, 'groupList');
-    return r.groups || [];
+    const groups = [];
+    let after = '0';
+    for (;;) {
+      const r = await this.request('listGroups', { afterGroupId: after }, 'groupList');
+      groups.push(...(r.groups || []));
+      if (!r.more || !groups.length) return groups;
+      after = u64s(groups[groups.length - 1].groupId);
+    }
   }
 
   // The whole membership: GetGroup pages (500 members each) joined.
