@@ -579,6 +579,7 @@ impl Pipeline {
             self.groups.clear();
         }
         self.heads.rotate_if_full();
+        self.groups.rotate_if_full();
         self.outbox.dispatch();
         for done in flushes {
             let _ = done.send(());

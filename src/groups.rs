@@ -217,37 +217,93 @@ impl Group {
 /// the store, which its bloom-less point lookup answers quickly).
 pub struct GroupDirectory {
     store: Arc<Store>,
-    cache: RwLock<HashMap<u64, Arc<Group>>>,
+    cache: RwLock<Generations>,
 }
+
+/// Two generations of cached groups, like the pipeline's inbox heads: the
+/// young one is retired when full, by the pipeline between group commits
+/// ([`GroupDirectory::rotate_if_full`]), so a group it installed for the
+/// batch being built is never dropped before that batch is written.
+#[derive(Default)]
+struct Generations {
+    young: HashMap<u64, Arc<Group>>,
+    old: HashMap<u64, Arc<Group>>,
+}
+
+/// Groups per cache generation.
+const GROUPS_PER_GENERATION: usize = 16_384;
 
 impl GroupDirectory {
     pub fn new(store: Arc<Store>) -> Self {
         GroupDirectory {
             store,
-            cache: RwLock::new(HashMap::new()),
+            cache: RwLock::new(Generations::default()),
         }
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Arc<Group>>, StoreError> {
-        if let Some(g) = self.cache.read().get(&id) {
-            return Ok(Some(g.clone()));
+        {
+            let cache = self.cache.read();
+            if let Some(g) = cache.young.get(&id) {
+                return Ok(Some(g.clone()));
+            }
+        }
+        if let Some(g) = {
+            let mut cache = self.cache.write();
+            let found = cache.old.remove(&id);
+            if let Some(g) = &found {
+                cache.young.insert(id, g.clone());
+            }
+            found
+        } {
+            return Ok(Some(g));
         }
         let Some(info) = self.store.group(id)? else {
             return Ok(None);
         };
-        let g = Arc::new(Group::from_info(info));
-        self.cache.write().insert(id, g.clone());
-        Ok(Some(g))
+        Ok(Some(self.install_loaded(Arc::new(Group::from_info(info)))))
+    }
+
+    /// Cache a group read from the store, unless a newer version got there
+    /// first: the pipeline installs a change with [`GroupDirectory::put`]
+    /// while a shard may be reading the version before it. Returns what the
+    /// cache holds afterwards.
+    fn install_loaded(&self, loaded: Arc<Group>) -> Arc<Group> {
+        let mut cache = self.cache.write();
+        let id = loaded.id;
+        let cached = match cache.young.get(&id) {
+            Some(g) => Some(g.clone()),
+            None => cache.old.remove(&id),
+        };
+        let keep = match cached {
+            Some(cur) if cur.version >= loaded.version => cur,
+            _ => loaded,
+        };
+        cache.young.insert(id, keep.clone());
+        keep
     }
 
     /// Install a changed group (the pipeline calls this as it writes it).
     pub fn put(&self, group: Arc<Group>) {
-        self.cache.write().insert(group.id, group);
+        let mut cache = self.cache.write();
+        cache.old.remove(&group.id);
+        cache.young.insert(group.id, group);
     }
 
     /// Forget everything cached (after a failed write, the store is the truth).
     pub fn clear(&self) {
-        self.cache.write().clear();
+        let mut cache = self.cache.write();
+        cache.young.clear();
+        cache.old.clear();
+    }
+
+    /// Between group commits (the pipeline): retire the young generation if
+    /// it is full, dropping the groups nobody used for a generation.
+    pub fn rotate_if_full(&self) {
+        let mut cache = self.cache.write();
+        if cache.young.len() >= GROUPS_PER_GENERATION {
+            cache.old = std::mem::take(&mut cache.young);
+        }
     }
 }
 
@@ -257,6 +313,38 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<Arc<str>> {
         v.iter().map(|s| Arc::from(*s)).collect()
+    }
+
+    #[test]
+    fn a_stale_read_never_replaces_a_newer_cached_group() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(
+            Store::open(dir.path(), &crate::store::StoreOptions::default()).expect("open"),
+        );
+        let groups = GroupDirectory::new(store);
+        let v1 = Arc::new(Group::new(
+            9,
+            "g".into(),
+            "a".into(),
+            0,
+            1,
+            vec![(Arc::from("a"), GroupRole::Admin)],
+        ));
+        let v2 = Arc::new(v1.with_added(&ids(&["b"])));
+        // The pipeline installs v2 while a shard was reading v1 from the store.
+        groups.put(v2.clone());
+        assert_eq!(groups.install_loaded(v1.clone()).version, 2);
+        // Also when v2 has moved to the old generation meanwhile.
+        {
+            let mut c = groups.cache.write();
+            c.old = std::mem::take(&mut c.young);
+        }
+        assert_eq!(groups.install_loaded(v1.clone()).version, 2);
+        assert!(groups.get(9).expect("get").expect("cached").is_member("b"));
+        // A newer read does replace an older cached one.
+        groups.clear();
+        groups.put(v1);
+        assert_eq!(groups.install_loaded(v2).version, 2);
     }
 
     #[test]
