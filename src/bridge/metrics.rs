@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
 /// Upper bounds of the push delay histogram, in microseconds.
-const PUSH_BUCKETS_US: [u64; 12] = [
-    50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 10_000, 25_000, 100_000,
+const PUSH_BUCKETS_US: [u64; 15] = [
+    50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7500, 10_000, 15_000, 25_000, 100_000,
 ];
 /// Upper bounds of the store write histogram, in microseconds.
 const COMMIT_BUCKETS_US: [u64; 10] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
@@ -75,7 +75,7 @@ pub struct Metrics {
     /// group's answers and pushes to its sockets (one observation per shard
     /// loop turn that handled any, from the oldest commit among them): the
     /// server's share of a fan-out's latency after the write.
-    pub push_delay_us: Histogram<12>,
+    pub push_delay_us: Histogram<15>,
 }
 
 impl Default for Metrics {
