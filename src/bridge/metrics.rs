@@ -43,7 +43,9 @@ impl<const N: usize> Histogram<N> {
         self.count.fetch_add(1, Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str, scale: f64) {
+    /// `per_unit`: recorded values per exported unit (1e6 for microseconds
+    /// exported as seconds): a division, so bounds print as `0.00005`.
+    fn render(&self, out: &mut String, name: &str, help: &str, per_unit: f64) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
@@ -51,12 +53,12 @@ impl<const N: usize> Histogram<N> {
             let _ = writeln!(
                 out,
                 "{name}_bucket{{le=\"{}\"}} {cumulative}",
-                *b as f64 * scale
+                *b as f64 / per_unit
             );
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Relaxed) as f64 * scale);
+        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Relaxed) as f64 / per_unit);
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -155,13 +157,13 @@ impl Metrics {
             &mut out,
             "swiftlet_store_write_seconds",
             "Duration of one group commit (WAL write).",
-            1e-6,
+            1e6,
         );
         self.push_delay_us.render(
             &mut out,
             "swiftlet_push_delay_seconds",
             "From a group commit's durable write to a shard having written its answers and pushes to the sockets.",
-            1e-6,
+            1e6,
         );
         let _ = writeln!(
             out,
@@ -191,5 +193,6 @@ mod tests {
         let text = m.render();
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.002\"} 1"));
+        assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.00005\"} 0"));
     }
 }
