@@ -58,7 +58,11 @@ impl<const N: usize> Histogram<N> {
         }
         let count = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum.load(Relaxed) as f64 / per_unit);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum.load(Relaxed) as f64 / per_unit
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
