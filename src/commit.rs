@@ -34,6 +34,7 @@ use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
 use crate::auth::valid_id;
 use crate::bridge::metrics::Metrics;
+use crate::generations::Generations;
 use crate::groups::{Group, GroupDirectory};
 use crate::ids::{unix_ms, IdGen};
 use crate::registry::{ConnRef, Registry};
@@ -155,7 +156,7 @@ pub fn spawn(
         outbox: Outbox::new(shards),
         ids: IdGen::new(config.node_id),
         max_group_members: config.max_group_members,
-        heads: Heads::new(HEADS_PER_GENERATION),
+        heads: Generations::new(HEADS_PER_GENERATION),
     };
     let join = std::thread::Builder::new()
         .name("swiftlet-commit".into())
@@ -321,45 +322,42 @@ pub fn add_delivered(
     if from == user {
         return;
     }
-    let key = if group_id != 0 {
-        keys::group_conversation(group_id)
+    let (key, seen_as) = if group_id != 0 {
+        (keys::group_conversation(group_id), group_conv(group_id))
     } else {
-        keys::direct_conversation(user, from)
+        (keys::direct_conversation(user, from), direct(user))
     };
-    match convs.iter_mut().find(|c| c.key == key) {
-        Some(c) => {
-            c.newest = c.newest.max(id);
-            if !c.senders.iter().any(|s| s == from) {
-                c.senders.push(from.to_owned());
-            }
-        }
-        None => convs.push(DeliveredConv {
+    merge_conv(
+        convs,
+        DeliveredConv {
             key,
-            seen_as: if group_id != 0 {
-                group_conv(group_id)
-            } else {
-                direct(user)
-            },
+            seen_as,
             newest: id,
             senders: vec![from.to_owned()],
-        }),
-    }
+        },
+    );
 }
 
 /// Fold `more` into `into`, one entry per conversation.
 pub fn merge_delivered(into: &mut Vec<DeliveredConv>, more: Vec<DeliveredConv>) {
     for c in more {
-        match into.iter_mut().find(|x| x.key == c.key) {
-            Some(x) => {
-                x.newest = x.newest.max(c.newest);
-                for s in c.senders {
-                    if !x.senders.contains(&s) {
-                        x.senders.push(s);
-                    }
+        merge_conv(into, c);
+    }
+}
+
+/// Fold one conversation's entry into `into`: the newer watermark, the
+/// union of the senders.
+fn merge_conv(into: &mut Vec<DeliveredConv>, c: DeliveredConv) {
+    match into.iter_mut().find(|x| x.key == c.key) {
+        Some(x) => {
+            x.newest = x.newest.max(c.newest);
+            for s in c.senders {
+                if !x.senders.contains(&s) {
+                    x.senders.push(s);
                 }
             }
-            None => into.push(c),
         }
+        None => into.push(c),
     }
 }
 
@@ -412,61 +410,14 @@ struct Pipeline {
     outbox: Outbox,
     ids: IdGen,
     max_group_members: usize,
-    /// Newest inbox seq of recently written users.
-    heads: Heads,
+    /// Newest inbox seq of recently written users, so an append needs no
+    /// store read.
+    heads: Generations<Arc<str>, u64>,
 }
 
-/// Users' newest inbox seqs, so an append needs no store read. Bounded: two
-/// generations of at most about [`HEADS_PER_GENERATION`] users each. When
-/// the young one fills, at the end of a group commit, it becomes the old
-/// one and the previous old one is dropped; a user found in the old one
-/// moves back to the young. A user not written for a generation is read
-/// from the store again on their next append. Rotating only between groups
-/// means an entry set by the group being built is never dropped before its
-/// batch is written.
-struct Heads {
-    young: HashMap<Arc<str>, u64>,
-    old: HashMap<Arc<str>, u64>,
-    per_generation: usize,
-}
-
-/// Users per generation of [`Heads`] (about 64 bytes each).
+/// Users per generation of the pipeline's inbox-head cache (about 64 bytes
+/// each): see [`Generations`].
 const HEADS_PER_GENERATION: usize = 1 << 18;
-
-impl Heads {
-    fn new(per_generation: usize) -> Self {
-        Heads {
-            young: HashMap::new(),
-            old: HashMap::new(),
-            per_generation,
-        }
-    }
-
-    fn get(&mut self, user: &Arc<str>) -> Option<u64> {
-        if let Some(h) = self.young.get(user) {
-            return Some(*h);
-        }
-        let (user, h) = self.old.remove_entry(user)?;
-        self.young.insert(user, h);
-        Some(h)
-    }
-
-    fn set(&mut self, user: &Arc<str>, head: u64) {
-        self.young.insert(user.clone(), head);
-    }
-
-    /// Between group commits: retire the young generation if it is full.
-    fn rotate_if_full(&mut self) {
-        if self.young.len() >= self.per_generation {
-            self.old = std::mem::take(&mut self.young);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.young.clear();
-        self.old.clear();
-    }
-}
 
 impl Pipeline {
     fn run(&mut self, rx: Receiver<CommitCmd>) {
@@ -588,11 +539,11 @@ impl Pipeline {
 
     /// Reserve the next inbox seq of `user`.
     fn next_seq(&mut self, user: &Arc<str>) -> Result<u64, StoreError> {
-        let head = match self.heads.get(user) {
+        let head = match self.heads.get(&**user) {
             Some(h) => h,
             None => self.store.last_seq(user)?,
         };
-        self.heads.set(user, head + 1);
+        self.heads.insert(user.clone(), head + 1);
         Ok(head + 1)
     }
 
@@ -1068,33 +1019,5 @@ impl Pipeline {
             self.set_watermarks(w, &c.key, user, (c.newest, read))?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heads_keep_recent_users_and_forget_idle_ones() {
-        let u = |s: &str| -> Arc<str> { Arc::from(s) };
-        let mut h = Heads::new(2);
-        h.set(&u("a"), 1);
-        h.set(&u("b"), 2);
-        h.rotate_if_full();
-        assert_eq!((h.young.len(), h.old.len()), (0, 2));
-        // Found in the old generation: back in the young one.
-        assert_eq!(h.get(&u("a")), Some(1));
-        h.set(&u("c"), 3);
-        h.rotate_if_full();
-        // "b" was not touched for a whole generation: read from the store.
-        assert_eq!(h.get(&u("b")), None);
-        assert_eq!((h.get(&u("a")), h.get(&u("c"))), (Some(1), Some(3)));
-        // Within a group nothing is dropped, however many users it writes.
-        for i in 0..10 {
-            h.set(&u(&format!("x{i}")), i);
-        }
-        assert_eq!(h.get(&u("a")), Some(1));
-        assert_eq!(h.get(&u("x0")), Some(0));
     }
 }

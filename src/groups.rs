@@ -13,11 +13,21 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use swiftlet_protocol::pb::{self, GroupRole};
 
+use crate::generations::Generations;
 use crate::store::{Store, StoreError};
 
 /// Most members one GroupInfo sent to a client lists: 500 of the longest
 /// user ids (64 bytes) come to about 35 KB, inside the 64 KiB frame limit.
 pub const MAX_INFO_MEMBERS: usize = 500;
+
+/// The size of a requested page: `requested`, or `max` when that is 0 or
+/// more than `max` (GetGroup, GetReceipts, ListGroups).
+pub fn page_limit(requested: u32, max: usize) -> usize {
+    match requested as usize {
+        0 => max,
+        n => n.min(max),
+    }
+}
 
 /// One group, immutable: a change makes a new `Group`.
 #[derive(Debug, Clone)]
@@ -98,20 +108,15 @@ impl Group {
         if self.members.len() <= MAX_INFO_MEMBERS {
             self.info(true)
         } else {
-            self.info_page("", MAX_INFO_MEMBERS)
+            self.info_page("", 0)
         }
     }
 
-    /// The members after `after` in name order, at most `limit` (0 or more
-    /// than [`MAX_INFO_MEMBERS`] means that many), for GetGroup.
-    pub fn info_page(&self, after: &str, limit: usize) -> pb::GroupInfo {
-        let limit = if limit == 0 {
-            MAX_INFO_MEMBERS
-        } else {
-            limit.min(MAX_INFO_MEMBERS)
-        };
-        let start = self.by_name.partition_point(|u| &**u <= after);
-        let page = &self.by_name[start..];
+    /// The members after `after` in name order, at most `limit` (see
+    /// [`page_limit`]; the bound is [`MAX_INFO_MEMBERS`]), for GetGroup.
+    pub fn info_page(&self, after: &str, limit: u32) -> pb::GroupInfo {
+        let limit = page_limit(limit, MAX_INFO_MEMBERS);
+        let page = self.members_after(after);
         let mut info = self.info(false);
         info.members = page
             .iter()
@@ -177,6 +182,12 @@ impl Group {
         &self.by_name
     }
 
+    /// The members whose names sort after `after`, in name order (paging).
+    pub fn members_after(&self, after: &str) -> &[Arc<str>] {
+        let start = self.by_name.partition_point(|u| &**u <= after);
+        &self.by_name[start..]
+    }
+
     /// A copy with `users` added as members (those already in are skipped).
     pub fn with_added(&self, users: &[Arc<str>]) -> Group {
         let mut g = self.clone();
@@ -217,17 +228,10 @@ impl Group {
 /// the store, which its bloom-less point lookup answers quickly).
 pub struct GroupDirectory {
     store: Arc<Store>,
-    cache: RwLock<Generations>,
-}
-
-/// Two generations of cached groups, like the pipeline's inbox heads: the
-/// young one is retired when full, by the pipeline between group commits
-/// ([`GroupDirectory::rotate_if_full`]), so a group it installed for the
-/// batch being built is never dropped before that batch is written.
-#[derive(Default)]
-struct Generations {
-    young: HashMap<u64, Arc<Group>>,
-    old: HashMap<u64, Arc<Group>>,
+    /// Bounded (see [`Generations`]); the pipeline rotates it between
+    /// group commits, so a group it installed for the batch being built is
+    /// never dropped before that batch is written.
+    cache: RwLock<Generations<u64, Arc<Group>>>,
 }
 
 /// Groups per cache generation.
@@ -237,25 +241,15 @@ impl GroupDirectory {
     pub fn new(store: Arc<Store>) -> Self {
         GroupDirectory {
             store,
-            cache: RwLock::new(Generations::default()),
+            cache: RwLock::new(Generations::new(GROUPS_PER_GENERATION)),
         }
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Arc<Group>>, StoreError> {
-        {
-            let cache = self.cache.read();
-            if let Some(g) = cache.young.get(&id) {
-                return Ok(Some(g.clone()));
-            }
+        if let Some(g) = self.cache.read().peek(&id) {
+            return Ok(Some(g.clone()));
         }
-        if let Some(g) = {
-            let mut cache = self.cache.write();
-            let found = cache.old.remove(&id);
-            if let Some(g) = &found {
-                cache.young.insert(id, g.clone());
-            }
-            found
-        } {
+        if let Some(g) = self.cache.write().get(&id) {
             return Ok(Some(g));
         }
         let Some(info) = self.store.group(id)? else {
@@ -270,40 +264,28 @@ impl GroupDirectory {
     /// cache holds afterwards.
     fn install_loaded(&self, loaded: Arc<Group>) -> Arc<Group> {
         let mut cache = self.cache.write();
-        let id = loaded.id;
-        let cached = match cache.young.get(&id) {
-            Some(g) => Some(g.clone()),
-            None => cache.old.remove(&id),
-        };
-        let keep = match cached {
+        let keep = match cache.get(&loaded.id) {
             Some(cur) if cur.version >= loaded.version => cur,
             _ => loaded,
         };
-        cache.young.insert(id, keep.clone());
+        cache.insert(keep.id, keep.clone());
         keep
     }
 
     /// Install a changed group (the pipeline calls this as it writes it).
     pub fn put(&self, group: Arc<Group>) {
-        let mut cache = self.cache.write();
-        cache.old.remove(&group.id);
-        cache.young.insert(group.id, group);
+        self.cache.write().insert(group.id, group);
     }
 
     /// Forget everything cached (after a failed write, the store is the truth).
     pub fn clear(&self) {
-        let mut cache = self.cache.write();
-        cache.young.clear();
-        cache.old.clear();
+        self.cache.write().clear();
     }
 
     /// Between group commits (the pipeline): retire the young generation if
     /// it is full, dropping the groups nobody used for a generation.
     pub fn rotate_if_full(&self) {
-        let mut cache = self.cache.write();
-        if cache.young.len() >= GROUPS_PER_GENERATION {
-            cache.old = std::mem::take(&mut cache.young);
-        }
+        self.cache.write().rotate_if_full();
     }
 }
 
@@ -335,10 +317,7 @@ mod tests {
         groups.put(v2.clone());
         assert_eq!(groups.install_loaded(v1.clone()).version, 2);
         // Also when v2 has moved to the old generation meanwhile.
-        {
-            let mut c = groups.cache.write();
-            c.old = std::mem::take(&mut c.young);
-        }
+        groups.cache.write().retire_all();
         assert_eq!(groups.install_loaded(v1.clone()).version, 2);
         assert!(groups.get(9).expect("get").expect("cached").is_member("b"));
         // A newer read does replace an older cached one.

@@ -19,6 +19,7 @@
 //!   atomic writes, then Acks and pushes.
 //! - [`registry`]: which user is connected where (and who watches whose presence).
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
+//! - [`generations`]: the two-generation bound on the pipeline's caches.
 //! - [`store`]: RocksDB, the only module that knows it.
 //! - [`alloc`]: mimalloc, and returning an idle shard's free pages.
 //! - [`auth`]: tokens to user ids; id shapes.
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod bridge;
 pub mod commit;
 pub mod config;
+pub mod generations;
 pub mod groups;
 pub mod ids;
 pub mod registry;

@@ -223,19 +223,19 @@ async fn a_big_group_pages_members_and_receipts_and_keeps_its_events_small() {
 
     // An added member learns it was added, and an original one that it was
     // in the group from the start.
-    let (_m550, mut late) = srv.connect("m550", "phone").await;
-    let (_, ev) = next_group_event(&mut late).await;
-    assert_eq!(ev.kind, GroupEventKind::MembersAdded as i32);
+    let (_m550, ev) = first_group_event(&srv, "m550").await;
     assert_eq!(
-        (ev.users.clone(), ev.user_count),
-        (vec!["m550".to_string()], 100)
+        (ev.kind, ev.users, ev.user_count),
+        (
+            GroupEventKind::MembersAdded as i32,
+            vec!["m550".into()],
+            100
+        )
     );
-    let (m007, mut early) = srv.connect("m007", "phone").await;
-    let (_, ev) = next_group_event(&mut early).await;
-    assert_eq!(ev.kind, GroupEventKind::Created as i32);
+    let (m007, ev) = first_group_event(&srv, "m007").await;
     assert_eq!(
-        (ev.users.clone(), ev.user_count),
-        (vec!["m007".to_string()], 500)
+        (ev.kind, ev.users, ev.user_count),
+        (GroupEventKind::Created as i32, vec!["m007".into()], 500)
     );
 
     // Paging by name covers every member once.
@@ -315,4 +315,11 @@ async fn list_groups_pages_by_group_id() {
         .map(|g| g.group_id)
         .collect();
     assert_eq!(all, ids);
+}
+
+/// Log `user` in and take the first event of their inbox, a group event.
+async fn first_group_event(srv: &TestServer, user: &str) -> (Client, pb::GroupEvent) {
+    let (client, mut rx) = srv.connect(user, "phone").await;
+    let (_, ev) = next_group_event(&mut rx).await;
+    (client, ev)
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use swiftlet_client::{with_group, with_user};
+use swiftlet_client::{with_group, with_user, Client, Deliveries};
 use swiftlet_protocol::pb::{conversation, ReceiptKind};
 use swiftlet_protocol::ErrorCode;
 
@@ -156,45 +156,49 @@ async fn the_group_receipt_list_tells_read_delivered_and_pending() {
 async fn delivered_receipts_after_a_catch_up_and_after_a_long_unacknowledged_run() {
     let srv = TestServer::start();
     let (alice, mut arx) = srv.connect("alice", "phone").await;
-    let mut last = 0;
     // Bob is offline: these reach him by catch-up when he logs in.
-    for i in 0..3 {
-        last = alice
-            .send("bob", "text/plain", format!("early {i}"))
-            .await
-            .expect("ack")
-            .server_msg_id;
-        next_message(&mut arx).await;
-    }
+    let last = send_to_bob(&alice, &mut arx, 3).await;
     let (bob, mut brx) = srv.connect("bob", "phone").await;
-    let mut seq = 0;
-    for _ in 0..3 {
-        seq = next_message(&mut brx).await.0;
-    }
-    bob.ack_delivery(seq).await.expect("ack delivery");
-    let (_, r) = next_receipt(&mut arx).await;
-    assert_eq!(
-        (r.kind, r.user.as_str(), r.up_to),
-        (ReceiptKind::Delivered as i32, "bob", last)
-    );
+    receive_ack_and_see_delivered(&bob, &mut brx, &mut arx, 3, last).await;
 
     let n = swiftlet::shard::unacked::MAX_UNACKED + 20;
+    let last = send_to_bob(&alice, &mut arx, n).await;
+    receive_ack_and_see_delivered(&bob, &mut brx, &mut arx, n, last).await;
+    assert_no_more(&alice, &mut arx).await;
+}
+
+/// Alice sends `n` messages to bob (taking her own copies off `arx`); the
+/// last one's id.
+async fn send_to_bob(alice: &Client, arx: &mut Deliveries, n: usize) -> u64 {
+    let mut last = 0;
     for i in 0..n {
         last = alice
-            .send("bob", "text/plain", format!("late {i}"))
+            .send("bob", "text/plain", format!("m{i}"))
             .await
             .expect("ack")
             .server_msg_id;
-        next_message(&mut arx).await;
+        next_message(arx).await;
     }
+    last
+}
+
+/// Bob's device receives `n` messages and acknowledges them; alice's device
+/// then sees bob's delivered receipt up to `last`.
+async fn receive_ack_and_see_delivered(
+    bob: &Client,
+    brx: &mut Deliveries,
+    arx: &mut Deliveries,
+    n: usize,
+    last: u64,
+) {
+    let mut seq = 0;
     for _ in 0..n {
-        seq = next_message(&mut brx).await.0;
+        seq = next_message(brx).await.0;
     }
     bob.ack_delivery(seq).await.expect("ack delivery");
-    let (_, r) = next_receipt(&mut arx).await;
+    let (_, r) = next_receipt(arx).await;
     assert_eq!(
         (r.kind, r.user.as_str(), r.up_to),
         (ReceiptKind::Delivered as i32, "bob", last)
     );
-    assert_no_more(&alice, &mut arx).await;
 }

@@ -21,7 +21,7 @@ use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
-use crate::groups::MAX_INFO_MEMBERS;
+use crate::groups::{page_limit, MAX_INFO_MEMBERS};
 use crate::registry::ConnRef;
 use crate::store::keys;
 
@@ -393,7 +393,7 @@ fn get_group(conn: &mut Conn, rid: u64, req: pb::GetGroup, ctx: &ShardCtx) -> Fl
             "not a member of this group",
         ),
         Ok(Some(g)) => {
-            let page = g.info_page(&req.members_after, req.members_limit as usize);
+            let page = g.info_page(&req.members_after, req.members_limit);
             queue(conn, &Envelope::new(rid, Body::GroupInfo(page)));
             Flow::Continue
         }
@@ -408,10 +408,7 @@ fn list_groups(conn: &mut Conn, rid: u64, req: pb::ListGroups, ctx: &ShardCtx) -
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    let limit = match req.limit as usize {
-        0 => MAX_GROUPS_PAGE,
-        n => n.min(MAX_GROUPS_PAGE),
-    };
+    let limit = page_limit(req.limit, MAX_GROUPS_PAGE);
     let page = ctx.store.memberships(&user).and_then(|ids| {
         let mut ids = ids.into_iter().filter(|id| *id > req.after_group_id);
         let mut groups = Vec::new();
@@ -463,13 +460,9 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
         Ok(None) => return request_error(conn, rid, ErrorCode::NotFound, "no such group"),
         Ok(Some(g)) => g,
     };
-    let limit = match req.members_limit as usize {
-        0 => MAX_INFO_MEMBERS,
-        n => n.min(MAX_INFO_MEMBERS),
-    };
-    let by_name = group.members_by_name();
-    let start = by_name.partition_point(|m| **m <= *req.members_after);
-    let mut rest = by_name[start..]
+    let limit = page_limit(req.members_limit, MAX_INFO_MEMBERS);
+    let mut rest = group
+        .members_after(&req.members_after)
         .iter()
         .map(|m| &**m)
         .filter(|m| *m != &*user)
