@@ -69,6 +69,7 @@ impl Bench {
             request_id: self.n,
             user: Arc::from(user),
             device: Arc::from("phone"),
+            received: std::time::Instant::now(),
         };
         // The queue holds 64k commands; a bench group is at most 1024.
         self.pipeline

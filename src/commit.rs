@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -38,7 +39,7 @@ use crate::generations::Generations;
 use crate::groups::{Group, GroupDirectory};
 use crate::ids::{unix_ms, IdGen};
 use crate::registry::{ConnRef, Registry};
-use crate::shard::mailbox::{Push, ShardHandle};
+use crate::shard::mailbox::{Push, Reply, ShardHandle};
 use crate::shard::unacked::Sent;
 use crate::store::keys::{self, InboxEntry};
 use crate::store::{Batch, Store, StoreError};
@@ -60,6 +61,8 @@ pub struct Origin {
     pub request_id: u64,
     pub user: Arc<str>,
     pub device: Arc<str>,
+    /// When the shard read the request.
+    pub received: Instant,
 }
 
 /// A request that changes durable state.
@@ -195,7 +198,7 @@ struct Pending {
 struct Work {
     batch: Batch,
     /// Answers sent only if the batch commits.
-    answers: Vec<(ConnRef, Envelope)>,
+    answers: Vec<(ConnRef, Instant, Envelope)>,
     pushes: Vec<Pending>,
     writes: usize,
     /// Retries landing in the same group as their original.
@@ -211,7 +214,7 @@ struct Work {
 /// Per-shard buffers of what a group produces, sent after the commit.
 struct Outbox {
     shards: Vec<ShardHandle>,
-    replies: Vec<Vec<(ConnRef, Bytes)>>,
+    replies: Vec<Vec<Reply>>,
     pushes: Vec<Vec<Push>>,
     conns: Vec<ConnRef>,
 }
@@ -227,9 +230,13 @@ impl Outbox {
         }
     }
 
-    fn reply(&mut self, to: ConnRef, env: &Envelope) {
+    fn reply(&mut self, to: ConnRef, received: Instant, env: &Envelope) {
         if let Some(v) = self.replies.get_mut(usize::from(to.shard)) {
-            v.push((to, frame_bytes(env)));
+            v.push(Reply {
+                to,
+                frame: frame_bytes(env),
+                received,
+            });
         }
     }
 
@@ -255,7 +262,7 @@ impl Outbox {
 
     /// Hand everything to the shards: one message and one wake-up per shard.
     fn dispatch(&mut self) {
-        let committed = std::time::Instant::now();
+        let committed = Instant::now();
         for (i, shard) in self.shards.iter().enumerate() {
             let replies = std::mem::take(&mut self.replies[i]);
             let pushes = std::mem::take(&mut self.pushes[i]);
@@ -441,12 +448,15 @@ impl Pipeline {
         for cmd in group.drain(..) {
             match cmd {
                 CommitCmd::Request(origin, op) => match self.apply(&mut w, &origin, op) {
-                    Ok(Some(body)) => w
-                        .answers
-                        .push((origin.reply, Envelope::new(origin.request_id, body))),
+                    Ok(Some(body)) => w.answers.push((
+                        origin.reply,
+                        origin.received,
+                        Envelope::new(origin.request_id, body),
+                    )),
                     Ok(None) => {}
                     Err(Fail::Refuse(code, why)) => self.outbox.reply(
                         origin.reply,
+                        origin.received,
                         &Envelope::error(origin.request_id, code, why, false),
                     ),
                     Err(Fail::Store(e)) => {
@@ -454,6 +464,7 @@ impl Pipeline {
                         w.reset = true;
                         self.outbox.reply(
                             origin.reply,
+                            origin.received,
                             &Envelope::error(
                                 origin.request_id,
                                 ErrorCode::StoreUnavailable,
@@ -483,7 +494,7 @@ impl Pipeline {
         }
 
         let committed = w.writes == 0 || {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let result = self.store.commit(std::mem::take(&mut w.batch));
             self.metrics
                 .commit_us
@@ -500,22 +511,23 @@ impl Pipeline {
             let acks = w
                 .answers
                 .iter()
-                .filter(|(_, e)| matches!(e.body, Some(Body::Ack(_))))
+                .filter(|(_, _, e)| matches!(e.body, Some(Body::Ack(_))))
                 .count();
             self.metrics
                 .acks
                 .fetch_add(acks as u64, std::sync::atomic::Ordering::Relaxed);
-            for (to, env) in &w.answers {
-                self.outbox.reply(*to, env);
+            for (to, received, env) in &w.answers {
+                self.outbox.reply(*to, *received, env);
             }
             for p in &w.pushes {
                 self.outbox.push(&self.registry, p);
             }
         } else {
             w.reset = true;
-            for (to, env) in &w.answers {
+            for (to, received, env) in &w.answers {
                 self.outbox.reply(
                     *to,
+                    *received,
                     &Envelope::error(
                         env.request_id,
                         ErrorCode::StoreUnavailable,
@@ -631,14 +643,20 @@ impl Pipeline {
     fn send(&mut self, w: &mut Work, o: &Origin, send: pb::Send) -> Result<Option<Body>, Fail> {
         let key = (o.user.clone(), send.client_msg_id.clone());
         if let Some(ack) = w.fresh.get(&key) {
-            w.answers
-                .push((o.reply, Envelope::new(o.request_id, Body::Ack(ack.clone()))));
+            w.answers.push((
+                o.reply,
+                o.received,
+                Envelope::new(o.request_id, Body::Ack(ack.clone())),
+            ));
             return Ok(None);
         }
         if let Some(ack) = self.store.dedup(&o.user, &send.client_msg_id)? {
             // Already durable: answer at once, whatever happens to this batch.
-            self.outbox
-                .reply(o.reply, &Envelope::new(o.request_id, Body::Ack(ack)));
+            self.outbox.reply(
+                o.reply,
+                o.received,
+                &Envelope::new(o.request_id, Body::Ack(ack)),
+            );
             return Ok(None);
         }
         let group = if send.group_id != 0 {

@@ -135,6 +135,22 @@ async fn a_websocket_and_a_tcp_client_chat() {
         "{text}"
     );
     assert!(text.contains("swiftlet_connections{transport=\"tcp\"} 1"));
+    // The shard timed the Send from reading it to writing its Ack; it
+    // records that just after the write, so the count may trail the Ack.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, body) = http(srv.http_addr(), "GET", "/metrics", &[], b"").await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let answered = text
+            .lines()
+            .find_map(|l| l.strip_prefix("swiftlet_request_seconds_count "))
+            .and_then(|n| n.parse::<u64>().ok());
+        if answered >= Some(1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

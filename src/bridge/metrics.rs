@@ -1,5 +1,6 @@
 //! Process metrics in Prometheus text format: connections by transport,
-//! messages in and out, acks, fan-out sizes, store write latency, RSS.
+//! messages in and out, acks, fan-out sizes, request, store write and push
+//! latency, RSS.
 //!
 //! Plain atomics updated where the events happen (the shards and the commit
 //! pipeline), so recording costs one relaxed add and `GET /metrics` reads a
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
-/// Upper bounds of the push delay histogram, in microseconds.
+/// Upper bounds of the push delay and request histograms, in microseconds.
 const PUSH_BUCKETS_US: [u64; 15] = [
     50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7500, 10_000, 15_000, 25_000, 100_000,
 ];
@@ -82,6 +83,11 @@ pub struct Metrics {
     /// loop turn that handled any, from the oldest commit among them): the
     /// server's share of a fan-out's latency after the write.
     pub push_delay_us: Histogram<15>,
+    /// From a shard reading a request that goes through the commit
+    /// pipeline (a Send, a group change, a MarkRead) to the shard having
+    /// written its answer: queueing for the pipeline, the durable write and
+    /// the hand-back. The server's share of a client's send→Ack latency.
+    pub request_us: Histogram<15>,
 }
 
 impl Default for Metrics {
@@ -96,6 +102,7 @@ impl Default for Metrics {
             fanout: Histogram::new(FANOUT_BUCKETS),
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
+            request_us: Histogram::new(PUSH_BUCKETS_US),
         }
     }
 }
@@ -169,6 +176,12 @@ impl Metrics {
             "From a group commit's durable write to a shard having written its answers and pushes to the sockets.",
             1e6,
         );
+        self.request_us.render(
+            &mut out,
+            "swiftlet_request_seconds",
+            "From reading a request that goes through the commit pipeline to having written its answer.",
+            1e6,
+        );
         let _ = writeln!(
             out,
             "# HELP swiftlet_resident_memory_bytes Resident set size.\n# TYPE swiftlet_resident_memory_bytes gauge\nswiftlet_resident_memory_bytes {}",
@@ -198,5 +211,9 @@ mod tests {
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.002\"} 1"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.00005\"} 0"));
+        m.request_us.observe(700);
+        let text = m.render();
+        assert!(text.contains("swiftlet_request_seconds_bucket{le=\"0.0005\"} 0"));
+        assert!(text.contains("swiftlet_request_seconds_bucket{le=\"0.001\"} 1"));
     }
 }

@@ -32,11 +32,21 @@ pub struct Push {
     pub sent: Option<Arc<Sent>>,
 }
 
+/// An answer to one request, with when the shard read that request (the
+/// shard records the time until it has written the answer: see
+/// `swiftlet_request_seconds`).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub to: ConnRef,
+    pub frame: Bytes,
+    pub received: Instant,
+}
+
 /// Work for a shard.
 pub enum ShardMsg {
     /// Responses to write as they are (Acks, errors) and inbox pushes.
     Deliver {
-        replies: Vec<(ConnRef, Bytes)>,
+        replies: Vec<Reply>,
         pushes: Vec<Push>,
         /// When the group commit that produced them was durable.
         committed: Instant,
@@ -74,7 +84,7 @@ impl ShardHandle {
         }
     }
 
-    pub fn deliver(&self, replies: Vec<(ConnRef, Bytes)>, pushes: Vec<Push>, committed: Instant) {
+    pub fn deliver(&self, replies: Vec<Reply>, pushes: Vec<Push>, committed: Instant) {
         self.send(ShardMsg::Deliver {
             replies,
             pushes,

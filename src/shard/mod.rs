@@ -46,7 +46,7 @@ use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::store::Store;
 use conn::{Conn, Phase, Transport};
-use mailbox::{ShardHandle, ShardMsg};
+use mailbox::{Reply, ShardHandle, ShardMsg};
 use session::{Acked, Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
 use unacked::Sent;
@@ -147,6 +147,9 @@ pub struct Shard {
     /// The oldest commit whose answers and pushes this turn handled, for
     /// the push delay metric.
     delivered_since: Option<Instant>,
+    /// When each request answered this turn was read (see
+    /// `swiftlet_request_seconds`).
+    answered: Vec<Instant>,
 }
 
 impl Shard {
@@ -184,6 +187,7 @@ impl Shard {
             busy: false,
             last_collect: 0,
             delivered_since: None,
+            answered: Vec::new(),
         })
     }
 
@@ -241,6 +245,10 @@ impl Shard {
             if let Some(t) = self.delivered_since.take() {
                 let us = t.elapsed().as_micros() as u64;
                 self.ctx.metrics.push_delay_us.observe(us);
+            }
+            for t in self.answered.drain(..) {
+                let us = t.elapsed().as_micros() as u64;
+                self.ctx.metrics.request_us.observe(us);
             }
             self.fire_timers();
             if let Some(at) = self.exit_at {
@@ -446,13 +454,20 @@ impl Shard {
                     committed,
                 } => {
                     self.delivered_since.get_or_insert(committed);
-                    for (to, frame) in replies {
+                    for Reply {
+                        to,
+                        frame,
+                        received,
+                    } in replies
+                    {
                         if let Some(conn) = self.live_conn(to.slot, to.gen) {
                             if conn.transport == Transport::Http {
+                                self.answered.push(received);
                                 self.http_reply(to.slot as usize, &frame);
                                 continue;
                             }
                             conn.send_frame(&frame);
+                            self.answered.push(received);
                             self.mark_dirty(to.slot as usize);
                         }
                     }

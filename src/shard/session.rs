@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use swiftlet_protocol::codec::frame_bytes;
@@ -284,6 +285,7 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
         request_id: rid,
         user,
         device,
+        received: Instant::now(),
     };
     match ctx.commit.submit(CommitCmd::Request(origin, op)) {
         Ok(()) => Flow::Continue,

@@ -4,6 +4,7 @@
 //! session code as TCP; only the framing differs (`Conn::send_frame`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use prost::Message as _;
 use swiftlet_protocol::{Body, Envelope, ErrorCode};
@@ -340,6 +341,7 @@ impl Shard {
             request_id: 1,
             user: Arc::from(user),
             device: Arc::from("http"),
+            received: Instant::now(),
         };
         if let Err(e) = self
             .ctx

@@ -22,6 +22,6 @@ shift
 # curl needed).
 if exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT"; then
   printf 'GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' >&3
-  grep -E '^swiftlet_(store_write|push_delay)_seconds' <&3 >&2 || true
+  grep -E '^swiftlet_(request|store_write|push_delay)_seconds' <&3 >&2 || true
   exec 3<&-
 fi
