@@ -43,6 +43,7 @@ impl Bench {
             groups,
             Vec::new(),
             Arc::new(swiftlet::bridge::metrics::Metrics::default()),
+            Arc::new(swiftlet::cursors::Cursors::new(store.clone())),
             PipelineConfig {
                 node_id: 0,
                 queue: 64 * 1024,

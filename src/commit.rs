@@ -35,6 +35,7 @@ use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
 use crate::auth::valid_id;
 use crate::bridge::metrics::Metrics;
+use crate::cursors::Cursors;
 use crate::generations::Generations;
 use crate::groups::{Group, GroupDirectory};
 use crate::ids::{unix_ms, IdGen};
@@ -82,11 +83,14 @@ pub enum Op {
 pub enum CommitCmd {
     /// A client request; answered to `origin.reply` after the commit.
     Request(Origin, Op),
-    /// A device of `user` acknowledged messages (its cursor is already
-    /// written): the conversations that covers, summarized by the shard with
-    /// [`summarize_delivered`], for delivered receipts.
-    Delivered {
+    /// A device of `user` acknowledged its inbox up to `up_to`: write its
+    /// cursor (pending in [`Cursors`] until then), and the delivered
+    /// receipts of `convs`, the conversations that covers (summarized by the
+    /// shard, from what it sent or with [`summarize_delivered`]).
+    Acknowledged {
         user: Arc<str>,
+        device: Arc<str>,
+        up_to: u64,
         convs: Vec<DeliveredConv>,
     },
     /// The user's last connection closed.
@@ -148,6 +152,7 @@ pub fn spawn(
     groups: Arc<GroupDirectory>,
     shards: Vec<ShardHandle>,
     metrics: Arc<Metrics>,
+    cursors: Arc<Cursors>,
     config: PipelineConfig,
 ) -> std::io::Result<(CommitHandle, JoinHandle<()>)> {
     let (tx, rx) = crossbeam_channel::bounded(config.queue);
@@ -156,6 +161,7 @@ pub fn spawn(
         registry,
         groups,
         metrics,
+        cursors,
         outbox: Outbox::new(shards),
         ids: IdGen::new(config.node_id),
         max_group_members: config.max_group_members,
@@ -209,6 +215,8 @@ struct Work {
     marks: HashMap<(Vec<u8>, Arc<str>), (u64, u64)>,
     /// A store read failed mid-request: cached sequence numbers may be ahead.
     reset: bool,
+    /// Device cursors in this group's batch, pending in [`Cursors`].
+    cursors: Vec<(Arc<str>, Arc<str>, u64)>,
 }
 
 /// Per-shard buffers of what a group produces, sent after the commit.
@@ -414,6 +422,7 @@ struct Pipeline {
     registry: Arc<Registry>,
     groups: Arc<GroupDirectory>,
     metrics: Arc<Metrics>,
+    cursors: Arc<Cursors>,
     outbox: Outbox,
     ids: IdGen,
     max_group_members: usize,
@@ -474,11 +483,21 @@ impl Pipeline {
                         );
                     }
                 },
-                CommitCmd::Delivered { user, convs } => {
-                    if let Err(e) = self.delivered(&mut w, &user, convs) {
+                CommitCmd::Acknowledged {
+                    user,
+                    device,
+                    up_to,
+                    convs,
+                } => {
+                    w.writes += 1;
+                    if let Err(e) = self.store.put_cursor(&mut w.batch, &user, &device, up_to) {
                         tracing::error!(error = %e, "cursor update failed");
+                    }
+                    if let Err(e) = self.delivered(&mut w, &user, convs) {
+                        tracing::error!(error = %e, "delivered receipts failed");
                         w.reset = true;
                     }
+                    w.cursors.push((user, device, up_to));
                 }
                 CommitCmd::LastSeen { user, at_ms } => {
                     let r = self.store.presence(&user).and_then(|(_, hide)| {
@@ -507,6 +526,11 @@ impl Pipeline {
                 }
             }
         };
+        // Written, or lost with the batch (logged above; those devices
+        // resume from their stored cursors and see a few events again).
+        for (user, device, up_to) in w.cursors.drain(..) {
+            self.cursors.done(&user, &device, up_to);
+        }
         if committed {
             let acks = w
                 .answers

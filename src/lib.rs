@@ -17,6 +17,7 @@
 //!   served by the same shards.
 //! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
 //!   atomic writes, then Acks and pushes.
+//! - [`cursors`]: device cursors acknowledged and not yet written.
 //! - [`registry`]: which user is connected where (and who watches whose presence).
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
 //! - [`generations`]: the two-generation bound on the pipeline's caches.
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod bridge;
 pub mod commit;
 pub mod config;
+pub mod cursors;
 pub mod generations;
 pub mod groups;
 pub mod ids;

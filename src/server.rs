@@ -20,6 +20,7 @@ use crate::auth::Authenticator;
 use crate::bridge::metrics::Metrics;
 use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
+use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::registry::Registry;
 use crate::shard::mailbox::{ShardHandle, ShardMsg};
@@ -107,6 +108,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     let (listeners, addr) = bind_all(config.listen)?;
     let (http_listeners, http_addr) = bind_all(config.http)?;
     let metrics = Arc::new(Metrics::default());
+    let cursors = Arc::new(Cursors::new(store.clone()));
 
     let mut polls = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
@@ -125,6 +127,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         groups.clone(),
         handles.clone(),
         metrics.clone(),
+        cursors.clone(),
         PipelineConfig {
             node_id: config.node_id,
             queue: COMMIT_QUEUE,
@@ -157,6 +160,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             groups: groups.clone(),
             shards: shard_handles.clone(),
             metrics: metrics.clone(),
+            cursors: cursors.clone(),
             commit: commit.clone(),
             auth: auth.clone(),
             limits: limits.clone(),

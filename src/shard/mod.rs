@@ -42,6 +42,7 @@ use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 use crate::auth::Authenticator;
 use crate::bridge::metrics::Metrics;
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
+use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::store::Store;
@@ -88,6 +89,8 @@ pub struct ShardCtx {
     /// Every shard's mailbox, this one's included (ephemeral pushes).
     pub shards: Arc<[ShardHandle]>,
     pub metrics: Arc<Metrics>,
+    /// Device cursors acknowledged and not yet written.
+    pub cursors: Arc<Cursors>,
 }
 
 /// Why a connection's input ends it: the code the client is told, and the
@@ -611,10 +614,11 @@ impl Shard {
         self.catchup = list;
     }
 
-    /// Persist the device cursors acknowledged this turn in one write, then
-    /// ask the pipeline for the delivered receipts they imply. Runs before
-    /// the turn's output is flushed, so an answer the client sees after its
-    /// DeliveryAck implies the cursor is stored.
+    /// Hand the device cursors acknowledged this turn (one per device) to
+    /// the pipeline, which writes each with the delivered receipts it
+    /// implies. Runs before the turn's output is flushed, and each cursor is
+    /// pending in [`Cursors`] from then until written, so after an answer
+    /// the client sees past its DeliveryAck, its next login has the cursor.
     fn write_cursors(&mut self) {
         if self.sessions.cursors.is_empty() {
             return;
@@ -639,50 +643,35 @@ impl Shard {
                 _ => merged.push(c),
             }
         }
-        let mut batch = self.ctx.store.batch();
-        let mut ok = true;
-        for a in &merged {
-            if let Err(e) = self
-                .ctx
-                .store
-                .put_cursor(&mut batch, &a.user, &a.device, a.up_to)
-            {
-                tracing::error!(error = %e, "cursor write failed");
-                ok = false;
-            }
-        }
-        if ok {
-            if let Err(e) = self.ctx.store.commit(batch) {
-                // The devices resume from their older cursors: they see
-                // those events again, which they handle as duplicates.
-                tracing::error!(error = %e, "cursor write failed");
-            }
-        }
         for a in merged {
-            // Receipts are a consequence, not a precondition. If the queue is
-            // full (overload) this range's delivered receipts are dropped;
-            // the next message in the same conversation that this user
-            // acknowledges moves the watermark past them, since a watermark
-            // covers everything before it.
+            // If the shard no longer holds what the range was, the receipts
+            // come from the store; if that read fails they are skipped (the
+            // next acknowledgement in the same conversation moves the
+            // watermark past them), but the cursor is still written.
             let convs = match a.delivered {
                 Some(convs) => convs,
-                None => match summarize_delivered(&self.ctx.store, &a.user, a.after, a.up_to) {
-                    Ok(convs) => convs,
-                    Err(e) => {
+                None => summarize_delivered(&self.ctx.store, &a.user, a.after, a.up_to)
+                    .unwrap_or_else(|e| {
                         tracing::error!(error = %e, "reading acknowledged events failed");
-                        continue;
-                    }
-                },
+                        Vec::new()
+                    }),
             };
-            if convs.is_empty() {
-                continue;
-            }
-            let cmd = CommitCmd::Delivered {
+            self.ctx.cursors.begin(&a.user, &a.device, a.up_to);
+            let (user, device, up_to) = (a.user.clone(), a.device.clone(), a.up_to);
+            let cmd = CommitCmd::Acknowledged {
                 user: a.user,
+                device: a.device,
+                up_to: a.up_to,
                 convs,
             };
-            if let Err(e) = self.ctx.commit.submit(cmd) {
-                tracing::debug!(error = %e, "delivered receipts dropped");
+            // Waits for room when the queue is full: an acknowledgement is
+            // not dropped, and a shard that waits stops reading, which pushes
+            // back on its clients. Once the pipeline has stopped (shutdown),
+            // the shard writes the cursor itself.
+            if self.ctx.commit.submit_blocking(cmd).is_err() {
+                if let Err(e) = self.ctx.cursors.write_now(&user, &device, up_to) {
+                    tracing::error!(error = %e, "cursor write failed");
+                }
             }
         }
         self.sessions.cursors = cursors;

@@ -198,7 +198,7 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     let me = me(conn, slot, ctx);
     let (user, first) = ctx.registry.add(&user, me);
     let (cursor, head) = match (
-        ctx.store.cursor(&user, &hello.device_id),
+        ctx.cursors.read(&user, &hello.device_id),
         ctx.store.last_seq(&user),
     ) {
         (Ok(c), Ok(h)) => (c, h),
@@ -322,9 +322,9 @@ fn delivery_ack(
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Continue;
     };
-    // Written by the shard at the end of this turn, in one batch with the
-    // other cursors of the turn and before any answer of the turn goes out:
-    // the device's next login sees it.
+    // Handed to the commit pipeline at the end of this turn, and pending
+    // in `Cursors` before any answer of the turn goes out: the device's next
+    // login sees it.
     let delivered = local
         .unacked
         .take(slot, conn.gen, conn.acked, up_to)
