@@ -233,7 +233,7 @@ impl Shard {
                     WAKER => {}
                     Token(slot) => {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.on_readable(slot);
+                            self.on_readable(slot, ev.is_read_closed() || ev.is_error());
                         }
                         if ev.is_writable() {
                             self.mark_dirty(slot);
@@ -322,7 +322,14 @@ impl Shard {
         }
     }
 
-    fn on_readable(&mut self, slot: usize) {
+    /// Read and handle what `slot`'s socket holds. A read that fills less
+    /// than the scratch buffer emptied the socket's receive queue, and the
+    /// readiness is edge-triggered: data that arrives later is a new event.
+    /// So the loop stops there instead of paying one more `read` for its
+    /// `WouldBlock` (half of the server's reads in a chat load). It reads on
+    /// to the end only when the event also said the peer closed (`closed`),
+    /// since that edge is spent, and for a closing connection.
+    fn on_readable(&mut self, slot: usize, closed: bool) {
         loop {
             let Some(conn) = self.conns.get_mut(slot) else {
                 return;
@@ -341,6 +348,7 @@ impl Shard {
                     if conn.phase == Phase::Closing {
                         continue;
                     }
+                    let drained = n < self.scratch.len() && !closed;
                     conn.last_rx = self.now;
                     let ingested = match conn.transport {
                         Transport::Tcp => self.ingest(slot, n).map_err(Fatal::from),
@@ -354,7 +362,7 @@ impl Shard {
                         self.close_with_ws(slot, f.code, &f.why, f.ws_close);
                         return;
                     }
-                    if !self.process_frames(slot) {
+                    if !self.process_frames(slot) || drained {
                         return;
                     }
                 }
