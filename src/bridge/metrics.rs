@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
 /// Upper bounds of the push delay and request histograms, in microseconds.
-const PUSH_BUCKETS_US: [u64; 15] = [
-    50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7500, 10_000, 15_000, 25_000, 100_000,
+const PUSH_BUCKETS_US: [u64; 16] = [
+    50, 100, 250, 500, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7500, 10_000, 15_000, 25_000,
+    100_000,
 ];
 /// Upper bounds of the store write histogram, in microseconds.
 const COMMIT_BUCKETS_US: [u64; 10] = [50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000, 250_000];
@@ -82,12 +83,12 @@ pub struct Metrics {
     /// group's answers and pushes to its sockets (one observation per shard
     /// loop turn that handled any, from the oldest commit among them): the
     /// server's share of a fan-out's latency after the write.
-    pub push_delay_us: Histogram<15>,
+    pub push_delay_us: Histogram<16>,
     /// From a shard reading a request that goes through the commit
     /// pipeline (a Send, a group change, a MarkRead) to the shard having
     /// written its answer: queueing for the pipeline, the durable write and
     /// the hand-back. The server's share of a client's send→Ack latency.
-    pub request_us: Histogram<15>,
+    pub request_us: Histogram<16>,
 }
 
 impl Default for Metrics {
@@ -209,6 +210,7 @@ mod tests {
         m.push_delay_us.observe(1500);
         let text = m.render();
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.001\"} 0"));
+        assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.0015\"} 1"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.002\"} 1"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.00005\"} 0"));
         m.request_us.observe(700);
