@@ -75,6 +75,7 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
 pub fn start(config: Config) -> Result<Server, ServerError> {
     config.validate()?;
     crate::alloc::configure();
+    crate::alloc::disable_huge_pages();
     let secret = config.resolve_secret()?;
     if config.dev_auth {
         tracing::warn!("--dev-auth is on: any client may log in as any user by sending a bare user id as its token");
