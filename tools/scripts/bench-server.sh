@@ -10,7 +10,7 @@ DATA=$(mktemp -d)
 PORT=${PORT:-7498}
 ulimit -n 20000
 HTTP_PORT=${HTTP_PORT:-$((PORT + 1))}
-RUST_LOG=warn "$BIN/swiftlet" serve --dev-auth --data-dir "$DATA" --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP_PORT" ${SERVER_ARGS:-} &
+RUST_LOG=warn "${SERVER_BIN:-$BIN/swiftlet}" serve --dev-auth --data-dir "$DATA" --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP_PORT" ${SERVER_ARGS:-} &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
