@@ -2,8 +2,9 @@
 //! in memory that would otherwise grow with every user or group ever seen
 //! (inbox heads, groups).
 //!
-//! Entries go into the young generation. When it is full the owner retires
-//! it ([`Generations::rotate_if_full`]): it becomes the old generation and
+//! Entries go into the young generation. When it is full (by entry count, or
+//! by a weight the owner gives each value, such as a group's member count)
+//! the owner retires it ([`Generations::rotate_if_full`]): it becomes the old generation and
 //! the previous old one is dropped. An entry found in the old generation
 //! moves back to the young one, so whatever is in use survives; whatever
 //! went unused for a whole generation is read from the store again. This
@@ -19,16 +20,28 @@ use std::hash::Hash;
 pub struct Generations<K, V> {
     young: HashMap<K, V>,
     old: HashMap<K, V>,
+    /// The young generation retires when its weight reaches this.
     per_generation: usize,
+    /// What one value weighs (1 for a cache bounded by entries).
+    weigh: fn(&V) -> usize,
+    young_weight: usize,
 }
 
 impl<K: Hash + Eq, V: Clone> Generations<K, V> {
     /// A cache whose young generation retires at `per_generation` entries.
     pub fn new(per_generation: usize) -> Self {
+        Self::weighted(per_generation, |_| 1)
+    }
+
+    /// A cache whose young generation retires when the weights of its
+    /// values add up to `per_generation`.
+    pub fn weighted(per_generation: usize, weigh: fn(&V) -> usize) -> Self {
         Generations {
             young: HashMap::new(),
             old: HashMap::new(),
             per_generation,
+            weigh,
+            young_weight: 0,
         }
     }
 
@@ -52,6 +65,7 @@ impl<K: Hash + Eq, V: Clone> Generations<K, V> {
             return Some(v.clone());
         }
         let (k, v) = self.old.remove_entry(key)?;
+        self.young_weight += (self.weigh)(&v);
         self.young.insert(k, v.clone());
         Some(v)
     }
@@ -59,25 +73,34 @@ impl<K: Hash + Eq, V: Clone> Generations<K, V> {
     /// Set `key` (in the young generation).
     pub fn insert(&mut self, key: K, value: V) {
         self.old.remove(&key);
-        self.young.insert(key, value);
+        self.young_weight += (self.weigh)(&value);
+        if let Some(replaced) = self.young.insert(key, value) {
+            self.young_weight -= (self.weigh)(&replaced);
+        }
     }
 
     /// Retire the young generation if it is full.
     pub fn rotate_if_full(&mut self) {
-        if self.young.len() >= self.per_generation {
-            self.old = std::mem::take(&mut self.young);
+        if self.young_weight >= self.per_generation {
+            self.retire_young();
         }
+    }
+
+    fn retire_young(&mut self) {
+        self.old = std::mem::take(&mut self.young);
+        self.young_weight = 0;
     }
 
     /// Retire the young generation whatever its size (tests).
     #[cfg(test)]
     pub fn retire_all(&mut self) {
-        self.old = std::mem::take(&mut self.young);
+        self.retire_young();
     }
 
     pub fn clear(&mut self) {
         self.young.clear();
         self.old.clear();
+        self.young_weight = 0;
     }
 
     /// Entries held in (young, old).
@@ -110,5 +133,27 @@ mod tests {
             c.insert(format!("x{i}"), i);
         }
         assert_eq!((c.get("a"), c.get("x0")), (Some(1), Some(0)));
+    }
+
+    #[test]
+    fn a_weighted_generation_retires_by_weight_not_by_count() {
+        // Values weigh what they say: a generation holds 10.
+        let mut c: Generations<&str, usize> = Generations::weighted(10, |w| *w);
+        c.insert("big", 9);
+        c.rotate_if_full();
+        assert_eq!(c.sizes(), (1, 0), "9 of 10: not full");
+        // Replacing an entry counts its new weight only.
+        c.insert("big", 8);
+        c.insert("small", 1);
+        c.rotate_if_full();
+        assert_eq!(c.sizes(), (2, 0), "8 + 1 of 10: not full");
+        c.insert("one more", 1);
+        c.rotate_if_full();
+        assert_eq!(c.sizes(), (0, 3));
+        // Brought back from the old generation, it weighs in the young one.
+        assert_eq!(c.get("big"), Some(8));
+        c.insert("two", 2);
+        c.rotate_if_full();
+        assert_eq!(c.sizes(), (0, 2), "8 + 2 of 10: full");
     }
 }

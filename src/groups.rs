@@ -234,14 +234,20 @@ pub struct GroupDirectory {
     cache: RwLock<Generations<u64, Arc<Group>>>,
 }
 
-/// Groups per cache generation.
-const GROUPS_PER_GENERATION: usize = 16_384;
+/// What one cache generation may hold, in members (each cached group
+/// weighs one plus its member count; a member costs about 100 bytes: its
+/// name, its place in the joining order, the name index and the sorted
+/// list). Bounding by groups instead let 16,384 groups of 10,000 members,
+/// about 16 GB, stay cached.
+const MEMBERS_PER_GENERATION: usize = 512 * 1024;
 
 impl GroupDirectory {
     pub fn new(store: Arc<Store>) -> Self {
         GroupDirectory {
             store,
-            cache: RwLock::new(Generations::new(GROUPS_PER_GENERATION)),
+            cache: RwLock::new(Generations::weighted(MEMBERS_PER_GENERATION, |g| {
+                1 + g.len()
+            })),
         }
     }
 
