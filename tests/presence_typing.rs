@@ -1,6 +1,7 @@
 //! Typing indicators and presence: ephemeral pushes, a typing notice that
-//! lapses by itself, a flood answered with a typed error, and last seen that
-//! survives a restart (and can be hidden).
+//! lapses by itself, a flood answered with a typed error, last seen that
+//! survives a restart (and can be hidden), and a close that comes with the
+//! last frame still noticed at once.
 
 mod common;
 
@@ -141,4 +142,40 @@ async fn presence_is_pushed_and_last_seen_survives_a_restart() {
         .expect("subscribe");
     assert_eq!((now[0].online, now[0].last_seen_ms), (false, 0));
     assert!(now[1].online);
+}
+
+/// A device whose last frame and FIN arrive together (or one after the
+/// other) is seen to go: the shard stops reading at a short read, so this
+/// checks that a close reported with data is still read to its end, and that
+/// one arriving later is a new event (an unnoticed close would only end at
+/// the idle timeout, far beyond the test's patience).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_sends_and_closes_at_once_goes_offline() {
+    use tokio::io::AsyncWriteExt;
+    let srv = TestServer::start();
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    bob.subscribe_presence(&["alice"]).await.expect("subscribe");
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("alice")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    let p = next_presence(&mut brx).await;
+    assert_eq!((p.user.as_str(), p.online), ("alice", true));
+    // A last Ping and the FIN in one segment: corked, the data waits for
+    // the FIN, so the server sees both in one readiness event.
+    let mut bytes = bytes::BytesMut::new();
+    swiftlet_protocol::codec::encode_frame(
+        &Envelope::new(2, Body::Ping(pb::Ping { nonce: 7 })),
+        &mut bytes,
+    );
+    let stream = raw.framed.get_mut();
+    socket2::SockRef::from(&*stream)
+        .set_cork(true)
+        .expect("cork");
+    stream.write_all(&bytes).await.expect("write");
+    stream.shutdown().await.expect("shutdown");
+    let p = next_presence(&mut brx).await;
+    assert_eq!((p.user.as_str(), p.online), ("alice", false));
 }
