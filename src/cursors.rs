@@ -82,8 +82,9 @@ impl Cursors {
         written
     }
 
-    /// How many are pending (tests).
-    pub fn pending(&self) -> usize {
+    /// How many are pending.
+    #[cfg(test)]
+    fn pending(&self) -> usize {
         self.pending.lock().len()
     }
 }
