@@ -37,7 +37,7 @@ impl Bench {
         let registry = Arc::new(Registry::new(16));
         let groups = Arc::new(GroupDirectory::new(store.clone()));
         // No shards: answers and pushes are computed and then dropped.
-        let (pipeline, _join) = commit::spawn(
+        let pipeline = commit::start(
             store.clone(),
             registry,
             groups,
@@ -49,8 +49,7 @@ impl Bench {
                 queue: 64 * 1024,
                 max_group_members: 10_000,
             },
-        )
-        .expect("pipeline");
+        );
         Bench {
             pipeline,
             store,

@@ -1,18 +1,29 @@
-//! The commit pipeline: the one thread that turns requests into durable
-//! writes, then tells the shards what to answer and push.
+//! The commit pipeline: turns requests into durable writes, then tells the
+//! shards what to answer and push.
 //!
-//! Shards submit [`CommitCmd`]s over a bounded channel and never wait. The
-//! pipeline takes everything queued (up to [`MAX_GROUP`]), applies each
+//! Shards submit [`CommitCmd`]s to a bounded queue and, at the end of the
+//! same loop turn, run the pipeline themselves ([`CommitHandle::combine`]):
+//! whichever shard takes the pipeline's lock commits everything queued, its
+//! own commands and the other shards' (flat combining). There is no commit
+//! thread to wake and wait for: on a small machine a hand-off to another
+//! thread and back cost more than the write itself. A shard that finds the
+//! lock taken leaves its commands to the holder, which looks at the queue
+//! again after it lets go, so nothing waits for a later turn. (Should that
+//! hand-off ever miss, every shard runs a turn at least once a tick, so a
+//! command would wait one tick, never be lost.)
+//!
+//! One commit takes what is queued (up to [`MAX_GROUP`]), applies each
 //! command in order — dedup, message ids, per-user inbox sequence numbers,
 //! group membership, receipt watermarks — into one RocksDB batch, and writes
 //! the batch once: one write-ahead-log record for many requests (group
 //! commit). Only after that write returns does it hand answers and Deliver
-//! pushes to the shards, grouped per shard so each shard is woken once per
-//! group.
+//! pushes to the shards, grouped per shard so each shard is woken at most
+//! once per group (the committing shard takes its own share in the same
+//! turn, without a wake-up).
 //!
-//! Being the only writer is what makes the invariants cheap: inbox sequence
-//! numbers are gap-free and in commit order per user without locks, a post
-//! and a membership change to the same group are strictly ordered (a removed
+//! One committer at a time is what makes the invariants cheap: inbox
+//! sequence numbers are gap-free and in commit order per user, a post and a
+//! membership change to the same group are strictly ordered (a removed
 //! member gets nothing posted after the removal), and watermarks only grow.
 //! Each request does its reads before its first put, so a refused request
 //! leaves nothing in the batch. If the write fails, every answer of the group
@@ -20,12 +31,13 @@
 //! numbers and groups are dropped so they are re-read from the store.
 
 use std::collections::HashMap;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
 use prost::Message as _;
 use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{
@@ -47,6 +59,10 @@ use crate::store::{Batch, Store, StoreError};
 
 /// Most commands folded into one write batch.
 pub const MAX_GROUP: usize = 1024;
+/// Most group commits one [`CommitHandle::combine`] call runs before it
+/// hands what is left to the other shards, so that a shard whose peers keep
+/// the queue full still gets back to its own connections.
+const COMBINE_ROUNDS: usize = 4;
 /// Most users a GroupEvent lists (see `GroupEvent.users` in the protocol).
 pub const MAX_EVENT_USERS: usize = 64;
 /// Longest group name, in bytes.
@@ -95,9 +111,6 @@ pub enum CommitCmd {
     },
     /// The user's last connection closed.
     LastSeen { user: Arc<str>, at_ms: u64 },
-    /// Answer once everything submitted before it is committed and handed to
-    /// the shards (graceful shutdown, benches, tests).
-    Flush(Sender<()>),
 }
 
 /// Why a command was not accepted.
@@ -105,35 +118,85 @@ pub enum CommitCmd {
 pub enum SubmitError {
     #[error("commit queue full")]
     Busy,
-    #[error("commit pipeline stopped")]
-    Closed,
 }
 
 /// The shards' way in. Cheap to clone.
 #[derive(Clone)]
 pub struct CommitHandle {
     tx: Sender<CommitCmd>,
+    shared: Arc<Shared>,
+}
+
+/// The queue and the pipeline every handle shares.
+struct Shared {
+    rx: Receiver<CommitCmd>,
+    pipeline: Mutex<Pipeline>,
+    shards: Vec<ShardHandle>,
 }
 
 impl CommitHandle {
-    /// Queue `cmd` without blocking.
+    /// Queue `cmd` without blocking. It is committed by the caller's next
+    /// [`CommitHandle::combine`], or by whichever shard commits first.
     pub fn submit(&self, cmd: CommitCmd) -> Result<(), SubmitError> {
         self.tx.try_send(cmd).map_err(|e| match e {
-            TrySendError::Full(_) => SubmitError::Busy,
-            TrySendError::Disconnected(_) => SubmitError::Closed,
+            // The handle holds the receiver too: the queue never closes.
+            TrySendError::Full(_) | TrySendError::Disconnected(_) => SubmitError::Busy,
         })
     }
 
-    /// Queue `cmd`, waiting for room (for callers that may block).
-    pub fn submit_blocking(&self, cmd: CommitCmd) -> Result<(), SubmitError> {
-        self.tx.send(cmd).map_err(|_| SubmitError::Closed)
+    /// Queue `cmd`; while the queue is full, commit from it to make room.
+    pub fn submit_waiting(&self, mut cmd: CommitCmd) {
+        loop {
+            match self.tx.try_send(cmd) {
+                Ok(()) => return,
+                Err(TrySendError::Full(back) | TrySendError::Disconnected(back)) => {
+                    cmd = back;
+                    self.shared
+                        .pipeline
+                        .lock()
+                        .commit_queued(&self.shared.rx, None);
+                }
+            }
+        }
     }
 
-    /// Block until everything queued so far is committed and dispatched.
+    /// Commit what is queued, unless another thread is committing: that one
+    /// looks at the queue again once it is done, so it takes these commands.
+    /// `own` is the calling shard, which takes its share of the answers and
+    /// pushes from its mailbox after this returns (so it is not woken).
+    pub fn combine(&self, own: Option<usize>) {
+        for _ in 0..COMBINE_ROUNDS {
+            // Pairs with the same fence in the holder after it unlocks:
+            // either this thread sees the lock free, or the holder sees
+            // what this thread queued before trying it.
+            fence(Ordering::SeqCst);
+            if self.shared.rx.is_empty() {
+                return;
+            }
+            let Some(mut pipeline) = self.shared.pipeline.try_lock() else {
+                return;
+            };
+            pipeline.commit_queued(&self.shared.rx, own);
+        }
+        fence(Ordering::SeqCst);
+        if !self.shared.rx.is_empty() {
+            // Busy enough that the queue refilled every round: let every
+            // shard take a turn at it (each runs `combine` once per turn).
+            for shard in &self.shared.shards {
+                shard.wake();
+            }
+        }
+    }
+
+    /// Block until everything queued so far is committed and handed to the
+    /// shards (graceful shutdown, benches, tests).
     pub fn flush(&self) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.tx.send(CommitCmd::Flush(tx)).is_ok() {
-            let _ = rx.recv();
+        loop {
+            let mut pipeline = self.shared.pipeline.lock();
+            if self.shared.rx.is_empty() {
+                return;
+            }
+            pipeline.commit_queued(&self.shared.rx, None);
         }
     }
 }
@@ -145,8 +208,8 @@ pub struct PipelineConfig {
     pub max_group_members: usize,
 }
 
-/// Start the pipeline thread. It stops when every [`CommitHandle`] is dropped.
-pub fn spawn(
+/// Create the pipeline; the shards run it through the returned handle.
+pub fn start(
     store: Arc<Store>,
     registry: Arc<Registry>,
     groups: Arc<GroupDirectory>,
@@ -154,9 +217,10 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     cursors: Arc<Cursors>,
     config: PipelineConfig,
-) -> std::io::Result<(CommitHandle, JoinHandle<()>)> {
+) -> CommitHandle {
     let (tx, rx) = crossbeam_channel::bounded(config.queue);
-    let mut pipeline = Pipeline {
+    let shared_shards = shards.clone();
+    let pipeline = Pipeline {
         store,
         registry,
         groups,
@@ -166,11 +230,16 @@ pub fn spawn(
         ids: IdGen::new(config.node_id),
         max_group_members: config.max_group_members,
         heads: Generations::new(HEADS_PER_GENERATION),
+        group: Vec::with_capacity(MAX_GROUP),
     };
-    let join = std::thread::Builder::new()
-        .name("swiftlet-commit".into())
-        .spawn(move || pipeline.run(rx))?;
-    Ok((CommitHandle { tx }, join))
+    CommitHandle {
+        tx,
+        shared: Arc::new(Shared {
+            rx,
+            pipeline: Mutex::new(pipeline),
+            shards: shared_shards,
+        }),
+    }
 }
 
 /// Why a request was not applied.
@@ -268,14 +337,16 @@ impl Outbox {
         }
     }
 
-    /// Hand everything to the shards: one message and one wake-up per shard.
-    fn dispatch(&mut self) {
+    /// Hand everything to the shards: one message and one wake-up per
+    /// shard, except `own`, the committing shard, which takes its mailbox
+    /// before it sleeps again.
+    fn dispatch(&mut self, own: Option<usize>) {
         let committed = Instant::now();
         for (i, shard) in self.shards.iter().enumerate() {
             let replies = std::mem::take(&mut self.replies[i]);
             let pushes = std::mem::take(&mut self.pushes[i]);
             if !replies.is_empty() || !pushes.is_empty() {
-                shard.deliver(replies, pushes, committed);
+                shard.deliver(replies, pushes, committed, own != Some(i));
             }
         }
     }
@@ -297,7 +368,7 @@ pub struct DeliveredConv {
 /// Read `user`'s inbox in `(after, up_to]` (at most [`RECEIPT_SCAN`] events)
 /// and summarize the messages from others by conversation. The shards call
 /// it when they no longer hold what a connection was sent (see
-/// [`crate::shard::unacked`]); it runs there, not on the commit thread.
+/// [`crate::shard::unacked`]); it runs there, outside the pipeline's lock.
 pub fn summarize_delivered(
     store: &Store,
     user: &str,
@@ -429,6 +500,8 @@ struct Pipeline {
     /// Newest inbox seq of recently written users, so an append needs no
     /// store read.
     heads: Generations<Arc<str>, u64>,
+    /// The commands of the group being committed (kept for its capacity).
+    group: Vec<CommitCmd>,
 }
 
 /// Users per generation of the pipeline's inbox-head cache (about 64 bytes
@@ -436,24 +509,23 @@ struct Pipeline {
 const HEADS_PER_GENERATION: usize = 1 << 18;
 
 impl Pipeline {
-    fn run(&mut self, rx: Receiver<CommitCmd>) {
-        let mut group = Vec::with_capacity(MAX_GROUP);
-        while let Ok(first) = rx.recv() {
-            group.push(first);
-            while group.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(cmd) => group.push(cmd),
-                    Err(_) => break,
-                }
+    /// Commit one group of what is queued (up to [`MAX_GROUP`] commands).
+    fn commit_queued(&mut self, rx: &Receiver<CommitCmd>, own: Option<usize>) {
+        let mut group = std::mem::take(&mut self.group);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(cmd) => group.push(cmd),
+                Err(_) => break,
             }
-            self.commit_group(&mut group);
         }
-        tracing::debug!("commit pipeline stopped");
+        if !group.is_empty() {
+            self.commit_group(&mut group, own);
+        }
+        self.group = group;
     }
 
-    fn commit_group(&mut self, group: &mut Vec<CommitCmd>) {
+    fn commit_group(&mut self, group: &mut Vec<CommitCmd>, own: Option<usize>) {
         let mut w = Work::default();
-        let mut flushes = Vec::new();
         for cmd in group.drain(..) {
             match cmd {
                 CommitCmd::Request(origin, op) => match self.apply(&mut w, &origin, op) {
@@ -508,7 +580,6 @@ impl Pipeline {
                         tracing::error!(error = %e, "last-seen update failed");
                     }
                 }
-                CommitCmd::Flush(done) => flushes.push(done),
             }
         }
 
@@ -567,10 +638,7 @@ impl Pipeline {
         }
         self.heads.rotate_if_full();
         self.groups.rotate_if_full();
-        self.outbox.dispatch();
-        for done in flushes {
-            let _ = done.send(());
-        }
+        self.outbox.dispatch(own);
     }
 
     /// Reserve the next inbox seq of `user`.

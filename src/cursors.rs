@@ -3,12 +3,12 @@
 //! A `DeliveryAck` moves its device's cursor. The shard that reads it does
 //! not write the cursor itself: it hands it to the commit pipeline, which
 //! writes it in its next group commit, in the same batch as the delivered
-//! receipts the acknowledgement implies. That keeps the commit thread the
-//! only writer on the hot path. A shard that wrote too (a small cursor batch
-//! each turn, as it once did) joined the pipeline's RocksDB write groups: it
-//! then stalled its own connections while a large batch was written, and the
-//! pipeline yielded to it while the shard led a write, a 2-4 ms wait
-//! whenever the shard was descheduled (`perf sched timehist`).
+//! receipts the acknowledgement implies. That keeps the pipeline the only
+//! writer on the hot path. A shard that wrote a small cursor batch of its
+//! own each turn (as it once did) joined the pipeline's RocksDB write
+//! groups: it then stalled its own connections while a large batch was
+//! written, and the committer yielded to it while the shard led a write, a
+//! 2-4 ms wait whenever the shard was descheduled (`perf sched timehist`).
 //!
 //! In between, the cursor is *pending* here, so a login reads
 //! acknowledged-but-not-yet-written cursors as well as stored ones:
@@ -72,16 +72,6 @@ impl Cursors {
         }
     }
 
-    /// Write `up_to` now, from the calling thread (when the pipeline has
-    /// stopped), and forget it.
-    pub fn write_now(&self, user: &str, device: &str, up_to: u64) -> Result<(), StoreError> {
-        let mut batch = self.store.batch();
-        self.store.put_cursor(&mut batch, user, device, up_to)?;
-        let written = self.store.commit(batch);
-        self.done(user, device, up_to);
-        written
-    }
-
     /// How many are pending.
     #[cfg(test)]
     fn pending(&self) -> usize {
@@ -99,7 +89,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("open"));
         let cursors = Cursors::new(store.clone());
-        cursors.write_now("amy", "phone", 3).expect("write");
+        let mut batch = store.batch();
+        store
+            .put_cursor(&mut batch, "amy", "phone", 3)
+            .expect("put");
+        store.commit(batch).expect("commit");
         assert_eq!(cursors.read("amy", "phone").expect("read"), 3);
 
         cursors.begin("amy", "phone", 5);

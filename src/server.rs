@@ -54,7 +54,6 @@ pub struct Server {
     shards: Vec<ShardHandle>,
     shard_threads: Vec<JoinHandle<()>>,
     commit: Option<CommitHandle>,
-    commit_thread: Option<JoinHandle<()>>,
     store: Arc<Store>,
     registry: Arc<Registry>,
 }
@@ -122,7 +121,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         mailboxes.push(rx);
         polls.push(poll);
     }
-    let (commit, commit_thread) = commit::spawn(
+    let commit = commit::start(
         store.clone(),
         registry.clone(),
         groups.clone(),
@@ -134,7 +133,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             queue: COMMIT_QUEUE,
             max_group_members: config.max_group_members,
         },
-    )?;
+    );
     let shard_handles: Arc<[ShardHandle]> = handles.clone().into();
     let auth = Authenticator::new(secret, config.dev_auth);
     let limits = Limits {
@@ -181,7 +180,6 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         shards: handles,
         shard_threads,
         commit: Some(commit),
-        commit_thread: Some(commit_thread),
         store,
         registry,
     })
@@ -240,12 +238,8 @@ impl Server {
         for t in self.shard_threads.drain(..) {
             let _ = t.join();
         }
-        // The shards held the other handles; with this one gone the
-        // pipeline's queue closes and its thread ends.
-        drop(commit);
-        if let Some(t) = self.commit_thread.take() {
-            let _ = t.join();
-        }
+        // Whatever the shards queued on their way out (last-seen times).
+        commit.flush();
         tracing::info!("stopped");
     }
 }

@@ -1,7 +1,8 @@
 //! How other threads hand work to a shard: a channel plus a mio `Waker`.
 //!
 //! A shard's event loop sleeps in `epoll_wait`; a message alone would not wake
-//! it, so every send is followed by a wake. The commit pipeline sends at most
+//! it, so every send is followed by a wake (except a shard's own share of a
+//! commit it ran itself, taken in the same turn). The pipeline sends at most
 //! one [`ShardMsg::Deliver`] per shard per group commit, which bounds the
 //! wake-ups (and the cross-thread traffic) to one per shard per batch, not
 //! one per message or per recipient.
@@ -78,17 +79,30 @@ impl ShardHandle {
     /// Send `msg` and wake the shard. A shard that has exited drops it.
     pub fn send(&self, msg: ShardMsg) {
         if self.tx.send(msg).is_ok() {
-            if let Err(e) = self.waker.wake() {
-                tracing::warn!(error = %e, "waking a shard failed");
-            }
+            self.wake();
         }
     }
 
-    pub fn deliver(&self, replies: Vec<Reply>, pushes: Vec<Push>, committed: Instant) {
-        self.send(ShardMsg::Deliver {
+    /// Make the shard run a loop turn.
+    pub fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            tracing::warn!(error = %e, "waking a shard failed");
+        }
+    }
+
+    /// Hand the shard a group commit's answers and pushes. `wake` is false
+    /// only when the caller is this shard's own thread, which takes its
+    /// mailbox before it waits again.
+    pub fn deliver(&self, replies: Vec<Reply>, pushes: Vec<Push>, committed: Instant, wake: bool) {
+        let msg = ShardMsg::Deliver {
             replies,
             pushes,
             committed,
-        });
+        };
+        if wake {
+            self.send(msg);
+        } else {
+            let _ = self.tx.send(msg);
+        }
     }
 }

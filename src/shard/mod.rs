@@ -241,9 +241,12 @@ impl Shard {
                     }
                 }
             }
+            self.write_cursors();
+            // This turn's requests and acknowledgements (and whatever the
+            // other shards queued): committed here, answered below.
+            self.ctx.commit.combine(Some(usize::from(self.ctx.id)));
             self.take_mailbox();
             self.run_catchups();
-            self.write_cursors();
             self.flush_dirty();
             if let Some(t) = self.delivered_since.take() {
                 let us = t.elapsed().as_micros() as u64;
@@ -254,6 +257,9 @@ impl Shard {
                 self.ctx.metrics.request_us.observe(us);
             }
             self.fire_timers();
+            // What the timers queued (last-seen times of timed-out devices);
+            // their answers wake this shard for the next turn.
+            self.ctx.commit.combine(None);
             if let Some(at) = self.exit_at {
                 if self.conns.is_empty() || self.now >= at {
                     break;
@@ -665,22 +671,16 @@ impl Shard {
                     }),
             };
             self.ctx.cursors.begin(&a.user, &a.device, a.up_to);
-            let (user, device, up_to) = (a.user.clone(), a.device.clone(), a.up_to);
             let cmd = CommitCmd::Acknowledged {
                 user: a.user,
                 device: a.device,
                 up_to: a.up_to,
                 convs,
             };
-            // Waits for room when the queue is full: an acknowledgement is
-            // not dropped, and a shard that waits stops reading, which pushes
-            // back on its clients. Once the pipeline has stopped (shutdown),
-            // the shard writes the cursor itself.
-            if self.ctx.commit.submit_blocking(cmd).is_err() {
-                if let Err(e) = self.ctx.cursors.write_now(&user, &device, up_to) {
-                    tracing::error!(error = %e, "cursor write failed");
-                }
-            }
+            // When the queue is full this commits from it to make room: an
+            // acknowledgement is not dropped, and a shard busy committing
+            // stops reading, which pushes back on its clients.
+            self.ctx.commit.submit_waiting(cmd);
         }
         self.sessions.cursors = cursors;
     }

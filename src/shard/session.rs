@@ -292,12 +292,6 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
         Err(SubmitError::Busy) => {
             request_error(conn, rid, ErrorCode::RateLimited, "server busy; retry")
         }
-        Err(SubmitError::Closed) => request_error(
-            conn,
-            rid,
-            ErrorCode::StoreUnavailable,
-            "storage is stopping",
-        ),
     }
 }
 

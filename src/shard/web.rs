@@ -348,11 +348,8 @@ impl Shard {
             .commit
             .submit(CommitCmd::Request(origin, Op::Send(send)))
         {
-            let code = match e {
-                SubmitError::Busy => ErrorCode::RateLimited,
-                SubmitError::Closed => ErrorCode::StoreUnavailable,
-            };
-            return self.http_finish(slot, http::error(code, &e.to_string()));
+            let SubmitError::Busy = e;
+            return self.http_finish(slot, http::error(ErrorCode::RateLimited, &e.to_string()));
         }
         let idle = ticks(self.ctx.limits.idle_timeout_ms);
         let Some(conn) = self.conns.get_mut(slot) else {

@@ -74,7 +74,7 @@ pub struct Store {
 /// status keys of a group commit are spread over the whole key space; in
 /// key order, each memtable insert starts its skiplist search from where the
 /// previous one ended instead of from the top, which made the memtable
-/// inserts, the commit thread's largest cost, markedly cheaper.
+/// inserts, the pipeline's largest cost, markedly cheaper.
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<BatchOp>,
@@ -156,8 +156,8 @@ impl Store {
         db_opts.create_missing_column_families(true);
         db_opts.set_compression_type(DBCompressionType::Lz4);
         db_opts.set_max_background_jobs(2);
-        // Flushes and compactions run at a lower CPU priority than the shards
-        // and the commit thread: on a small machine they otherwise compete
+        // Flushes and compactions run at a lower CPU priority than the
+        // shards: on a small machine they otherwise compete
         // for the same cores and show up as latency spikes on the Ack path.
         let mut env = rocksdb::Env::new()?;
         env.lower_thread_pool_cpu_priority();
@@ -167,7 +167,7 @@ impl Store {
         // One writer inserts a write group's batches one after another, in
         // their sorted order (see `Batch`), reusing its place in the skiplist
         // from key to key. Concurrent inserts start every key's search from
-        // the top, and the commit thread writes nearly all of the data: a
+        // the top, and the commit pipeline writes nearly all of the data: a
         // shard's small cursor batch joining its group made the large batch
         // pay that.
         db_opts.set_allow_concurrent_memtable_write(false);
