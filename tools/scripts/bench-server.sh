@@ -2,6 +2,7 @@
 # Run one loadgen scenario against a fresh server on a temp data dir, then
 # stop the server. Usage: tools/scripts/bench-server.sh SCENARIO [loadgen flags...]
 # Example: tools/scripts/bench-server.sh chat --users 1000 --duration 10
+# SERVER_BIN and LOADGEN_BIN pick other builds (to compare two in one run).
 # Afterwards the server's own latency histograms (store write, push delay:
 # see /metrics) go to stderr, so loadgen's JSON stays the last stdout line.
 set -euo pipefail
@@ -16,7 +17,7 @@ trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
 SCENARIO=$1
 shift
-"$BIN/loadgen" "$SCENARIO" --server "127.0.0.1:$PORT" --http-server "127.0.0.1:$HTTP_PORT" \
+"${LOADGEN_BIN:-$BIN/loadgen}" "$SCENARIO" --server "127.0.0.1:$PORT" --http-server "127.0.0.1:$HTTP_PORT" \
   --dev-auth --server-pid "$PID" "$@"
 # The server's share of the latency, from its /metrics (bash's /dev/tcp: no
 # curl needed).
