@@ -19,6 +19,7 @@ mod addr;
 mod body;
 mod cli;
 mod conn;
+mod pace;
 mod parent;
 mod plot;
 mod procmem;

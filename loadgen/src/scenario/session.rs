@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Header};
 use crate::conn::{fatal_error, Conn, ConnError};
+use crate::pace::{Pacer, Slot};
 use crate::run::{spawn_timeline, Ctx};
 use crate::stats::{OpenGuard, Stats};
 use crate::summary::{Second, WorkerResult};
@@ -47,6 +48,8 @@ pub struct Common {
     pub stagger: Duration,
     /// When the measured phase started (set just before `go`).
     pub t0: OnceLock<Instant>,
+    /// Open loop: releases each sender at its time (see [`crate::pace`]).
+    pub pacer: Arc<Pacer>,
     pub ping: Option<Duration>,
     /// Before `go`: each session's [`Role::setup`] (group: CreateGroup).
     pub setup: CancellationToken,
@@ -79,6 +82,11 @@ impl Common {
                 .rate
                 .map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r)),
             t0: OnceLock::new(),
+            pacer: Arc::new(Pacer::new(if period.is_some() {
+                senders as usize
+            } else {
+                0
+            })),
             ping: ctx.args.ping_interval.map(Duration::from_secs_f64),
             setup: CancellationToken::new(),
             go: CancellationToken::new(),
@@ -352,15 +360,15 @@ pub async fn drive<R: Role>(u: &mut R, sh: &R::Shared) -> Result<(), ConnError> 
     ));
     let mut ping_tick = tokio::time::interval_at(jitter(ping_every), ping_every);
     ping_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Open loop: a per-sender timer, armed at `go`. Sender k's first send is
-    // at t0 + k/rate, so the senders' sends interleave evenly at the total
-    // rate. (A timer armed at go + period, or any phase shared by every
-    // sender, makes all of them send in the same millisecond: a burst of
-    // one message per sender each period, whose queueing is then measured
-    // as latency.)
-    let period = c.period.unwrap_or(Duration::from_secs(3600));
-    let mut send_tick = tokio::time::interval(period);
+    // Open loop: this sender's slot in the process's pacer, which releases
+    // sender k at t0 + k/rate + j·period, so the senders' sends interleave
+    // evenly at the total rate (see crate::pace).
     let open_loop = c.open_loop();
+    let never = Slot::default();
+    let paced = match u.sender_index(sh) {
+        Some(k) if open_loop => c.pacer.claim(k).unwrap_or(&never),
+        _ => &never,
+    };
     let waker = u.waker(sh).unwrap_or(&c.never);
     let (mut set_up, mut started) = (false, false);
     loop {
@@ -376,20 +384,18 @@ pub async fn drive<R: Role>(u: &mut R, sh: &R::Shared) -> Result<(), ConnError> 
                 let index = u.sender_index(sh);
                 u.session().sending = index.is_some();
                 match index {
-                    Some(k) if open_loop => {
-                        let t0 = *c.t0.get_or_init(Instant::now);
-                        let offset = (c.stagger * k).as_nanos() % period.as_nanos().max(1);
-                        send_tick = tokio::time::interval_at(
-                            t0 + Duration::from_nanos(offset as u64),
-                            period,
-                        );
-                    }
+                    // Open loop: the pacer, started with `go`, sends.
+                    Some(_) if open_loop => {}
                     Some(_) => u.send(sh),
                     None => {}
                 }
             }
             _ = c.stop_sending.cancelled(), if u.sending() => u.session().sending = false,
-            _ = send_tick.tick(), if u.sending() && open_loop => u.send(sh),
+            n = paced.due(), if u.sending() && open_loop => {
+                for _ in 0..n {
+                    u.send(sh);
+                }
+            }
             _ = waker.notified(), if !open_loop && u.wake_armed(sh) => u.on_wake(sh),
             _ = ack_tick.tick() => u.session().queue_delivery_ack(),
             _ = ping_tick.tick() => {
@@ -422,7 +428,17 @@ pub struct Measured {
 /// sending with its timeline; then `stop_sending`.
 pub async fn measure(ctx: &Ctx, c: &Common) -> Measured {
     let stats = &ctx.stats;
-    let _ = c.t0.set(Instant::now());
+    let t0 = *c.t0.get_or_init(Instant::now);
+    if let Some(period) = c.period {
+        // Stops with the sending; the thread only sleeps and notifies.
+        if let Err(e) = c
+            .pacer
+            .start(t0.into_std(), c.stagger, period, c.stop_sending.clone())
+        {
+            eprintln!("loadgen: cannot start the pacer thread ({e}); nothing will be sent");
+            stats.error("pacer");
+        }
+    }
     c.go.cancel();
     if ctx.args.warmup > 0.0 {
         stats.measuring.store(false, Relaxed);

@@ -1,0 +1,130 @@
+//! loadgen end to end: the real binary against a real server (started
+//! in-process on port 0 with RocksDB in a temp dir), small enough to be fast
+//! on two cores. Each run must exit 0 and its JSON summary must show every
+//! send acknowledged and delivered exactly once; loadgen's own checks (order,
+//! duplicates, loss) make it exit non-zero otherwise.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+struct Server {
+    server: Option<swiftlet::Server>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = swiftlet::Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            http: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: dir.path().to_owned(),
+            shards: 2,
+            dev_auth: true,
+            ..swiftlet::Config::default()
+        };
+        let server = swiftlet::start(config).expect("server starts");
+        Server {
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    fn running(&self) -> &swiftlet::Server {
+        self.server.as_ref().expect("running")
+    }
+
+    /// Run `loadgen SCENARIO ARGS` against this server; its JSON summary.
+    fn loadgen(&self, scenario: &str, args: &[&str]) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .arg(scenario)
+            .args(["--server", &self.running().local_addr().to_string()])
+            .args(["--http-server", &self.running().http_addr().to_string()])
+            .arg("--dev-auth")
+            .args(args)
+            .output()
+            .expect("loadgen runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "loadgen {scenario} failed: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last = stdout.lines().last().expect("a summary line");
+        serde_json::from_str(last).expect("the last line is JSON")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+fn count(summary: &Value, key: &str) -> u64 {
+    summary[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {summary}"))
+}
+
+/// Everything sent was acknowledged and delivered once, nothing else.
+fn all_delivered_once(summary: &Value) {
+    let sent = count(summary, "sent");
+    assert!(sent > 0, "nothing sent: {summary}");
+    assert_eq!(count(summary, "acked"), sent, "{summary}");
+    assert_eq!(count(summary, "delivered"), sent, "{summary}");
+    assert_eq!(count(summary, "lost"), 0, "{summary}");
+    assert_eq!(count(summary, "duplicated"), 0, "{summary}");
+    assert_eq!(count(summary, "errors_total"), 0, "{summary}");
+}
+
+#[test]
+fn open_loop_chat_delivers_every_message_once() {
+    let server = Server::start();
+    let summary = server.loadgen(
+        "chat",
+        &["--users", "20", "--rate", "400", "--duration", "1"],
+    );
+    assert_eq!(summary["scenario"], "chat");
+    all_delivered_once(&summary);
+}
+
+#[test]
+fn closed_loop_chat_over_two_workers_delivers_every_message_once() {
+    let server = Server::start();
+    let summary = server.loadgen(
+        "chat",
+        &["--users", "20", "--duration", "1", "--workers", "2"],
+    );
+    all_delivered_once(&summary);
+}
+
+#[test]
+fn paced_group_posts_reach_every_other_member_once() {
+    let server = Server::start();
+    let summary = server.loadgen(
+        "group",
+        &[
+            "--groups",
+            "2",
+            "--members",
+            "5",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+        ],
+    );
+    let sent = count(&summary, "sent");
+    assert!(sent > 0, "nothing posted: {summary}");
+    assert_eq!(count(&summary, "acked"), sent, "{summary}");
+    // Each post reaches the four other members of its group.
+    assert_eq!(count(&summary, "delivered"), 4 * sent, "{summary}");
+    assert_eq!(count(&summary, "expected"), 4 * sent, "{summary}");
+    assert_eq!(count(&summary, "lost"), 0, "{summary}");
+    assert_eq!(count(&summary, "duplicated"), 0, "{summary}");
+}
