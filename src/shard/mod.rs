@@ -25,6 +25,7 @@ pub mod conn;
 pub mod mailbox;
 pub mod session;
 pub mod timer;
+mod turn;
 pub mod unacked;
 mod web;
 
@@ -50,6 +51,7 @@ use conn::{Conn, Phase, Transport};
 use mailbox::{Reply, ShardHandle, ShardMsg};
 use session::{Acked, Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
+use turn::TurnClock;
 use unacked::Sent;
 
 pub const LISTENER: Token = Token(usize::MAX);
@@ -60,6 +62,9 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const CLOSE_GRACE_TICKS: u32 = 20;
 /// Least ticks between two returns of free memory to the OS.
 const COLLECT_TICKS: u32 = 10;
+/// A turn this long is logged, with where its time went (at most once per
+/// [`COLLECT_TICKS`] per shard).
+const SLOW_TURN: Duration = Duration::from_millis(10);
 /// Events read from the store per catch-up page.
 const CATCHUP_PAGE: usize = 256;
 
@@ -147,6 +152,8 @@ pub struct Shard {
     busy: bool,
     /// Tick of the last return of free memory to the OS.
     last_collect: u32,
+    /// Tick of the last slow-turn warning.
+    last_slow_report: u32,
     /// The oldest commit whose answers and pushes this turn handled, for
     /// the push delay metric.
     delivered_since: Option<Instant>,
@@ -189,6 +196,7 @@ impl Shard {
             exit_at: None,
             busy: false,
             last_collect: 0,
+            last_slow_report: 0,
             delivered_since: None,
             answered: Vec::new(),
         })
@@ -213,6 +221,7 @@ impl Shard {
                 break;
             }
             self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
+            let mut clock = TurnClock::start();
             let idle_poll = events.is_empty() && self.mailbox.is_empty() && self.catchup.is_empty();
             if !idle_poll {
                 self.busy = true;
@@ -226,6 +235,7 @@ impl Shard {
                 self.busy = false;
                 self.last_collect = self.now;
             }
+            clock.mark("collect");
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(Transport::Tcp),
@@ -241,13 +251,19 @@ impl Shard {
                     }
                 }
             }
+            clock.mark("read");
             self.write_cursors();
+            clock.mark("cursors");
             // This turn's requests and acknowledgements (and whatever the
             // other shards queued): committed here, answered below.
             self.ctx.commit.combine(Some(usize::from(self.ctx.id)));
+            clock.mark("commit");
             self.take_mailbox();
+            clock.mark("mailbox");
             self.run_catchups();
+            clock.mark("catchup");
             self.flush_dirty();
+            clock.mark("write");
             if let Some(t) = self.delivered_since.take() {
                 let us = t.elapsed().as_micros() as u64;
                 self.ctx.metrics.push_delay_us.observe(us);
@@ -257,9 +273,15 @@ impl Shard {
                 self.ctx.metrics.request_us.observe(us);
             }
             self.fire_timers();
+            clock.mark("timers");
             // What the timers queued (last-seen times of timed-out devices);
             // their answers wake this shard for the next turn.
             self.ctx.commit.combine(None);
+            clock.mark("commit2");
+            if clock.total() >= SLOW_TURN && self.now >= self.last_slow_report + COLLECT_TICKS {
+                self.last_slow_report = self.now;
+                tracing::warn!(shard = self.ctx.id, turn = %clock, "slow event-loop turn");
+            }
             if let Some(at) = self.exit_at {
                 if self.conns.is_empty() || self.now >= at {
                     break;
