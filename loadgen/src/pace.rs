@@ -95,23 +95,33 @@ impl Pacer {
 
     fn run(&self, t0: Instant, stagger: Duration, period: Duration, stop: &CancellationToken) {
         let mut start_of_period = t0;
-        loop {
+        while !stop.is_cancelled() {
+            let mut released = false;
             for (k, slot) in self.slots.iter().enumerate() {
                 if !slot.claimed.load(Ordering::Acquire) {
                     continue;
                 }
-                let at = start_of_period + stagger * k as u32;
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
+                sleep_until(start_of_period + stagger * k as u32);
                 if stop.is_cancelled() {
                     return;
                 }
                 slot.release();
+                released = true;
             }
             start_of_period += period;
+            if !released {
+                // No sender in this process (yet): wait out the period
+                // instead of spinning over the slots.
+                sleep_until(start_of_period);
+            }
         }
+    }
+}
+
+fn sleep_until(at: Instant) {
+    let now = Instant::now();
+    if at > now {
+        std::thread::sleep(at - now);
     }
 }
 
@@ -154,5 +164,27 @@ mod tests {
         // 50 each in 50 periods of 0.4 ms at the least: the pacer never
         // releases a send before its time.
         assert!(t0.elapsed() >= Duration::from_micros(400 * 49));
+    }
+
+    #[test]
+    fn a_pacer_with_no_sender_here_stops_when_told() {
+        let pacer = Arc::new(Pacer::new(3));
+        let stop = CancellationToken::new();
+        let thread = pacer
+            .start(
+                Instant::now(),
+                Duration::from_millis(1),
+                Duration::from_millis(3),
+                stop.clone(),
+            )
+            .expect("pacer thread");
+        std::thread::sleep(Duration::from_millis(10));
+        stop.cancel();
+        // Returns within a period; before the fix it spun forever.
+        thread.join().expect("pacer exits");
+        assert!(pacer
+            .slots
+            .iter()
+            .all(|s| s.due.load(Ordering::Acquire) == 0));
     }
 }

@@ -104,7 +104,7 @@ fn closed_loop_chat_over_two_workers_delivers_every_message_once() {
 }
 
 #[test]
-fn paced_group_posts_reach_every_other_member_once() {
+fn paced_group_posts_over_two_workers_reach_every_other_member_once() {
     let server = Server::start();
     let summary = server.loadgen(
         "group",
@@ -117,6 +117,8 @@ fn paced_group_posts_reach_every_other_member_once() {
             "20",
             "--duration",
             "1",
+            "--workers",
+            "2",
         ],
     );
     let sent = count(&summary, "sent");
