@@ -43,6 +43,9 @@ pub struct Config {
     /// fsync the write-ahead log on every group commit (survive power loss,
     /// not only process crashes).
     pub wal_sync: bool,
+    /// Directory of RocksDB's write-ahead log, for a separate (fast) device:
+    /// every Ack waits for its WAL write. Unset: inside `data_dir`.
+    pub wal_dir: Option<PathBuf>,
     /// This node's id (0-1023), part of every message id.
     pub node_id: u16,
     /// Most members a group may have.
@@ -66,6 +69,7 @@ impl Default for Config {
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
             wal_sync: false,
+            wal_dir: None,
             node_id: 0,
             max_group_members: 1024,
             typing_ttl_ms: 6_000,
@@ -137,6 +141,9 @@ pub struct ServeArgs {
     /// fsync the WAL on every commit.
     #[arg(long, env = "SWIFTLET_WAL_SYNC")]
     pub wal_sync: bool,
+    /// Directory of the write-ahead log, e.g. on a separate fast device [default: inside the data dir].
+    #[arg(long, env = "SWIFTLET_WAL_DIR")]
+    pub wal_dir: Option<PathBuf>,
     /// Node id, 0-1023 [default: 0].
     #[arg(long, env = "SWIFTLET_NODE_ID")]
     pub node_id: Option<u16>,
@@ -173,6 +180,9 @@ impl Config {
         );
         if args.jwt_secret.is_some() {
             c.jwt_secret = args.jwt_secret.clone();
+        }
+        if args.wal_dir.is_some() {
+            c.wal_dir = args.wal_dir.clone();
         }
         if !args.allowed_origins.is_empty() {
             c.allowed_origins = args.allowed_origins.clone();
@@ -267,16 +277,28 @@ mod tests {
     fn file_then_flags_override_defaults() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.toml");
-        std::fs::write(&path, "shards = 3\nidle_timeout_ms = 5000\n").expect("write");
+        std::fs::write(
+            &path,
+            "shards = 3\nidle_timeout_ms = 5000\nwal_dir = \"/fast/wal\"\n",
+        )
+        .expect("write");
         let args = ServeArgs {
-            config: Some(path),
+            config: Some(path.clone()),
             shards: Some(5),
             ..Default::default()
         };
         let c = Config::load(&args).expect("load");
         assert_eq!(c.shards, 5);
         assert_eq!(c.idle_timeout_ms, 5000);
+        assert_eq!(c.wal_dir, Some(PathBuf::from("/fast/wal")));
         assert_eq!(c.listen, Config::default().listen);
+        let args = ServeArgs {
+            config: Some(path),
+            wal_dir: Some(PathBuf::from("/faster/wal")),
+            ..Default::default()
+        };
+        let c = Config::load(&args).expect("load");
+        assert_eq!(c.wal_dir, Some(PathBuf::from("/faster/wal")));
     }
 
     #[test]

@@ -30,19 +30,20 @@ use crate::store::{Store, StoreError, StoreOptions};
 /// Commands the commit queue holds before shards are told "busy".
 const COMMIT_QUEUE: usize = 64 * 1024;
 
-/// Why the server could not start.
+/// Why the server could not start. Each message names the step; the
+/// underlying error is its `source` (anyhow prints the chain).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("opening the store: {0}")]
+    #[error("opening the store")]
     Store(#[from] StoreError),
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("starting threads: {0}")]
+    #[error("starting threads")]
     Io(#[from] std::io::Error),
 }
 
@@ -84,6 +85,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         &config.data_dir.join("db"),
         &StoreOptions {
             wal_sync: config.wal_sync,
+            wal_dir: config.wal_dir.clone(),
             ..StoreOptions::default()
         },
     )?);

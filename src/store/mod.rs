@@ -33,6 +33,25 @@ pub enum StoreError {
     Corrupt(String),
     #[error("missing column family {0}")]
     MissingCf(&'static str),
+    /// Opening with the write-ahead log somewhere else than where the
+    /// database keeps it would silently drop every write not yet flushed
+    /// from it.
+    #[error(
+        "the write-ahead log of this database is in {was}, not {now}: \
+         start with the WAL directory it was created with (or move the *.log files \
+         there and update {marker})"
+    )]
+    WalDirMoved {
+        was: String,
+        now: String,
+        marker: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Tuning knobs of the store.
@@ -48,7 +67,15 @@ pub struct StoreOptions {
     /// Memtable size per column family. Smaller memtables keep skiplist
     /// inserts of random keys (inboxes, dedup records) shallow.
     pub write_buffer_bytes: usize,
+    /// Where the write-ahead log lives; `None`: in the database directory.
+    /// Recorded in the database (see [`WAL_DIR_MARKER`]) and checked on
+    /// every open.
+    pub wal_dir: Option<std::path::PathBuf>,
 }
+
+/// The file in the database directory that records where its write-ahead
+/// log lives (absent: in the database directory itself).
+pub const WAL_DIR_MARKER: &str = "SWIFTLET_WAL_DIR";
 
 impl Default for StoreOptions {
     fn default() -> Self {
@@ -56,6 +83,7 @@ impl Default for StoreOptions {
             wal_sync: false,
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 16 << 20,
+            wal_dir: None,
         }
     }
 }
@@ -122,6 +150,63 @@ pub struct InboxPage {
     pub has_more: bool,
 }
 
+/// Where the write-ahead log of the database at `db` goes, checked against
+/// where it went before: a database that exists must be opened with the WAL
+/// directory it was created with. A new database records `configured`
+/// before RocksDB creates it, so it never exists without that record.
+/// Returns the directory, made absolute, to give RocksDB.
+fn settle_wal_dir(
+    db: &Path,
+    configured: Option<&Path>,
+) -> Result<Option<std::path::PathBuf>, StoreError> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let io = |what: &'static str, path: &Path| {
+        let path = path.display().to_string();
+        move |source| StoreError::Io { what, path, source }
+    };
+    let now = match configured {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+            Some(std::fs::canonicalize(dir).map_err(io("resolving", dir))?)
+        }
+        None => None,
+    };
+    let marker = db.join(WAL_DIR_MARKER);
+    if db.join("CURRENT").exists() {
+        let was = match std::fs::read(&marker) {
+            Ok(bytes) => Some(std::path::PathBuf::from(std::ffi::OsString::from_vec(
+                bytes,
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("reading", &marker)(e)),
+        };
+        if was != now {
+            let show = |d: &Option<std::path::PathBuf>| match d {
+                Some(d) => d.display().to_string(),
+                None => format!("the database directory {}", db.display()),
+            };
+            return Err(StoreError::WalDirMoved {
+                was: show(&was),
+                now: show(&now),
+                marker: marker.display().to_string(),
+            });
+        }
+        return Ok(now);
+    }
+    std::fs::create_dir_all(db).map_err(io("creating", db))?;
+    match &now {
+        Some(dir) => {
+            std::fs::write(&marker, dir.as_os_str().as_bytes()).map_err(io("writing", &marker))?
+        }
+        None => match std::fs::remove_file(&marker) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("removing", &marker)(e)),
+        },
+    }
+    Ok(now)
+}
+
 impl Store {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
@@ -171,6 +256,9 @@ impl Store {
         // shard's small cursor batch joining its group made the large batch
         // pay that.
         db_opts.set_allow_concurrent_memtable_write(false);
+        if let Some(dir) = settle_wal_dir(path, opts.wal_dir.as_deref())? {
+            db_opts.set_wal_dir(dir);
+        }
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors)?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.wal_sync);
@@ -653,5 +741,62 @@ mod tests {
         assert_eq!(store.cursor("amy", "phone").expect("read"), 5);
         assert_eq!(store.cursor("zed", "phone").expect("read"), 9);
         assert_eq!(store.memberships("amy").expect("read"), vec![8]);
+    }
+
+    fn wal_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .expect("list")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+            })
+            .count()
+    }
+
+    /// The WAL can live in its own directory; a database is only ever
+    /// opened with the WAL directory it was created with, since anything
+    /// else would lose the writes that are only in its WAL.
+    #[test]
+    fn the_wal_stays_in_its_directory_and_the_database_refuses_any_other() {
+        let data = tempfile::tempdir().expect("temp dir");
+        let wal = tempfile::tempdir().expect("temp dir");
+        let db = data.path().join("db");
+        let in_wal = |dir: &Path| StoreOptions {
+            wal_dir: Some(dir.to_owned()),
+            ..StoreOptions::default()
+        };
+        {
+            let store = Store::open(&db, &in_wal(wal.path())).expect("open");
+            let mut b = store.batch();
+            store.put_cursor(&mut b, "amy", "phone", 7).expect("put");
+            store.commit(b).expect("commit");
+        }
+        assert!(wal_files(wal.path()) > 0);
+        assert_eq!(wal_files(&db), 0);
+
+        let moved = |opts: StoreOptions| match Store::open(&db, &opts) {
+            Err(StoreError::WalDirMoved { .. }) => {}
+            Err(e) => panic!("expected WalDirMoved, got {e}"),
+            Ok(_) => panic!("opened with the WAL elsewhere"),
+        };
+        moved(StoreOptions::default());
+        let other = tempfile::tempdir().expect("temp dir");
+        moved(in_wal(other.path()));
+
+        // With its own WAL directory again: the write (never flushed to an
+        // SST) is there.
+        let store = Store::open(&db, &in_wal(wal.path())).expect("reopen");
+        assert_eq!(store.cursor("amy", "phone").expect("read"), 7);
+        drop(store);
+
+        // A database made with the WAL inside refuses a WAL directory.
+        let plain = tempfile::tempdir().expect("temp dir");
+        drop(Store::open(plain.path(), &StoreOptions::default()).expect("open"));
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        match Store::open(plain.path(), &in_wal(elsewhere.path())) {
+            Err(StoreError::WalDirMoved { .. }) => {}
+            Err(e) => panic!("expected WalDirMoved, got {e}"),
+            Ok(_) => panic!("opened with the WAL elsewhere"),
+        }
     }
 }
