@@ -945,7 +945,10 @@ impl Pipeline {
                     format!("groups hold at most {} members", self.max_group_members),
                 );
             }
-            let changed = g.with_added(&new);
+            // Every message posted so far has a smaller id than this mark,
+            // every later one a larger: receipts judge the new members only
+            // on what was posted after they joined.
+            let changed = g.with_added(&new, self.ids.next_now());
             let notify: Vec<Arc<str>> = changed.members().cloned().collect();
             for u in &new {
                 self.store.put_membership(&mut w.batch, u, id, true)?;

@@ -40,6 +40,10 @@ pub struct Group {
     /// In joining order (the oldest member is promoted when the last admin goes).
     members: Vec<(Arc<str>, GroupRole)>,
     index: HashMap<Arc<str>, usize>,
+    /// For members added after the group was made: the message-id mark of
+    /// their joining (see `GroupMember.joined_after`). Absent for the
+    /// founding members, so a group created at once holds no entries here.
+    joined_after: HashMap<Arc<str>, u64>,
     /// The members sorted by name, which is the order of their inbox keys:
     /// a post appends to the inboxes in this order, so RocksDB inserts the
     /// batch's keys ascending and each memtable insert starts from where the
@@ -64,6 +68,7 @@ impl Group {
             version,
             members,
             index: HashMap::new(),
+            joined_after: HashMap::new(),
             by_name: Vec::new(),
         };
         g.reindex();
@@ -82,24 +87,39 @@ impl Group {
     }
 
     fn from_info(info: pb::GroupInfo) -> Self {
+        let mut joined_after = HashMap::new();
         let members = info
             .members
             .into_iter()
             .map(|m| {
+                let user: Arc<str> = Arc::from(m.user.as_str());
+                if m.joined_after != 0 {
+                    joined_after.insert(user.clone(), m.joined_after);
+                }
                 (
-                    Arc::from(m.user.as_str()),
+                    user,
                     GroupRole::try_from(m.role).unwrap_or(GroupRole::Member),
                 )
             })
             .collect();
-        Group::new(
+        let mut g = Group::new(
             info.group_id,
             info.name,
             info.created_by,
             info.created_ms,
             info.version,
             members,
-        )
+        );
+        g.joined_after = joined_after;
+        g
+    }
+
+    fn member_info(&self, user: &Arc<str>, role: GroupRole) -> pb::GroupMember {
+        pb::GroupMember {
+            user: user.to_string(),
+            role: role as i32,
+            joined_after: self.joined_after(user),
+        }
     }
 
     /// The answer to a change of the group: every member in joining order if
@@ -121,10 +141,7 @@ impl Group {
         info.members = page
             .iter()
             .take(limit)
-            .map(|u| pb::GroupMember {
-                user: u.to_string(),
-                role: self.role(u).unwrap_or(GroupRole::Member) as i32,
-            })
+            .map(|u| self.member_info(u, self.role(u).unwrap_or(GroupRole::Member)))
             .collect();
         info.more_members = page.len() > limit;
         info
@@ -140,10 +157,7 @@ impl Group {
             members: if with_members {
                 self.members
                     .iter()
-                    .map(|(u, r)| pb::GroupMember {
-                        user: u.to_string(),
-                        role: *r as i32,
-                    })
+                    .map(|(u, r)| self.member_info(u, *r))
                     .collect()
             } else {
                 Vec::new()
@@ -162,6 +176,12 @@ impl Group {
 
     pub fn is_member(&self, user: &str) -> bool {
         self.index.contains_key(user)
+    }
+
+    /// The mark of `user`'s joining: messages with an id up to it were
+    /// posted before (0 for a founding member).
+    pub fn joined_after(&self, user: &str) -> u64 {
+        self.joined_after.get(user).copied().unwrap_or(0)
     }
 
     pub fn len(&self) -> usize {
@@ -188,13 +208,15 @@ impl Group {
         &self.by_name[start..]
     }
 
-    /// A copy with `users` added as members (those already in are skipped).
-    pub fn with_added(&self, users: &[Arc<str>]) -> Group {
+    /// A copy with `users` added as members (those already in are skipped),
+    /// joining after every message with an id up to `mark`.
+    pub fn with_added(&self, users: &[Arc<str>], mark: u64) -> Group {
         let mut g = self.clone();
         for u in users {
             if !g.index.contains_key(u) {
                 g.index.insert(u.clone(), g.members.len());
                 g.members.push((u.clone(), GroupRole::Member));
+                g.joined_after.insert(u.clone(), mark);
             }
         }
         g.version += 1;
@@ -208,6 +230,7 @@ impl Group {
         let mut g = self.clone();
         let gone: std::collections::HashSet<&str> = users.iter().map(|u| &**u).collect();
         g.members.retain(|(u, _)| !gone.contains(&**u));
+        g.joined_after.retain(|u, _| !gone.contains(&**u));
         if !g.members.is_empty() && !g.members.iter().any(|(_, r)| *r == GroupRole::Admin) {
             g.members[0].1 = GroupRole::Admin;
         }
@@ -318,7 +341,7 @@ mod tests {
             1,
             vec![(Arc::from("a"), GroupRole::Admin)],
         ));
-        let v2 = Arc::new(v1.with_added(&ids(&["b"])));
+        let v2 = Arc::new(v1.with_added(&ids(&["b"]), 5));
         // The pipeline installs v2 while a shard was reading v1 from the store.
         groups.put(v2.clone());
         assert_eq!(groups.install_loaded(v1.clone()).version, 2);
@@ -342,8 +365,11 @@ mod tests {
             1,
             vec![(Arc::from("a"), GroupRole::Admin)],
         );
-        let g = g.with_added(&ids(&["c", "b", "a"]));
+        let g = g.with_added(&ids(&["c", "b", "a"]), 77);
         assert_eq!(g.len(), 3);
+        // The founder keeps no mark, and re-adding her does not give her one.
+        assert_eq!(g.joined_after("a"), 0);
+        assert_eq!(g.joined_after("b"), 77);
         assert_eq!(g.members_by_name(), &ids(&["a", "b", "c"])[..]);
         assert_eq!(g.version, 2);
         let g = g.with_removed(&ids(&["a"]));
@@ -358,5 +384,11 @@ mod tests {
         let back = Group::from_info(g.info(true));
         assert_eq!(back.role("c"), Some(GroupRole::Admin));
         assert_eq!(back.members().count(), 2);
+        // The joining marks survive the stored form, and leave with the member.
+        assert_eq!(back.joined_after("b"), 77);
+        assert_eq!(back.info_page("", 0).members[0].joined_after, 77);
+        let g = back.with_removed(&ids(&["b"]));
+        assert_eq!(g.joined_after("b"), 0);
+        assert_eq!(g.joined_after("c"), 77);
     }
 }

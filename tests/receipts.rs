@@ -134,6 +134,28 @@ async fn the_group_receipt_list_tells_read_delivered_and_pending() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_no_more(&alice, &mut arx).await;
+
+    // Erin joins after m: m was never hers, so its list leaves her out; a
+    // post after she joined lists her (pending: she is not connected).
+    let info = alice.add_members(gid, &["erin"]).await.expect("add erin");
+    let erin = info
+        .members
+        .iter()
+        .find(|x| x.user == "erin")
+        .expect("erin listed");
+    assert!(erin.joined_after >= m, "joined after m: {erin:?}");
+    next_group_event(&mut arx).await;
+    let list = alice.receipts(gid, m).await.expect("receipts");
+    assert_eq!((list.read, list.delivered, list.pending), want);
+    let m2 = alice
+        .send_group(gid, "text/plain", "welcome, erin")
+        .await
+        .expect("ack")
+        .server_msg_id;
+    assert!(m2 > erin.joined_after);
+    let list = alice.receipts(gid, m2).await.expect("receipts");
+    assert!(list.pending.contains(&"erin".to_string()), "{list:?}");
+
     // Only the sender may ask.
     assert_eq!(code_of(bob.receipts(gid, m).await), ErrorCode::Forbidden);
     assert_eq!(

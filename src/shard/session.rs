@@ -457,11 +457,12 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
         Ok(Some(g)) => g,
     };
     let limit = page_limit(req.members_limit, MAX_INFO_MEMBERS);
+    // Members who joined after the message never had it: not listed.
     let mut rest = group
         .members_after(&req.members_after)
         .iter()
         .map(|m| &**m)
-        .filter(|m| *m != &*user)
+        .filter(|m| *m != &*user && group.joined_after(m) < msg.id)
         .peekable();
     let members: Vec<&str> = rest.by_ref().take(limit).collect();
     let more_members = rest.peek().is_some();
