@@ -3,8 +3,8 @@
 //!
 //! Shards submit [`CommitCmd`]s to a bounded queue and, at the end of the
 //! same loop turn, run the pipeline themselves ([`CommitHandle::combine`]):
-//! whichever shard takes the pipeline's lock commits everything queued, its
-//! own commands and the other shards' (flat combining). There is no commit
+//! whichever shard takes the pipeline's lock commits what is queued, its own
+//! commands and the other shards' (flat combining). There is no commit
 //! thread to wake and wait for: on a small machine a hand-off to another
 //! thread and back cost more than the write itself. A shard that finds the
 //! lock taken leaves its commands to the holder, which looks at the queue
