@@ -13,7 +13,7 @@ use super::conn::{Phase, Transport};
 use super::session;
 use super::{ticks, Fatal, Shard};
 use crate::bridge::{http, web as assets, ws};
-use crate::commit::{CommitCmd, Op, Origin, SubmitError};
+use crate::commit::{CommitCmd, Op, Origin};
 use crate::registry::ConnRef;
 
 /// Longest long-poll wait, in seconds.
@@ -348,7 +348,6 @@ impl Shard {
             .commit
             .submit(CommitCmd::Request(origin, Op::Send(send)))
         {
-            let SubmitError::Busy = e;
             return self.http_finish(slot, http::error(ErrorCode::RateLimited, &e.to_string()));
         }
         let idle = ticks(self.ctx.limits.idle_timeout_ms);

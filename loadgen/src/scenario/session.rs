@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -46,8 +46,6 @@ pub struct Common {
     /// Open loop: seconds between the first sends of two consecutive
     /// senders (1 / rate), so sender k sends at `t0 + k·stagger + j·period`.
     pub stagger: Duration,
-    /// When the measured phase started (set just before `go`).
-    pub t0: OnceLock<Instant>,
     /// Open loop: releases each sender at its time (see [`crate::pace`]).
     pub pacer: Arc<Pacer>,
     pub ping: Option<Duration>,
@@ -81,7 +79,6 @@ impl Common {
                 .args
                 .rate
                 .map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r)),
-            t0: OnceLock::new(),
             pacer: Arc::new(Pacer::new(if period.is_some() {
                 senders as usize
             } else {
@@ -381,13 +378,10 @@ pub async fn drive<R: Role>(u: &mut R, sh: &R::Shared) -> Result<(), ConnError> 
             }
             _ = c.go.cancelled(), if !started => {
                 started = true;
-                let index = u.sender_index(sh);
-                u.session().sending = index.is_some();
-                match index {
-                    // Open loop: the pacer, started with `go`, sends.
-                    Some(_) if open_loop => {}
-                    Some(_) => u.send(sh),
-                    None => {}
+                u.session().sending = u.sender_index(sh).is_some();
+                // Open loop: the pacer, started with `go`, releases the sends.
+                if u.sending() && !open_loop {
+                    u.send(sh);
                 }
             }
             _ = c.stop_sending.cancelled(), if u.sending() => u.session().sending = false,
@@ -428,13 +422,14 @@ pub struct Measured {
 /// sending with its timeline; then `stop_sending`.
 pub async fn measure(ctx: &Ctx, c: &Common) -> Measured {
     let stats = &ctx.stats;
-    let t0 = *c.t0.get_or_init(Instant::now);
     if let Some(period) = c.period {
         // Stops with the sending; the thread only sleeps and notifies.
-        if let Err(e) = c
-            .pacer
-            .start(t0.into_std(), c.stagger, period, c.stop_sending.clone())
-        {
+        if let Err(e) = c.pacer.start(
+            std::time::Instant::now(),
+            c.stagger,
+            period,
+            c.stop_sending.clone(),
+        ) {
             eprintln!("loadgen: cannot start the pacer thread ({e}); nothing will be sent");
             stats.error("pacer");
         }
