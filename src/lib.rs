@@ -25,6 +25,7 @@
 //! - [`alloc`]: mimalloc, and returning an idle shard's free pages.
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
+//! - [`logging`]: rate limits for log lines a client or a fault can repeat.
 //! - [`config`]: defaults, TOML file, environment, flags.
 
 pub mod alloc;
@@ -36,6 +37,7 @@ pub mod cursors;
 pub mod generations;
 pub mod groups;
 pub mod ids;
+pub mod logging;
 pub mod registry;
 pub mod server;
 pub mod shard;
