@@ -65,6 +65,7 @@ impl Bench {
                 shard: 0,
                 slot: 0,
                 gen: 0,
+                presence: true,
             },
             request_id: self.n,
             user: Arc::from(user),

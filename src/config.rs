@@ -35,6 +35,12 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Close a connection that has not sent Hello within this long.
     pub handshake_timeout_ms: u64,
+    /// A frame whose first byte arrived must be complete within this long
+    /// (bytes of an unfinished frame are not activity).
+    pub frame_timeout_ms: u64,
+    /// Most connections one user may hold at once (devices, WebSockets,
+    /// parked long-polls): every push to the user goes to each of them.
+    pub max_conns_per_user: usize,
     /// Largest accepted frame, in bytes.
     pub max_frame: usize,
     /// Stop live pushes to a connection once this many bytes wait to be sent
@@ -66,6 +72,8 @@ impl Default for Config {
             jwt_secret: None,
             idle_timeout_ms: 60_000,
             handshake_timeout_ms: 10_000,
+            frame_timeout_ms: 15_000,
+            max_conns_per_user: 32,
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
             wal_sync: false,
@@ -132,6 +140,12 @@ pub struct ServeArgs {
     /// Time allowed between connect and Hello, in milliseconds [default: 10000].
     #[arg(long, env = "SWIFTLET_HANDSHAKE_TIMEOUT_MS")]
     pub handshake_timeout_ms: Option<u64>,
+    /// Time allowed for one frame from its first byte to its last, in milliseconds [default: 15000].
+    #[arg(long, env = "SWIFTLET_FRAME_TIMEOUT_MS")]
+    pub frame_timeout_ms: Option<u64>,
+    /// Most connections per user [default: 32].
+    #[arg(long, env = "SWIFTLET_MAX_CONNS_PER_USER")]
+    pub max_conns_per_user: Option<usize>,
     /// Largest accepted frame in bytes [default: 65536].
     #[arg(long, env = "SWIFTLET_MAX_FRAME")]
     pub max_frame: Option<usize>,
@@ -172,6 +186,8 @@ impl Config {
             shards,
             idle_timeout_ms,
             handshake_timeout_ms,
+            frame_timeout_ms,
+            max_conns_per_user,
             max_frame,
             push_buffer_bytes,
             node_id,
@@ -214,11 +230,17 @@ impl Config {
         if self.node_id > crate::ids::MAX_NODE {
             return bad("node_id must be at most 1023");
         }
-        if self.idle_timeout_ms < 100 || self.handshake_timeout_ms < 100 {
+        if self.idle_timeout_ms < 100
+            || self.handshake_timeout_ms < 100
+            || self.frame_timeout_ms < 100
+        {
             return bad("timeouts must be at least 100 ms");
         }
         if self.max_group_members < 2 || self.max_group_members > 100_000 {
             return bad("max_group_members must be between 2 and 100000");
+        }
+        if self.max_conns_per_user == 0 {
+            return bad("max_conns_per_user must be at least 1");
         }
         if self.typing_ttl_ms < 100 {
             return bad("typing_ttl_ms must be at least 100");

@@ -27,6 +27,23 @@ pub struct ConnRef {
     pub shard: u16,
     pub slot: u32,
     pub gen: u32,
+    /// The connection is a device's session, which makes its user online.
+    /// False for a parked HTTP long-poll: it is woken by pushes like a
+    /// device, but is not presence (polls come and go every few seconds,
+    /// and would make the user flap online and offline). Fits in padding.
+    pub presence: bool,
+}
+
+/// What [`Registry::add`] did.
+#[derive(Debug)]
+pub struct Added {
+    /// The shared id to keep in the session: all devices of a user share
+    /// one string.
+    pub user: Arc<str>,
+    /// The user had no presence connection before this one: they came online.
+    pub came_online: bool,
+    /// Connections the user now has, this one included.
+    pub conns: usize,
 }
 
 type Conns = SmallVec<[ConnRef; 1]>;
@@ -54,32 +71,42 @@ impl Registry {
         &self.stripes[h & (self.stripes.len() - 1)]
     }
 
-    /// Record that `conn` is a logged-in device of `user`. Returns the shared
-    /// id to keep in the session, so all devices of a user share one string,
-    /// and whether this is the user's first connection (they came online).
-    pub fn add(&self, user: &str, conn: ConnRef) -> (Arc<str>, bool) {
+    /// Record that `conn` is a connection of `user`.
+    pub fn add(&self, user: &str, conn: ConnRef) -> Added {
         let mut map = self.stripe(user).write();
         if let Some(conns) = map.get_mut(user) {
+            let came_online = conn.presence && !conns.iter().any(|c| c.presence);
             conns.push(conn);
+            let n = conns.len();
             if let Some((key, _)) = map.get_key_value(user) {
-                return (key.clone(), false);
+                return Added {
+                    user: key.clone(),
+                    came_online,
+                    conns: n,
+                };
             }
         }
         let key: Arc<str> = Arc::from(user);
         map.insert(key.clone(), SmallVec::from_elem(conn, 1));
-        (key, true)
+        Added {
+            user: key,
+            came_online: conn.presence,
+            conns: 1,
+        }
     }
 
     /// Forget `conn`; the user's entry goes when its last connection does.
-    /// True when that happened (the user went offline).
+    /// True when the user went offline: `conn` was their last presence
+    /// connection.
     pub fn remove(&self, user: &str, conn: ConnRef) -> bool {
         let mut map = self.stripe(user).write();
         if let Some(conns) = map.get_mut(user) {
             conns.retain(|c| *c != conn);
+            let online = conns.iter().any(|c| c.presence);
             if conns.is_empty() {
                 map.remove(user);
-                return true;
             }
+            return conn.presence && !online;
         }
         false
     }
@@ -93,7 +120,10 @@ impl Registry {
 
     /// True when any device of `user` is connected.
     pub fn is_online(&self, user: &str) -> bool {
-        self.stripe(user).read().contains_key(user)
+        self.stripe(user)
+            .read()
+            .get(user)
+            .is_some_and(|conns| conns.iter().any(|c| c.presence))
     }
 
     /// Users with at least one connection.
@@ -113,17 +143,20 @@ mod tests {
             shard: 0,
             slot: 1,
             gen: 1,
+            presence: true,
         };
         let b = ConnRef {
             shard: 1,
             slot: 7,
             gen: 3,
+            presence: true,
         };
-        let (id1, first) = r.add("alice", a);
-        assert!(first);
-        let (id2, first) = r.add("alice", b);
-        assert!(!first);
-        assert!(Arc::ptr_eq(&id1, &id2));
+        let first = r.add("alice", a);
+        assert!(first.came_online);
+        let second = r.add("alice", b);
+        assert!(!second.came_online);
+        assert_eq!(second.conns, 2);
+        assert!(Arc::ptr_eq(&first.user, &second.user));
         let mut out = Vec::new();
         r.lookup("alice", &mut out);
         assert_eq!(out, vec![a, b]);
@@ -132,5 +165,32 @@ mod tests {
         assert!(r.remove("alice", b));
         assert!(!r.is_online("alice"));
         assert_eq!(r.online_users(), 0);
+    }
+
+    #[test]
+    fn a_long_poll_is_routed_to_but_is_not_presence() {
+        let r = Registry::new(4);
+        let poll = ConnRef {
+            shard: 0,
+            slot: 2,
+            gen: 9,
+            presence: false,
+        };
+        let device = ConnRef {
+            shard: 0,
+            slot: 3,
+            gen: 9,
+            presence: true,
+        };
+        assert!(!r.add("bob", poll).came_online);
+        assert!(!r.is_online("bob"));
+        // A device logging in while a poll is parked brings bob online.
+        assert!(r.add("bob", device).came_online);
+        let mut out = Vec::new();
+        r.lookup("bob", &mut out);
+        assert_eq!(out, vec![poll, device]);
+        assert!(!r.remove("bob", poll));
+        assert!(r.remove("bob", device));
+        assert!(!r.is_online("bob"));
     }
 }

@@ -143,6 +143,8 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         push_buffer_bytes: config.push_buffer_bytes,
         idle_timeout_ms: config.idle_timeout_ms,
         handshake_timeout_ms: config.handshake_timeout_ms,
+        frame_timeout_ms: config.frame_timeout_ms,
+        max_conns_per_user: config.max_conns_per_user,
         typing_ttl_ms: config.typing_ttl_ms,
         allowed_origins: config.allowed_origins.clone(),
     };

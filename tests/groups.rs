@@ -95,7 +95,12 @@ async fn only_members_post_and_a_removed_member_gets_nothing_after() {
         code_of(mallory.send_group(gid, "text/plain", "let me in").await),
         ErrorCode::Forbidden
     );
-    assert_eq!(code_of(mallory.get_group(gid).await), ErrorCode::Forbidden);
+    // A non-member is not told whether the group exists: the same answer
+    // as for a group that does not.
+    let not_mine = mallory.get_group(gid).await.expect_err("refused");
+    let nowhere = mallory.get_group(987_654).await.expect_err("refused");
+    assert_eq!(not_mine.code(), Some(ErrorCode::NotFound as i32));
+    assert_eq!(not_mine.to_string(), nowhere.to_string());
     assert_eq!(
         code_of(alice.send_group(987_654, "text/plain", "nowhere").await),
         ErrorCode::NotFound

@@ -153,7 +153,7 @@ pub fn status_of(code: ErrorCode) -> u16 {
         ErrorCode::Forbidden => 403,
         ErrorCode::NotFound => 404,
         ErrorCode::BodyTooLarge | ErrorCode::FrameTooLarge => 413,
-        ErrorCode::RateLimited => 429,
+        ErrorCode::RateLimited | ErrorCode::TooManyConnections => 429,
         ErrorCode::StoreUnavailable | ErrorCode::ShuttingDown => 503,
         ErrorCode::Internal => 500,
         _ => 400,

@@ -60,12 +60,25 @@ pub struct Conn {
     pub lagging: bool,
     /// Already in the shard's list of connections to flush this turn.
     pub dirty: bool,
+    /// Input is not read or handled: the output is over budget, or too
+    /// many requests wait for the pipeline. Cleared when that passes.
+    pub paused: bool,
+    /// The peer closed its side: read to the end, not just to a short read.
+    pub peer_closed: bool,
+    /// The output is at or over half the budget: the client is behind, and
+    /// has been since `last_tx`.
+    pub behind: bool,
+    /// Requests handed to the commit pipeline and not yet answered.
+    pub in_flight: u16,
     /// Tick of the phase change (accept, login, close).
     pub since: u32,
-    /// Tick of the last frame received.
+    /// Tick of the last complete frame received.
     pub last_rx: u32,
-    /// Tick of the last time output made progress (or was empty).
+    /// Tick at which the output last fell behind (see `behind`).
     pub last_tx: u32,
+    /// Tick of this connection's live timer entry: the one entry of the
+    /// shard's wheel that is acted on (others are stale and skipped).
+    pub timer_at: u32,
     /// HTTP: when a parked long-poll or a pending send gives up.
     pub wait_until: u32,
     pub user: Option<Arc<str>>,
@@ -89,10 +102,14 @@ pub struct Conn {
 /// A connection's buffers.
 #[derive(Default)]
 struct Buffers {
-    /// Bytes of a partial frame.
+    /// Input read and not yet handled: a partial frame, or frames the shard
+    /// stopped before (output over budget, the turn's share spent).
     inbuf: Vec<u8>,
     /// Encoded frames not yet accepted by the socket.
     outbuf: Vec<u8>,
+    /// Tick the partial frame at the front of `inbuf` started, while the
+    /// client owes the rest of it (it has a deadline).
+    partial_since: Option<u32>,
 }
 
 impl Conn {
@@ -105,9 +122,14 @@ impl Conn {
             wait_until: 0,
             lagging: false,
             dirty: false,
+            paused: false,
+            peer_closed: false,
+            behind: false,
+            in_flight: 0,
             since: now,
             last_rx: now,
             last_tx: now,
+            timer_at: 0,
             user: None,
             device: None,
             next_seq: 1,
@@ -121,16 +143,22 @@ impl Conn {
 
     /// Take one typing token; false when the bucket is empty.
     pub fn take_typing_token(&mut self, now: u32) -> bool {
+        self.take_typing_tokens(now, 1)
+    }
+
+    /// Take `n` tokens of the typing bucket (shared by Typing and
+    /// SubscribePresence); false, taking none, when it holds fewer.
+    pub fn take_typing_tokens(&mut self, now: u32, n: u8) -> bool {
         let refill = now.saturating_sub(self.typing_refill) / TYPING_REFILL_TICKS;
         if refill > 0 {
             self.typing_tokens =
                 (u32::from(self.typing_tokens) + refill).min(u32::from(TYPING_BURST)) as u8;
             self.typing_refill = now;
         }
-        if self.typing_tokens == 0 {
+        if self.typing_tokens < n {
             return false;
         }
-        self.typing_tokens -= 1;
+        self.typing_tokens -= n;
         true
     }
 
@@ -201,12 +229,13 @@ impl Conn {
         self.io = None;
     }
 
-    /// The partial frame kept from earlier reads (empty if none).
+    /// Input kept from earlier reads (empty if none): an HTTP request
+    /// being assembled, a partial frame, or frames not yet handled.
     pub fn partial(&self) -> &[u8] {
         self.io.as_ref().map_or(&[], |b| &b.inbuf)
     }
 
-    /// Append read bytes to the partial frame.
+    /// Append read bytes to the kept input.
     pub fn extend_partial(&mut self, bytes: &[u8]) {
         self.io
             .get_or_insert_with(Box::default)
@@ -214,7 +243,7 @@ impl Conn {
             .extend_from_slice(bytes);
     }
 
-    /// Forget the first `n` bytes of the partial frame.
+    /// Forget the first `n` bytes of the kept input.
     pub fn consume_partial(&mut self, n: usize) {
         if let Some(b) = self.io.as_mut() {
             if n >= b.inbuf.len() {
@@ -226,11 +255,68 @@ impl Conn {
         self.release_if_empty();
     }
 
+    /// Take the kept input out, to decode it (put back what is left with
+    /// [`Conn::keep_input`]).
+    pub fn take_input(&mut self) -> Vec<u8> {
+        let taken = self
+            .io
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.inbuf))
+            .unwrap_or_default();
+        self.release_if_empty();
+        taken
+    }
+
+    /// Keep `rest` as the input not yet handled, sized exactly for the
+    /// frame it starts when that is known (`frame_size`).
+    pub fn keep_input(&mut self, mut rest: Vec<u8>, frame_size: Option<usize>) {
+        if rest.is_empty() {
+            if let Some(b) = self.io.as_mut() {
+                b.inbuf = Vec::new();
+                b.partial_since = None;
+            }
+            self.release_if_empty();
+            return;
+        }
+        if let Some(size) = frame_size.filter(|s| *s > rest.len()) {
+            rest.reserve_exact(size - rest.len());
+        } else {
+            rest.shrink_to_fit();
+        }
+        self.io.get_or_insert_with(Box::default).inbuf = rest;
+    }
+
+    /// Bytes of input kept.
+    pub fn in_len(&self) -> usize {
+        self.io.as_ref().map_or(0, |b| b.inbuf.capacity())
+    }
+
+    /// Memory the connection's buffers hold (what its budget counts).
+    pub fn load(&self) -> usize {
+        self.io
+            .as_ref()
+            .map_or(0, |b| b.inbuf.capacity() + b.outbuf.len())
+    }
+
+    /// When the partial frame the client owes started, if it owes one.
+    pub fn partial_since(&self) -> Option<u32> {
+        self.io.as_ref().and_then(|b| b.partial_since)
+    }
+
+    /// Record (or, with `None`, clear) the start of an unfinished frame.
+    pub fn set_partial_since(&mut self, at: Option<u32>) {
+        match self.io.as_mut() {
+            Some(b) => b.partial_since = at,
+            None if at.is_some() => self.io.get_or_insert_with(Box::default).partial_since = at,
+            None => {}
+        }
+    }
+
     fn release_if_empty(&mut self) {
         if self
             .io
             .as_ref()
-            .is_some_and(|b| b.inbuf.is_empty() && b.outbuf.is_empty())
+            .is_some_and(|b| b.inbuf.capacity() == 0 && b.outbuf.is_empty())
         {
             self.io = None;
         }
@@ -238,9 +324,8 @@ impl Conn {
 
     /// Write as much pending output as the socket takes. Ok(true) when all of
     /// it went; the buffer's memory is then released.
-    pub fn flush(&mut self, now: u32) -> io::Result<bool> {
+    pub fn flush(&mut self) -> io::Result<bool> {
         let Some(bufs) = self.io.as_mut() else {
-            self.last_tx = now;
             return Ok(true);
         };
         let out = &mut bufs.outbuf;
@@ -258,15 +343,11 @@ impl Conn {
             }
         };
         if written > 0 {
-            self.last_tx = now;
             if written == out.len() {
                 *out = Vec::new();
             } else {
                 out.drain(..written);
             }
-        }
-        if out.is_empty() {
-            self.last_tx = now;
         }
         self.release_if_empty();
         result

@@ -6,7 +6,15 @@
 //! one [`ShardMsg::Deliver`] per shard per group commit, which bounds the
 //! wake-ups (and the cross-thread traffic) to one per shard per batch, not
 //! one per message or per recipient.
+//!
+//! What the mailbox can hold is bounded by who fills it. Deliveries come
+//! from the pipeline, at most one per commit group, and a shard takes its
+//! mailbox every turn (a turn is itself bounded: see `READS_PER_TURN`).
+//! Ephemeral notices come from any client's Typing and presence changes, so
+//! they are counted: past [`MAX_EPHEMERAL_QUEUED`] waiting for one shard,
+//! more are dropped (they are best effort by contract).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,16 +72,42 @@ pub enum ShardMsg {
     Close,
 }
 
+/// Ephemeral messages that may wait in one shard's mailbox; more are
+/// dropped.
+pub const MAX_EPHEMERAL_QUEUED: usize = 4096;
+
 /// The sending side of a shard's mailbox. Cheap to clone.
 #[derive(Clone)]
 pub struct ShardHandle {
     tx: Sender<ShardMsg>,
     waker: Arc<mio::Waker>,
+    /// Ephemeral messages sent and not yet taken by the shard.
+    ephemeral: Arc<AtomicUsize>,
 }
 
 impl ShardHandle {
     pub fn new(tx: Sender<ShardMsg>, waker: Arc<mio::Waker>) -> Self {
-        ShardHandle { tx, waker }
+        ShardHandle {
+            tx,
+            waker,
+            ephemeral: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Send ephemeral frames unless [`MAX_EPHEMERAL_QUEUED`] already wait
+    /// for this shard. False when dropped.
+    pub fn send_ephemeral(&self, targets: Vec<(u32, u32)>, frame: bytes::Bytes) -> bool {
+        if self.ephemeral.fetch_add(1, Ordering::Relaxed) >= MAX_EPHEMERAL_QUEUED {
+            self.ephemeral.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        self.send(ShardMsg::Ephemeral { targets, frame });
+        true
+    }
+
+    /// The shard took one ephemeral message from its mailbox.
+    pub fn ephemeral_taken(&self) {
+        self.ephemeral.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Send `msg` and wake the shard. A shard that has exited drops it.
@@ -86,7 +120,7 @@ impl ShardHandle {
     /// Make the shard run a loop turn.
     pub fn wake(&self) {
         if let Err(e) = self.waker.wake() {
-            tracing::warn!(error = %e, "waking a shard failed");
+            crate::log_every!(1000, warn, error = %e, "waking a shard failed");
         }
     }
 
@@ -104,5 +138,28 @@ impl ShardHandle {
         } else {
             let _ = self.tx.send(msg);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ephemeral_notices_past_the_bound_are_dropped() {
+        let poll = mio::Poll::new().expect("poll");
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = ShardHandle::new(tx, waker);
+        for _ in 0..MAX_EPHEMERAL_QUEUED {
+            assert!(handle.send_ephemeral(Vec::new(), bytes::Bytes::new()));
+        }
+        assert!(!handle.send_ephemeral(Vec::new(), bytes::Bytes::new()));
+        assert_eq!(rx.len(), MAX_EPHEMERAL_QUEUED);
+        // The shard takes one: room for one more.
+        let _ = rx.try_recv();
+        handle.ephemeral_taken();
+        assert!(handle.send_ephemeral(Vec::new(), bytes::Bytes::new()));
+        assert!(!handle.send_ephemeral(Vec::new(), bytes::Bytes::new()));
     }
 }

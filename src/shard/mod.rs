@@ -9,9 +9,23 @@
 //! through its [`mailbox`], never through a lock held across I/O.
 //!
 //! One turn of the loop: wait for readiness (or the next tick); accept; read
-//! and decode frames and run them through [`session::handle`]; take the
-//! mailbox (Acks, pushes); refill lagging connections from the store;
-//! write every connection that has output, one `write` each; fire due timers.
+//! and decode frames one at a time and run each through [`session::handle`]
+//! (see [`input`]); take the mailbox (Acks, pushes); refill lagging
+//! connections from the store; write every connection that has output, one
+//! `write` each; fire due timers.
+//!
+//! No client gets more than its share. Each connection is read at most
+//! [`READS_PER_TURN`] times and handled at most [`FRAMES_PER_TURN`] frames
+//! per turn (the rest waits, as bytes, for the next turn). Its memory is
+//! one budget, `push_buffer_bytes`: at or above it the connection is
+//! *paused* (nothing more is read or handled, so no answer is produced)
+//! until its output drains below half, and live pushes stop (it catches up
+//! from the store later). At most [`MAX_IN_FLIGHT`] of its requests wait
+//! for the pipeline. A connection whose output stays at or above half the
+//! budget for the idle timeout is closed with `SLOW_CONSUMER`, however
+//! slowly it reads; one that starts a frame and does not finish it within
+//! the frame timeout is closed with `IDLE_TIMEOUT` (only complete frames
+//! count as activity).
 //!
 //! Delivery order and exactly-once per connection rest on one number per
 //! connection, `next_seq`: a push is written only if it is exactly the next
@@ -22,6 +36,7 @@
 //! everything a push refers to.
 
 pub mod conn;
+pub mod input;
 pub mod mailbox;
 pub mod session;
 pub mod timer;
@@ -37,17 +52,19 @@ use crossbeam_channel::Receiver;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
-use swiftlet_protocol::codec::{decode_frame, FrameError};
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
 use crate::bridge::metrics::Metrics;
+use crate::bridge::ws;
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::store::Store;
 use conn::{Conn, Phase, Transport};
+pub use input::Fatal;
+use input::Input;
 use mailbox::{Reply, ShardHandle, ShardMsg};
 use session::{Acked, Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
@@ -67,6 +84,36 @@ const COLLECT_TICKS: u32 = 10;
 const SLOW_TURN: Duration = Duration::from_millis(10);
 /// Events read from the store per catch-up page.
 const CATCHUP_PAGE: usize = 256;
+/// Reads of one connection per loop turn (each up to the 64 KiB scratch
+/// buffer): no socket holds the shard, however much it sends.
+const READS_PER_TURN: u32 = 1;
+/// Frames of one connection handled per loop turn.
+const FRAMES_PER_TURN: u32 = 256;
+/// Requests of one connection waiting for the commit pipeline at most; its
+/// input is not read while this many are unanswered.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// What stopped [`Shard::handle_input`].
+enum Stop {
+    /// Every whole frame was handled; a partial one may be kept.
+    Drained,
+    /// The output is over budget or too many requests are in flight: the
+    /// connection is paused until [`Shard::resume`].
+    Paused,
+    /// The turn's share of frames is spent; more next turn.
+    TurnSpent,
+    /// The connection closed.
+    Closed,
+}
+
+/// File `conn`'s timer at tick `at`, unless its live entry comes sooner.
+/// The tick it is filed at (the wheel's horizon, if `at` is past it)
+/// becomes the live one; entries filed before for other ticks are stale.
+fn arm(wheel: &mut Wheel, conn: &mut Conn, slot: usize, now: u32, at: u32) {
+    if conn.timer_at <= now || at < conn.timer_at {
+        conn.timer_at = wheel.schedule(u64::from(at), slot as u32, conn.gen) as u32;
+    }
+}
 
 /// Limits every connection of the shard runs under.
 #[derive(Debug, Clone)]
@@ -75,6 +122,10 @@ pub struct Limits {
     pub push_buffer_bytes: usize,
     pub idle_timeout_ms: u64,
     pub handshake_timeout_ms: u64,
+    /// A started frame must be complete within this long.
+    pub frame_timeout_ms: u64,
+    /// Most connections (of any transport) one user may hold.
+    pub max_conns_per_user: usize,
     pub typing_ttl_ms: u64,
     /// Origins allowed to open a WebSocket besides the server's own page.
     pub allowed_origins: Vec<String>,
@@ -98,28 +149,6 @@ pub struct ShardCtx {
     pub cursors: Arc<Cursors>,
 }
 
-/// Why a connection's input ends it: the code the client is told, and the
-/// WebSocket close code when it speaks WebSocket.
-pub struct Fatal {
-    pub code: ErrorCode,
-    pub why: String,
-    pub ws_close: Option<u16>,
-}
-
-impl From<FrameError> for Fatal {
-    fn from(e: FrameError) -> Self {
-        let code = match e {
-            FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-            _ => ErrorCode::MalformedFrame,
-        };
-        Fatal {
-            code,
-            why: e.to_string(),
-            ws_close: None,
-        }
-    }
-}
-
 /// `ms` in timer ticks, rounded up.
 pub fn ticks(ms: u64) -> u32 {
     ms.div_ceil(TICK_MS).min(u64::from(u32::MAX)) as u32
@@ -133,7 +162,9 @@ pub struct Shard {
     conns: Slab<Conn>,
     next_gen: u32,
     scratch: Box<[u8]>,
-    frames: Vec<Envelope>,
+    /// Connections with input left for a later turn (their share was
+    /// spent, or they were paused and have drained).
+    pending_input: Vec<usize>,
     dirty: Vec<usize>,
     catchup: Vec<usize>,
     due: Vec<(u32, u32)>,
@@ -182,7 +213,7 @@ impl Shard {
             conns: Slab::new(),
             next_gen: 0,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
-            frames: Vec::new(),
+            pending_input: Vec::new(),
             dirty: Vec::new(),
             catchup: Vec::new(),
             due: Vec::new(),
@@ -208,7 +239,7 @@ impl Shard {
         loop {
             let elapsed = self.start.elapsed();
             let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
-            let timeout = if self.catchup.is_empty() {
+            let timeout = if self.catchup.is_empty() && self.pending_input.is_empty() {
                 next_tick.saturating_sub(elapsed)
             } else {
                 Duration::ZERO
@@ -222,7 +253,10 @@ impl Shard {
             }
             self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
             let mut clock = TurnClock::start();
-            let idle_poll = events.is_empty() && self.mailbox.is_empty() && self.catchup.is_empty();
+            let idle_poll = events.is_empty()
+                && self.mailbox.is_empty()
+                && self.catchup.is_empty()
+                && self.pending_input.is_empty();
             if !idle_poll {
                 self.busy = true;
             } else if self.busy && self.now >= self.last_collect + COLLECT_TICKS {
@@ -236,6 +270,9 @@ impl Shard {
                 self.last_collect = self.now;
             }
             clock.mark("collect");
+            for slot in std::mem::take(&mut self.pending_input) {
+                self.pump(slot);
+            }
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(Transport::Tcp),
@@ -316,24 +353,22 @@ impl Shard {
                         Token(slot),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        tracing::warn!(error = %e, "registering a connection failed");
+                        crate::log_every!(1000, warn, error = %e, "registering a connection failed");
                         continue;
                     }
                     self.next_gen = self.next_gen.wrapping_add(1);
                     let gen = self.next_gen;
-                    entry.insert(Conn::new(stream, gen, self.now, transport));
-                    self.wheel.schedule(
-                        u64::from(self.now + ticks(self.ctx.limits.handshake_timeout_ms)),
-                        slot as u32,
-                        gen,
-                    );
+                    let conn = entry.insert(Conn::new(stream, gen, self.now, transport));
+                    let at = self.now + ticks(self.ctx.limits.handshake_timeout_ms);
+                    arm(&mut self.wheel, conn, slot, self.now, at);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // EMFILE and friends: the pending connections stay in
-                    // the backlog; try again on the next tick.
-                    tracing::warn!(shard = self.ctx.id, error = %e, "accept failed");
+                    // the backlog; try again on the next tick. At the file
+                    // limit this fails on every tick: one line a minute.
+                    crate::log_every!(60_000, warn, shard = self.ctx.id, error = %e, "accept failed");
                     self.accept_pending = true;
                     break;
                 }
@@ -350,14 +385,32 @@ impl Shard {
         }
     }
 
-    /// Read and handle what `slot`'s socket holds. A read that fills less
-    /// than the scratch buffer emptied the socket's receive queue, and the
-    /// readiness is edge-triggered: data that arrives later is a new event.
-    /// So the loop stops there instead of paying one more `read` for its
-    /// `WouldBlock` (half of the server's reads in a chat load). It reads on
-    /// to the end only when the event also said the peer closed (`closed`),
-    /// since that edge is spent, and for a closing connection.
+    /// The readiness of `slot`'s socket changed: read and handle its input.
     fn on_readable(&mut self, slot: usize, closed: bool) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.peer_closed |= closed;
+        }
+        self.pump(slot);
+    }
+
+    /// Handle what `slot` kept from earlier turns, then read its socket,
+    /// within one turn's share: [`READS_PER_TURN`] reads and
+    /// [`FRAMES_PER_TURN`] frames, so no connection holds the shard however
+    /// much it sends. What is left for later waits in `pending_input`; a
+    /// paused connection (output over budget, too much in flight) is not
+    /// read until [`Self::resume`].
+    ///
+    /// A read that fills less than the scratch buffer emptied the socket's
+    /// receive queue, and the readiness is edge-triggered: data that arrives
+    /// later is a new event. So reading stops there instead of paying one
+    /// more `read` for its `WouldBlock`, unless the peer closed (that edge is
+    /// spent: read on to the end).
+    fn pump(&mut self, slot: usize) {
+        let mut frames_left = FRAMES_PER_TURN;
+        let mut reads_left = READS_PER_TURN;
+        if !self.handle_kept(slot, &mut frames_left) {
+            return;
+        }
         loop {
             let Some(conn) = self.conns.get_mut(slot) else {
                 return;
@@ -367,123 +420,211 @@ impl Shard {
             if self.draining && conn.phase != Phase::Closing {
                 return;
             }
-            match conn.stream.read(&mut self.scratch) {
+            if reads_left == 0 {
+                self.pending_input.push(slot);
+                return;
+            }
+            reads_left -= 1;
+            let n = match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     self.drop_conn(slot);
                     return;
                 }
-                Ok(n) => {
-                    if conn.phase == Phase::Closing {
-                        continue;
-                    }
-                    let drained = n < self.scratch.len() && !closed;
-                    conn.last_rx = self.now;
-                    let ingested = match conn.transport {
-                        Transport::Tcp => self.ingest(slot, n).map_err(Fatal::from),
-                        Transport::WebSocket => self.ingest_ws(slot, n),
-                        Transport::Http => {
-                            self.ingest_http(slot, n);
-                            return;
-                        }
-                    };
-                    if let Err(f) = ingested {
-                        self.close_with_ws(slot, f.code, &f.why, f.ws_close);
-                        return;
-                    }
-                    if !self.process_frames(slot) || drained {
-                        return;
-                    }
-                }
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     self.drop_conn(slot);
                     return;
                 }
-            }
-        }
-    }
-
-    /// Decode the frames in `scratch[..n]` (after any partial frame kept
-    /// from before) into `self.frames`; keep a trailing partial frame.
-    fn ingest(&mut self, slot: usize, n: usize) -> Result<(), FrameError> {
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return Ok(());
-        };
-        let max = self.ctx.limits.max_frame;
-        let mut pos = 0;
-        if conn.partial().is_empty() {
-            // The common case: whole frames straight from the scratch buffer.
-            let data = &self.scratch[..n];
-            while let Some((env, used)) = decode_frame(&data[pos..], max)? {
-                self.frames.push(env);
-                pos += used;
-            }
-            if pos < n {
-                conn.extend_partial(&data[pos..]);
-            }
-        } else {
-            conn.extend_partial(&self.scratch[..n]);
-            let data = conn.partial();
-            while let Some((env, used)) = decode_frame(&data[pos..], max)? {
-                self.frames.push(env);
-                pos += used;
-            }
-            conn.consume_partial(pos);
-        }
-        Ok(())
-    }
-
-    /// Run decoded frames through the session. False if the connection closed.
-    fn process_frames(&mut self, slot: usize) -> bool {
-        let mut frames = std::mem::take(&mut self.frames);
-        let mut open = true;
-        for env in frames.drain(..) {
-            let Some(conn) = self.conns.get_mut(slot) else {
-                break;
             };
-            let was_handshake = conn.phase == Phase::Handshake;
-            match session::handle(
-                conn,
-                slot as u32,
-                env,
-                &self.ctx,
-                &mut self.sessions,
-                self.now,
-            ) {
-                Flow::Continue => {
-                    let idle = ticks(self.ctx.limits.idle_timeout_ms);
-                    if was_handshake
-                        && conn.phase == Phase::Live
-                        && idle < ticks(self.ctx.limits.handshake_timeout_ms)
-                    {
-                        // The wheel entry filed at accept comes due at the
-                        // handshake deadline and re-files itself at the idle
-                        // one; only an idle timeout shorter than that needs
-                        // an entry of its own.
-                        self.wheel
-                            .schedule(u64::from(self.now + idle), slot as u32, conn.gen);
+            let short = n < self.scratch.len() && !conn.peer_closed;
+            match (conn.phase, conn.transport) {
+                // Discarded: a closing connection is read only for its EOF.
+                (Phase::Closing, _) => reads_left += 1,
+                (_, Transport::Http) => {
+                    // A request may span many reads. An upgrade turns the
+                    // connection into a WebSocket, whose first frames may
+                    // have come right behind the request.
+                    self.ingest_http(slot, n);
+                    if !self.handle_kept(slot, &mut frames_left) {
+                        return;
                     }
                 }
-                Flow::Close(code, why) => {
-                    self.close_with(slot, code, &why);
-                    open = false;
+                _ => match self.handle_input(slot, n, &mut frames_left) {
+                    Stop::Drained => {}
+                    Stop::Paused | Stop::Closed => return,
+                    Stop::TurnSpent => {
+                        self.pending_input.push(slot);
+                        return;
+                    }
+                },
+            }
+            if short {
+                return;
+            }
+        }
+    }
+
+    /// Handle frames a framed connection kept from before. False when the
+    /// connection must not be read on now.
+    fn handle_kept(&mut self, slot: usize, frames_left: &mut u32) -> bool {
+        let Some(conn) = self.conns.get(slot) else {
+            return false;
+        };
+        if conn.transport == Transport::Http || conn.phase == Phase::Closing {
+            return true;
+        }
+        if conn.paused {
+            return false;
+        }
+        if conn.partial().is_empty() {
+            return true;
+        }
+        match self.handle_input(slot, 0, frames_left) {
+            Stop::Drained => true,
+            Stop::Paused | Stop::Closed => false,
+            Stop::TurnSpent => {
+                self.pending_input.push(slot);
+                false
+            }
+        }
+    }
+
+    /// Decode and handle, one frame at a time, the input `slot` kept plus
+    /// the `fresh` bytes just read into the scratch buffer. Each frame is
+    /// handled before the next is decoded, and what is not handled stays
+    /// bytes in the connection (see [`input`]). Stops before a frame when
+    /// the connection's output is over budget or too many of its requests
+    /// wait for the pipeline (it is then paused), and when the turn's share
+    /// of frames is spent.
+    fn handle_input(&mut self, slot: usize, fresh: usize, frames_left: &mut u32) -> Stop {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Stop::Closed;
+        };
+        let now = self.now;
+        let limits = &self.ctx.limits;
+        let was_partial = conn.partial_since();
+        let mut held = conn.take_input();
+        let from_scratch = held.is_empty();
+        if !from_scratch {
+            held.extend_from_slice(&self.scratch[..fresh]);
+        }
+        let data: &[u8] = if from_scratch {
+            &self.scratch[..fresh]
+        } else {
+            &held
+        };
+        let mut pos = 0;
+        let mut handled = false;
+        let mut stop = Stop::Drained;
+        let mut fatal: Option<(u64, Fatal)> = None;
+        loop {
+            if conn.phase == Phase::Closing {
+                stop = Stop::Closed;
+                break;
+            }
+            if conn.out_len() >= limits.push_buffer_bytes
+                || usize::from(conn.in_flight) >= MAX_IN_FLIGHT
+            {
+                conn.paused = true;
+                stop = Stop::Paused;
+                break;
+            }
+            if *frames_left == 0 {
+                stop = Stop::TurnSpent;
+                break;
+            }
+            let (input, used) = match input::next(conn.transport, &data[pos..], limits.max_frame) {
+                Ok(Some(next)) => next,
+                Ok(None) => break,
+                Err(f) => {
+                    fatal = Some((0, f));
+                    break;
+                }
+            };
+            pos += used;
+            *frames_left -= 1;
+            handled = true;
+            // Only a complete frame is activity.
+            conn.last_rx = now;
+            let env = match input {
+                Input::Frame(env) => env,
+                Input::WsPing(payload) => {
+                    ws::write_frame(conn.out(), ws::OP_PONG, &payload);
+                    continue;
+                }
+                Input::Skip => continue,
+            };
+            let was_handshake = conn.phase == Phase::Handshake;
+            match session::handle(conn, slot as u32, env, &self.ctx, &mut self.sessions, now) {
+                Flow::Continue => {
+                    if was_handshake && conn.phase == Phase::Live {
+                        let at = now + ticks(limits.idle_timeout_ms);
+                        arm(&mut self.wheel, conn, slot, now, at);
+                    }
+                }
+                Flow::Close(rid, code, why) => {
+                    fatal = Some((
+                        rid,
+                        Fatal {
+                            code,
+                            why,
+                            ws_close: None,
+                        },
+                    ));
                     break;
                 }
             }
         }
-        self.frames = frames;
-        if let Some(conn) = self.conns.get(slot) {
-            if conn.lagging {
-                self.catchup.push(slot);
-            }
-            if conn.out_len() > 0 {
-                self.mark_dirty(slot);
-            }
+        let rest = &data[pos..];
+        let size = input::frame_size(conn.transport, rest);
+        let rest = if from_scratch {
+            rest.to_vec()
+        } else {
+            held.drain(..pos);
+            held
+        };
+        let owes_rest = matches!(stop, Stop::Drained) && !rest.is_empty();
+        conn.keep_input(rest, size);
+        // A frame the client has started and owes the rest of has a
+        // deadline; input the server chose not to read yet has none.
+        let partial = match (owes_rest, handled, was_partial) {
+            (false, _, _) => None,
+            (true, false, Some(at)) => Some(at),
+            (true, _, _) => Some(now),
+        };
+        conn.set_partial_since(partial);
+        if partial.is_some() && partial != was_partial && conn.phase == Phase::Live {
+            let at = now + ticks(limits.frame_timeout_ms);
+            arm(&mut self.wheel, conn, slot, now, at);
         }
-        open
+        if conn.lagging && conn.phase == Phase::Live {
+            self.catchup.push(slot);
+        }
+        let has_output = conn.out_len() > 0;
+        if has_output {
+            self.mark_dirty(slot);
+        }
+        if let Some((rid, f)) = fatal {
+            self.close_with(slot, rid, f.code, &f.why, f.ws_close);
+            return Stop::Closed;
+        }
+        stop
     }
 
+    /// Clear `slot`'s pause once its output drained below half the budget
+    /// and its requests in flight are under the limit, and read it again
+    /// next turn (its readiness edge may have come and gone meanwhile).
+    fn resume(&mut self, slot: usize) {
+        let low = self.ctx.limits.push_buffer_bytes / 2;
+        if let Some(conn) = self.conns.get_mut(slot) {
+            if conn.paused && conn.out_len() < low && usize::from(conn.in_flight) < MAX_IN_FLIGHT {
+                conn.paused = false;
+                self.pending_input.push(slot);
+            }
+        }
+    }
     fn take_mailbox(&mut self) {
         while let Ok(msg) = self.mailbox.try_recv() {
             match msg {
@@ -505,9 +646,14 @@ impl Shard {
                                 self.http_reply(to.slot as usize, &frame);
                                 continue;
                             }
+                            // Queued whatever the budget: the connection's
+                            // reads stop while it is over, and at most
+                            // MAX_IN_FLIGHT answers are on their way.
                             conn.send_frame(&frame);
+                            conn.in_flight = conn.in_flight.saturating_sub(1);
                             self.answered.push(received);
                             self.mark_dirty(to.slot as usize);
+                            self.resume(to.slot as usize);
                         }
                     }
                     let high = self.ctx.limits.push_buffer_bytes;
@@ -521,7 +667,7 @@ impl Shard {
                         if conn.transport == Transport::Http {
                             // A parked long-poll: answer with what arrived.
                             self.http_wake(p.slot as usize);
-                        } else if p.seq == conn.next_seq && !conn.lagging && conn.out_len() < high {
+                        } else if p.seq == conn.next_seq && !conn.lagging && conn.load() < high {
                             conn.send_deliver(p.seq, &p.event);
                             conn.next_seq += 1;
                             if let Some(sent) = p.sent {
@@ -539,15 +685,16 @@ impl Shard {
                     }
                 }
                 ShardMsg::Ephemeral { targets, frame } => {
+                    if let Some(me) = self.ctx.shards.get(usize::from(self.ctx.id)) {
+                        me.ephemeral_taken();
+                    }
                     let high = self.ctx.limits.push_buffer_bytes;
                     for (slot, gen) in targets {
                         let Some(conn) = self.live_conn(slot, gen) else {
                             continue;
                         };
                         // Ephemeral: a connection that is behind skips it.
-                        if !conn.lagging
-                            && conn.out_len() < high
-                            && conn.transport != Transport::Http
+                        if !conn.lagging && conn.load() < high && conn.transport != Transport::Http
                         {
                             conn.send_frame(&frame);
                             self.mark_dirty(slot as usize);
@@ -567,7 +714,13 @@ impl Shard {
                 ShardMsg::Close => {
                     let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     for slot in slots {
-                        self.close_with(slot, ErrorCode::ShuttingDown, "server shutting down");
+                        self.close_with(
+                            slot,
+                            0,
+                            ErrorCode::ShuttingDown,
+                            "server shutting down",
+                            None,
+                        );
                     }
                     self.exit_at = Some(self.now + CLOSE_GRACE_TICKS);
                 }
@@ -639,8 +792,8 @@ impl Shard {
                 }
             }
             if let Some(e) = failed {
-                tracing::error!(error = %e, "reading an inbox for delivery failed");
-                self.close_with(slot, ErrorCode::Internal, "storage error");
+                crate::log_every!(1000, error, error = %e, "reading an inbox for delivery failed");
+                self.close_with(slot, 0, ErrorCode::Internal, "storage error", None);
                 continue;
             }
             // Still lagging: the flush below makes room, and a drained
@@ -688,7 +841,7 @@ impl Shard {
                 Some(convs) => convs,
                 None => summarize_delivered(&self.ctx.store, &a.user, a.after, a.up_to)
                     .unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "reading acknowledged events failed");
+                        crate::log_every!(1000, error, error = %e, "reading acknowledged events failed");
                         Vec::new()
                     }),
             };
@@ -709,18 +862,30 @@ impl Shard {
 
     fn flush_dirty(&mut self) {
         let low = self.ctx.limits.push_buffer_bytes / 2;
+        let idle = ticks(self.ctx.limits.idle_timeout_ms);
+        let now = self.now;
         let mut list = std::mem::take(&mut self.dirty);
         for slot in list.drain(..) {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
             conn.dirty = false;
-            match conn.flush(self.now) {
+            match conn.flush() {
                 Ok(_) => {
                     conn.shutdown_when_flushed();
+                    // Output at or over half the budget after a flush: the
+                    // client is behind. It has `idle` to catch up; progress
+                    // alone (a byte a second) is not enough.
+                    let behind = conn.out_len() >= low && conn.phase == Phase::Live;
+                    if behind && !conn.behind {
+                        conn.last_tx = now;
+                        arm(&mut self.wheel, conn, slot, now, now + idle);
+                    }
+                    conn.behind = behind;
                     if conn.lagging && conn.out_len() < low && conn.phase == Phase::Live {
                         self.catchup.push(slot);
                     }
+                    self.resume(slot);
                 }
                 Err(_) => self.drop_conn(slot),
             }
@@ -739,77 +904,95 @@ impl Shard {
         self.wheel.advance(u64::from(self.now), &mut due);
         let idle = ticks(self.ctx.limits.idle_timeout_ms);
         let handshake = ticks(self.ctx.limits.handshake_timeout_ms);
+        let frame = ticks(self.ctx.limits.frame_timeout_ms);
         for (slot, gen) in due.drain(..) {
-            let Some(conn) = self.conns.get(slot as usize).filter(|c| c.gen == gen) else {
+            let now = self.now;
+            let Some(conn) = self
+                .conns
+                .get_mut(slot as usize)
+                .filter(|c| c.gen == gen && c.timer_at <= now)
+            else {
+                // Gone, or a stale entry: the live one comes later.
                 continue;
             };
             if conn.transport == Transport::Http && conn.phase == Phase::Live {
-                if conn.wait_until > self.now {
-                    self.wheel.schedule(u64::from(conn.wait_until), slot, gen);
+                if conn.wait_until > now {
+                    let at = conn.wait_until;
+                    arm(&mut self.wheel, conn, slot as usize, now, at);
                 } else {
                     self.http_timeout(slot as usize);
                 }
                 continue;
             }
-            let (deadline, code) = match conn.phase {
-                Phase::Handshake => (conn.since + handshake, Some(ErrorCode::HandshakeTimeout)),
-                Phase::Closing => (conn.since + CLOSE_GRACE_TICKS, None),
-                Phase::Live => {
-                    let read_deadline = conn.last_rx + idle;
-                    let write_deadline = if conn.out_len() == 0 {
-                        u32::MAX
-                    } else {
-                        conn.last_tx + idle
-                    };
-                    if write_deadline < read_deadline {
-                        (write_deadline, Some(ErrorCode::SlowConsumer))
-                    } else {
-                        (read_deadline, Some(ErrorCode::IdleTimeout))
-                    }
-                }
+            let (deadline, code, why) = match conn.phase {
+                Phase::Handshake => (
+                    conn.since + handshake,
+                    ErrorCode::HandshakeTimeout,
+                    "no Hello within the handshake timeout",
+                ),
+                Phase::Closing => (conn.since + CLOSE_GRACE_TICKS, ErrorCode::Unspecified, ""),
+                Phase::Live => [
+                    (
+                        conn.last_rx + idle,
+                        ErrorCode::IdleTimeout,
+                        "nothing received within the idle timeout",
+                    ),
+                    (
+                        if conn.behind {
+                            conn.last_tx + idle
+                        } else {
+                            u32::MAX
+                        },
+                        ErrorCode::SlowConsumer,
+                        "output not read within the idle timeout",
+                    ),
+                    (
+                        conn.partial_since().map_or(u32::MAX, |at| at + frame),
+                        ErrorCode::IdleTimeout,
+                        "a frame was not completed within the frame timeout",
+                    ),
+                ]
+                .into_iter()
+                .min_by_key(|d| d.0)
+                .unwrap_or((u32::MAX, ErrorCode::Unspecified, "")),
             };
-            if deadline > self.now {
-                self.wheel.schedule(u64::from(deadline), slot, gen);
+            if deadline > now {
+                arm(&mut self.wheel, conn, slot as usize, now, deadline);
                 continue;
             }
             match code {
-                Some(code) => {
-                    let why = match code {
-                        ErrorCode::SlowConsumer => "output not read within the idle timeout",
-                        ErrorCode::HandshakeTimeout => "no Hello within the handshake timeout",
-                        _ => "nothing received within the idle timeout",
-                    };
-                    self.close_with(slot as usize, code, why);
-                }
-                None => self.drop_conn(slot as usize),
+                ErrorCode::Unspecified => self.drop_conn(slot as usize),
+                code => self.close_with(slot as usize, 0, code, why, None),
             }
         }
         self.due = due;
     }
 
     /// Typing indicators whose TTL lapsed without a new STARTED: tell the
-    /// other side they stopped.
+    /// other side they stopped. Deadlines are queued in the order they were
+    /// set (the TTL is one for all), so this looks only at those due.
     fn expire_typing(&mut self) {
-        if self.sessions.typing.is_empty() {
-            return;
-        }
-        let now = self.now;
-        let expired: Vec<(u32, u32)> = self
-            .sessions
-            .typing
-            .iter()
-            .filter(|(_, t)| t.deadline <= now)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in expired {
-            if let Some(t) = self.sessions.typing.remove(&key) {
-                session::send_typing(
-                    &self.ctx,
-                    &mut self.sessions.conns,
-                    &t.user,
-                    &t.target,
-                    pb::TypingState::Stopped,
-                );
+        while let Some(&(deadline, key)) = self.sessions.typing_due.front() {
+            if deadline > self.now {
+                break;
+            }
+            self.sessions.typing_due.pop_front();
+            // A later STARTED moved the deadline, or a STOPPED ended it.
+            if self
+                .sessions
+                .typing
+                .get(&key)
+                .is_some_and(|t| t.deadline == deadline)
+            {
+                if let Some(t) = self.sessions.typing.remove(&key) {
+                    session::send_typing(
+                        &self.ctx,
+                        &mut self.sessions.conns,
+                        &t.user,
+                        &t.target,
+                        pb::TypingState::Stopped,
+                    );
+                }
             }
         }
     }
@@ -825,6 +1008,7 @@ impl Shard {
             shard: self.ctx.id,
             slot: slot as u32,
             gen: conn.gen,
+            presence: conn.transport != Transport::Http,
         };
         session::unsubscribe_all(conn, me, &self.ctx);
         if let Some(t) = self.sessions.typing.remove(&(me.slot, me.gen)) {
@@ -854,16 +1038,21 @@ impl Shard {
         }
     }
 
-    /// Tell the client why, then close: the error frame is flushed, the write
-    /// side shut, and the socket kept (reads discarded) until the peer closes
-    /// or a short grace period ends, so the frame is not lost to a reset.
-    fn close_with(&mut self, slot: usize, code: ErrorCode, why: &str) {
-        self.close_with_ws(slot, code, why, None);
-    }
-
-    /// [`Self::close_with`], naming the WebSocket close code for a
-    /// WebSocket (else one is derived from `code`).
-    fn close_with_ws(&mut self, slot: usize, code: ErrorCode, why: &str, ws_close: Option<u16>) {
+    /// Tell the client why, then close: the error frame (answering request
+    /// `rid`, or 0 when it is about the connection) is flushed, the write
+    /// side shut, and the socket kept (reads discarded) until the peer
+    /// closes or a short grace period ends, so the frame is not lost to a
+    /// reset. A WebSocket also gets a close frame: `ws_close`, or one
+    /// derived from `code`. `ErrorCode::Unspecified` sends no Error frame
+    /// (the client closed).
+    fn close_with(
+        &mut self,
+        slot: usize,
+        rid: u64,
+        code: ErrorCode,
+        why: &str,
+        ws_close: Option<u16>,
+    ) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
@@ -872,36 +1061,33 @@ impl Shard {
         }
         tracing::debug!(shard = self.ctx.id, slot, ?code, why, "closing connection");
         self.logout(slot);
+        let now = self.now;
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
         conn.phase = Phase::Closing;
         conn.lagging = false;
-        conn.since = self.now;
+        conn.paused = false;
+        conn.behind = false;
+        conn.since = now;
 
-        // Output not yet sent is abandoned: everything durable is resent from
-        // the store on the next login.
+        // Output not yet sent is abandoned (everything durable is resent
+        // from the store on the next login), and its memory returned now.
         conn.discard_buffers();
-        let error = Envelope::error(0, code, why, true);
-        match conn.transport {
-            Transport::Tcp => conn.send_env(&error),
-            Transport::WebSocket => {
-                conn.send_env(&error);
-                let close = ws_close.unwrap_or_else(|| web::close_code(code));
-                crate::bridge::ws::write_close(conn.out(), close, why);
-            }
-            // An HTTP request ends with the answer it was given.
-            Transport::Http => {}
+        if code != ErrorCode::Unspecified {
+            conn.send_env(&Envelope::error(rid, code, why, true));
         }
-        let flushed = conn.flush(self.now);
+        if conn.transport == Transport::WebSocket {
+            let close = ws_close.unwrap_or_else(|| web::close_code(code));
+            ws::write_close(conn.out(), close, why);
+        }
+        let flushed = conn.flush();
         conn.shutdown_when_flushed();
-        let gen = conn.gen;
         if flushed.is_err() {
             self.drop_conn(slot);
             return;
         }
-        self.wheel
-            .schedule(u64::from(self.now + CLOSE_GRACE_TICKS), slot as u32, gen);
+        arm(&mut self.wheel, conn, slot, now, now + CLOSE_GRACE_TICKS);
     }
 
     fn drop_conn(&mut self, slot: usize) {

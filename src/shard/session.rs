@@ -7,7 +7,7 @@
 //! their recipients, and anything fatal comes back as [`Flow::Close`] with the
 //! code the client is told.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,7 +17,6 @@ use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use super::conn::{Conn, Phase, Transport};
-use super::mailbox::ShardMsg;
 use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
@@ -30,8 +29,10 @@ use crate::store::keys;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
     Continue,
-    /// Send a fatal Error with this code and close.
-    Close(ErrorCode, String),
+    /// Send a fatal Error with this code and close. The id is the request's
+    /// the error answers (a refused Hello's), or 0 when it is about the
+    /// connection.
+    Close(u64, ErrorCode, String),
 }
 
 /// Largest Sync page.
@@ -42,6 +43,12 @@ pub const FRAME_OVERHEAD: usize = 1024;
 const MAX_CONTENT_TYPE: usize = 128;
 /// Most users one connection may watch the presence of.
 pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 1000;
+/// Typing tokens a SubscribePresence takes (it reads up to a thousand
+/// users' presence; the bucket is shared with Typing).
+pub const PRESENCE_TOKENS: u8 = 5;
+/// The device id of messages sent over HTTP (`POST /v1/messages`): no
+/// device may log in under it.
+pub const HTTP_DEVICE: &str = "http";
 
 /// Where a typing indicator goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +70,10 @@ pub struct Typist {
 pub struct ShardSessions {
     /// Active typists by (slot, generation).
     pub typing: HashMap<(u32, u32), Typist>,
+    /// Typing deadlines in the order they were set, with the typist's key
+    /// (one TTL for all, so that is deadline order; stale entries are
+    /// skipped when they come due).
+    pub typing_due: VecDeque<(u32, (u32, u32))>,
     /// Reused buffer for recipient lookups.
     pub conns: Vec<ConnRef>,
     /// Device cursors acknowledged this turn.
@@ -94,7 +105,7 @@ fn request_error(conn: &mut Conn, request_id: u64, code: ErrorCode, message: &st
 }
 
 fn store_error(conn: &mut Conn, rid: u64, e: crate::store::StoreError) -> Flow {
-    tracing::error!(error = %e, "store read failed");
+    crate::log_every!(1000, error, error = %e, "store read failed");
     request_error(conn, rid, ErrorCode::StoreUnavailable, "storage error")
 }
 
@@ -108,6 +119,17 @@ pub fn handle(
     now: u32,
 ) -> Flow {
     let rid = env.request_id;
+    if conn.phase == Phase::Closing {
+        return Flow::Continue;
+    }
+    if rid == 0 {
+        // An answer carrying 0 would read as a push.
+        return Flow::Close(
+            0,
+            ErrorCode::ProtocolViolation,
+            "request_id 0 is reserved for pushes".into(),
+        );
+    }
     let body = match (conn.phase, env.body) {
         (Phase::Closing, _) => return Flow::Continue,
         (Phase::Handshake, Some(Body::Hello(hello))) => {
@@ -115,6 +137,7 @@ pub fn handle(
         }
         (Phase::Handshake, _) => {
             return Flow::Close(
+                0,
                 ErrorCode::ProtocolViolation,
                 "the first frame must be Hello".into(),
             )
@@ -130,7 +153,7 @@ pub fn handle(
         (Phase::Live, Some(body)) => body,
     };
     match body {
-        Body::Hello(_) => Flow::Close(ErrorCode::ProtocolViolation, "already logged in".into()),
+        Body::Hello(_) => Flow::Close(0, ErrorCode::ProtocolViolation, "already logged in".into()),
         Body::Ping(p) => {
             queue(
                 conn,
@@ -157,7 +180,7 @@ pub fn handle(
         Body::ListGroups(r) => list_groups(conn, rid, r, ctx),
         Body::GetReceipts(r) => get_receipts(conn, rid, r, ctx),
         Body::Typing(t) => typing(conn, slot, rid, t, ctx, local, now),
-        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, ctx),
+        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, ctx, now),
         _ => request_error(conn, rid, ErrorCode::InvalidRequest, "not a client request"),
     }
 }
@@ -167,12 +190,14 @@ fn me(conn: &Conn, slot: u32, ctx: &ShardCtx) -> ConnRef {
         shard: ctx.id,
         slot,
         gen: conn.gen,
+        presence: true,
     }
 }
 
 fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx, now: u32) -> Flow {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Flow::Close(
+            rid,
             ErrorCode::UnsupportedVersion,
             format!(
                 "protocol version {} is not supported; this server speaks {PROTOCOL_VERSION}",
@@ -182,13 +207,21 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     }
     if !valid_id(&hello.device_id) {
         return Flow::Close(
-            ErrorCode::ProtocolViolation,
+            rid,
+            ErrorCode::InvalidDevice,
             "device_id must be 1-64 bytes of [A-Za-z0-9._@-]".into(),
+        );
+    }
+    if hello.device_id == HTTP_DEVICE {
+        return Flow::Close(
+            rid,
+            ErrorCode::InvalidDevice,
+            "device_id \"http\" is reserved for messages sent over HTTP".into(),
         );
     }
     let user = match ctx.auth.authenticate(&hello.token) {
         Ok(u) => u,
-        Err(e) => return Flow::Close(e.code, e.reason),
+        Err(e) => return Flow::Close(rid, e.code, e.reason),
     };
     // Registered before the inbox head is read: a message committed after
     // that read is pushed to this connection (its push is looked up after
@@ -196,16 +229,28 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     // the catch-up from the cursor covers. So a device with nothing pending
     // (cursor == head) needs no store read beyond these two.
     let me = me(conn, slot, ctx);
-    let (user, first) = ctx.registry.add(&user, me);
+    let added = ctx.registry.add(&user, me);
+    let (user, first) = (added.user, added.came_online);
+    if added.conns > ctx.limits.max_conns_per_user {
+        ctx.registry.remove(&user, me);
+        return Flow::Close(
+            rid,
+            ErrorCode::TooManyConnections,
+            format!(
+                "a user may hold {} connections at once",
+                ctx.limits.max_conns_per_user
+            ),
+        );
+    }
     let (cursor, head) = match (
         ctx.cursors.read(&user, &hello.device_id),
         ctx.store.last_seq(&user),
     ) {
         (Ok(c), Ok(h)) => (c, h),
         (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "reading a cursor at login failed");
+            crate::log_every!(1000, error, error = %e, "reading a cursor at login failed");
             ctx.registry.remove(&user, me);
-            return Flow::Close(ErrorCode::Internal, "storage error".into());
+            return Flow::Close(rid, ErrorCode::Internal, "storage error".into());
         }
     };
     queue(
@@ -278,7 +323,7 @@ pub fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'stati
 /// Hand a durable request to the commit pipeline; it answers after the write.
 pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> Flow {
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
-        return Flow::Close(ErrorCode::Internal, "session without a user".into());
+        return Flow::Close(0, ErrorCode::Internal, "session without a user".into());
     };
     let origin = Origin {
         reply: me(conn, slot, ctx),
@@ -288,7 +333,12 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
         received: Instant::now(),
     };
     match ctx.commit.submit(CommitCmd::Request(origin, op)) {
-        Ok(()) => Flow::Continue,
+        Ok(()) => {
+            // Until its answer comes back (the shard stops reading at
+            // MAX_IN_FLIGHT).
+            conn.in_flight = conn.in_flight.saturating_add(1);
+            Flow::Continue
+        }
         Err(SubmitError::Busy) => {
             request_error(conn, rid, ErrorCode::RateLimited, "server busy; retry")
         }
@@ -342,7 +392,7 @@ fn delivery_ack(
 
 fn sync(conn: &mut Conn, rid: u64, req: pb::Sync, ctx: &ShardCtx) -> Flow {
     let Some(user) = conn.user.clone() else {
-        return Flow::Close(ErrorCode::Internal, "session without a user".into());
+        return Flow::Close(0, ErrorCode::Internal, "session without a user".into());
     };
     match sync_page(ctx, &user, req.after, req.limit) {
         Ok(batch) => {
@@ -379,21 +429,33 @@ fn get_group(conn: &mut Conn, rid: u64, req: pb::GetGroup, ctx: &ShardCtx) -> Fl
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
+    // Membership first, by one point read: a non-member loads nothing and
+    // learns nothing (not even whether the group exists).
+    match ctx.store.is_member(&user, id) {
+        Err(e) => return store_error(conn, rid, e),
+        Ok(false) => return no_such_group(conn, rid),
+        Ok(true) => {}
+    }
     match ctx.groups.get(id) {
         Err(e) => store_error(conn, rid, e),
-        Ok(None) => request_error(conn, rid, ErrorCode::NotFound, "no such group"),
-        Ok(Some(g)) if !g.is_member(&user) => request_error(
-            conn,
-            rid,
-            ErrorCode::Forbidden,
-            "not a member of this group",
-        ),
-        Ok(Some(g)) => {
+        Ok(Some(g)) if g.is_member(&user) => {
             let page = g.info_page(&req.members_after, req.members_limit);
             queue(conn, &Envelope::new(rid, Body::GroupInfo(page)));
             Flow::Continue
         }
+        Ok(_) => no_such_group(conn, rid),
     }
+}
+
+/// The one answer for a group that does not exist and for one the user is
+/// not in, so that non-members cannot probe which groups exist.
+fn no_such_group(conn: &mut Conn, rid: u64) -> Flow {
+    request_error(
+        conn,
+        rid,
+        ErrorCode::NotFound,
+        "no such group, or not a member of it",
+    )
 }
 
 /// Most groups one GroupList holds (a GroupInfo without members is at most
@@ -405,19 +467,19 @@ fn list_groups(conn: &mut Conn, rid: u64, req: pb::ListGroups, ctx: &ShardCtx) -
         return Flow::Continue;
     };
     let limit = page_limit(req.limit, MAX_GROUPS_PAGE);
-    let page = ctx.store.memberships(&user).and_then(|ids| {
-        let mut ids = ids.into_iter().filter(|id| *id > req.after_group_id);
-        let mut groups = Vec::new();
-        for id in ids.by_ref().take(limit) {
-            if let Some(g) = ctx.groups.get(id)? {
-                groups.push(g.info(false));
+    // One page of the user's memberships, not all of them.
+    let page = ctx
+        .store
+        .memberships_page(&user, req.after_group_id, limit)
+        .and_then(|(ids, more)| {
+            let mut groups = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(g) = ctx.groups.get(id)? {
+                    groups.push(g.info(false));
+                }
             }
-        }
-        Ok(pb::GroupList {
-            groups,
-            more: ids.next().is_some(),
-        })
-    });
+            Ok(pb::GroupList { groups, more })
+        });
     match page {
         Ok(page) => {
             queue(conn, &Envelope::new(rid, Body::GroupList(page)));
@@ -444,16 +506,18 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
         }
     };
     if *msg.from_user != *user {
+        // Only the sender sees a message's receipts; others are not told
+        // that the message exists.
         return request_error(
             conn,
             rid,
-            ErrorCode::Forbidden,
-            "only the sender sees a message's receipts",
+            ErrorCode::NotFound,
+            "no such message of yours in that group",
         );
     }
     let group = match ctx.groups.get(req.group_id) {
         Err(e) => return store_error(conn, rid, e),
-        Ok(None) => return request_error(conn, rid, ErrorCode::NotFound, "no such group"),
+        Ok(None) => return no_such_group(conn, rid),
         Ok(Some(g)) => g,
     };
     let limit = page_limit(req.members_limit, MAX_INFO_MEMBERS);
@@ -514,18 +578,10 @@ fn typing(
     }
     let target = match t.conversation.and_then(|c| c.kind) {
         Some(conversation::Kind::User(u)) if valid_id(&u) => TypingTarget::User(Arc::from(u)),
-        Some(conversation::Kind::GroupId(id)) => match ctx.groups.get(id) {
+        Some(conversation::Kind::GroupId(id)) => match ctx.store.is_member(&user, id) {
             Err(e) => return store_error(conn, rid, e),
-            Ok(Some(g)) if g.is_member(&user) => TypingTarget::Group(id),
-            Ok(Some(_)) => {
-                return request_error(
-                    conn,
-                    rid,
-                    ErrorCode::Forbidden,
-                    "not a member of this group",
-                )
-            }
-            Ok(None) => return request_error(conn, rid, ErrorCode::NotFound, "no such group"),
+            Ok(true) => TypingTarget::Group(id),
+            Ok(false) => return no_such_group(conn, rid),
         },
         _ => {
             return request_error(
@@ -541,6 +597,7 @@ fn typing(
     match state {
         TypingState::Started => {
             let deadline = now + super::ticks(ctx.limits.typing_ttl_ms);
+            local.typing_due.push_back((deadline, key));
             if let Some(old) = local.typing.insert(
                 key,
                 Typist {
@@ -635,10 +692,8 @@ pub fn push_ephemeral(ctx: &ShardCtx, conns: &[ConnRef], frame: Bytes) {
     }
     for (shard, targets) in ctx.shards.iter().zip(per_shard) {
         if !targets.is_empty() {
-            shard.send(ShardMsg::Ephemeral {
-                targets,
-                frame: frame.clone(),
-            });
+            // Best effort: dropped when that shard is far behind.
+            shard.send_ephemeral(targets, frame.clone());
         }
     }
 }
@@ -713,6 +768,7 @@ fn subscribe_presence(
     rid: u64,
     users: Vec<String>,
     ctx: &ShardCtx,
+    now: u32,
 ) -> Flow {
     if users.len() > MAX_PRESENCE_SUBSCRIPTIONS {
         return request_error(
@@ -730,18 +786,33 @@ fn subscribe_presence(
             "not a valid user id",
         );
     }
+    if !conn.take_typing_tokens(now, PRESENCE_TOKENS) {
+        return request_error(
+            conn,
+            rid,
+            ErrorCode::RateLimited,
+            "too many presence subscriptions; slow down",
+        );
+    }
     let me = me(conn, slot, ctx);
     unsubscribe_all(conn, me, ctx);
-    let mut watching = Vec::with_capacity(users.len());
+    // Subscribed before each read, so a change right after the read is
+    // pushed; if a read fails, every subscription made here is undone.
+    let mut watching: Vec<Arc<str>> = Vec::with_capacity(users.len());
     let mut list = pb::PresenceList::default();
     for u in &users {
-        if watching.iter().any(|w: &Arc<str>| **w == **u) {
+        if watching.iter().any(|w| **w == **u) {
             continue;
         }
-        watching.push(ctx.watchers.add(u, me).0);
+        watching.push(ctx.watchers.add(u, me).user);
         match presence_of(ctx, u) {
             Ok(p) => list.users.push(p),
-            Err(e) => return store_error(conn, rid, e),
+            Err(e) => {
+                for w in &watching {
+                    ctx.watchers.remove(w, me);
+                }
+                return store_error(conn, rid, e);
+            }
         }
     }
     if !watching.is_empty() {

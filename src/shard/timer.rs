@@ -30,9 +30,11 @@ impl Default for Wheel {
 impl Wheel {
     /// File `(slot, gen)` to come due at tick `at` (or at the wheel's horizon,
     /// if later: it will then be filed again).
-    pub fn schedule(&mut self, at: u64, slot: u32, gen: u32) {
+    /// Returns the tick it is filed at.
+    pub fn schedule(&mut self, at: u64, slot: u32, gen: u32) -> u64 {
         let at = at.clamp(self.current + 1, self.current + SLOTS as u64 - 1);
         self.slots[(at % SLOTS as u64) as usize].push((slot, gen));
+        at
     }
 
     /// Move to tick `now`, appending every entry that came due to `due`.

@@ -6,12 +6,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use prost::Message as _;
-use swiftlet_protocol::{Body, Envelope, ErrorCode};
+use swiftlet_protocol::{Body, ErrorCode};
 
 use super::conn::{Phase, Transport};
 use super::session;
-use super::{ticks, Fatal, Shard};
+use super::{ticks, Shard};
 use crate::bridge::{http, web as assets, ws};
 use crate::commit::{CommitCmd, Op, Origin};
 use crate::registry::ConnRef;
@@ -31,77 +30,6 @@ pub fn close_code(code: ErrorCode) -> u16 {
 }
 
 impl Shard {
-    /// Decode WebSocket frames in `scratch[..n]` (after any partial frame)
-    /// into `self.frames`; answer pings and closes.
-    pub(super) fn ingest_ws(&mut self, slot: usize, n: usize) -> Result<(), Fatal> {
-        let max = self.ctx.limits.max_frame;
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return Ok(());
-        };
-        conn.extend_partial(&self.scratch[..n]);
-        let mut pos = 0;
-        let mut result = Ok(());
-        loop {
-            let frame = match ws::decode(&conn.partial()[pos..], max) {
-                Ok(Some((frame, used))) => {
-                    pos += used;
-                    frame
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let (code, close) = match e {
-                        ws::WsError::TooLarge(_) => (ErrorCode::FrameTooLarge, ws::CLOSE_TOO_BIG),
-                        _ => (ErrorCode::MalformedFrame, ws::CLOSE_PROTOCOL),
-                    };
-                    result = Err(Fatal {
-                        code,
-                        why: e.to_string(),
-                        ws_close: Some(close),
-                    });
-                    break;
-                }
-            };
-            match frame.opcode {
-                ws::OP_BINARY => match Envelope::decode(frame.payload.as_slice()) {
-                    Ok(env) => self.frames.push(env),
-                    Err(e) => {
-                        result = Err(Fatal {
-                            code: ErrorCode::MalformedFrame,
-                            why: format!("malformed envelope: {e}"),
-                            ws_close: Some(ws::CLOSE_INVALID_PAYLOAD),
-                        });
-                        break;
-                    }
-                },
-                ws::OP_TEXT => {
-                    result = Err(Fatal {
-                        code: ErrorCode::MalformedFrame,
-                        why:
-                            "text frames are not accepted: send each Envelope as one binary message"
-                                .into(),
-                        ws_close: Some(ws::CLOSE_UNSUPPORTED),
-                    });
-                    break;
-                }
-                ws::OP_PING => ws::write_frame(conn.out(), ws::OP_PONG, &frame.payload),
-                ws::OP_CLOSE => {
-                    result = Err(Fatal {
-                        code: ErrorCode::Unspecified,
-                        why: "closed by the client".into(),
-                        ws_close: Some(ws::CLOSE_NORMAL),
-                    });
-                    break;
-                }
-                _ => {}
-            }
-        }
-        conn.consume_partial(pos);
-        if conn.out_len() > 0 {
-            self.mark_dirty(slot);
-        }
-        result
-    }
-
     /// Buffer an HTTP request until it is complete, then answer it.
     pub(super) fn ingest_http(&mut self, slot: usize, n: usize) {
         let max_body = self.ctx.limits.max_frame;
@@ -190,19 +118,11 @@ impl Shard {
         };
         conn.out().extend_from_slice(&http::upgrade(&key));
         conn.transport = Transport::WebSocket;
+        // Frames the client sent right behind its request: the connection's
+        // input, handled by the shard as soon as this returns.
+        conn.keep_input(rest, None);
         // The handshake timer keeps running: Hello is still due.
         self.mark_dirty(slot);
-        if !rest.is_empty() {
-            // Frames the client sent right behind its request.
-            let n = rest.len().min(self.scratch.len());
-            self.scratch[..n].copy_from_slice(&rest[..n]);
-            match self.ingest_ws(slot, n) {
-                Ok(()) => {
-                    self.process_frames(slot);
-                }
-                Err(f) => self.close_with_ws(slot, f.code, &f.why, f.ws_close),
-            }
-        }
     }
 
     /// The user a request's bearer token names, or the error answer.
@@ -242,27 +162,35 @@ impl Shard {
             ),
         };
         let me = self.conn_ref(slot);
-        let Some(conn) = self.conns.get_mut(slot) else {
-            return;
-        };
         // Registered before the read, like a device at login: an event
         // committed from here on wakes the poll, one before is in the page.
+        // A poll is not presence (`ConnRef::presence`), but it counts
+        // against the user's connection limit like a device.
         let user = if wait > 0 {
-            let (user, first) = self.ctx.registry.add(&user, me);
-            conn.user = Some(user.clone());
-            if first {
-                // A parked poll is a connected client: online, like a device
-                // (its end is an offline, with last seen, in `logout`).
-                session::notify_presence(&self.ctx, &user, true, 0);
+            let added = self.ctx.registry.add(&user, me);
+            if added.conns > self.ctx.limits.max_conns_per_user {
+                self.ctx.registry.remove(&added.user, me);
+                return self.http_finish(
+                    slot,
+                    http::error(
+                        ErrorCode::TooManyConnections,
+                        "this user has the most connections allowed",
+                    ),
+                );
             }
-            user
+            let Some(conn) = self.conns.get_mut(slot) else {
+                self.ctx.registry.remove(&added.user, me);
+                return;
+            };
+            conn.user = Some(added.user.clone());
+            added.user
         } else {
             Arc::from(user)
         };
         let page = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %e, "sync read failed");
+                crate::log_every!(1000, error, error = %e, "sync read failed");
                 return self.http_finish(
                     slot,
                     http::error(ErrorCode::StoreUnavailable, "storage error"),
@@ -277,12 +205,12 @@ impl Shard {
             return;
         };
         conn.phase = Phase::Live;
-        conn.next_seq = after + 1;
+        conn.next_seq = after.saturating_add(1);
         // A parked poll acknowledges nothing: `acked` holds its page limit.
         conn.acked = u64::from(limit);
         conn.wait_until = self.now + ticks(wait * 1000);
-        let (at, gen) = (conn.wait_until, conn.gen);
-        self.wheel.schedule(u64::from(at), slot as u32, gen);
+        let at = conn.wait_until;
+        super::arm(&mut self.wheel, conn, slot, self.now, at);
     }
 
     /// A parked long-poll's user got an event: answer with the page.
@@ -358,8 +286,8 @@ impl Shard {
         // nothing is pushed to it.
         conn.phase = Phase::Live;
         conn.wait_until = self.now + idle;
-        let (at, gen) = (conn.wait_until, conn.gen);
-        self.wheel.schedule(u64::from(at), slot as u32, gen);
+        let at = conn.wait_until;
+        super::arm(&mut self.wheel, conn, slot, self.now, at);
     }
 
     /// The pipeline's answer to `POST /v1/messages`, as HTTP.
@@ -389,18 +317,14 @@ impl Shard {
         conn.out().extend_from_slice(&answer);
         conn.phase = Phase::Closing;
         conn.since = self.now;
-        let flushed = conn.flush(self.now);
-        let gen = conn.gen;
+        let flushed = conn.flush();
         conn.shutdown_when_flushed();
         match flushed {
             Err(_) => self.drop_conn(slot),
             Ok(_) => {
+                let at = self.now + super::CLOSE_GRACE_TICKS;
+                super::arm(&mut self.wheel, conn, slot, self.now, at);
                 self.mark_dirty(slot);
-                self.wheel.schedule(
-                    u64::from(self.now + super::CLOSE_GRACE_TICKS),
-                    slot as u32,
-                    gen,
-                );
             }
         }
     }
@@ -410,6 +334,7 @@ impl Shard {
             shard: self.ctx.id,
             slot: slot as u32,
             gen: self.conns.get(slot).map_or(0, |c| c.gen),
+            presence: false,
         }
     }
 }

@@ -561,6 +561,52 @@ impl Store {
     }
 
     /// The groups `user` is in, by id.
+    /// Whether `user` is a member of group `group` (one point read, so a
+    /// non-member's request never loads the group itself).
+    pub fn is_member(&self, user: &str, group: u64) -> Result<bool, StoreError> {
+        let mut key = keys::user_prefix(user);
+        key.extend_from_slice(&group.to_be_bytes());
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(cf::MEMBERSHIPS)?, key)?
+            .is_some())
+    }
+
+    /// Up to `limit` of `user`'s groups with ids above `after`, in id
+    /// order, and whether more follow: one page is one short range scan,
+    /// however many groups the user is in.
+    pub fn memberships_page(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError> {
+        let prefix = keys::user_prefix(user);
+        let mut from = prefix.clone();
+        from.extend_from_slice(&after.saturating_add(1).to_be_bytes());
+        let mut out = Vec::with_capacity(limit.min(256));
+        let iter = self.db.iterator_cf(
+            self.cf(cf::MEMBERSHIPS)?,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        for item in iter {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let id = keys::seq_of_inbox_key(&prefix, &k)?;
+            if id <= after {
+                // after == u64::MAX: nothing is above it.
+                break;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(id);
+        }
+        Ok((out, false))
+    }
+
     pub fn memberships(&self, user: &str) -> Result<Vec<u64>, StoreError> {
         let prefix = keys::user_prefix(user);
         let mut out = Vec::new();

@@ -1,0 +1,176 @@
+//! Limits on what one client may make the server do, each answered with a
+//! typed error: connections per user, presence subscriptions, what a
+//! non-member learns of a group, and the long-poll's place in presence.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use swiftlet_client::{pb, DeliveryItem};
+use swiftlet_protocol::{Body, Envelope, ErrorCode};
+
+/// A Raw login of `user` on `device`; the first answer.
+async fn raw_login(srv: &TestServer, user: &str, device: &str, rid: u64) -> (Raw, Envelope) {
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.send(Envelope::new(
+        rid,
+        Body::Hello(pb::Hello {
+            protocol_version: 1,
+            token: token(user),
+            device_id: device.into(),
+        }),
+    ))
+    .await;
+    let first = raw.recv().await.expect("an answer to Hello");
+    (raw, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_the_configured_connections() {
+    let srv = TestServer::start_with(|c| c.max_conns_per_user = 2);
+    let (a, _arx) = srv.connect("ivy", "phone").await;
+    let (_b, _brx) = srv.connect("ivy", "laptop").await;
+    let (mut raw, answer) = raw_login(&srv, "ivy", "tablet", 5).await;
+    match answer.body {
+        Some(Body::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::TooManyConnections as i32);
+            assert!(e.fatal);
+            // It answers the Hello.
+            assert_eq!(answer.request_id, 5);
+        }
+        other => panic!("expected TOO_MANY_CONNECTIONS, got {other:?}"),
+    }
+    assert!(raw.recv().await.is_none(), "closed after the refusal");
+    // Another user is not affected, and a freed place can be taken again.
+    let (_other, _orx) = srv.connect("jay", "phone").await;
+    a.close().await;
+    let mut refused = 0;
+    loop {
+        let (_raw, answer) = raw_login(&srv, "ivy", "tablet", 1).await;
+        match answer.body {
+            Some(Body::Welcome(_)) => break,
+            // The close of the first device may not have reached the
+            // server yet.
+            Some(Body::Error(e)) if e.code == ErrorCode::TooManyConnections as i32 => {
+                refused += 1;
+                assert!(refused < 200, "the freed place never came back");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_subscriptions_are_rate_limited() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let many: Vec<String> = (0..1000).map(|i| format!("user{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    // The bucket holds ten tokens and a subscription takes five: two in a
+    // row pass, a third right after is refused.
+    let mut results = Vec::new();
+    for _ in 0..3 {
+        results.push(alice.subscribe_presence(&many).await);
+    }
+    assert_eq!(results[0].as_ref().map(Vec::len).ok(), Some(1000));
+    assert!(results[1].is_ok());
+    assert_eq!(
+        code_of(results.pop().expect("three")),
+        ErrorCode::RateLimited
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_errors_answer_the_hello_and_bad_devices_are_permanent() {
+    let srv = TestServer::start();
+    for (device, version, token_of, code) in [
+        ("phone", 2, token("ann"), ErrorCode::UnsupportedVersion),
+        ("no spaces", 1, token("ann"), ErrorCode::InvalidDevice),
+        ("http", 1, token("ann"), ErrorCode::InvalidDevice),
+        ("phone", 1, "not-a-token".to_string(), ErrorCode::AuthFailed),
+    ] {
+        let mut raw = Raw::connect(srv.addr()).await;
+        raw.send(Envelope::new(
+            9,
+            Body::Hello(pb::Hello {
+                protocol_version: version,
+                token: token_of,
+                device_id: device.into(),
+            }),
+        ))
+        .await;
+        let answer = raw.recv().await.expect("an answer");
+        match answer.body {
+            Some(Body::Error(e)) => {
+                assert_eq!((e.code, e.fatal), (code as i32, true), "{device}");
+                assert_eq!(answer.request_id, 9, "{code:?} answers the Hello");
+            }
+            other => panic!("expected {code:?}, got {other:?}"),
+        }
+        // The class says: do not reconnect unchanged.
+        assert!(e_class_permanent(code), "{code:?}");
+    }
+}
+
+fn e_class_permanent(code: ErrorCode) -> bool {
+    (3000..4000).contains(&(code as i32))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_zero_is_a_protocol_violation() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("kim")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    raw.send(Envelope::new(0, Body::Ping(pb::Ping { nonce: 1 })))
+        .await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::ProtocolViolation);
+}
+
+/// A long-poll is routed pushes like a device, but it is not presence: a
+/// user who only polls neither comes online nor gets a last-seen write per
+/// poll, and a watcher sees no flapping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_is_not_presence() {
+    let srv = TestServer::start();
+    let (watcher, mut wrx) = srv.connect("wendy", "phone").await;
+    let list = watcher.subscribe_presence(&["paul"]).await.expect("sub");
+    assert!(!list[0].online);
+    let bearer = format!("Bearer {}", token("paul"));
+    for _ in 0..2 {
+        let (status, _) = http(
+            srv.http_addr(),
+            "GET",
+            "/v1/sync?after=0&wait=1",
+            &[("Authorization", bearer.as_str())],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    // No presence change reached the watcher, and paul has no last seen.
+    watcher.ping().await.expect("ping");
+    if let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), wrx.next()).await {
+        assert!(
+            !matches!(item, DeliveryItem::Presence(_)),
+            "a long-poll changed presence: {item:?}"
+        );
+    }
+    let list = watcher.subscribe_presence(&["paul"]).await.expect("sub");
+    assert_eq!((list[0].online, list[0].last_seen_ms), (false, 0));
+    // A poll still wakes on a message, even with `after` at its largest.
+    let (status, body) = http(
+        srv.http_addr(),
+        "GET",
+        &format!("/v1/sync?after={}&wait=1", u64::MAX),
+        &[("Authorization", bearer.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
