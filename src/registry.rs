@@ -126,7 +126,7 @@ impl Registry {
             .is_some_and(|conns| conns.iter().any(|c| c.presence))
     }
 
-    /// Users with at least one connection.
+    /// Users with at least one connection (a device, or a parked long-poll).
     pub fn online_users(&self) -> usize {
         self.stripes.iter().map(|s| s.read().len()).sum()
     }

@@ -42,6 +42,8 @@ pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<(Request, usize)>, Ht
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
+        // The limit holds however the head arrived: whole in one read too.
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(HttpError::HeadTooLarge),
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             return if buf.len() > MAX_HEAD {

@@ -153,7 +153,9 @@ impl Conn {
         if refill > 0 {
             self.typing_tokens =
                 (u32::from(self.typing_tokens) + refill).min(u32::from(TYPING_BURST)) as u8;
-            self.typing_refill = now;
+            // Keep the part of a period already waited: one token per
+            // period exactly, however the requests fall.
+            self.typing_refill += refill * TYPING_REFILL_TICKS;
         }
         if self.typing_tokens < n {
             return false;
@@ -222,6 +224,12 @@ impl Conn {
     /// Bytes of output waiting for the socket.
     pub fn out_len(&self) -> usize {
         self.io.as_ref().map_or(0, |b| b.outbuf.len())
+    }
+
+    /// Drop input not yet handled, keeping the output (a shutdown still
+    /// delivers the answers already queued).
+    pub fn discard_input(&mut self) {
+        drop(self.take_input());
     }
 
     /// Drop pending output and any partial input (the connection is closing).

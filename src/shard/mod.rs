@@ -1032,9 +1032,10 @@ impl Shard {
         if self.ctx.registry.remove(&user, me) {
             let at_ms = crate::ids::unix_ms();
             session::notify_offline(&self.ctx, &user, at_ms);
-            if let Err(e) = self.ctx.commit.submit(CommitCmd::LastSeen { user, at_ms }) {
-                tracing::debug!(error = %e, "last seen not recorded");
-            }
+            // Not dropped on a full queue: this commits from it instead.
+            self.ctx
+                .commit
+                .submit_waiting(CommitCmd::LastSeen { user, at_ms });
         }
     }
 
@@ -1072,8 +1073,14 @@ impl Shard {
         conn.since = now;
 
         // Output not yet sent is abandoned (everything durable is resent
-        // from the store on the next login), and its memory returned now.
-        conn.discard_buffers();
+        // from the store on the next login), and its memory returned now;
+        // except at shutdown, where it holds the last Acks of requests the
+        // pipeline committed while stopping, and is bounded by the budget.
+        if code == ErrorCode::ShuttingDown {
+            conn.discard_input();
+        } else {
+            conn.discard_buffers();
+        }
         if code != ErrorCode::Unspecified {
             conn.send_env(&Envelope::error(rid, code, why, true));
         }

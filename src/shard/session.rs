@@ -645,6 +645,8 @@ pub fn send_typing(
 ) {
     conns.clear();
     let conversation = match target {
+        // Never to the typist's own devices.
+        TypingTarget::User(peer) if **peer == *typist => return,
         TypingTarget::User(peer) => {
             ctx.registry.lookup(peer, conns);
             conversation::Kind::User(typist.to_owned())
