@@ -155,6 +155,13 @@ impl Batch {
     pub fn len(&self) -> usize {
         self.ops.len()
     }
+
+    /// Drop the writes made after the first `len` (a failed request's: see
+    /// `crate::txn`).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.ops.truncate(len);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
