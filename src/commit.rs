@@ -67,8 +67,8 @@ pub const MAX_GROUP: usize = 1024;
 pub const MAX_EVENT_USERS: usize = 64;
 /// Longest group name, in bytes.
 pub const MAX_GROUP_NAME: usize = 128;
-/// Inbox events a single DeliveryAck scans for delivered receipts; a larger
-/// jump is taken in several steps by later acknowledgements.
+/// Inbox events read at a time for delivered receipts, and group messages a
+/// MarkRead looks at for the senders it tells.
 const RECEIPT_SCAN: usize = 2_000;
 
 /// Who asked, and where the answer goes.
@@ -414,32 +414,35 @@ pub struct DeliveredConv {
     pub senders: Vec<String>,
 }
 
-/// Read `user`'s inbox in `(after, up_to]` (at most [`RECEIPT_SCAN`] events)
-/// and summarize the messages from others by conversation. The shards call
-/// it when they no longer hold what a connection was sent (see
-/// [`crate::shard::unacked`]); it runs there, outside the pipeline's lock.
+/// Read `user`'s inbox in `(after, up_to]` and summarize the messages from
+/// others by conversation. The shards call it when they no longer hold what
+/// a connection was sent (see [`crate::shard::unacked`]); it runs there,
+/// outside the pipeline's lock. It reads [`RECEIPT_SCAN`] events at a time
+/// and keeps only the summary, so its memory grows with the conversations,
+/// not the events; the events are what was delivered to the device, which
+/// bounds the work.
 pub fn summarize_delivered(
     store: &Store,
     user: &str,
     after: u64,
     up_to: u64,
 ) -> Result<Vec<DeliveredConv>, StoreError> {
-    if up_to <= after {
-        return Ok(Vec::new());
-    }
-    let page = store.read_inbox(
-        user,
-        after,
-        RECEIPT_SCAN.min((up_to - after) as usize),
-        usize::MAX,
-    )?;
     let mut convs: Vec<DeliveredConv> = Vec::new();
-    for ev in page.events {
-        if ev.seq > up_to {
-            break;
+    let mut after = after;
+    while after < up_to {
+        let limit = RECEIPT_SCAN.min(usize::try_from(up_to - after).unwrap_or(usize::MAX));
+        let page = store.read_inbox(user, after, limit, usize::MAX)?;
+        for ev in &page.events {
+            if ev.seq > up_to {
+                return Ok(convs);
+            }
+            if let Some(Kind::Message(m)) = &ev.kind {
+                add_delivered(&mut convs, user, &m.from_user, m.group_id, m.id);
+            }
         }
-        if let Some(Kind::Message(m)) = ev.kind {
-            add_delivered(&mut convs, user, &m.from_user, m.group_id, m.id);
+        match page.events.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => break,
         }
     }
     Ok(convs)
@@ -1490,5 +1493,42 @@ mod tests {
             h.commit();
             assert_eq!(h.gap_free(peer), 2, "{peer}'s inbox after message {id}");
         }
+    }
+
+    #[test]
+    fn a_delivery_ack_of_more_than_a_page_of_events_summarizes_them_all() {
+        let h = Harness::new();
+        let n = RECEIPT_SCAN as u64 + 500;
+        // Bob's inbox: from alice until the last acknowledged event, from
+        // carol that one, from dave one past it.
+        let mut b = h.store.batch();
+        for seq in 1..=n + 1 {
+            let from = match seq {
+                s if s < n => "alice",
+                s if s == n => "carol",
+                _ => "dave",
+            };
+            let msg = pb::Message {
+                id: 1000 + seq,
+                from_user: from.into(),
+                to_user: "bob".into(),
+                ..Default::default()
+            };
+            h.store.put_message(&mut b, &msg).expect("put");
+            h.store
+                .put_inbox(&mut b, "bob", seq, InboxEntry::Message(msg.id))
+                .expect("put");
+        }
+        h.store.commit(b).expect("commit");
+
+        let convs = summarize_delivered(&h.store, "bob", 0, n).expect("summarize");
+        let newest = |peer: &str| {
+            let key = keys::direct_conversation("bob", peer);
+            convs.iter().find(|c| c.key == key).map(|c| c.newest)
+        };
+        assert_eq!(newest("alice"), Some(1000 + n - 1));
+        assert_eq!(newest("carol"), Some(1000 + n));
+        assert_eq!(newest("dave"), None, "past the acknowledged range");
+        assert_eq!(convs.len(), 2);
     }
 }
