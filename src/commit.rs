@@ -597,7 +597,12 @@ impl Pipeline {
                         );
                     }
                     Err(Fail::Store(e)) => {
-                        tracing::error!(error = %e, "reading the store for a request failed");
+                        crate::log_every!(
+                            1000,
+                            error,
+                            error = %e,
+                            "reading the store for a request failed"
+                        );
                         w.rollback(sp, &mut self.heads);
                         self.outbox.reply(
                             origin.reply,
@@ -619,14 +624,14 @@ impl Pipeline {
                 } => {
                     w.writes += 1;
                     if let Err(e) = self.store.put_cursor(&mut w.batch, &user, &device, up_to) {
-                        tracing::error!(error = %e, "cursor update failed");
+                        crate::log_every!(1000, error, error = %e, "cursor update failed");
                     }
                     // The cursor stands when the receipts fail: they are
                     // skipped (the next acknowledgement in a conversation
                     // moves its watermark past them), not half written.
                     let receipts = w.savepoint();
                     if let Err(e) = self.delivered(&mut w, &user, convs) {
-                        tracing::error!(error = %e, "delivered receipts failed");
+                        crate::log_every!(1000, error, error = %e, "delivered receipts failed");
                         w.rollback(receipts, &mut self.heads);
                     }
                     w.cursors.push((user, device, up_to));
@@ -637,7 +642,7 @@ impl Pipeline {
                         self.store.put_presence(&mut w.batch, &user, at_ms, hide)
                     });
                     if let Err(e) = r {
-                        tracing::error!(error = %e, "last-seen update failed");
+                        crate::log_every!(1000, error, error = %e, "last-seen update failed");
                         w.rollback(sp, &mut self.heads);
                     }
                 }
@@ -653,7 +658,7 @@ impl Pipeline {
             match result {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::error!(error = %e, "group commit failed");
+                    crate::log_every!(1000, error, error = %e, "group commit failed");
                     false
                 }
             }
