@@ -25,10 +25,13 @@
 //! sequence numbers are gap-free and in commit order per user, a post and a
 //! membership change to the same group are strictly ordered (a removed
 //! member gets nothing posted after the removal), and watermarks only grow.
-//! Each request does its reads before its first put, so a refused request
-//! leaves nothing in the batch. If the write fails, every answer of the group
-//! becomes `STORE_UNAVAILABLE`, nothing is pushed, and the cached sequence
-//! numbers and groups are dropped so they are re-read from the store.
+//! Each request is all or nothing: it runs from a savepoint, and a request
+//! that is refused or whose store read fails midway is rolled back to it
+//! (see [`crate::txn`]), so it leaves no writes in the batch, no pushes and
+//! no reserved sequence numbers, and a later request of the same group
+//! takes the seqs it would have had. If the write fails, every answer of the
+//! group becomes `STORE_UNAVAILABLE`, nothing is pushed, and the cached
+//! sequence numbers and groups are dropped so they are re-read from the store.
 
 use std::collections::HashMap;
 use std::sync::atomic::{fence, Ordering};
@@ -56,6 +59,7 @@ use crate::shard::mailbox::{Push, Reply, ShardHandle};
 use crate::shard::unacked::Sent;
 use crate::store::keys::{self, InboxEntry};
 use crate::store::{Batch, Store, StoreError};
+use crate::txn::Undo;
 
 /// Most commands folded into one write batch.
 pub const MAX_GROUP: usize = 1024;
@@ -63,8 +67,8 @@ pub const MAX_GROUP: usize = 1024;
 pub const MAX_EVENT_USERS: usize = 64;
 /// Longest group name, in bytes.
 pub const MAX_GROUP_NAME: usize = 128;
-/// Inbox events a single DeliveryAck scans for delivered receipts; a larger
-/// jump is taken in several steps by later acknowledgements.
+/// Inbox events read at a time for delivered receipts, and group messages a
+/// MarkRead looks at for the senders it tells.
 const RECEIPT_SCAN: usize = 2_000;
 
 /// Who asked, and where the answer goes.
@@ -267,6 +271,10 @@ struct Pending {
 }
 
 /// What one group of commands produces.
+///
+/// A request changes it, and the pipeline's inbox heads, only in ways a
+/// [`Savepoint`] can take back: by appending to its lists, and by setting
+/// keys through the `*_undo` logs, which hold the running request's changes.
 #[derive(Default)]
 struct Work {
     batch: Batch,
@@ -276,14 +284,57 @@ struct Work {
     writes: usize,
     /// Retries landing in the same group as their original.
     fresh: HashMap<(Arc<str>, String), pb::Ack>,
+    fresh_undo: Undo<(Arc<str>, String), pb::Ack>,
     /// Conversation of each message written in this group.
     written: HashMap<u64, Vec<u8>>,
+    written_undo: Undo<u64, Vec<u8>>,
     /// Watermarks written in this group.
     marks: HashMap<(Vec<u8>, Arc<str>), (u64, u64)>,
-    /// A store read failed mid-request: cached sequence numbers may be ahead.
-    reset: bool,
+    marks_undo: Undo<(Vec<u8>, Arc<str>), (u64, u64)>,
+    /// Seqs reserved in [`Pipeline::heads`] by the running request.
+    heads_undo: Undo<Arc<str>, u64>,
     /// Device cursors in this group's batch, pending in [`Cursors`].
     cursors: Vec<(Arc<str>, Arc<str>, u64)>,
+}
+
+/// Where a request began in its group's [`Work`]: rolling back to it takes
+/// the request back entirely (see [`crate::txn`]).
+#[derive(Clone, Copy)]
+struct Savepoint {
+    ops: usize,
+    answers: usize,
+    pushes: usize,
+    writes: usize,
+}
+
+impl Work {
+    /// Begin a request (or the part of one that may fail alone): what the
+    /// requests before did is kept for good.
+    fn savepoint(&mut self) -> Savepoint {
+        self.fresh_undo.forget();
+        self.written_undo.forget();
+        self.marks_undo.forget();
+        self.heads_undo.forget();
+        Savepoint {
+            ops: self.batch.len(),
+            answers: self.answers.len(),
+            pushes: self.pushes.len(),
+            writes: self.writes,
+        }
+    }
+
+    /// Take back everything done since `sp`, in this work and in `heads`
+    /// (the pipeline's inbox heads).
+    fn rollback(&mut self, sp: Savepoint, heads: &mut Generations<Arc<str>, u64>) {
+        self.batch.truncate(sp.ops);
+        self.answers.truncate(sp.answers);
+        self.pushes.truncate(sp.pushes);
+        self.writes = sp.writes;
+        self.fresh_undo.rollback(&mut self.fresh);
+        self.written_undo.rollback(&mut self.written);
+        self.marks_undo.rollback(&mut self.marks);
+        self.heads_undo.rollback(heads);
+    }
 }
 
 /// Per-shard buffers of what a group produces, sent after the commit.
@@ -363,32 +414,35 @@ pub struct DeliveredConv {
     pub senders: Vec<String>,
 }
 
-/// Read `user`'s inbox in `(after, up_to]` (at most [`RECEIPT_SCAN`] events)
-/// and summarize the messages from others by conversation. The shards call
-/// it when they no longer hold what a connection was sent (see
-/// [`crate::shard::unacked`]); it runs there, outside the pipeline's lock.
+/// Read `user`'s inbox in `(after, up_to]` and summarize the messages from
+/// others by conversation. The shards call it when they no longer hold what
+/// a connection was sent (see [`crate::shard::unacked`]); it runs there,
+/// outside the pipeline's lock. It reads [`RECEIPT_SCAN`] events at a time
+/// and keeps only the summary, so its memory grows with the conversations,
+/// not the events; the events are what was delivered to the device, which
+/// bounds the work.
 pub fn summarize_delivered(
     store: &Store,
     user: &str,
     after: u64,
     up_to: u64,
 ) -> Result<Vec<DeliveredConv>, StoreError> {
-    if up_to <= after {
-        return Ok(Vec::new());
-    }
-    let page = store.read_inbox(
-        user,
-        after,
-        RECEIPT_SCAN.min((up_to - after) as usize),
-        usize::MAX,
-    )?;
     let mut convs: Vec<DeliveredConv> = Vec::new();
-    for ev in page.events {
-        if ev.seq > up_to {
-            break;
+    let mut after = after;
+    while after < up_to {
+        let limit = RECEIPT_SCAN.min(usize::try_from(up_to - after).unwrap_or(usize::MAX));
+        let page = store.read_inbox(user, after, limit, usize::MAX)?;
+        for ev in &page.events {
+            if ev.seq > up_to {
+                return Ok(convs);
+            }
+            if let Some(Kind::Message(m)) = &ev.kind {
+                add_delivered(&mut convs, user, &m.from_user, m.group_id, m.id);
+            }
         }
-        if let Some(Kind::Message(m)) = ev.kind {
-            add_delivered(&mut convs, user, &m.from_user, m.group_id, m.id);
+        match page.events.last() {
+            Some(last) if page.has_more => after = last.seq,
+            _ => break,
         }
     }
     Ok(convs)
@@ -525,6 +579,7 @@ impl Pipeline {
     fn commit_group(&mut self, group: &mut Vec<CommitCmd>, own: Option<usize>) {
         let mut w = Work::default();
         for cmd in group.drain(..) {
+            let sp = w.savepoint();
             match cmd {
                 CommitCmd::Request(origin, op) => match self.apply(&mut w, &origin, op) {
                     Ok(Some(body)) => w.answers.push((
@@ -533,14 +588,22 @@ impl Pipeline {
                         Envelope::new(origin.request_id, body),
                     )),
                     Ok(None) => {}
-                    Err(Fail::Refuse(code, why)) => self.outbox.reply(
-                        origin.reply,
-                        origin.received,
-                        &Envelope::error(origin.request_id, code, why, false),
-                    ),
+                    Err(Fail::Refuse(code, why)) => {
+                        w.rollback(sp, &mut self.heads);
+                        self.outbox.reply(
+                            origin.reply,
+                            origin.received,
+                            &Envelope::error(origin.request_id, code, why, false),
+                        );
+                    }
                     Err(Fail::Store(e)) => {
-                        tracing::error!(error = %e, "reading the store for a request failed");
-                        w.reset = true;
+                        crate::log_every!(
+                            1000,
+                            error,
+                            error = %e,
+                            "reading the store for a request failed"
+                        );
+                        w.rollback(sp, &mut self.heads);
                         self.outbox.reply(
                             origin.reply,
                             origin.received,
@@ -561,11 +624,15 @@ impl Pipeline {
                 } => {
                     w.writes += 1;
                     if let Err(e) = self.store.put_cursor(&mut w.batch, &user, &device, up_to) {
-                        tracing::error!(error = %e, "cursor update failed");
+                        crate::log_every!(1000, error, error = %e, "cursor update failed");
                     }
+                    // The cursor stands when the receipts fail: they are
+                    // skipped (the next acknowledgement in a conversation
+                    // moves its watermark past them), not half written.
+                    let receipts = w.savepoint();
                     if let Err(e) = self.delivered(&mut w, &user, convs) {
-                        tracing::error!(error = %e, "delivered receipts failed");
-                        w.reset = true;
+                        crate::log_every!(1000, error, error = %e, "delivered receipts failed");
+                        w.rollback(receipts, &mut self.heads);
                     }
                     w.cursors.push((user, device, up_to));
                 }
@@ -575,7 +642,8 @@ impl Pipeline {
                         self.store.put_presence(&mut w.batch, &user, at_ms, hide)
                     });
                     if let Err(e) = r {
-                        tracing::error!(error = %e, "last-seen update failed");
+                        crate::log_every!(1000, error, error = %e, "last-seen update failed");
+                        w.rollback(sp, &mut self.heads);
                     }
                 }
             }
@@ -590,7 +658,7 @@ impl Pipeline {
             match result {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::error!(error = %e, "group commit failed");
+                    crate::log_every!(1000, error, error = %e, "group commit failed");
                     false
                 }
             }
@@ -616,7 +684,6 @@ impl Pipeline {
                 self.outbox.push(&self.registry, p);
             }
         } else {
-            w.reset = true;
             for (to, received, env) in &w.answers {
                 self.outbox.reply(
                     *to,
@@ -630,7 +697,8 @@ impl Pipeline {
                 );
             }
         }
-        if w.reset {
+        if !committed {
+            // The cached heads and groups may be ahead of the store.
             self.heads.clear();
             self.groups.clear();
         }
@@ -639,13 +707,14 @@ impl Pipeline {
         self.outbox.dispatch(own);
     }
 
-    /// Reserve the next inbox seq of `user`.
-    fn next_seq(&mut self, user: &Arc<str>) -> Result<u64, StoreError> {
+    /// Reserve the next inbox seq of `user` (until the running request is
+    /// rolled back: see [`Work::rollback`]).
+    fn next_seq(&mut self, w: &mut Work, user: &Arc<str>) -> Result<u64, StoreError> {
         let head = match self.heads.get(&**user) {
             Some(h) => h,
             None => self.store.last_seq(user)?,
         };
-        self.heads.insert(user.clone(), head + 1);
+        w.heads_undo.set(&mut self.heads, user.clone(), head + 1);
         Ok(head + 1)
     }
 
@@ -692,7 +761,7 @@ impl Pipeline {
         // Reads first: nothing is put until every seq is known.
         let seqs = users
             .iter()
-            .map(|u| self.next_seq(u))
+            .map(|u| self.next_seq(w, u))
             .collect::<Result<Vec<_>, _>>()?;
         for (u, seq) in users.iter().zip(seqs) {
             let event = event_for(u);
@@ -766,7 +835,7 @@ impl Pipeline {
         // Reads first: nothing is put until every seq is known.
         let seqs = recipients
             .iter()
-            .map(|u| self.next_seq(u))
+            .map(|u| self.next_seq(w, u))
             .collect::<Result<Vec<_>, _>>()?;
         let now = unix_ms();
         let id = self.ids.next_at(now);
@@ -809,8 +878,8 @@ impl Pipeline {
         if let Some(g) = &group {
             self.store.put_group_log(&mut w.batch, g.id, id, &o.user)?;
         }
-        w.written.insert(id, conv);
-        w.fresh.insert(key, ack.clone());
+        w.written_undo.set(&mut w.written, id, conv);
+        w.fresh_undo.set(&mut w.fresh, key, ack.clone());
         Ok(Some(Body::Ack(ack)))
     }
 
@@ -1013,7 +1082,8 @@ impl Pipeline {
         self.store
             .put_watermarks(&mut w.batch, conv, user, marks.0, marks.1)?;
         w.writes += 1;
-        w.marks.insert((conv.to_vec(), user.clone()), marks);
+        w.marks_undo
+            .set(&mut w.marks, (conv.to_vec(), user.clone()), marks);
         Ok(())
     }
 
@@ -1130,5 +1200,340 @@ impl Pipeline {
             self.set_watermarks(w, &c.key, user, (c.newest, read))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::mailbox::ShardMsg;
+    use crate::store::{FailRead, StoreOptions};
+    use swiftlet_protocol::codec::decode_frame;
+
+    /// A pipeline on a real store in a temporary directory, with one shard
+    /// whose mailbox the test reads.
+    struct Harness {
+        store: Arc<Store>,
+        pipeline: CommitHandle,
+        mailbox: Receiver<ShardMsg>,
+        shard: ShardHandle,
+        restarts: u16,
+        next_request: u64,
+        // Dropped last: the waker needs its poll, the store its directory.
+        _poll: mio::Poll,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("open"));
+            let poll = mio::Poll::new().expect("poll");
+            let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
+            let (tx, mailbox) = crossbeam_channel::unbounded();
+            let shard = ShardHandle::new(tx, Arc::new(waker));
+            let pipeline = Self::pipeline(&store, &shard, 0);
+            Harness {
+                store,
+                pipeline,
+                mailbox,
+                shard,
+                restarts: 0,
+                next_request: 0,
+                _poll: poll,
+                _dir: dir,
+            }
+        }
+
+        fn pipeline(store: &Arc<Store>, shard: &ShardHandle, node_id: u16) -> CommitHandle {
+            start(
+                store.clone(),
+                Arc::new(Registry::new(4)),
+                Arc::new(GroupDirectory::new(store.clone())),
+                vec![shard.clone()],
+                Arc::new(Metrics::default()),
+                Arc::new(Cursors::new(store.clone())),
+                PipelineConfig {
+                    node_id,
+                    queue: MAX_GROUP,
+                    max_group_members: 100,
+                },
+            )
+        }
+
+        /// A new pipeline on the same store, as after a restart: nothing is
+        /// cached, so the next requests read every inbox head.
+        fn restart(&mut self) {
+            // Under another node id: a new id generator in the same
+            // millisecond would repeat the old one's message ids (a real
+            // restart takes longer than that).
+            self.restarts += 1;
+            self.pipeline = Self::pipeline(&self.store, &self.shard, self.restarts);
+        }
+
+        /// Queue a request; it is committed, with everything queued after
+        /// it, by [`Harness::commit`]. Returns its request id.
+        fn request(&mut self, user: &str, op: Op) -> u64 {
+            self.next_request += 1;
+            let origin = Origin {
+                reply: ConnRef {
+                    shard: 0,
+                    slot: 0,
+                    gen: 0,
+                },
+                request_id: self.next_request,
+                user: Arc::from(user),
+                device: Arc::from("phone"),
+                received: Instant::now(),
+            };
+            self.submit(CommitCmd::Request(origin, op));
+            self.next_request
+        }
+
+        fn submit(&self, cmd: CommitCmd) {
+            self.pipeline.submit(cmd).expect("queue has room");
+        }
+
+        fn send(&mut self, from: &str, to_user: &str, group_id: u64) -> u64 {
+            let n = self.next_request;
+            self.request(
+                from,
+                Op::Send(pb::Send {
+                    client_msg_id: format!("c{n}"),
+                    to_user: to_user.to_owned(),
+                    content_type: "text/plain".into(),
+                    body: Bytes::from_static(b"hi"),
+                    group_id,
+                }),
+            )
+        }
+
+        /// Commit everything queued (in one group: the queue holds no more
+        /// than one group) and return the answers by request id.
+        fn commit(&mut self) -> HashMap<u64, Body> {
+            self.pipeline.flush();
+            let mut answers = HashMap::new();
+            while let Ok(msg) = self.mailbox.try_recv() {
+                let ShardMsg::Deliver { replies, .. } = msg else {
+                    continue;
+                };
+                for r in replies {
+                    let (env, _) = decode_frame(&r.frame, usize::MAX)
+                        .expect("a valid frame")
+                        .expect("a whole frame");
+                    answers.insert(env.request_id, env.body.expect("a body"));
+                }
+            }
+            answers
+        }
+
+        fn inbox(&self, user: &str) -> Vec<pb::Event> {
+            self.store
+                .read_inbox(user, 0, usize::MAX, usize::MAX)
+                .expect("read inbox")
+                .events
+        }
+
+        /// Check that `user`'s inbox holds seqs 1..=n without a gap; returns n.
+        fn gap_free(&self, user: &str) -> usize {
+            let seqs: Vec<u64> = self.inbox(user).iter().map(|e| e.seq).collect();
+            let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+            assert_eq!(seqs, want, "{user}'s inbox has a hole");
+            seqs.len()
+        }
+    }
+
+    fn server_msg_id(answer: Option<&Body>) -> u64 {
+        match answer {
+            Some(Body::Ack(ack)) => ack.server_msg_id,
+            other => panic!("expected an Ack, got {other:?}"),
+        }
+    }
+
+    fn group_id(answer: Option<&Body>) -> u64 {
+        match answer {
+            Some(Body::GroupInfo(info)) => info.group_id,
+            other => panic!("expected a GroupInfo, got {other:?}"),
+        }
+    }
+
+    fn assert_store_unavailable(answer: Option<&Body>) {
+        match answer {
+            Some(Body::Error(e)) if e.code == ErrorCode::StoreUnavailable as i32 => {}
+            other => panic!("expected STORE_UNAVAILABLE, got {other:?}"),
+        }
+    }
+
+    fn has_receipt(events: &[pb::Event]) -> bool {
+        events
+            .iter()
+            .any(|e| matches!(e.kind, Some(Kind::Receipt(_))))
+    }
+
+    #[test]
+    fn a_group_post_whose_inbox_read_fails_for_one_member_leaves_no_message_and_no_hole() {
+        let mut h = Harness::new();
+        let create = h.request(
+            "alice",
+            Op::CreateGroup(pb::CreateGroup {
+                name: "g".into(),
+                members: vec!["bob".into(), "carol".into()],
+            }),
+        );
+        let g = group_id(h.commit().get(&create));
+        h.send("alice", "", g);
+        h.commit();
+        let members = ["alice", "bob", "carol"];
+        for m in members {
+            assert_eq!(h.gap_free(m), 2, "the creation and the first post");
+        }
+
+        // Nothing cached: the failed post reads every member's inbox head,
+        // and the next post, in the same group commit, follows it.
+        h.restart();
+        h.store.fail_next(FailRead::LastSeq("carol".into()));
+        let failed = h.send("alice", "", g);
+        let next = h.send("bob", "", g);
+        let answers = h.commit();
+        assert_store_unavailable(answers.get(&failed));
+        let id = server_msg_id(answers.get(&next));
+
+        for m in members {
+            assert_eq!(h.gap_free(m), 3, "{m}: the next post right after the first");
+            match h.inbox(m).last().and_then(|e| e.kind.clone()) {
+                Some(Kind::Message(msg)) => assert_eq!(msg.id, id),
+                other => panic!("{m}: expected the next post, got {other:?}"),
+            }
+        }
+        assert_eq!(h.store.count_messages().expect("count"), 2);
+    }
+
+    #[test]
+    fn a_mark_read_whose_own_receipt_fails_leaves_no_receipt_for_the_sender() {
+        let mut h = Harness::new();
+        let sent = h.send("alice", "bob", 0);
+        let id = server_msg_id(h.commit().get(&sent));
+        let conv = keys::direct_conversation("bob", "alice");
+        let mark_read = pb::MarkRead {
+            conversation: Some(direct("alice")),
+            up_to: id,
+        };
+
+        // The sender's receipt is put first, then bob's own copy fails.
+        h.restart();
+        h.store.fail_next(FailRead::LastSeq("bob".into()));
+        let failed = h.request("bob", Op::MarkRead(mark_read.clone()));
+        // Something else in the same batch, so the batch is written.
+        h.send("alice", "carol", 0);
+        let answers = h.commit();
+        assert_store_unavailable(answers.get(&failed));
+        assert!(
+            !has_receipt(&h.inbox("alice")),
+            "a receipt of a failed MarkRead"
+        );
+        assert_eq!(h.store.watermarks(&conv, "bob").expect("read"), (0, 0));
+
+        // Tried again, it goes through, right after alice's two messages.
+        let again = h.request("bob", Op::MarkRead(mark_read));
+        assert!(matches!(h.commit().get(&again), Some(Body::Done(_))));
+        assert_eq!(h.gap_free("alice"), 3);
+        assert!(has_receipt(&h.inbox("alice")));
+        assert_eq!(h.store.watermarks(&conv, "bob").expect("read"), (id, id));
+    }
+
+    #[test]
+    fn a_group_creation_whose_inbox_read_fails_leaves_no_memberships() {
+        let mut h = Harness::new();
+        h.store.fail_next(FailRead::LastSeq("carol".into()));
+        let failed = h.request(
+            "alice",
+            Op::CreateGroup(pb::CreateGroup {
+                name: "g".into(),
+                members: vec!["bob".into(), "carol".into()],
+            }),
+        );
+        // Something else in the same batch, so the batch is written.
+        let sent = h.send("alice", "bob", 0);
+        let answers = h.commit();
+        assert_store_unavailable(answers.get(&failed));
+        server_msg_id(answers.get(&sent));
+        for m in ["alice", "bob", "carol"] {
+            assert_eq!(h.store.memberships(m).expect("read"), Vec::<u64>::new());
+        }
+        assert_eq!(h.gap_free("alice"), 1, "only the message");
+        assert_eq!(h.gap_free("bob"), 1, "only the message");
+        assert_eq!(h.gap_free("carol"), 0);
+    }
+
+    #[test]
+    fn an_acknowledgement_whose_receipts_fail_still_moves_the_cursor_but_sends_no_receipt() {
+        let mut h = Harness::new();
+        let from_alice = h.send("alice", "bob", 0);
+        let from_carol = h.send("carol", "bob", 0);
+        let answers = h.commit();
+        let ids = [
+            server_msg_id(answers.get(&from_alice)),
+            server_msg_id(answers.get(&from_carol)),
+        ];
+        let convs = summarize_delivered(&h.store, "bob", 0, 2).expect("summarize");
+        assert_eq!(convs.len(), 2);
+
+        // Alice's receipt is put, then carol's fails.
+        h.restart();
+        h.store.fail_next(FailRead::LastSeq("carol".into()));
+        h.submit(CommitCmd::Acknowledged {
+            user: Arc::from("bob"),
+            device: Arc::from("phone"),
+            up_to: 2,
+            convs,
+        });
+        h.commit();
+        assert_eq!(h.store.cursor("bob", "phone").expect("read"), 2);
+        for (peer, id) in ["alice", "carol"].into_iter().zip(ids) {
+            assert!(!has_receipt(&h.inbox(peer)), "a receipt to {peer}");
+            let conv = keys::direct_conversation("bob", peer);
+            assert_eq!(h.store.watermarks(&conv, "bob").expect("read"), (0, 0));
+            // The next message from the peer gets the next seq.
+            h.send(peer, "bob", 0);
+            h.commit();
+            assert_eq!(h.gap_free(peer), 2, "{peer}'s inbox after message {id}");
+        }
+    }
+
+    #[test]
+    fn a_delivery_ack_of_more_than_a_page_of_events_summarizes_them_all() {
+        let h = Harness::new();
+        let n = RECEIPT_SCAN as u64 + 500;
+        // Bob's inbox: from alice until the last acknowledged event, from
+        // carol that one, from dave one past it.
+        let mut b = h.store.batch();
+        for seq in 1..=n + 1 {
+            let from = match seq {
+                s if s < n => "alice",
+                s if s == n => "carol",
+                _ => "dave",
+            };
+            let msg = pb::Message {
+                id: 1000 + seq,
+                from_user: from.into(),
+                to_user: "bob".into(),
+                ..Default::default()
+            };
+            h.store.put_message(&mut b, &msg).expect("put");
+            h.store
+                .put_inbox(&mut b, "bob", seq, InboxEntry::Message(msg.id))
+                .expect("put");
+        }
+        h.store.commit(b).expect("commit");
+
+        let convs = summarize_delivered(&h.store, "bob", 0, n).expect("summarize");
+        let newest = |peer: &str| {
+            let key = keys::direct_conversation("bob", peer);
+            convs.iter().find(|c| c.key == key).map(|c| c.newest)
+        };
+        assert_eq!(newest("alice"), Some(1000 + n - 1));
+        assert_eq!(newest("carol"), Some(1000 + n));
+        assert_eq!(newest("dave"), None, "past the acknowledged range");
+        assert_eq!(convs.len(), 2);
     }
 }

@@ -70,12 +70,32 @@ impl<K: Hash + Eq, V: Clone> Generations<K, V> {
         Some(v)
     }
 
-    /// Set `key` (in the young generation).
-    pub fn insert(&mut self, key: K, value: V) {
-        self.old.remove(&key);
+    /// Set `key` (in the young generation); returns what it held.
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let old = self.old.remove(&key);
         self.young_weight += (self.weigh)(&value);
-        if let Some(replaced) = self.young.insert(key, value) {
-            self.young_weight -= (self.weigh)(&replaced);
+        match self.young.insert(key, value) {
+            Some(replaced) => {
+                self.young_weight -= (self.weigh)(&replaced);
+                Some(replaced)
+            }
+            None => old,
+        }
+    }
+
+    /// Forget `key` (in both generations); returns what it held.
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let old = self.old.remove(key);
+        match self.young.remove(key) {
+            Some(v) => {
+                self.young_weight -= (self.weigh)(&v);
+                Some(v)
+            }
+            None => old,
         }
     }
 
@@ -155,5 +175,25 @@ mod tests {
         c.insert("two", 2);
         c.rotate_if_full();
         assert_eq!(c.sizes(), (0, 2), "8 + 2 of 10: full");
+    }
+
+    #[test]
+    fn insert_and_remove_return_what_the_key_held_in_either_generation() {
+        let mut c: Generations<&str, usize> = Generations::weighted(10, |w| *w);
+        assert_eq!(c.insert("a", 4), None);
+        c.retire_all();
+        assert_eq!(c.insert("a", 5), Some(4), "from the old generation");
+        assert_eq!(c.insert("a", 6), Some(5), "from the young generation");
+        assert_eq!(c.remove("a"), Some(6));
+        assert_eq!((c.remove("a"), c.get("a")), (None, None));
+        c.insert("b", 3);
+        c.retire_all();
+        assert_eq!(c.remove("b"), Some(3), "from the old generation");
+        // A removed entry no longer weighs in the young generation.
+        c.insert("c", 9);
+        c.remove("c");
+        c.insert("d", 9);
+        c.rotate_if_full();
+        assert_eq!(c.sizes(), (1, 0), "9 of 10: not full");
     }
 }

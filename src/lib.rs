@@ -17,6 +17,7 @@
 //!   served by the same shards.
 //! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
 //!   atomic writes, then Acks and pushes.
+//! - [`txn`]: savepoints that make each request in a group commit all or nothing.
 //! - [`cursors`]: device cursors acknowledged and not yet written.
 //! - [`registry`]: which user is connected where (and who watches whose presence).
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
@@ -42,6 +43,7 @@ pub mod registry;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod txn;
 
 pub use config::Config;
 pub use server::{start, Server, ServerError};

@@ -52,6 +52,10 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// A read failed on purpose (see [`Store::fail_next`]).
+    #[cfg(test)]
+    #[error("injected failure of {0:?}")]
+    Injected(FailRead),
 }
 
 /// Tuning knobs of the store.
@@ -92,6 +96,21 @@ impl Default for StoreOptions {
 pub struct Store {
     db: DB,
     write_opts: WriteOptions,
+    /// Reads to fail once each, for tests of what a failing disk does.
+    #[cfg(test)]
+    faults: parking_lot::Mutex<Vec<FailRead>>,
+}
+
+/// A store read that [`Store::fail_next`] makes fail (tests only).
+#[cfg(test)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailRead {
+    /// [`Store::last_seq`] of this user.
+    LastSeq(String),
+    /// [`Store::watermarks`] of this user, in any conversation.
+    Watermarks(String),
+    /// [`Store::message`] of this id.
+    Message(u64),
 }
 
 /// An atomic group of writes. Dropping it unwritten discards it.
@@ -135,6 +154,12 @@ impl Batch {
     /// Writes collected so far.
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+
+    /// Drop the writes made after the first `len` (a failed request's: see
+    /// `crate::txn`).
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.ops.truncate(len);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,7 +287,29 @@ impl Store {
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors)?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.wal_sync);
-        Ok(Store { db, write_opts })
+        Ok(Store {
+            db,
+            write_opts,
+            #[cfg(test)]
+            faults: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Make the next `read` fail with [`StoreError::Injected`] (once; several
+    /// calls queue several failures).
+    #[cfg(test)]
+    pub fn fail_next(&self, read: FailRead) {
+        self.faults.lock().push(read);
+    }
+
+    /// Fail if a queued failure matches, and forget that failure.
+    #[cfg(test)]
+    fn injected(&self, matches: impl Fn(&FailRead) -> bool) -> Result<(), StoreError> {
+        let mut faults = self.faults.lock();
+        match faults.iter().position(matches) {
+            Some(i) => Err(StoreError::Injected(faults.remove(i))),
+            None => Ok(()),
+        }
     }
 
     fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
@@ -374,6 +421,8 @@ impl Store {
 
     /// The user's newest inbox seq (0 when the inbox is empty).
     pub fn last_seq(&self, user: &str) -> Result<u64, StoreError> {
+        #[cfg(test)]
+        self.injected(|f| matches!(f, FailRead::LastSeq(u) if u == user))?;
         let prefix = keys::user_prefix(user);
         let mut it = self.db.raw_iterator_cf(self.cf(cf::INBOX)?);
         it.seek_for_prev(keys::inbox_key(user, u64::MAX));
@@ -509,6 +558,8 @@ impl Store {
 
     /// One message by id.
     pub fn message(&self, id: u64) -> Result<Option<pb::Message>, StoreError> {
+        #[cfg(test)]
+        self.injected(|f| *f == FailRead::Message(id))?;
         match self
             .db
             .get_pinned_cf(self.cf(cf::MESSAGES)?, id.to_be_bytes())?
@@ -626,6 +677,8 @@ impl Store {
 
     /// `user`'s (delivered, read) watermarks in a conversation.
     pub fn watermarks(&self, conversation: &[u8], user: &str) -> Result<(u64, u64), StoreError> {
+        #[cfg(test)]
+        self.injected(|f| matches!(f, FailRead::Watermarks(u) if u == user))?;
         match self
             .db
             .get_pinned_cf(self.cf(cf::STATUS)?, keys::status_key(conversation, user))?
