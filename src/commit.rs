@@ -789,13 +789,13 @@ impl Pipeline {
         }
     }
 
+    /// Group `id` if `user` is a member. A group that does not exist and
+    /// one the user is not in get the same refusal, so that non-members
+    /// cannot probe which groups exist.
     fn member_group(&self, id: u64, user: &str) -> Result<Arc<Group>, Fail> {
         match self.groups.get(id)? {
-            None => refuse(ErrorCode::NotFound, format!("no group {id}")),
-            Some(g) if !g.is_member(user) => {
-                refuse(ErrorCode::Forbidden, "not a member of this group")
-            }
-            Some(g) => Ok(g),
+            Some(g) if g.is_member(user) => Ok(g),
+            _ => refuse(ErrorCode::NotFound, "no such group, or not a member of it"),
         }
     }
 
@@ -1280,6 +1280,7 @@ mod tests {
                     shard: 0,
                     slot: 0,
                     gen: 0,
+                    presence: true,
                 },
                 request_id: self.next_request,
                 user: Arc::from(user),

@@ -93,7 +93,7 @@ async fn only_members_post_and_a_removed_member_gets_nothing_after() {
     let before = srv.server().store().count_messages().expect("count");
     assert_eq!(
         code_of(mallory.send_group(gid, "text/plain", "let me in").await),
-        ErrorCode::Forbidden
+        ErrorCode::NotFound
     );
     // A non-member is not told whether the group exists: the same answer
     // as for a group that does not.
@@ -135,7 +135,7 @@ async fn only_members_post_and_a_removed_member_gets_nothing_after() {
     assert_no_more(&carol, &mut crx).await;
     assert_eq!(
         code_of(carol.send_group(gid, "text/plain", "still here?").await),
-        ErrorCode::Forbidden
+        ErrorCode::NotFound
     );
 
     // Rename and leave are events too; the last admin leaving promotes bob.

@@ -166,7 +166,7 @@ async fn the_group_receipt_list_tells_read_delivered_and_pending() {
     let (mallory, _mrx) = srv.connect("mallory", "phone").await;
     assert_eq!(
         code_of(mallory.mark_read(with_group(gid), m).await),
-        ErrorCode::Forbidden
+        ErrorCode::NotFound
     );
 }
 

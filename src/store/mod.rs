@@ -611,7 +611,6 @@ impl Store {
         Ok(())
     }
 
-    /// The groups `user` is in, by id.
     /// Whether `user` is a member of group `group` (one point read, so a
     /// non-member's request never loads the group itself).
     pub fn is_member(&self, user: &str, group: u64) -> Result<bool, StoreError> {
@@ -658,6 +657,7 @@ impl Store {
         Ok((out, false))
     }
 
+    /// The groups `user` is in, by id.
     pub fn memberships(&self, user: &str) -> Result<Vec<u64>, StoreError> {
         let prefix = keys::user_prefix(user);
         let mut out = Vec::new();
