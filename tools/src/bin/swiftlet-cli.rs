@@ -21,12 +21,16 @@
 //! `Receipt{conversation, user, kind, up_to}` covers every tracked id
 //! `<= up_to` of that conversation; each message is reported once per
 //! recipient and kind: `✓` on the Ack, `✓✓` when delivered, `read` when read.
+//! The Ack and a receipt travel different paths (the receipt follows the
+//! recipient's `DeliveryAck`), so a receipt can arrive first: [`AckGate`]
+//! holds it until the `✓` of the send it covers is shown.
 //! `/read` marks a conversation read up to the newest message id this CLI
 //! has seen in it (a message id, never beyond the conversation's newest, as
 //! the server requires).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -544,8 +548,98 @@ impl Conversations {
     }
 }
 
-/// The line for a receipt on the user's own messages, if there is news.
-fn render_receipt(marks: &mut Conversations, me: &str, r: &pb::Receipt) -> Option<String> {
+/// Keeps the display of this CLI's own sends in order: `✓` (the Ack)
+/// before `✓✓` (delivered) before `read`.
+///
+/// The Ack answers the `Send`; a receipt is an inbox event that follows the
+/// recipient's `DeliveryAck`, and the Ack's line is printed by the task that
+/// sent. So a receipt can reach the screen before the Ack of a message it
+/// covers. A receipt mark for a send of this CLI whose Ack has not been
+/// shown is held here and shown right after that Ack's line (only the
+/// highest mark per reader: `read` replaces a held `✓✓`). Sends from other
+/// devices, or from before this CLI started, are never held: they have no
+/// Ack to wait for.
+#[derive(Debug, Default)]
+struct AckGate {
+    /// Sends of this CLI not acknowledged yet, by `client_msg_id`: the
+    /// message id, once the user's own inbox has shown the message.
+    unacked: HashMap<String, Option<u64>>,
+    /// Receipt marks waiting for an Ack, by message id, in arrival order.
+    held: HashMap<u64, Vec<HeldMark>>,
+}
+
+/// A receipt mark waiting for the Ack of the message it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeldMark {
+    mark: &'static str,
+    whom: String,
+}
+
+impl AckGate {
+    /// A send is on its way (again, for a retry).
+    fn sending(&mut self, client_msg_id: &str) {
+        self.unacked.entry(client_msg_id.to_owned()).or_default();
+    }
+
+    /// A message of the user's own inbox: if it is one of this CLI's sends
+    /// still without an Ack, remember its id.
+    fn stored(&mut self, client_msg_id: &str, id: u64) {
+        if let Some(slot) = self.unacked.get_mut(client_msg_id) {
+            *slot = Some(id);
+        }
+    }
+
+    /// Hold `mark` by `whom` for message `id` if its Ack has not been shown;
+    /// false when it may be shown now.
+    fn hold(&mut self, id: u64, mark: &'static str, whom: &str) -> bool {
+        if !self.unacked.values().any(|v| *v == Some(id)) {
+            return false;
+        }
+        let held = self.held.entry(id).or_default();
+        if held.iter().any(|h| h.whom == whom && h.mark == "read") {
+            // Already holding the highest mark for this reader.
+            return true;
+        }
+        if mark == "read" {
+            held.retain(|h| h.whom != whom);
+        }
+        held.push(HeldMark {
+            mark,
+            whom: whom.to_owned(),
+        });
+        true
+    }
+
+    /// The send `client_msg_id` is done (its Ack was shown, or it failed for
+    /// good): the lines held for it, to show now.
+    fn release(&mut self, client_msg_id: &str) -> Vec<String> {
+        let Some(Some(id)) = self.unacked.remove(client_msg_id) else {
+            return Vec::new();
+        };
+        self.held
+            .remove(&id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| format!("{} {} (#{id})", h.mark, h.whom))
+            .collect()
+    }
+}
+
+/// The gate, shared by the session loop (receipts) and the send tasks (Acks).
+type SharedGate = Arc<Mutex<AckGate>>;
+
+fn lock(gate: &SharedGate) -> std::sync::MutexGuard<'_, AckGate> {
+    gate.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The line for a receipt on the user's own messages, if there is news to
+/// show now (marks for sends whose Ack is not shown yet wait in `gate`).
+fn render_receipt(
+    marks: &mut Conversations,
+    gate: &mut AckGate,
+    me: &str,
+    r: &pb::Receipt,
+) -> Option<String> {
     if r.user == me {
         // Our own reads (from any device): nothing to show.
         return None;
@@ -562,7 +656,14 @@ fn render_receipt(marks: &mut Conversations, me: &str, r: &pb::Receipt) -> Optio
         // Messages this CLI never saw (sent before it started).
         return Some(format!("{mark} {whom} (everything up to #{})", r.up_to));
     }
-    let ids: Vec<String> = ids.iter().map(|i| format!("#{i}")).collect();
+    let ids: Vec<String> = ids
+        .into_iter()
+        .filter(|&id| !gate.hold(id, mark, &whom))
+        .map(|i| format!("#{i}"))
+        .collect();
+    if ids.is_empty() {
+        return None;
+    }
     Some(format!("{mark} {whom} ({})", ids.join(", ")))
 }
 
@@ -642,6 +743,8 @@ fn render_presence(p: &pb::Presence) -> String {
 #[derive(Debug, Default)]
 struct ChatState {
     conversations: Conversations,
+    /// Receipts wait here for the Acks of the sends they cover.
+    gate: SharedGate,
     typists: Typists,
     /// Where this user last said STARTED (a STOPPED goes there before the
     /// next message).
@@ -652,7 +755,15 @@ struct ChatState {
 
 /// Send in the background so incoming messages keep printing; a failure that
 /// a new connection could fix goes back to the outbox for a retry.
-fn spawn_send(client: Client, mut out: Outgoing, retry: mpsc::UnboundedSender<Outgoing>) {
+fn spawn_send(
+    client: Client,
+    mut out: Outgoing,
+    retry: mpsc::UnboundedSender<Outgoing>,
+    gate: SharedGate,
+) {
+    // Before the request goes out: the message's own inbox event (and any
+    // receipt about it) can only come after.
+    lock(&gate).sending(&out.client_msg_id);
     tokio::spawn(async move {
         out.attempts += 1;
         let result = match &out.to {
@@ -668,13 +779,27 @@ fn spawn_send(client: Client, mut out: Outgoing, retry: mpsc::UnboundedSender<Ou
             }
         };
         match result {
-            Ok(ack) => println!("✓ {} (#{})", out.to, ack.server_msg_id),
+            Ok(ack) => {
+                // Under the lock, so no receipt line slips in before the ✓.
+                let mut g = lock(&gate);
+                println!("✓ {} (#{})", out.to, ack.server_msg_id);
+                for line in g.release(&out.client_msg_id) {
+                    println!("{line}");
+                }
+            }
             Err(e) if e.is_retryable() && out.attempts < MAX_SEND_ATTEMPTS => {
                 println!("… send to {} not confirmed ({e}); will retry", out.to);
                 tokio::time::sleep(Duration::from_millis(500) * out.attempts).await;
                 let _ = retry.send(out);
             }
-            Err(e) => println!("✗ send to {} failed: {e}", out.to),
+            Err(e) => {
+                let mut g = lock(&gate);
+                println!("✗ send to {} failed: {e}", out.to);
+                // A receipt about it says it was stored after all.
+                for line in g.release(&out.client_msg_id) {
+                    println!("{line}");
+                }
+            }
         }
     });
 }
@@ -848,13 +973,17 @@ async fn on_event(
         match &ev.kind {
             Some(Kind::Message(m)) => {
                 state.conversations.on_message(me, m);
+                if m.from_user == me {
+                    lock(&state.gate).stored(&m.client_msg_id, m.id);
+                }
                 // A message ends its sender's typing indicator.
                 let conv = Target::of_message(me, m);
                 state.typists.active.remove(&(conv, m.from_user.clone()));
                 println!("{}", render_event(me, &ev));
             }
             Some(Kind::Receipt(r)) => {
-                if let Some(line) = render_receipt(&mut state.conversations, me, r) {
+                let mut gate = lock(&state.gate);
+                if let Some(line) = render_receipt(&mut state.conversations, &mut gate, me, r) {
                     println!("{line}");
                 }
             }
@@ -911,7 +1040,7 @@ async fn session(
                         let _ = client.typing(conv.conversation(), false).await;
                     }
                     let out = Outgoing { client_msg_id: new_client_msg_id(), to, text, attempts: 0 };
-                    spawn_send(client.clone(), out, outbox_tx.clone());
+                    spawn_send(client.clone(), out, outbox_tx.clone(), state.gate.clone());
                 }
                 Command::Sync { after } => spawn_sync(client.clone(), me.clone(), after),
                 Command::Group(cmd) => spawn_group(client.clone(), cmd),
@@ -955,7 +1084,9 @@ async fn session(
                 Command::Bad(msg) => println!("{msg}"),
                 Command::Nothing => {}
             },
-            Some(out) = outbox.recv() => spawn_send(client.clone(), out, outbox_tx.clone()),
+            Some(out) = outbox.recv() => {
+                spawn_send(client.clone(), out, outbox_tx.clone(), state.gate.clone())
+            }
         }
     }
 }
@@ -1322,12 +1453,12 @@ mod tests {
         // as "bob" for alice, who receives them.
         let r = receipt(with_user("bob"), "bob", ReceiptKind::Delivered, 30);
         assert_eq!(
-            render_receipt(&mut c, "alice", &r).as_deref(),
+            render_receipt(&mut c, &mut AckGate::default(), "alice", &r).as_deref(),
             Some("✓✓ bob (#10, #20, #30)")
         );
         let r = receipt(with_user("bob"), "bob", ReceiptKind::Read, 20);
         assert_eq!(
-            render_receipt(&mut c, "alice", &r).as_deref(),
+            render_receipt(&mut c, &mut AckGate::default(), "alice", &r).as_deref(),
             Some("read bob (#10, #20)")
         );
         // Nothing new: a delivered receipt for what is already read.
@@ -1335,12 +1466,77 @@ mod tests {
         // A receipt from before this CLI's time still says something.
         let r = receipt(with_user("carol"), "carol", ReceiptKind::Read, 5);
         assert_eq!(
-            render_receipt(&mut c, "alice", &r).as_deref(),
+            render_receipt(&mut c, &mut AckGate::default(), "alice", &r).as_deref(),
             Some("read carol (everything up to #5)")
         );
         // Our own reads (another device) are not shown.
         let r = receipt(with_user("bob"), "alice", ReceiptKind::Read, 25);
-        assert_eq!(render_receipt(&mut c, "alice", &r), None);
+        assert_eq!(
+            render_receipt(&mut c, &mut AckGate::default(), "alice", &r),
+            None
+        );
+    }
+
+    #[test]
+    fn a_receipt_never_shows_before_the_ack_of_its_send() {
+        let mut c = Conversations::default();
+        let mut gate = AckGate::default();
+        // #5 was acknowledged long ago; m1 (#10) and m2 (#20) are sent from
+        // this CLI and reach alice's inbox, then bob's receipts covering
+        // them arrive before either Ack.
+        c.on_message("alice", &msg(5, "alice", "bob", 0));
+        for (id, cmid) in [(10, "m1"), (20, "m2")] {
+            gate.sending(cmid);
+            let mut m = msg(id, "alice", "bob", 0);
+            m.client_msg_id = cmid.into();
+            c.on_message("alice", &m);
+            gate.stored(cmid, id);
+        }
+        let r = receipt(with_user("bob"), "bob", ReceiptKind::Delivered, 20);
+        assert_eq!(
+            render_receipt(&mut c, &mut gate, "alice", &r).as_deref(),
+            Some("✓✓ bob (#5)"),
+            "no ✓✓ for a message whose ✓ is not shown"
+        );
+        // m2's Ack: its ✓✓ right after its ✓.
+        assert_eq!(gate.release("m2"), vec!["✓✓ bob (#20)".to_owned()]);
+        // Read overtakes m1's Ack too: only the highest mark is kept.
+        let r = receipt(with_user("bob"), "bob", ReceiptKind::Read, 20);
+        assert_eq!(
+            render_receipt(&mut c, &mut gate, "alice", &r).as_deref(),
+            Some("read bob (#5, #20)")
+        );
+        assert_eq!(gate.release("m1"), vec!["read bob (#10)".to_owned()]);
+        assert!(gate.release("m1").is_empty(), "shown once");
+        // An Ack ahead of the message's own event: nothing is held.
+        gate.sending("m3");
+        assert!(gate.release("m3").is_empty());
+        let mut m = msg(30, "alice", "bob", 0);
+        m.client_msg_id = "m3".into();
+        c.on_message("alice", &m);
+        gate.stored("m3", 30);
+        let r = receipt(with_user("bob"), "bob", ReceiptKind::Delivered, 30);
+        assert_eq!(
+            render_receipt(&mut c, &mut gate, "alice", &r).as_deref(),
+            Some("✓✓ bob (#30)")
+        );
+        // In a group, each member's mark waits for the Ack.
+        gate.sending("g1");
+        let mut m = msg(40, "alice", "", 7);
+        m.client_msg_id = "g1".into();
+        c.on_message("alice", &m);
+        gate.stored("g1", 40);
+        for who in ["bob", "carol"] {
+            let r = receipt(with_group(7), who, ReceiptKind::Read, 40);
+            assert_eq!(render_receipt(&mut c, &mut gate, "alice", &r), None);
+        }
+        assert_eq!(
+            gate.release("g1"),
+            vec![
+                "read #7 by bob (#40)".to_owned(),
+                "read #7 by carol (#40)".to_owned()
+            ]
+        );
     }
 
     #[test]
@@ -1351,12 +1547,12 @@ mod tests {
         assert_eq!(c.newest.get(&Target::Group(7)), Some(&11));
         let r = receipt(with_group(7), "bob", ReceiptKind::Read, 11);
         assert_eq!(
-            render_receipt(&mut c, "alice", &r).as_deref(),
+            render_receipt(&mut c, &mut AckGate::default(), "alice", &r).as_deref(),
             Some("read #7 by bob (#10)")
         );
         let r = receipt(with_group(7), "carol", ReceiptKind::Delivered, 10);
         assert_eq!(
-            render_receipt(&mut c, "alice", &r).as_deref(),
+            render_receipt(&mut c, &mut AckGate::default(), "alice", &r).as_deref(),
             Some("✓✓ #7 by carol (#10)")
         );
     }
