@@ -156,8 +156,10 @@ async fn the_group_receipt_list_tells_read_delivered_and_pending() {
     let list = alice.receipts(gid, m2).await.expect("receipts");
     assert!(list.pending.contains(&"erin".to_string()), "{list:?}");
 
-    // Only the sender may ask; others are not told the message exists.
-    assert_eq!(code_of(bob.receipts(gid, m).await), ErrorCode::NotFound);
+    // Only the sender may ask; a non-member is not told the group exists.
+    assert_eq!(code_of(bob.receipts(gid, m).await), ErrorCode::Forbidden);
+    let (nina, _nrx) = srv.connect("nina", "phone").await;
+    assert_eq!(code_of(nina.receipts(gid, m).await), ErrorCode::NotFound);
     assert_eq!(
         code_of(alice.receipts(gid, m + 1).await),
         ErrorCode::NotFound

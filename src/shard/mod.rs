@@ -546,10 +546,13 @@ impl Shard {
             pos += used;
             *frames_left -= 1;
             handled = true;
-            // Only a complete frame is activity.
-            conn.last_rx = now;
             let env = match input {
-                Input::Frame(env) => env,
+                // Only a complete frame is activity (on WebSocket, a
+                // binary message: control frames are not).
+                Input::Frame(env) => {
+                    conn.last_rx = now;
+                    env
+                }
                 Input::WsPing(payload) => {
                     ws::write_frame(conn.out(), ws::OP_PONG, &payload);
                     continue;

@@ -493,6 +493,13 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
+    // Membership first, by one point read: a non-member learns nothing,
+    // not even whether the group or the message exists.
+    match ctx.store.is_member(&user, req.group_id) {
+        Err(e) => return store_error(conn, rid, e),
+        Ok(false) => return no_such_group(conn, rid),
+        Ok(true) => {}
+    }
     let msg = match ctx.store.message(req.message_id) {
         Err(e) => return store_error(conn, rid, e),
         Ok(Some(m)) if m.group_id == req.group_id && req.group_id != 0 => m,
@@ -506,19 +513,17 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
         }
     };
     if *msg.from_user != *user {
-        // Only the sender sees a message's receipts; others are not told
-        // that the message exists.
         return request_error(
             conn,
             rid,
-            ErrorCode::NotFound,
-            "no such message of yours in that group",
+            ErrorCode::Forbidden,
+            "only the sender sees a message's receipts",
         );
     }
     let group = match ctx.groups.get(req.group_id) {
         Err(e) => return store_error(conn, rid, e),
-        Ok(None) => return no_such_group(conn, rid),
-        Ok(Some(g)) => g,
+        Ok(Some(g)) if g.is_member(&user) => g,
+        Ok(_) => return no_such_group(conn, rid),
     };
     let limit = page_limit(req.members_limit, MAX_INFO_MEMBERS);
     // Members who joined after the message never had it: not listed.
