@@ -10,6 +10,8 @@
 //! # Layout
 //!
 //! - [`server`]: start and stop a node: store, pipeline, listeners, shards.
+//! - [`session`]: per-connection protocol state with no I/O ([`session::delivery`]:
+//!   exactly-once, in-order inbox delivery).
 //! - [`shard`]: one core's event loop; [`shard::conn`] one connection's state,
 //!   [`shard::session`] what each client frame does, [`shard::timer`] the
 //!   timeout wheel, [`shard::mailbox`] how other threads hand a shard work.
@@ -41,6 +43,7 @@ pub mod ids;
 pub mod logging;
 pub mod registry;
 pub mod server;
+pub mod session;
 pub mod shard;
 pub mod store;
 pub mod txn;

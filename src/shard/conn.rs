@@ -19,6 +19,7 @@ use swiftlet_protocol::codec::{
 use swiftlet_protocol::Envelope;
 
 use crate::bridge::ws;
+use crate::session::delivery::Delivery;
 
 /// Typing frames a connection may send in a burst; one more is allowed per
 /// [`TYPING_REFILL_TICKS`].
@@ -34,6 +35,40 @@ pub enum Transport {
     Http,
     /// After `GET /ws`: one Envelope per binary WebSocket message.
     WebSocket,
+}
+
+/// What a connection carries, with the state of that protocol only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    /// Frames of the protocol (TCP, or WebSocket after an upgrade): where
+    /// the connection stands in its user's inbox.
+    Frames(Delivery),
+    /// One HTTP request and its answer.
+    Http(Exchange),
+}
+
+/// One HTTP request on its way to an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Exchange {
+    pub waiting: Waiting,
+    /// A long-poll's page: the events after this seq…
+    pub after: u64,
+    /// …at most this many.
+    pub limit: u32,
+    /// Tick when a parked long-poll or a pending send gives up.
+    pub until: u32,
+}
+
+/// What an HTTP request is waiting for, once read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Waiting {
+    /// Nothing yet: being read, or answered.
+    #[default]
+    Nothing,
+    /// A long-poll parked until an event for its user, or `until`.
+    Event,
+    /// A send, for the pipeline's answer.
+    Answer,
 }
 
 /// Where a connection is in its life.
@@ -55,9 +90,6 @@ pub struct Conn {
     pub gen: u32,
     pub phase: Phase,
     pub transport: Transport,
-    /// Set by a push that could not be sent in order (a gap, or too much
-    /// output waiting): the shard refills from the store instead.
-    pub lagging: bool,
     /// Already in the shard's list of connections to flush this turn.
     pub dirty: bool,
     /// Input is not read or handled: the output is over budget, or too
@@ -79,14 +111,10 @@ pub struct Conn {
     /// Tick of this connection's live timer entry: the one entry of the
     /// shard's wheel that is acted on (others are stale and skipped).
     pub timer_at: u32,
-    /// HTTP: when a parked long-poll or a pending send gives up.
-    pub wait_until: u32,
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
-    /// The next inbox seq this connection should be sent.
-    pub next_seq: u64,
-    /// The highest seq the device acknowledged.
-    pub acked: u64,
+    /// The protocol's own state: inbox delivery, or an HTTP exchange.
+    pub carries: Carries,
     /// Typing frames this connection may still send (a token bucket).
     pub typing_tokens: u8,
     /// Tick the bucket was last refilled.
@@ -119,8 +147,10 @@ impl Conn {
             gen,
             phase: Phase::Handshake,
             transport,
-            wait_until: 0,
-            lagging: false,
+            carries: match transport {
+                Transport::Http => Carries::Http(Exchange::default()),
+                _ => Carries::Frames(Delivery::default()),
+            },
             dirty: false,
             paused: false,
             peer_closed: false,
@@ -132,12 +162,40 @@ impl Conn {
             timer_at: 0,
             user: None,
             device: None,
-            next_seq: 1,
-            acked: 0,
             typing_tokens: TYPING_BURST,
             typing_refill: now,
             watching: None,
             io: None,
+        }
+    }
+
+    /// Inbox delivery of a framed connection.
+    pub fn delivery(&mut self) -> Option<&mut Delivery> {
+        match &mut self.carries {
+            Carries::Frames(d) => Some(d),
+            Carries::Http(_) => None,
+        }
+    }
+
+    /// Catching up from the store (a framed connection that is lagging).
+    pub fn lagging(&self) -> bool {
+        matches!(&self.carries, Carries::Frames(d) if d.lagging())
+    }
+
+    /// The HTTP exchange of a connection on the HTTP listener.
+    pub fn exchange(&mut self) -> Option<&mut Exchange> {
+        match &mut self.carries {
+            Carries::Http(x) => Some(x),
+            Carries::Frames(_) => None,
+        }
+    }
+
+    /// Answers and pushes may be routed to it: a logged-in framed
+    /// connection, or an HTTP exchange waiting for one.
+    pub fn routable(&self) -> bool {
+        match &self.carries {
+            Carries::Frames(_) => self.phase == Phase::Live,
+            Carries::Http(x) => self.phase != Phase::Closing && x.waiting != Waiting::Nothing,
         }
     }
 

@@ -61,8 +61,9 @@ use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandl
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
+use crate::session::delivery;
 use crate::store::Store;
-use conn::{Conn, Phase, Transport};
+use conn::{Carries, Conn, Phase, Transport, Waiting};
 pub use input::Fatal;
 use input::Input;
 use mailbox::{Reply, ShardHandle, ShardMsg};
@@ -602,7 +603,7 @@ impl Shard {
             let at = now + ticks(limits.frame_timeout_ms);
             arm(&mut self.wheel, conn, slot, now, at);
         }
-        if conn.lagging && conn.phase == Phase::Live {
+        if conn.lagging() && conn.phase == Phase::Live {
             self.catchup.push(slot);
         }
         let has_output = conn.out_len() > 0;
@@ -664,26 +665,30 @@ impl Shard {
                         let Some(conn) = self.live_conn(p.slot, p.gen) else {
                             continue;
                         };
-                        if p.seq < conn.next_seq {
-                            continue;
-                        }
-                        if conn.transport == Transport::Http {
+                        let room = conn.load() < high;
+                        let decision = match &mut conn.carries {
+                            Carries::Frames(d) => d.on_push(p.seq, room),
                             // A parked long-poll: answer with what arrived.
-                            self.http_wake(p.slot as usize);
-                        } else if p.seq == conn.next_seq && !conn.lagging && conn.load() < high {
-                            conn.send_deliver(p.seq, &p.event);
-                            conn.next_seq += 1;
-                            if let Some(sent) = p.sent {
-                                self.sessions.unacked.record(p.slot, p.gen, p.seq, sent);
+                            Carries::Http(x) if p.seq > x.after => {
+                                self.http_wake(p.slot as usize);
+                                continue;
                             }
-                            self.ctx
-                                .metrics
-                                .messages_out
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            self.mark_dirty(p.slot as usize);
-                        } else if !conn.lagging {
-                            conn.lagging = true;
-                            self.catchup.push(p.slot as usize);
+                            Carries::Http(_) => continue,
+                        };
+                        match decision {
+                            delivery::Push::Send => {
+                                conn.send_deliver(p.seq, &p.event);
+                                if let Some(sent) = p.sent {
+                                    self.sessions.unacked.record(p.slot, p.gen, p.seq, sent);
+                                }
+                                self.ctx
+                                    .metrics
+                                    .messages_out
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                self.mark_dirty(p.slot as usize);
+                            }
+                            delivery::Push::StartCatchUp => self.catchup.push(p.slot as usize),
+                            delivery::Push::Duplicate | delivery::Push::Skip => {}
                         }
                     }
                 }
@@ -697,7 +702,9 @@ impl Shard {
                             continue;
                         };
                         // Ephemeral: a connection that is behind skips it.
-                        if !conn.lagging && conn.load() < high && conn.transport != Transport::Http
+                        if !conn.lagging()
+                            && conn.load() < high
+                            && conn.transport != Transport::Http
                         {
                             conn.send_frame(&frame);
                             self.mark_dirty(slot as usize);
@@ -734,7 +741,7 @@ impl Shard {
     fn live_conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
         self.conns
             .get_mut(slot as usize)
-            .filter(|c| c.gen == gen && c.phase == Phase::Live)
+            .filter(|c| c.gen == gen && c.routable())
     }
 
     /// Refill lagging connections from the store, while their output is
@@ -746,7 +753,7 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
-            if conn.phase != Phase::Live || !conn.lagging {
+            if conn.phase != Phase::Live {
                 continue;
             }
             let Some(user) = conn.user.clone() else {
@@ -754,14 +761,15 @@ impl Shard {
             };
             let mut failed = None;
             while conn.out_len() < low {
-                match self
-                    .ctx
-                    .store
-                    .read_inbox(&user, conn.next_seq - 1, CATCHUP_PAGE, low)
-                {
+                let Some(after) = conn.delivery().and_then(|d| d.catch_up_after()) else {
+                    break;
+                };
+                match self.ctx.store.read_inbox(&user, after, CATCHUP_PAGE, low) {
                     Ok(page) => {
                         for event in page.events {
-                            conn.next_seq = event.seq + 1;
+                            if let Some(d) = conn.delivery() {
+                                d.on_page_event(event.seq);
+                            }
                             if let Some(pb::event::Kind::Message(m)) = &event.kind {
                                 let sent = Sent {
                                     id: m.id,
@@ -783,8 +791,10 @@ impl Shard {
                                 .messages_out
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
+                        if let Some(d) = conn.delivery() {
+                            d.on_page_end(page.has_more);
+                        }
                         if !page.has_more {
-                            conn.lagging = false;
                             break;
                         }
                     }
@@ -885,7 +895,7 @@ impl Shard {
                         arm(&mut self.wheel, conn, slot, now, now + idle);
                     }
                     conn.behind = behind;
-                    if conn.lagging && conn.out_len() < low && conn.phase == Phase::Live {
+                    if conn.lagging() && conn.out_len() < low && conn.phase == Phase::Live {
                         self.catchup.push(slot);
                     }
                     self.resume(slot);
@@ -918,14 +928,15 @@ impl Shard {
                 // Gone, or a stale entry: the live one comes later.
                 continue;
             };
-            if conn.transport == Transport::Http && conn.phase == Phase::Live {
-                if conn.wait_until > now {
-                    let at = conn.wait_until;
-                    arm(&mut self.wheel, conn, slot as usize, now, at);
-                } else {
-                    self.http_timeout(slot as usize);
+            if let Carries::Http(x) = conn.carries {
+                if x.waiting != Waiting::Nothing && conn.phase != Phase::Closing {
+                    if x.until > now {
+                        arm(&mut self.wheel, conn, slot as usize, now, x.until);
+                    } else {
+                        self.http_timeout(slot as usize);
+                    }
+                    continue;
                 }
-                continue;
             }
             let (deadline, code, why) = match conn.phase {
                 Phase::Handshake => (
@@ -1070,7 +1081,6 @@ impl Shard {
             return;
         };
         conn.phase = Phase::Closing;
-        conn.lagging = false;
         conn.paused = false;
         conn.behind = false;
         conn.since = now;

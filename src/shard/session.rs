@@ -16,13 +16,14 @@ use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
-use super::conn::{Conn, Phase, Transport};
+use super::conn::{Carries, Conn, Phase, Transport};
 use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
 use crate::groups::{page_limit, MAX_INFO_MEMBERS};
 use crate::registry::ConnRef;
+use crate::session::delivery::Delivery;
 use crate::store::keys;
 
 /// What the shard does with the connection after a frame.
@@ -281,10 +282,8 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
         _ => &ctx.metrics.tcp_connections,
     };
     gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    conn.acked = cursor;
-    conn.next_seq = cursor + 1;
     // The backlog is sent by the shard's catch-up.
-    conn.lagging = cursor < head;
+    conn.carries = Carries::Frames(Delivery::login(cursor, head));
     Flow::Continue
 }
 
@@ -352,17 +351,14 @@ fn delivery_ack(
     up_to: u64,
     local: &mut ShardSessions,
 ) -> Flow {
-    if up_to >= conn.next_seq {
-        return request_error(
-            conn,
-            rid,
-            ErrorCode::InvalidRequest,
-            "DeliveryAck beyond the last delivered event",
-        );
-    }
-    if up_to <= conn.acked {
+    let Some(d) = conn.delivery() else {
         return Flow::Continue;
-    }
+    };
+    let (after, up_to) = match d.on_ack(up_to) {
+        Err(e) => return request_error(conn, rid, ErrorCode::InvalidRequest, &e.to_string()),
+        Ok(None) => return Flow::Continue,
+        Ok(Some(range)) => range,
+    };
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Continue;
     };
@@ -371,7 +367,7 @@ fn delivery_ack(
     // login sees it.
     let delivered = local
         .unacked
-        .take(slot, conn.gen, conn.acked, up_to)
+        .take(slot, conn.gen, after, up_to)
         .map(|sent| {
             let mut convs = Vec::new();
             for s in &sent {
@@ -382,11 +378,10 @@ fn delivery_ack(
     local.cursors.push(Acked {
         user,
         device,
-        after: conn.acked,
+        after,
         up_to,
         delivered,
     });
-    conn.acked = up_to;
     Flow::Continue
 }
 

@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use swiftlet_protocol::{Body, ErrorCode};
 
-use super::conn::{Phase, Transport};
+use super::conn::{Carries, Exchange, Phase, Transport, Waiting};
 use super::session;
 use super::{ticks, Shard};
 use crate::bridge::{http, web as assets, ws};
 use crate::commit::{CommitCmd, Op, Origin};
 use crate::registry::ConnRef;
+use crate::session::delivery::Delivery;
 
 /// Longest long-poll wait, in seconds.
 const MAX_WAIT_S: u64 = 60;
@@ -36,7 +37,10 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        if conn.phase != Phase::Handshake {
+        let waiting = conn
+            .exchange()
+            .is_some_and(|x| x.waiting != Waiting::Nothing);
+        if conn.phase != Phase::Handshake || waiting {
             // One request per connection; anything after it is ignored.
             return;
         }
@@ -118,6 +122,7 @@ impl Shard {
         };
         conn.out().extend_from_slice(&http::upgrade(&key));
         conn.transport = Transport::WebSocket;
+        conn.carries = Carries::Frames(Delivery::default());
         // Frames the client sent right behind its request: the connection's
         // input, handled by the shard as soon as this returns.
         conn.keep_input(rest, None);
@@ -204,24 +209,25 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        conn.phase = Phase::Live;
-        conn.next_seq = after.saturating_add(1);
-        // A parked poll acknowledges nothing: `acked` holds its page limit.
-        conn.acked = u64::from(limit);
-        conn.wait_until = self.now + ticks(wait * 1000);
-        let at = conn.wait_until;
-        super::arm(&mut self.wheel, conn, slot, self.now, at);
+        let until = self.now + ticks(wait * 1000);
+        conn.carries = Carries::Http(Exchange {
+            waiting: Waiting::Event,
+            after,
+            limit,
+            until,
+        });
+        super::arm(&mut self.wheel, conn, slot, self.now, until);
     }
 
     /// A parked long-poll's user got an event: answer with the page.
     pub(super) fn http_wake(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get(slot) else {
+        let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        let (Some(user), after, limit) = (conn.user.clone(), conn.next_seq - 1, conn.acked as u32)
-        else {
+        let (Some(user), Some(x)) = (conn.user.clone(), conn.exchange()) else {
             return;
         };
+        let (after, limit) = (x.after, x.limit);
         let answer = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(page) => http::json(200, &page),
             Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),
@@ -231,10 +237,10 @@ impl Shard {
 
     /// A long-poll's wait ended (empty page), or a send got no answer.
     pub(super) fn http_timeout(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get(slot) else {
+        let Some(x) = self.conns.get_mut(slot).and_then(|c| c.exchange()) else {
             return;
         };
-        if conn.user.is_some() {
+        if x.waiting == Waiting::Event {
             self.http_wake(slot);
         } else {
             self.http_finish(
@@ -282,12 +288,15 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        // Live so the pipeline's answer reaches it; not in the registry, so
+        // Waiting for the pipeline's answer; not in the registry, so
         // nothing is pushed to it.
-        conn.phase = Phase::Live;
-        conn.wait_until = self.now + idle;
-        let at = conn.wait_until;
-        super::arm(&mut self.wheel, conn, slot, self.now, at);
+        let until = self.now + idle;
+        conn.carries = Carries::Http(Exchange {
+            waiting: Waiting::Answer,
+            until,
+            ..Exchange::default()
+        });
+        super::arm(&mut self.wheel, conn, slot, self.now, until);
     }
 
     /// The pipeline's answer to `POST /v1/messages`, as HTTP.

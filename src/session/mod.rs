@@ -1,0 +1,10 @@
+//! The protocol as one connection lives it, without I/O: state machines the
+//! shard drives with decoded frames, pushes, store pages and ticks, and
+//! whose answers it carries out. Nothing here touches a socket, a thread or
+//! the clock, so tests drive it deterministically.
+//!
+//! - [`delivery`]: where a connection stands in its user's inbox
+//!   (exactly-once, in-order delivery of pushes and store pages, and
+//!   acknowledgements).
+
+pub mod delivery;
