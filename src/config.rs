@@ -28,6 +28,9 @@ pub struct Config {
     pub shards: usize,
     /// Accept a bare user id as a token. For demos and load tests only.
     pub dev_auth: bool,
+    /// Allow `dev_auth` on addresses other than loopback ones, where anyone
+    /// who can reach the server could log in as anyone.
+    pub dev_auth_public: bool,
     /// HS256 secret for login tokens. When unset, a random secret is created
     /// in `<data_dir>/jwt.secret` and reused from there.
     pub jwt_secret: Option<String>,
@@ -69,6 +72,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             shards: 0,
             dev_auth: false,
+            dev_auth_public: false,
             jwt_secret: None,
             idle_timeout_ms: 60_000,
             handshake_timeout_ms: 10_000,
@@ -100,6 +104,20 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Dev-auth lets any client log in as any user; on an address others
+    /// can reach, that is everyone's account open to anyone.
+    #[error(
+        "--dev-auth lets anyone who reaches {addr} log in as any user: listen on a \
+         loopback address, or add --dev-auth-public to allow it anyway"
+    )]
+    DevAuthPublic { addr: SocketAddr },
+    /// Whoever reads the secret can mint a token for any user, and whoever
+    /// can write it can choose it (the rule ssh applies to private keys).
+    #[error(
+        "{path} is open to group or others (mode {mode:03o}); it holds the secret \
+         that signs every login token: chmod 600 {path}"
+    )]
+    SecretFileExposed { path: PathBuf, mode: u32 },
 }
 
 /// Flags of `swiftlet serve`; each may also come from the environment.
@@ -131,6 +149,9 @@ pub struct ServeArgs {
     /// Accept bare user ids as tokens (development only; logged loudly).
     #[arg(long, env = "SWIFTLET_DEV_AUTH")]
     pub dev_auth: bool,
+    /// Allow --dev-auth on a non-loopback address (anyone who reaches it may log in as anyone).
+    #[arg(long, env = "SWIFTLET_DEV_AUTH_PUBLIC")]
+    pub dev_auth_public: bool,
     /// HS256 secret for login tokens [default: generated into <data-dir>/jwt.secret].
     #[arg(long, env = "SWIFTLET_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -204,6 +225,7 @@ impl Config {
             c.allowed_origins = args.allowed_origins.clone();
         }
         c.dev_auth |= args.dev_auth;
+        c.dev_auth_public |= args.dev_auth_public;
         c.wal_sync |= args.wal_sync;
         c.validate()?;
         Ok(c)
@@ -248,6 +270,15 @@ impl Config {
         if self.push_buffer_bytes < self.max_frame {
             return bad("push_buffer_bytes must be at least max_frame");
         }
+        if self.dev_auth && !self.dev_auth_public {
+            // Unspecified (0.0.0.0, ::) is every interface, not loopback.
+            if let Some(addr) = [self.listen, self.http]
+                .into_iter()
+                .find(|a| !a.ip().to_canonical().is_loopback())
+            {
+                return Err(ConfigError::DevAuthPublic { addr });
+            }
+        }
         Ok(())
     }
 
@@ -275,19 +306,65 @@ impl Config {
             path: path.clone(),
             source,
         };
-        match std::fs::read_to_string(&path) {
-            Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
-            Ok(_) => Err(ConfigError::Invalid(format!("{} is empty", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match read_secret_file(&path) {
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
                 std::fs::create_dir_all(&self.data_dir).map_err(io)?;
                 let secret: String = (0..32)
                     .map(|_| format!("{:02x}", rand::random::<u8>()))
                     .collect();
-                std::fs::write(&path, &secret).map_err(io)?;
-                Ok(secret.into_bytes())
+                // Created owner-only: never readable by anyone else, not
+                // even between its creation and a chmod.
+                let created = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path);
+                match created {
+                    Ok(mut f) => {
+                        f.write_all(secret.as_bytes()).map_err(io)?;
+                        f.sync_all().map_err(io)?;
+                        Ok(secret.into_bytes())
+                    }
+                    // Another process (a `swiftlet token` beside a starting
+                    // server) created it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        read_secret_file(&path)
+                    }
+                    Err(e) => Err(io(e)),
+                }
             }
-            Err(e) => Err(io(e)),
+            other => other,
         }
+    }
+}
+
+/// The secret in `path`, refused if anyone but its owner may read or
+/// write the file.
+fn read_secret_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    // Checked on the open file, so the file read is the file checked.
+    let mode = f.metadata().map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::SecretFileExposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut s = String::new();
+    f.read_to_string(&mut s).map_err(io)?;
+    match s.trim() {
+        "" => Err(ConfigError::Invalid(format!("{} is empty", path.display()))),
+        t => Ok(t.as_bytes().to_vec()),
     }
 }
 
@@ -343,5 +420,76 @@ mod tests {
         let a = c.resolve_secret().expect("secret");
         assert_eq!(a, c.resolve_secret().expect("secret again"));
         assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn the_generated_secret_is_owner_only_and_an_exposed_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let secret = c.resolve_secret().expect("secret");
+        let path = dir.path().join("jwt.secret");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        for exposed in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(exposed))
+                .expect("chmod");
+            match c.resolve_secret() {
+                Err(ConfigError::SecretFileExposed { mode, .. }) => assert_eq!(mode, exposed),
+                other => panic!("mode {exposed:o}: expected SecretFileExposed, got {other:?}"),
+            }
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        assert_eq!(c.resolve_secret().expect("owner-only"), secret);
+    }
+
+    #[test]
+    fn dev_auth_on_a_public_address_needs_dev_auth_public() {
+        let local = Config {
+            dev_auth: true,
+            ..Config::default()
+        };
+        local.validate().expect("loopback is fine");
+        let v6 = Config {
+            listen: "[::1]:7400".parse().expect("addr"),
+            ..local.clone()
+        };
+        v6.validate().expect("IPv6 loopback is fine");
+        for (listen, http) in [
+            ("0.0.0.0:7400", "127.0.0.1:7480"),
+            ("127.0.0.1:7400", "[::]:7480"),
+            ("10.1.2.3:7400", "127.0.0.1:7480"),
+        ] {
+            let public = Config {
+                listen: listen.parse().expect("addr"),
+                http: http.parse().expect("addr"),
+                ..local.clone()
+            };
+            match public.validate() {
+                Err(ConfigError::DevAuthPublic { addr }) => {
+                    assert!(addr.to_string() == listen || addr.to_string() == http)
+                }
+                other => panic!("{listen} {http}: expected DevAuthPublic, got {other:?}"),
+            }
+            Config {
+                dev_auth_public: true,
+                ..public.clone()
+            }
+            .validate()
+            .expect("allowed explicitly");
+            Config {
+                dev_auth: false,
+                ..public
+            }
+            .validate()
+            .expect("no dev-auth, no question");
+        }
+        let from_toml: Config =
+            toml::from_str("dev_auth = true\ndev_auth_public = true\nlisten = \"0.0.0.0:7400\"")
+                .expect("toml");
+        from_toml.validate().expect("allowed in the file");
     }
 }
