@@ -2,6 +2,12 @@
 //! bind one `SO_REUSEPORT` listener per shard on the same address, and run
 //! each shard on its own named thread.
 //!
+//! `SO_REUSEPORT` would just as gladly let a second server (or anything
+//! else of the same user) join a port this one serves, and the kernel
+//! would then split new connections between them without a word. So
+//! before binding a fixed port, [`start`] refuses it when anyone listens
+//! there already (see [`refuse_if_served`]).
+//!
 //! Shutdown is ordered so that nothing acknowledged is lost and nothing
 //! in flight is left unanswered: (1) every shard stops accepting and stops
 //! reading requests; (2) the commit pipeline commits whatever was submitted
@@ -43,6 +49,13 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Someone already listens on this address: joining it through
+    /// `SO_REUSEPORT` would split its connections between the two.
+    #[error(
+        "{addr} is already served by another process (another swiftlet?): \
+         refusing to share it through SO_REUSEPORT; stop that one or choose another port"
+    )]
+    AddrInUse { addr: SocketAddr },
     #[error("starting threads")]
     Io(#[from] std::io::Error),
 }
@@ -71,6 +84,29 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
+/// Refuse `addr` when a listener already holds it. A probe socket is bound
+/// without `SO_REUSEPORT`: the kernel then refuses it (`EADDRINUSE`)
+/// wherever any listener holds the port, ours or anyone's. It keeps
+/// `SO_REUSEADDR`, as the real listeners do, so the connections a previous
+/// run left in TIME_WAIT do not count. Port 0 asks the kernel for a free
+/// port, which nobody serves. (A server started in the instant between
+/// this probe and our binds is not caught: this is a guard against
+/// mistakes, not a lock.)
+fn refuse_if_served(addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let bind = |source| ServerError::Bind { addr, source };
+    let probe =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind)?;
+    probe.set_reuse_address(true).map_err(bind)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(ServerError::AddrInUse { addr }),
+        Err(e) => Err(bind(e)),
+    }
+}
+
 /// Start a node with `config`.
 pub fn start(config: Config) -> Result<Server, ServerError> {
     config.validate()?;
@@ -80,6 +116,9 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     if config.dev_auth {
         tracing::warn!("--dev-auth is on: any client may log in as any user by sending a bare user id as its token");
     }
+    // Before the store opens: a refused start leaves the data untouched.
+    refuse_if_served(config.listen)?;
+    refuse_if_served(config.http)?;
     std::fs::create_dir_all(&config.data_dir)?;
     let store = Arc::new(Store::open(
         &config.data_dir.join("db"),

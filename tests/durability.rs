@@ -41,13 +41,19 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn spawn_server(port: u16, dir: &std::path::Path) -> Child {
+/// The real binary on `port` (protocol) and `http` (its HTTP listener: a
+/// fixed default port would be shared with, or refused by, anything else
+/// running on this machine).
+fn spawn_server(port: u16, http: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_swiftlet"))
         .args(["serve", "--shards", "2", "--jwt-secret", SECRET])
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--http")
+        .arg(format!("127.0.0.1:{http}"))
         .arg("--data-dir")
         .arg(dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -64,9 +70,9 @@ async fn kill_9_during_10_000_sends_loses_and_duplicates_nothing() {
     const SENDERS: usize = 4;
     const PER_SENDER: usize = 2_500;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
+    let (port, http) = (free_port(), free_port());
     let addr = format!("127.0.0.1:{port}");
-    let mut server = KillOnDrop(spawn_server(port, dir.path()));
+    let mut server = KillOnDrop(spawn_server(port, http, dir.path(), &[]));
 
     let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -100,7 +106,7 @@ async fn kill_9_during_10_000_sends_loses_and_duplicates_nothing() {
         }
         server.0.kill().expect("SIGKILL");
         server.0.wait().expect("reap");
-        server.0 = spawn_server(port, dir.path());
+        server.0 = spawn_server(port, http, dir.path(), &[]);
     }
     let mut all = HashMap::new();
     for t in tasks {

@@ -1,5 +1,7 @@
 //! Starts that must be refused, each with a typed error naming the problem:
-//! dev-auth on an address others can reach, a secret file others can read.
+//! a port someone already serves (which `SO_REUSEPORT` would otherwise
+//! share silently), dev-auth on an address others can reach, a secret file
+//! others can read.
 
 mod common;
 
@@ -17,6 +19,55 @@ fn other_config(dir: &tempfile::TempDir) -> Config {
         jwt_secret: Some(SECRET.into()),
         ..Config::default()
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_ports_of_the_first_is_refused() {
+    let first = TestServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refused = |config: Config| match swiftlet::start(config) {
+        Err(ServerError::AddrInUse { addr }) => addr,
+        Err(e) => panic!("expected AddrInUse, got {e:?}"),
+        Ok(_) => panic!("a second server started on a port the first serves"),
+    };
+    let both = Config {
+        listen: first.addr(),
+        http: first.http_addr(),
+        ..other_config(&dir)
+    };
+    assert_eq!(refused(both), first.addr());
+    let http_only = Config {
+        http: first.http_addr(),
+        ..other_config(&dir)
+    };
+    assert_eq!(refused(http_only), first.http_addr());
+
+    // Not only another swiftlet: any listener.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = plain.local_addr().expect("addr");
+    assert_eq!(
+        refused(Config {
+            listen: taken,
+            ..other_config(&dir)
+        }),
+        taken
+    );
+
+    // The first server still has its port to itself and serves.
+    let (alice, _rx) = first.connect("alice", "phone").await;
+    alice.ping().await.expect("the first server still answers");
+    // And its ports are free again once it stops (its connections' TIME_WAIT
+    // does not count).
+    let (addr, http) = (first.addr(), first.http_addr());
+    alice.close().await;
+    drop(first);
+    let again = swiftlet::start(Config {
+        listen: addr,
+        http,
+        ..other_config(&dir)
+    })
+    .expect("the ports are free once the first server stopped");
+    tokio::task::block_in_place(|| again.shutdown());
 }
 
 #[test]
