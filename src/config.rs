@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::store::WalSync;
+
 /// Everything `swiftlet serve` needs to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -49,9 +51,12 @@ pub struct Config {
     /// Stop live pushes to a connection once this many bytes wait to be sent
     /// to it; it resumes from the store when it drains.
     pub push_buffer_bytes: usize,
-    /// fsync the write-ahead log on every group commit (survive power loss,
-    /// not only process crashes).
-    pub wal_sync: bool,
+    /// When the write-ahead log is synced to disk, which decides whether an
+    /// Ack survives a power loss (see [`WalSync`]).
+    pub wal_sync: WalSync,
+    /// The sync period of [`WalSync::Interval`]: the most a power loss can
+    /// take back of what was acknowledged.
+    pub wal_sync_interval_ms: u64,
     /// Directory of RocksDB's write-ahead log, for a separate (fast) device:
     /// every Ack waits for its WAL write. Unset: inside `data_dir`.
     pub wal_dir: Option<PathBuf>,
@@ -80,7 +85,8 @@ impl Default for Config {
             max_conns_per_user: 32,
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
-            wal_sync: false,
+            wal_sync: WalSync::Interval,
+            wal_sync_interval_ms: 100,
             wal_dir: None,
             node_id: 0,
             max_group_members: 1024,
@@ -173,9 +179,20 @@ pub struct ServeArgs {
     /// Pending output per connection before live pushes pause [default: 262144].
     #[arg(long, env = "SWIFTLET_PUSH_BUFFER_BYTES")]
     pub push_buffer_bytes: Option<usize>,
-    /// fsync the WAL on every commit.
-    #[arg(long, env = "SWIFTLET_WAL_SYNC")]
-    pub wal_sync: bool,
+    /// When to fsync the WAL: off (an Ack survives kill -9, not power loss),
+    /// interval (power loss loses at most the last interval), always (an Ack
+    /// survives power loss); a bare --wal-sync is always [default: interval].
+    #[arg(
+        long,
+        env = "SWIFTLET_WAL_SYNC",
+        num_args = 0..=1,
+        default_missing_value = "always",
+        value_name = "MODE"
+    )]
+    pub wal_sync: Option<WalSync>,
+    /// Period of --wal-sync interval, in milliseconds [default: 100].
+    #[arg(long, env = "SWIFTLET_WAL_SYNC_INTERVAL_MS")]
+    pub wal_sync_interval_ms: Option<u64>,
     /// Directory of the write-ahead log, e.g. on a separate fast device [default: inside the data dir].
     #[arg(long, env = "SWIFTLET_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
@@ -211,6 +228,8 @@ impl Config {
             max_conns_per_user,
             max_frame,
             push_buffer_bytes,
+            wal_sync,
+            wal_sync_interval_ms,
             node_id,
             max_group_members,
             typing_ttl_ms
@@ -226,7 +245,6 @@ impl Config {
         }
         c.dev_auth |= args.dev_auth;
         c.dev_auth_public |= args.dev_auth_public;
-        c.wal_sync |= args.wal_sync;
         c.validate()?;
         Ok(c)
     }
@@ -269,6 +287,9 @@ impl Config {
         }
         if self.push_buffer_bytes < self.max_frame {
             return bad("push_buffer_bytes must be at least max_frame");
+        }
+        if self.wal_sync_interval_ms == 0 || self.wal_sync_interval_ms > 60_000 {
+            return bad("wal_sync_interval_ms must be between 1 and 60000");
         }
         if self.dev_auth && !self.dev_auth_public {
             // Unspecified (0.0.0.0, ::) is every interface, not loopback.
@@ -491,5 +512,44 @@ mod tests {
             toml::from_str("dev_auth = true\ndev_auth_public = true\nlisten = \"0.0.0.0:7400\"")
                 .expect("toml");
         from_toml.validate().expect("allowed in the file");
+    }
+
+    #[test]
+    fn wal_sync_is_a_mode_and_the_boolean_spelling_still_works() {
+        assert_eq!(Config::default().wal_sync, WalSync::Interval);
+        let parse = |t: &str| toml::from_str::<Config>(t).map(|c| c.wal_sync);
+        assert_eq!(parse("wal_sync = true").ok(), Some(WalSync::Always));
+        assert_eq!(parse("wal_sync = false").ok(), Some(WalSync::Off));
+        assert_eq!(
+            parse("wal_sync = \"interval\"").ok(),
+            Some(WalSync::Interval)
+        );
+        assert!(parse("wal_sync = \"sometimes\"").is_err());
+
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let flags = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("swiftlet").chain(args.iter().copied()))
+                .map(|c| c.serve.wal_sync)
+        };
+        assert_eq!(flags(&[]).ok(), Some(None));
+        assert_eq!(flags(&["--wal-sync"]).ok(), Some(Some(WalSync::Always)));
+        assert_eq!(flags(&["--wal-sync", "off"]).ok(), Some(Some(WalSync::Off)));
+        assert_eq!(
+            flags(&["--wal-sync=interval", "--shards", "2"]).ok(),
+            Some(Some(WalSync::Interval))
+        );
+        assert!(flags(&["--wal-sync", "sometimes"]).is_err());
+        let c = Config::load(&ServeArgs {
+            wal_sync: Some(WalSync::Off),
+            wal_sync_interval_ms: Some(20),
+            ..Default::default()
+        })
+        .expect("load");
+        assert_eq!((c.wal_sync, c.wal_sync_interval_ms), (WalSync::Off, 20));
     }
 }

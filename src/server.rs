@@ -18,6 +18,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -124,6 +125,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         &config.data_dir.join("db"),
         &StoreOptions {
             wal_sync: config.wal_sync,
+            wal_sync_interval: Duration::from_millis(config.wal_sync_interval_ms),
             wal_dir: config.wal_dir.clone(),
             ..StoreOptions::default()
         },
@@ -215,7 +217,14 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
                 .spawn(move || shard.run())?,
         );
     }
-    tracing::info!(%addr, %http_addr, shards = n, data_dir = %config.data_dir.display(), "swiftlet serving");
+    tracing::info!(
+        %addr,
+        %http_addr,
+        shards = n,
+        data_dir = %config.data_dir.display(),
+        wal_sync = %config.wal_sync,
+        "swiftlet serving"
+    );
     Ok(Server {
         addr,
         http_addr,
