@@ -12,8 +12,9 @@
 //! in flight is left unanswered: (1) every shard stops accepting and stops
 //! reading requests; (2) the commit pipeline commits whatever was submitted
 //! and hands the Acks to the shards; (3) the shards write those, tell every
-//! client `SHUTTING_DOWN`, and close; (4) the pipeline stops and the store is
-//! closed.
+//! client `SHUTTING_DOWN`, and close; (4) the pipeline stops, and the store
+//! records the clean shutdown (which keeps the inbox epoch, see
+//! [`Store::inbox_epoch`]) and is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -223,6 +224,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         shards = n,
         data_dir = %config.data_dir.display(),
         wal_sync = %config.wal_sync,
+        inbox_epoch = store.inbox_epoch(),
         "swiftlet serving"
     );
     Ok(Server {
@@ -292,6 +294,11 @@ impl Server {
         }
         // Whatever the shards queued on their way out (last-seen times).
         commit.flush();
+        // Nothing writes after this: record that everything before is on
+        // disk, so the next start keeps the inbox epoch.
+        if let Err(e) = self.store.mark_clean_shutdown() {
+            tracing::error!(error = %e, "recording the clean shutdown failed; the next start changes the inbox epoch");
+        }
         tracing::info!("stopped");
     }
 }

@@ -15,13 +15,17 @@
 //! [`Store::commit`] returns once its batch is in the write-ahead log. What
 //! that survives is [`WalSync`]'s choice: the OS page cache (a `kill -9` of
 //! the server, not a power loss or kernel crash), the disk after at most
-//! one sync interval, or the disk before the commit returns.
+//! one sync interval, or the disk before the commit returns. When a run may
+//! have ended with commits lost that were already answered or pushed, the
+//! next open changes the [inbox epoch](Store::inbox_epoch): the inbox heads
+//! may then have rolled back, and their seqs may be handed to new events.
 
 pub mod cf;
 pub mod keys;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +36,7 @@ use rocksdb::{
 };
 use swiftlet_protocol::pb;
 
-use keys::InboxEntry;
+use keys::{InboxEntry, RunState};
 
 /// A storage failure. Engine errors are mapped here, in one place.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,10 @@ pub enum StoreError {
         now: String,
         marker: String,
     },
+    /// A commit after [`Store::mark_clean_shutdown`]: it would not be
+    /// covered by the clean-shutdown record.
+    #[error("the store was closed")]
+    Closed,
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -188,6 +196,9 @@ pub struct Store {
     /// Reads to fail once each, for tests of what a failing disk does.
     #[cfg(test)]
     faults: parking_lot::Mutex<Vec<FailRead>>,
+    inbox_epoch: u64,
+    /// Set by [`Store::mark_clean_shutdown`]; commits are refused from then on.
+    closed: AtomicBool,
     /// The [`WalSync::Interval`] thread; it stops when the store drops, and
     /// the database closes once it has (it holds a reference of its own).
     _syncer: Option<WalSyncer>,
@@ -375,6 +386,66 @@ fn settle_wal_dir(
     Ok(now)
 }
 
+/// Write options that sync the WAL before the write returns.
+fn synced() -> WriteOptions {
+    let mut o = WriteOptions::default();
+    o.set_sync(true);
+    o
+}
+
+/// Start a run on an open database: read how the previous run ended,
+/// settle the inbox epoch (see [`Store::inbox_epoch`]), and record, synced,
+/// that a run in `mode` is under way. Returns the epoch.
+fn begin_run(db: &DB, mode: WalSync) -> Result<u64, StoreError> {
+    let meta = db
+        .cf_handle(cf::META)
+        .ok_or(StoreError::MissingCf(cf::META))?;
+    let previous = db
+        .get_pinned_cf(meta, keys::META_RUN)?
+        .map(|v| RunState::decode(&v))
+        .transpose()?;
+    let epoch = db
+        .get_pinned_cf(meta, keys::META_INBOX_EPOCH)?
+        .map(|v| keys::decode_u64(&v))
+        .transpose()?;
+    let keep = match previous {
+        Some(RunState::Clean | RunState::RunningSynced) => epoch,
+        // A run that may have lost acknowledged commits, a new database, or
+        // one from before epochs existed.
+        Some(RunState::Running) | None => None,
+    };
+    let mut wb = rocksdb::WriteBatch::default();
+    let epoch = match keep {
+        Some(e) => e,
+        None => {
+            let fresh = loop {
+                let e = rand::random::<u64>();
+                if e != 0 && Some(e) != epoch {
+                    break e;
+                }
+            };
+            if epoch.is_some() {
+                tracing::warn!(
+                    previous = ?previous,
+                    "the last run did not shut down cleanly and did not sync every commit: \
+                     its last commits may be lost, so the inbox epoch changes"
+                );
+            }
+            wb.put_cf(meta, keys::META_INBOX_EPOCH, fresh.to_be_bytes());
+            fresh
+        }
+    };
+    let running = match mode {
+        WalSync::Always => RunState::RunningSynced,
+        WalSync::Off | WalSync::Interval => RunState::Running,
+    };
+    // Synced: a clean-shutdown record that came back after a power loss
+    // would keep the epoch of a run that lost commits.
+    wb.put_cf(meta, keys::META_RUN, running.encode());
+    db.write_opt(wb, &synced())?;
+    Ok(epoch)
+}
+
 impl Store {
     /// Open (or create) the database at `path`.
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
@@ -383,7 +454,13 @@ impl Store {
             // Column families read by whole key (not scanned by prefix).
             let point = matches!(
                 name,
-                cf::MESSAGES | cf::DEDUP | cf::CURSORS | cf::STATUS | cf::GROUPS | cf::PRESENCE
+                cf::MESSAGES
+                    | cf::DEDUP
+                    | cf::CURSORS
+                    | cf::STATUS
+                    | cf::GROUPS
+                    | cf::PRESENCE
+                    | cf::META
             );
             let mut bbo = BlockBasedOptions::default();
             bbo.set_block_cache(&cache);
@@ -428,6 +505,7 @@ impl Store {
             db_opts.set_wal_dir(dir);
         }
         let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, descriptors)?);
+        let inbox_epoch = begin_run(&db, opts.wal_sync)?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.wal_sync == WalSync::Always);
         let syncer = match opts.wal_sync {
@@ -447,6 +525,8 @@ impl Store {
             write_opts,
             #[cfg(test)]
             faults: parking_lot::Mutex::new(Vec::new()),
+            inbox_epoch,
+            closed: AtomicBool::new(false),
             _syncer: syncer,
         })
     }
@@ -468,6 +548,43 @@ impl Store {
         }
     }
 
+    /// The inbox epoch: a number that stays the same for as long as every
+    /// inbox seq handed out (acknowledged, pushed, or returned by a read)
+    /// keeps naming the same event, and changes when that may no longer
+    /// hold.
+    ///
+    /// It changes at an open that follows a run which ended without
+    /// [`Store::mark_clean_shutdown`] while commits returned before the WAL
+    /// was synced ([`WalSync::Off`] or [`WalSync::Interval`]): that run may
+    /// have lost its last commits with the OS page cache (power loss,
+    /// kernel crash), so the inbox heads may have rolled back, and the seqs
+    /// of lost events will be handed to new ones. (It changes after a
+    /// `kill -9` too, which loses nothing, because the two leave the same
+    /// database behind.) It does not change after a crash of a run with
+    /// [`WalSync::Always`]: every commit of such a run was on disk before it
+    /// returned, and seqs are answered, pushed or readable only after their
+    /// commit returned, so nothing anyone saw can roll back; a commit whose
+    /// sync did not finish was seen by no one, and whether it survived or
+    /// not, the inbox stays consistent with everything that was seen.
+    ///
+    /// A new epoch is random (never 0, never the previous one), so a
+    /// database restored from a copy does not repeat the epochs that a
+    /// lost timeline already used.
+    pub fn inbox_epoch(&self) -> u64 {
+        self.inbox_epoch
+    }
+
+    /// Record that this run ended cleanly: sync the WAL and everything
+    /// before it, then refuse further commits. Called by a graceful
+    /// shutdown after its last commit; the next open keeps the inbox epoch.
+    pub fn mark_clean_shutdown(&self) -> Result<(), StoreError> {
+        self.closed.store(true, Ordering::SeqCst);
+        let mut wb = rocksdb::WriteBatch::default();
+        wb.put_cf(self.cf(cf::META)?, keys::META_RUN, RunState::Clean.encode());
+        self.db.write_opt(wb, &synced())?;
+        Ok(())
+    }
+
     fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
         self.db.cf_handle(name).ok_or(StoreError::MissingCf(name))
     }
@@ -475,6 +592,9 @@ impl Store {
     /// Write `batch` atomically; when this returns Ok the batch is in the
     /// WAL (and on disk too with [`WalSync::Always`]).
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
         let mut ops = batch.ops;
         ops.sort_by(|a, b| (a.cf, &a.key).cmp(&(b.cf, &b.key)));
         let mut wb = rocksdb::WriteBatch::default();
@@ -1063,6 +1183,36 @@ mod tests {
             ..StoreOptions::default()
         };
         Store::open(dir, &opts).expect("open")
+    }
+
+    /// The epoch survives a clean shutdown; a run that may have lost
+    /// acknowledged commits (dropped without one, as after a crash) changes
+    /// it, unless that run synced every commit.
+    #[test]
+    fn the_inbox_epoch_changes_only_after_a_run_that_may_have_lost_commits() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = opened(dir.path(), WalSync::Interval);
+        let first = store.inbox_epoch();
+        assert_ne!(first, 0);
+        store.mark_clean_shutdown().expect("clean");
+        assert!(matches!(
+            store.commit(store.batch()),
+            Err(StoreError::Closed)
+        ));
+        drop(store);
+
+        let store = opened(dir.path(), WalSync::Off);
+        assert_eq!(store.inbox_epoch(), first, "after a clean shutdown");
+        drop(store);
+        let store = opened(dir.path(), WalSync::Always);
+        let second = store.inbox_epoch();
+        assert_ne!(second, first, "after an unclean end of an unsynced run");
+        drop(store);
+        let store = opened(dir.path(), WalSync::Interval);
+        assert_eq!(store.inbox_epoch(), second, "after a synced run's crash");
+        drop(store);
+        let store = opened(dir.path(), WalSync::Off);
+        assert_ne!(store.inbox_epoch(), second, "after an interval run's crash");
     }
 
     #[test]
