@@ -6,7 +6,7 @@
 //! else of the same user) join a port this one serves, and the kernel
 //! would then split new connections between them without a word. So
 //! before binding a fixed port, [`start`] refuses it when anyone listens
-//! there already (see [`refuse_if_served`]).
+//! there already (see `refuse_if_served`).
 //!
 //! Shutdown is ordered so that nothing acknowledged is lost and nothing
 //! in flight is left unanswered: (1) every shard stops accepting and stops
