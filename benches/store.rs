@@ -9,6 +9,10 @@
 //! - `fan_out/members/M`: posts to a group of M members, each stored once
 //!   and referenced from M inboxes in the same batch. Throughput in inbox
 //!   entries.
+//! - `wal_sync/MODE/N`: `durable_send/group/N` in each `--wal-sync` mode
+//!   (`off`, `interval` at its default 100 ms, `always`): what an fsync
+//!   per group commit costs a lone sender (N = 1) and a group (N = 64).
+//!   The other shapes run in the default mode.
 //!
 //! The shapes run in one process so their ratios survive a noisy machine.
 
@@ -19,7 +23,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use swiftlet::commit::{self, CommitCmd, CommitHandle, Op, Origin, PipelineConfig};
 use swiftlet::groups::GroupDirectory;
 use swiftlet::registry::{ConnRef, Registry};
-use swiftlet::store::{Store, StoreOptions};
+use swiftlet::store::{Store, StoreOptions, WalSync};
 use swiftlet_protocol::pb;
 
 struct Bench {
@@ -31,9 +35,12 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
+        Bench::with(StoreOptions::default())
+    }
+
+    fn with(opts: StoreOptions) -> Bench {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("open store"));
+        let store = Arc::new(Store::open(dir.path(), &opts).expect("open store"));
         let registry = Arc::new(Registry::new(16));
         let groups = Arc::new(GroupDirectory::new(store.clone()));
         // No shards: answers and pushes are computed and then dropped.
@@ -108,6 +115,33 @@ fn durable_sends(c: &mut Criterion) {
     group.finish();
 }
 
+fn wal_sync(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wal_sync");
+    for mode in [WalSync::Off, WalSync::Interval, WalSync::Always] {
+        let mut b = Bench::with(StoreOptions {
+            wal_sync: mode,
+            ..StoreOptions::default()
+        });
+        for size in [1usize, 64] {
+            group.throughput(Throughput::Elements(size as u64));
+            group.bench_with_input(
+                BenchmarkId::new(mode.name(), size),
+                &size,
+                |bench, &size| {
+                    bench.iter(|| {
+                        for _ in 0..size {
+                            let to = format!("user{}", b.n % 1000);
+                            b.send(to, 0);
+                        }
+                        b.pipeline.flush();
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
 fn fan_out(c: &mut Criterion) {
     let mut b = Bench::new();
     let mut group = c.benchmark_group("fan_out");
@@ -138,5 +172,5 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_sends, fan_out);
+criterion_group!(benches, durable_sends, wal_sync, fan_out);
 criterion_main!(benches);

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::store::WalSync;
+
 /// Everything `swiftlet serve` needs to run.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,6 +30,9 @@ pub struct Config {
     pub shards: usize,
     /// Accept a bare user id as a token. For demos and load tests only.
     pub dev_auth: bool,
+    /// Allow `dev_auth` on addresses other than loopback ones, where anyone
+    /// who can reach the server could log in as anyone.
+    pub dev_auth_public: bool,
     /// HS256 secret for login tokens. When unset, a random secret is created
     /// in `<data_dir>/jwt.secret` and reused from there.
     pub jwt_secret: Option<String>,
@@ -46,9 +51,12 @@ pub struct Config {
     /// Stop live pushes to a connection once this many bytes wait to be sent
     /// to it; it resumes from the store when it drains.
     pub push_buffer_bytes: usize,
-    /// fsync the write-ahead log on every group commit (survive power loss,
-    /// not only process crashes).
-    pub wal_sync: bool,
+    /// When the write-ahead log is synced to disk, which decides whether an
+    /// Ack survives a power loss (see [`WalSync`]).
+    pub wal_sync: WalSync,
+    /// The sync period of [`WalSync::Interval`]: the most a power loss can
+    /// take back of what was acknowledged.
+    pub wal_sync_interval_ms: u64,
     /// Directory of RocksDB's write-ahead log, for a separate (fast) device:
     /// every Ack waits for its WAL write. Unset: inside `data_dir`.
     pub wal_dir: Option<PathBuf>,
@@ -69,6 +77,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             shards: 0,
             dev_auth: false,
+            dev_auth_public: false,
             jwt_secret: None,
             idle_timeout_ms: 60_000,
             handshake_timeout_ms: 10_000,
@@ -76,7 +85,8 @@ impl Default for Config {
             max_conns_per_user: 32,
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
-            wal_sync: false,
+            wal_sync: WalSync::Interval,
+            wal_sync_interval_ms: 100,
             wal_dir: None,
             node_id: 0,
             max_group_members: 1024,
@@ -100,6 +110,20 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// Dev-auth lets any client log in as any user; on an address others
+    /// can reach, that is everyone's account open to anyone.
+    #[error(
+        "--dev-auth lets anyone who reaches {addr} log in as any user: listen on a \
+         loopback address, or add --dev-auth-public to allow it anyway"
+    )]
+    DevAuthPublic { addr: SocketAddr },
+    /// Whoever reads the secret can mint a token for any user, and whoever
+    /// can write it can choose it (the rule ssh applies to private keys).
+    #[error(
+        "{path} is open to group or others (mode {mode:03o}); it holds the secret \
+         that signs every login token: chmod 600 {path}"
+    )]
+    SecretFileExposed { path: PathBuf, mode: u32 },
 }
 
 /// Flags of `swiftlet serve`; each may also come from the environment.
@@ -131,6 +155,9 @@ pub struct ServeArgs {
     /// Accept bare user ids as tokens (development only; logged loudly).
     #[arg(long, env = "SWIFTLET_DEV_AUTH")]
     pub dev_auth: bool,
+    /// Allow --dev-auth on a non-loopback address (anyone who reaches it may log in as anyone).
+    #[arg(long, env = "SWIFTLET_DEV_AUTH_PUBLIC")]
+    pub dev_auth_public: bool,
     /// HS256 secret for login tokens [default: generated into <data-dir>/jwt.secret].
     #[arg(long, env = "SWIFTLET_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -152,9 +179,20 @@ pub struct ServeArgs {
     /// Pending output per connection before live pushes pause [default: 262144].
     #[arg(long, env = "SWIFTLET_PUSH_BUFFER_BYTES")]
     pub push_buffer_bytes: Option<usize>,
-    /// fsync the WAL on every commit.
-    #[arg(long, env = "SWIFTLET_WAL_SYNC")]
-    pub wal_sync: bool,
+    /// When to fsync the WAL: off (an Ack survives kill -9, not power loss),
+    /// interval (power loss loses at most the last interval), always (an Ack
+    /// survives power loss); a bare --wal-sync is always [default: interval].
+    #[arg(
+        long,
+        env = "SWIFTLET_WAL_SYNC",
+        num_args = 0..=1,
+        default_missing_value = "always",
+        value_name = "MODE"
+    )]
+    pub wal_sync: Option<WalSync>,
+    /// Period of --wal-sync interval, in milliseconds [default: 100].
+    #[arg(long, env = "SWIFTLET_WAL_SYNC_INTERVAL_MS")]
+    pub wal_sync_interval_ms: Option<u64>,
     /// Directory of the write-ahead log, e.g. on a separate fast device [default: inside the data dir].
     #[arg(long, env = "SWIFTLET_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
@@ -190,6 +228,8 @@ impl Config {
             max_conns_per_user,
             max_frame,
             push_buffer_bytes,
+            wal_sync,
+            wal_sync_interval_ms,
             node_id,
             max_group_members,
             typing_ttl_ms
@@ -204,7 +244,7 @@ impl Config {
             c.allowed_origins = args.allowed_origins.clone();
         }
         c.dev_auth |= args.dev_auth;
-        c.wal_sync |= args.wal_sync;
+        c.dev_auth_public |= args.dev_auth_public;
         c.validate()?;
         Ok(c)
     }
@@ -248,6 +288,18 @@ impl Config {
         if self.push_buffer_bytes < self.max_frame {
             return bad("push_buffer_bytes must be at least max_frame");
         }
+        if self.wal_sync_interval_ms == 0 || self.wal_sync_interval_ms > 60_000 {
+            return bad("wal_sync_interval_ms must be between 1 and 60000");
+        }
+        if self.dev_auth && !self.dev_auth_public {
+            // Unspecified (0.0.0.0, ::) is every interface, not loopback.
+            if let Some(addr) = [self.listen, self.http]
+                .into_iter()
+                .find(|a| !a.ip().to_canonical().is_loopback())
+            {
+                return Err(ConfigError::DevAuthPublic { addr });
+            }
+        }
         Ok(())
     }
 
@@ -275,19 +327,65 @@ impl Config {
             path: path.clone(),
             source,
         };
-        match std::fs::read_to_string(&path) {
-            Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
-            Ok(_) => Err(ConfigError::Invalid(format!("{} is empty", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match read_secret_file(&path) {
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
                 std::fs::create_dir_all(&self.data_dir).map_err(io)?;
                 let secret: String = (0..32)
                     .map(|_| format!("{:02x}", rand::random::<u8>()))
                     .collect();
-                std::fs::write(&path, &secret).map_err(io)?;
-                Ok(secret.into_bytes())
+                // Created owner-only: never readable by anyone else, not
+                // even between its creation and a chmod.
+                let created = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path);
+                match created {
+                    Ok(mut f) => {
+                        f.write_all(secret.as_bytes()).map_err(io)?;
+                        f.sync_all().map_err(io)?;
+                        Ok(secret.into_bytes())
+                    }
+                    // Another process (a `swiftlet token` beside a starting
+                    // server) created it first: use theirs.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        read_secret_file(&path)
+                    }
+                    Err(e) => Err(io(e)),
+                }
             }
-            Err(e) => Err(io(e)),
+            other => other,
         }
+    }
+}
+
+/// The secret in `path`, refused if anyone but its owner may read or
+/// write the file.
+fn read_secret_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    // Checked on the open file, so the file read is the file checked.
+    let mode = f.metadata().map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::SecretFileExposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut s = String::new();
+    f.read_to_string(&mut s).map_err(io)?;
+    match s.trim() {
+        "" => Err(ConfigError::Invalid(format!("{} is empty", path.display()))),
+        t => Ok(t.as_bytes().to_vec()),
     }
 }
 
@@ -343,5 +441,115 @@ mod tests {
         let a = c.resolve_secret().expect("secret");
         assert_eq!(a, c.resolve_secret().expect("secret again"));
         assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn the_generated_secret_is_owner_only_and_an_exposed_one_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let secret = c.resolve_secret().expect("secret");
+        let path = dir.path().join("jwt.secret");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        for exposed in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(exposed))
+                .expect("chmod");
+            match c.resolve_secret() {
+                Err(ConfigError::SecretFileExposed { mode, .. }) => assert_eq!(mode, exposed),
+                other => panic!("mode {exposed:o}: expected SecretFileExposed, got {other:?}"),
+            }
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        assert_eq!(c.resolve_secret().expect("owner-only"), secret);
+    }
+
+    #[test]
+    fn dev_auth_on_a_public_address_needs_dev_auth_public() {
+        let local = Config {
+            dev_auth: true,
+            ..Config::default()
+        };
+        local.validate().expect("loopback is fine");
+        let v6 = Config {
+            listen: "[::1]:7400".parse().expect("addr"),
+            ..local.clone()
+        };
+        v6.validate().expect("IPv6 loopback is fine");
+        for (listen, http) in [
+            ("0.0.0.0:7400", "127.0.0.1:7480"),
+            ("127.0.0.1:7400", "[::]:7480"),
+            ("10.1.2.3:7400", "127.0.0.1:7480"),
+        ] {
+            let public = Config {
+                listen: listen.parse().expect("addr"),
+                http: http.parse().expect("addr"),
+                ..local.clone()
+            };
+            match public.validate() {
+                Err(ConfigError::DevAuthPublic { addr }) => {
+                    assert!(addr.to_string() == listen || addr.to_string() == http)
+                }
+                other => panic!("{listen} {http}: expected DevAuthPublic, got {other:?}"),
+            }
+            Config {
+                dev_auth_public: true,
+                ..public.clone()
+            }
+            .validate()
+            .expect("allowed explicitly");
+            Config {
+                dev_auth: false,
+                ..public
+            }
+            .validate()
+            .expect("no dev-auth, no question");
+        }
+        let from_toml: Config =
+            toml::from_str("dev_auth = true\ndev_auth_public = true\nlisten = \"0.0.0.0:7400\"")
+                .expect("toml");
+        from_toml.validate().expect("allowed in the file");
+    }
+
+    #[test]
+    fn wal_sync_is_a_mode_and_the_boolean_spelling_still_works() {
+        assert_eq!(Config::default().wal_sync, WalSync::Interval);
+        let parse = |t: &str| toml::from_str::<Config>(t).map(|c| c.wal_sync);
+        assert_eq!(parse("wal_sync = true").ok(), Some(WalSync::Always));
+        assert_eq!(parse("wal_sync = false").ok(), Some(WalSync::Off));
+        assert_eq!(
+            parse("wal_sync = \"interval\"").ok(),
+            Some(WalSync::Interval)
+        );
+        assert!(parse("wal_sync = \"sometimes\"").is_err());
+
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let flags = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("swiftlet").chain(args.iter().copied()))
+                .map(|c| c.serve.wal_sync)
+        };
+        assert_eq!(flags(&[]).ok(), Some(None));
+        assert_eq!(flags(&["--wal-sync"]).ok(), Some(Some(WalSync::Always)));
+        assert_eq!(flags(&["--wal-sync", "off"]).ok(), Some(Some(WalSync::Off)));
+        assert_eq!(
+            flags(&["--wal-sync=interval", "--shards", "2"]).ok(),
+            Some(Some(WalSync::Interval))
+        );
+        assert!(flags(&["--wal-sync", "sometimes"]).is_err());
+        let c = Config::load(&ServeArgs {
+            wal_sync: Some(WalSync::Off),
+            wal_sync_interval_ms: Some(20),
+            ..Default::default()
+        })
+        .expect("load");
+        assert_eq!((c.wal_sync, c.wal_sync_interval_ms), (WalSync::Off, 20));
     }
 }

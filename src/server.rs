@@ -2,16 +2,24 @@
 //! bind one `SO_REUSEPORT` listener per shard on the same address, and run
 //! each shard on its own named thread.
 //!
+//! `SO_REUSEPORT` would just as gladly let a second server (or anything
+//! else of the same user) join a port this one serves, and the kernel
+//! would then split new connections between them without a word. So
+//! before binding a fixed port, [`start`] refuses it when anyone listens
+//! there already (see `refuse_if_served`).
+//!
 //! Shutdown is ordered so that nothing acknowledged is lost and nothing
 //! in flight is left unanswered: (1) every shard stops accepting and stops
 //! reading requests; (2) the commit pipeline commits whatever was submitted
 //! and hands the Acks to the shards; (3) the shards write those, tell every
-//! client `SHUTTING_DOWN`, and close; (4) the pipeline stops and the store is
-//! closed.
+//! client `SHUTTING_DOWN`, and close; (4) the pipeline stops, and the store
+//! records the clean shutdown (which keeps the inbox epoch, see
+//! [`Store::inbox_epoch`]) and is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -43,6 +51,13 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Someone already listens on this address: joining it through
+    /// `SO_REUSEPORT` would split its connections between the two.
+    #[error(
+        "{addr} is already served by another process (another swiftlet?): \
+         refusing to share it through SO_REUSEPORT; stop that one or choose another port"
+    )]
+    AddrInUse { addr: SocketAddr },
     #[error("starting threads")]
     Io(#[from] std::io::Error),
 }
@@ -71,6 +86,29 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
+/// Refuse `addr` when a listener already holds it. A probe socket is bound
+/// without `SO_REUSEPORT`: the kernel then refuses it (`EADDRINUSE`)
+/// wherever any listener holds the port, ours or anyone's. It keeps
+/// `SO_REUSEADDR`, as the real listeners do, so the connections a previous
+/// run left in TIME_WAIT do not count. Port 0 asks the kernel for a free
+/// port, which nobody serves. (A server started in the instant between
+/// this probe and our binds is not caught: this is a guard against
+/// mistakes, not a lock.)
+fn refuse_if_served(addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let bind = |source| ServerError::Bind { addr, source };
+    let probe =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(bind)?;
+    probe.set_reuse_address(true).map_err(bind)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(ServerError::AddrInUse { addr }),
+        Err(e) => Err(bind(e)),
+    }
+}
+
 /// Start a node with `config`.
 pub fn start(config: Config) -> Result<Server, ServerError> {
     config.validate()?;
@@ -80,11 +118,15 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     if config.dev_auth {
         tracing::warn!("--dev-auth is on: any client may log in as any user by sending a bare user id as its token");
     }
+    // Before the store opens: a refused start leaves the data untouched.
+    refuse_if_served(config.listen)?;
+    refuse_if_served(config.http)?;
     std::fs::create_dir_all(&config.data_dir)?;
     let store = Arc::new(Store::open(
         &config.data_dir.join("db"),
         &StoreOptions {
             wal_sync: config.wal_sync,
+            wal_sync_interval: Duration::from_millis(config.wal_sync_interval_ms),
             wal_dir: config.wal_dir.clone(),
             ..StoreOptions::default()
         },
@@ -176,7 +218,15 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
                 .spawn(move || shard.run())?,
         );
     }
-    tracing::info!(%addr, %http_addr, shards = n, data_dir = %config.data_dir.display(), "swiftlet serving");
+    tracing::info!(
+        %addr,
+        %http_addr,
+        shards = n,
+        data_dir = %config.data_dir.display(),
+        wal_sync = %config.wal_sync,
+        inbox_epoch = store.inbox_epoch(),
+        "swiftlet serving"
+    );
     Ok(Server {
         addr,
         http_addr,
@@ -244,6 +294,11 @@ impl Server {
         }
         // Whatever the shards queued on their way out (last-seen times).
         commit.flush();
+        // Nothing writes after this: record that everything before is on
+        // disk, so the next start keeps the inbox epoch.
+        if let Err(e) = self.store.mark_clean_shutdown() {
+            tracing::error!(error = %e, "recording the clean shutdown failed; the next start changes the inbox epoch");
+        }
         tracing::info!("stopped");
     }
 }

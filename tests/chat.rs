@@ -4,6 +4,8 @@
 mod common;
 
 use common::*;
+use swiftlet_client::pb;
+use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alice_to_bob_live_on_every_device_of_both() {
@@ -114,12 +116,48 @@ async fn a_device_resumes_after_its_acknowledged_cursor() {
     // Another device of bob has its own cursor: it gets all ten.
     let (_tablet, mut trx) = srv.connect("bob", "tablet").await;
     assert_eq!(next_message(&mut trx).await.0, 1);
-    // Acknowledging beyond what was delivered is refused, typed.
-    let err = bob.ack_delivery(99).await;
-    assert!(
-        err.is_ok(),
-        "the frame is queued; the error comes back asynchronously"
-    );
+    // Acknowledging beyond what was delivered is refused, typed. A
+    // DeliveryAck has no answer when it is accepted, so the client library
+    // does not wait for one (`ack_delivery` resolves once the frame is
+    // queued): read the refusal on a raw connection.
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(PROTOCOL_VERSION, &token("bob")).await;
+    let mut delivered = 0;
+    loop {
+        match raw.recv().await.map(|e| e.body) {
+            Some(Some(Body::Welcome(w))) => assert_eq!(w.cursor, 0, "a fresh device"),
+            Some(Some(Body::Deliver(_))) => delivered += 1,
+            other => panic!("expected Welcome and Delivers, got {other:?}"),
+        }
+        if delivered == 10 {
+            break;
+        }
+    }
+    raw.send(Envelope::new(
+        2,
+        Body::DeliveryAck(pb::DeliveryAck { up_to: 99 }),
+    ))
+    .await;
+    match raw.recv().await {
+        Some(Envelope {
+            request_id: 2,
+            body: Some(Body::Error(e)),
+        }) => {
+            assert_eq!(e.code, ErrorCode::InvalidRequest as i32);
+            assert!(!e.fatal, "the connection stays open");
+        }
+        other => panic!("expected INVALID_REQUEST for request 2, got {other:?}"),
+    }
+    // Still open, and the refused acknowledgement moved no cursor.
+    raw.send(Envelope::new(3, Body::Ping(pb::Ping { nonce: 7 })))
+        .await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Pong(pb::Pong { nonce: 7 }))
+    ));
+    drop(raw);
+    let (again, _rx) = srv.connect("bob", "raw").await;
+    assert_eq!(again.welcome().cursor, 0, "the refused ack moved nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,8 @@
 //! Nothing acknowledged is lost and nothing is stored twice: retries across a
-//! restart, and a `kill -9` in the middle of a stream of sends.
+//! restart, and a `kill -9` in the middle of a stream of sends. And the
+//! inbox epoch changes exactly when seqs may have been reused: after a
+//! `kill -9`, not after a clean restart, nor after a crash of a server that
+//! syncs every commit.
 
 mod common;
 
@@ -9,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use swiftlet_client::{ClientConfig, ReliableSender, RetryPolicy};
+use swiftlet_client::{
+    Client, ClientConfig, CursorTracker, Deliveries, ReliableSender, RetryPolicy,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_restart_gets_the_same_ack_and_one_copy_is_stored() {
@@ -41,13 +46,19 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn spawn_server(port: u16, dir: &std::path::Path) -> Child {
+/// The real binary on `port` (protocol) and `http` (its HTTP listener: a
+/// fixed default port would be shared with, or refused by, anything else
+/// running on this machine).
+fn spawn_server(port: u16, http: u16, dir: &std::path::Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_swiftlet"))
         .args(["serve", "--shards", "2", "--jwt-secret", SECRET])
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--http")
+        .arg(format!("127.0.0.1:{http}"))
         .arg("--data-dir")
         .arg(dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -64,9 +75,9 @@ async fn kill_9_during_10_000_sends_loses_and_duplicates_nothing() {
     const SENDERS: usize = 4;
     const PER_SENDER: usize = 2_500;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
+    let (port, http) = (free_port(), free_port());
     let addr = format!("127.0.0.1:{port}");
-    let mut server = KillOnDrop(spawn_server(port, dir.path()));
+    let mut server = KillOnDrop(spawn_server(port, http, dir.path(), &[]));
 
     let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -100,7 +111,7 @@ async fn kill_9_during_10_000_sends_loses_and_duplicates_nothing() {
         }
         server.0.kill().expect("SIGKILL");
         server.0.wait().expect("reap");
-        server.0 = spawn_server(port, dir.path());
+        server.0 = spawn_server(port, http, dir.path(), &[]);
     }
     let mut all = HashMap::new();
     for t in tasks {
@@ -138,6 +149,138 @@ async fn kill_9_during_10_000_sends_loses_and_duplicates_nothing() {
     }
     assert_eq!(seen, all, "each stored message has the id its Ack named");
     assert_no_more(&bob, &mut rx).await;
+}
+
+/// Log in as `user`, waiting for a server that is still starting.
+async fn connect_when_up(addr: &str, user: &str, device: &str) -> (Client, Deliveries) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match Client::connect(ClientConfig::new(addr, token(user), device)).await {
+            Ok(c) => return c,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no login within {PATIENCE:?}: {e}"),
+        }
+    }
+}
+
+/// Stop the server gracefully (SIGTERM) and wait for it to exit.
+fn terminate(child: &mut Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM failed");
+    let exit = child.wait().expect("reap");
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit}");
+}
+
+/// Kill the server with SIGKILL and wait for it to be gone.
+fn kill_9(child: &mut Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+}
+
+/// The inbox epoch in Welcome, SyncBatch and the HTTP sync JSON: the same
+/// after a clean restart; another after a `kill -9` of a server in the
+/// default `--wal-sync interval` (whose last interval may be lost after a
+/// power failure, which leaves the same database behind as a kill), and the
+/// client library's tracker then starts over at the server's cursor; the
+/// same after a `kill -9` of a server with `--wal-sync always`, which lost
+/// nothing anyone saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_epoch_changes_after_kill_9_and_not_after_a_clean_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, http) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{port}");
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+    let mut server = KillOnDrop(spawn_server(port, http, dir.path(), &[]));
+    let respawn = |server: &mut KillOnDrop, extra: &[&str]| {
+        server.0 = spawn_server(port, http, dir.path(), extra);
+    };
+
+    let (alice, _arx) = connect_when_up(&addr, "alice", "phone").await;
+    for i in 0..3 {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    alice.close().await;
+    let (bob, mut rx) = connect_when_up(&addr, "bob", "phone").await;
+    let epoch = bob.welcome().inbox_epoch;
+    assert_ne!(epoch, 0, "the server tells its epoch");
+    let mut tracker = CursorTracker::from_welcome(bob.welcome());
+    for _ in 0..3 {
+        tracker.observe(next_message(&mut rx).await.0);
+    }
+    bob.ack_delivery(1).await.expect("ack delivery");
+    assert_eq!(bob.sync(0, 10).await.expect("sync").inbox_epoch, epoch);
+    let auth = format!("Bearer {}", token("bob"));
+    let (status, body) = http_get(http_addr, "/v1/sync?after=0", &auth).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["inboxEpoch"], serde_json::json!(epoch.to_string()));
+    bob.ping()
+        .await
+        .expect("ping orders the ack before the restart");
+    bob.close().await;
+
+    terminate(&mut server.0);
+    respawn(&mut server, &[]);
+    let (bob, _rx) = connect_when_up(&addr, "bob", "phone").await;
+    assert_eq!(bob.welcome().inbox_epoch, epoch, "a clean restart keeps it");
+    assert!(!tracker.on_welcome(bob.welcome()));
+    assert_eq!(tracker.last(), 3, "same epoch: seqs still remembered");
+    bob.close().await;
+
+    kill_9(&mut server.0);
+    respawn(&mut server, &[]);
+    let (bob, _rx) = connect_when_up(&addr, "bob", "phone").await;
+    let after_kill = bob.welcome().inbox_epoch;
+    assert_ne!(
+        after_kill, epoch,
+        "a kill -9 without --wal-sync always changes it"
+    );
+    assert_eq!(bob.sync(0, 10).await.expect("sync").inbox_epoch, after_kill);
+    let (_, body) = http_get(http_addr, "/v1/sync?after=0", &auth).await;
+    assert_eq!(
+        body["inboxEpoch"],
+        serde_json::json!(after_kill.to_string())
+    );
+    assert!(tracker.on_welcome(bob.welcome()), "the tracker starts over");
+    assert_eq!(tracker.last(), bob.welcome().cursor);
+    assert_eq!(tracker.last(), 1);
+    bob.close().await;
+
+    // A server that syncs every commit: the first start still follows an
+    // unclean end of an unsynced run, so the epoch changes; its own kill -9
+    // then loses nothing anyone saw, and the epoch stays.
+    kill_9(&mut server.0);
+    respawn(&mut server, &["--wal-sync", "always"]);
+    let (bob, _rx) = connect_when_up(&addr, "bob", "phone").await;
+    let synced = bob.welcome().inbox_epoch;
+    assert_ne!(synced, after_kill);
+    bob.close().await;
+    kill_9(&mut server.0);
+    respawn(&mut server, &["--wal-sync", "always"]);
+    let (bob, _rx) = connect_when_up(&addr, "bob", "phone").await;
+    assert_eq!(
+        bob.welcome().inbox_epoch,
+        synced,
+        "nothing seen can have rolled back"
+    );
+    assert_eq!(bob.welcome().head_seq, 3);
+}
+
+/// `GET target` with an Authorization header: status and JSON body.
+async fn http_get(
+    addr: std::net::SocketAddr,
+    target: &str,
+    auth: &str,
+) -> (u16, serde_json::Value) {
+    let (status, body) = http(addr, "GET", target, &[("Authorization", auth)], b"").await;
+    (status, serde_json::from_slice(&body).expect("json"))
 }
 
 /// The server process, killed however the test ends.

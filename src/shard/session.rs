@@ -267,6 +267,7 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
                 max_frame_bytes: ctx.limits.max_frame as u32,
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 server_time_ms: crate::ids::unix_ms(),
+                inbox_epoch: ctx.store.inbox_epoch(),
             }),
         ),
     );
@@ -416,6 +417,7 @@ pub fn sync_page(
         has_more: page.has_more,
         head_seq: ctx.store.last_seq(user)?,
         first_available_seq: ctx.store.first_seq(user)?,
+        inbox_epoch: ctx.store.inbox_epoch(),
     })
 }
 

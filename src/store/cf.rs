@@ -35,8 +35,13 @@ pub const GROUP_LOG: &str = "group_log";
 /// Written on disconnect and on a privacy change, never per presence change.
 pub const PRESENCE: &str = "presence";
 
+/// Small records about the database itself, one per fixed key (see
+/// [`super::keys::META_INBOX_EPOCH`] and [`super::keys::META_RUN`]). Written
+/// at open and at a clean shutdown, never on the hot path.
+pub const META: &str = "meta";
+
 /// Every column family the store opens.
-pub const ALL_CFS: [&str; 9] = [
+pub const ALL_CFS: [&str; 10] = [
     MESSAGES,
     INBOX,
     DEDUP,
@@ -46,4 +51,5 @@ pub const ALL_CFS: [&str; 9] = [
     STATUS,
     GROUP_LOG,
     PRESENCE,
+    META,
 ];

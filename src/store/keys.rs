@@ -41,6 +41,45 @@ pub fn decode_u64(v: &[u8]) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("u64 value of {} bytes", v.len())))
 }
 
+/// In [`super::cf::META`]: `inbox_epoch` → `epoch: u64 BE`, the inbox epoch
+/// (see [`super::Store::inbox_epoch`]).
+pub const META_INBOX_EPOCH: &[u8] = b"inbox_epoch";
+/// In [`super::cf::META`]: `run` → one byte, [`RunState`]: how the last run
+/// of the server on this database ended, or that it is still running.
+pub const META_RUN: &[u8] = b"run";
+
+/// The value of [`META_RUN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Written (and synced) by a graceful shutdown after its last commit:
+    /// everything the run wrote is on disk.
+    Clean = 0,
+    /// Written at open by a run whose commits return before the WAL is
+    /// synced (`--wal-sync off` or `interval`): still there at the next
+    /// open, the run ended without a clean shutdown, and its last commits
+    /// may have been lost with the OS page cache.
+    Running = 1,
+    /// Written at open by a run that syncs the WAL before every commit
+    /// returns (`--wal-sync always`): even after a crash, whatever the run
+    /// acknowledged or pushed is on disk.
+    RunningSynced = 2,
+}
+
+impl RunState {
+    pub fn decode(v: &[u8]) -> Result<Self, StoreError> {
+        match v {
+            [0] => Ok(RunState::Clean),
+            [1] => Ok(RunState::Running),
+            [2] => Ok(RunState::RunningSynced),
+            _ => Err(StoreError::Corrupt(format!("run state {v:?}"))),
+        }
+    }
+
+    pub fn encode(self) -> [u8; 1] {
+        [self as u8]
+    }
+}
+
 /// What one inbox slot holds. The first byte is the kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InboxEntry {

@@ -24,7 +24,8 @@
 //! - [`reliable`]: [`ReliableSender`] and [`send_reliably`]: reconnect with
 //!   backoff and resend under the same `client_msg_id` until acknowledged.
 //! - [`cursor`]: [`CursorTracker`], the client-side check of exactly-once,
-//!   in-order delivery, and the value to acknowledge.
+//!   in-order delivery, and the value to acknowledge; it starts over when
+//!   the server's inbox epoch changes.
 //! - [`backoff`]: jittered exponential backoff for reconnect loops.
 //! - [`config`]: [`ClientConfig`] and its defaults.
 //! - [`error`]: [`ClientError`], [`CloseReason`], and which errors to retry.

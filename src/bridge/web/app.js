@@ -175,7 +175,9 @@ function newestFromOthers(c) {
 function onInboxEvent(ev) {
   switch (ev.kind) {
     case 'message': onMessage(ev.message); break;
-    case 'groupEvent': onGroupEvent(ev.groupEvent, u64s(ev.seq)); break;
+    // A notice is keyed by its seq, which names one event only within an
+    // inbox epoch (see client.js).
+    case 'groupEvent': onGroupEvent(ev.groupEvent, `${S.client.welcome.inboxEpoch}:${u64s(ev.seq)}`); break;
     case 'receipt': onReceipt(ev.receipt); break;
     default: break;   // a kind this page does not know
   }

@@ -37,6 +37,11 @@
 //   DeliveryAck (coalesced: one ack for the highest seq of a burst). The
 //   server resumes delivery after the device's acknowledged cursor, so a
 //   reconnect catches up by itself; redeliveries are dropped by seq.
+// - seqs are compared only within one inbox epoch (protocol/README.md
+//   section 8): a Welcome with another epoch than the last one (the server
+//   restarted after a crash that may have lost its last writes, and may
+//   hand the lost seqs to new events) clears the seqs seen, so those new
+//   events are not dropped as redeliveries.
 
 /* global protobuf */
 
@@ -196,7 +201,8 @@ export function conversationKey(conv) {
 /**
  * Events (addEventListener; `detail` holds the payload):
  * - 'state'    {state: 'connecting'|'online'|'offline'|'stopped', attempt, retryInMs, error}
- * - 'welcome'  {welcome, first}           after each successful login
+ * - 'welcome'  {welcome, first, epochChanged}  after each successful login
+ *                                        (epochChanged: seqs seen before were forgotten)
  * - 'event'    {event, source}            each inbox Event once ('deliver' | 'sync')
  * - 'ack'      {clientMsgId, serverMsgId, timestampMs, entry}
  * - 'sendfailed' {clientMsgId, error, entry}   a send refused for good
@@ -228,7 +234,8 @@ export class SwiftletClient extends EventTarget {
     this.outbox = new Map();       // client_msg_id → entry
     this.waiters = new Map();      // client_msg_id → [{resolve, reject}]
     this.lastSeq = 0n;             // highest seq handed to 'event' listeners
-    this.seen = new Set();         // seqs processed (sync and deliver may overlap)
+    this.seen = new Set();         // seqs processed (sync and deliver may overlap), this inbox epoch
+    this.epochChanged = false;     // the last Welcome's inbox epoch differed from the one before
     this.ackUpTo = 0n;             // highest seq delivered on this connection, to ack
     this.ackTimer = null;
     this.acked = 0n;
@@ -282,7 +289,13 @@ export class SwiftletClient extends EventTarget {
       maxFrameBytes: r.maxFrameBytes,
       serverVersion: r.serverVersion,
       serverTimeMs: u64s(r.serverTimeMs),
+      inboxEpoch: u64s(r.inboxEpoch),
     };
+    this.epochChanged = this.welcome !== null && this.welcome.inboxEpoch !== w.inboxEpoch;
+    if (this.epochChanged) {
+      this.seen.clear();
+      this.lastSeq = u64(w.cursor);
+    }
     this.welcome = w;
     this.user = w.userId;
     this.acked = u64(w.cursor);
@@ -341,7 +354,7 @@ export class SwiftletClient extends EventTarget {
         await this.hello();
         clearTimeout(this.stableTimer);
         this.stableTimer = setTimeout(() => { this.attempt = 0; }, STABLE_AFTER_MS);
-        this.emit('welcome', { welcome: this.welcome, first });
+        this.emit('welcome', { welcome: this.welcome, first, epochChanged: this.epochChanged });
         this.resendOutbox();
         // Stay here until the connection ends.
         await new Promise((resolve) => { this.sessionEnded = resolve; });
@@ -633,6 +646,7 @@ export class SwiftletClient extends EventTarget {
       hasMore: Boolean(b.hasMore),
       headSeq: u64s(b.headSeq),
       firstAvailableSeq: u64s(b.firstAvailableSeq),
+      inboxEpoch: u64s(b.inboxEpoch),
     };
   }
 

@@ -1191,9 +1191,16 @@ async fn run() -> anyhow::Result<()> {
             w.head_seq.saturating_sub(w.cursor)
         );
         // Kept across reconnects, so an event redelivered because its ack was
-        // lost with the connection is recognised and not printed twice.
-        let t = tracker.get_or_insert_with(|| CursorTracker::new(w.cursor));
-        t.skip_to(w.cursor);
+        // lost with the connection is recognised and not printed twice;
+        // forgotten when the inbox epoch changed, since its seqs may then
+        // name new events.
+        let t = tracker.get_or_insert_with(|| CursorTracker::from_welcome(w));
+        if t.on_welcome(w) {
+            println!(
+                "(the server restarted after a crash; events after {} are shown again)",
+                w.cursor
+            );
+        }
         // Subscriptions (and a typing indicator) die with a connection.
         state.my_typing = None;
         state.typists.active.clear();
