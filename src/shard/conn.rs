@@ -424,6 +424,31 @@ impl Conn {
 mod tests {
     use super::*;
 
+    /// A connection over loopback (the test keeps the peer alive).
+    fn conn() -> (Conn, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (ours, _) = listener.accept().expect("accept");
+        let stream = TcpStream::from_std(ours);
+        (Conn::new(stream, 1, 0, Transport::Tcp), peer)
+    }
+
+    #[test]
+    fn a_partial_frame_is_held_in_exactly_its_size_and_counted() {
+        let (mut c, _peer) = conn();
+        c.keep_input(vec![0xE0, 0xD4, 0x03, 0x08], Some(60_003));
+        assert_eq!(c.in_len(), 60_003, "sized once, not doubled");
+        assert_eq!(c.load(), 60_003, "counted against the budget");
+        c.set_partial_since(Some(7));
+        assert_eq!(c.partial_since(), Some(7));
+        // Taking it out to decode keeps nothing behind.
+        let taken = c.take_input();
+        assert_eq!(taken.len(), 4);
+        c.keep_input(Vec::new(), None);
+        assert_eq!((c.load(), c.partial_since()), (0, None));
+    }
+
     /// The struct is most of an idle connection's cost: keep it in budget.
     #[test]
     fn a_connection_struct_stays_small() {

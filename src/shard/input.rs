@@ -121,17 +121,37 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
     Ok(Some((input, used)))
 }
 
-/// The whole size of the frame that starts `partial`, when its head says
-/// (TCP only): the input buffer is sized once for it instead of doubling as
-/// its bytes trickle in.
+/// The whole size of the frame that starts `partial`, when its head says:
+/// the input buffer is sized once for it instead of doubling as its bytes
+/// trickle in. Sizes come from heads already checked against the maximum
+/// (a larger one ended the connection), so this never reserves more.
 pub fn frame_size(transport: Transport, partial: &[u8]) -> Option<usize> {
     match transport {
         Transport::Tcp => match decode_head(partial, usize::MAX) {
             Ok(Some((len, head))) => Some(head + len),
             _ => None,
         },
-        _ => None,
+        Transport::WebSocket => ws_frame_size(partial),
+        Transport::Http => None,
     }
+}
+
+/// A client WebSocket frame's size from its header: 2 bytes, the extended
+/// length, the 4-byte mask, the payload.
+fn ws_frame_size(partial: &[u8]) -> Option<usize> {
+    let b1 = *partial.get(1)?;
+    let (len, head) = match b1 & 0x7F {
+        126 => (
+            u64::from(u16::from_be_bytes([*partial.get(2)?, *partial.get(3)?])),
+            4,
+        ),
+        127 => {
+            let bytes: [u8; 8] = partial.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(bytes), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    usize::try_from(len).ok()?.checked_add(head + 4)
 }
 
 #[cfg(test)]
@@ -176,5 +196,9 @@ mod tests {
         let mut big = Vec::new();
         prost::encoding::encode_varint(60_000, &mut big);
         assert_eq!(frame_size(Transport::Tcp, &big), Some(60_000 + big.len()));
+        // WebSocket: header 4 (126 + u16 length) + mask 4 + payload.
+        let ws = [0x82u8, 0x80 | 126, 0xEA, 0x60];
+        assert_eq!(frame_size(Transport::WebSocket, &ws), Some(60_000 + 8));
+        assert_eq!(frame_size(Transport::WebSocket, &ws[..3]), None);
     }
 }
