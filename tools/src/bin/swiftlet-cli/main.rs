@@ -29,22 +29,22 @@
 //! the server requires).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use swiftlet_client::pb::{
-    self, conversation, event::Kind, GroupEventKind, GroupRole, ReceiptKind, TypingState,
-};
+use swiftlet_client::pb::{self, event::Kind, GroupEventKind, GroupRole, ReceiptKind, TypingState};
 use swiftlet_client::{
-    new_client_msg_id, token, with_group, with_user, Backoff, Client, ClientConfig, CursorTracker,
-    DeliveryItem, Observed,
+    new_client_msg_id, token, Backoff, Client, ClientConfig, CursorTracker, DeliveryItem, Observed,
 };
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+mod target;
+
+use target::Target;
 
 /// How long a `--jwt-secret` token minted here stays valid.
 const TOKEN_TTL_SECS: u64 = 24 * 3600;
@@ -102,50 +102,6 @@ impl Args {
             return Ok(token::mint(secret.as_bytes(), &self.user, TOKEN_TTL_SECS));
         }
         bail!("say how to log in: --token JWT, --jwt-secret S (or SWIFTLET_JWT_SECRET), or --dev-auth")
-    }
-}
-
-/// A conversation: the other user of a 1:1 chat, or a group (`#GID`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Target {
-    User(String),
-    Group(u64),
-}
-
-impl Target {
-    fn conversation(&self) -> pb::Conversation {
-        match self {
-            Target::User(u) => with_user(u),
-            Target::Group(g) => with_group(*g),
-        }
-    }
-
-    /// The conversation as the protocol names it, if it names one.
-    fn of(c: Option<&pb::Conversation>) -> Option<Target> {
-        match c?.kind.as_ref()? {
-            conversation::Kind::User(u) => Some(Target::User(u.clone())),
-            conversation::Kind::GroupId(g) => Some(Target::Group(*g)),
-        }
-    }
-
-    /// The conversation a message belongs to, as `me` sees it.
-    fn of_message(me: &str, m: &pb::Message) -> Target {
-        if m.group_id != 0 {
-            Target::Group(m.group_id)
-        } else if m.from_user == me {
-            Target::User(m.to_user.clone())
-        } else {
-            Target::User(m.from_user.clone())
-        }
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::User(u) => f.write_str(u),
-            Target::Group(g) => write!(f, "#{g}"),
-        }
     }
 }
 
@@ -1241,6 +1197,7 @@ async fn run() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use swiftlet_client::{with_group, with_user};
 
     fn user(u: &str) -> Target {
         Target::User(u.into())
