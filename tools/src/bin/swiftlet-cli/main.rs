@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use swiftlet_client::pb::{self, event::Kind, GroupEventKind, GroupRole, ReceiptKind, TypingState};
+use swiftlet_client::pb::{self, event::Kind, ReceiptKind, TypingState};
 use swiftlet_client::{
     new_client_msg_id, token, Backoff, Client, ClientConfig, CursorTracker, DeliveryItem, Observed,
 };
@@ -43,9 +43,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 mod parse;
+mod render;
 mod target;
 
 use parse::{parse_command, Command, GroupCmd, HELP};
+use render::{render_event, render_group_info, render_presence, typing_line};
 use target::Target;
 
 /// How long a `--jwt-secret` token minted here stays valid.
@@ -114,139 +116,6 @@ struct Outgoing {
     to: Target,
     text: String,
     attempts: u32,
-}
-
-/// `HH:MM:SS` (UTC) of a Unix time in milliseconds.
-fn clock(ms: u64) -> String {
-    let day_secs = (ms / 1000) % 86_400;
-    format!(
-        "{:02}:{:02}:{:02}",
-        day_secs / 3600,
-        (day_secs / 60) % 60,
-        day_secs % 60
-    )
-}
-
-/// `HH:MM` (UTC) when `ms` is on the same UTC day as `now_ms`, else
-/// `YYYY-MM-DD HH:MM`.
-fn last_seen(ms: u64, now_ms: u64) -> String {
-    let hm = &clock(ms)[..5];
-    let day = ms / 86_400_000;
-    if day == now_ms / 86_400_000 {
-        return hm.to_owned();
-    }
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = day as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {hm}")
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn render_body(m: &pb::Message) -> String {
-    if m.content_type.is_empty() || m.content_type.starts_with("text/") {
-        String::from_utf8_lossy(&m.body).into_owned()
-    } else {
-        format!("<{} bytes of {}>", m.body.len(), m.content_type)
-    }
-}
-
-fn render_group_event(g: &pb::GroupEvent) -> String {
-    // A change concerning more than 64 users lists at most the reader.
-    let unlisted = (g.user_count as usize).saturating_sub(g.users.len());
-    let users = match (g.users.is_empty(), unlisted) {
-        (_, 0) => g.users.join(", "),
-        (true, n) => format!("{n} users"),
-        (false, n) => format!("{} and {n} others", g.users.join(", ")),
-    };
-    let at = format!("\"{}\" (#{})", g.name, g.group_id);
-    match GroupEventKind::try_from(g.kind).unwrap_or(GroupEventKind::Unspecified) {
-        GroupEventKind::Created if unlisted > 0 => format!(
-            "* {} created {at} with {} members",
-            g.actor,
-            g.user_count.saturating_sub(1)
-        ),
-        GroupEventKind::Created => {
-            let others: Vec<&str> = g
-                .users
-                .iter()
-                .map(String::as_str)
-                .filter(|u| *u != g.actor)
-                .collect();
-            if others.is_empty() {
-                format!("* {} created {at}", g.actor)
-            } else {
-                format!("* {} created {at} with {}", g.actor, others.join(", "))
-            }
-        }
-        GroupEventKind::MembersAdded => format!("* {} added {users} to {at}", g.actor),
-        GroupEventKind::MembersRemoved => format!("* {} removed {users} from {at}", g.actor),
-        GroupEventKind::MemberLeft => format!("* {} left {at}", g.actor),
-        GroupEventKind::Renamed => {
-            format!("* {} renamed #{} to \"{}\"", g.actor, g.group_id, g.name)
-        }
-        GroupEventKind::Unspecified => format!("* #{} changed (version {})", g.group_id, g.version),
-    }
-}
-
-fn receipt_word(kind: i32) -> &'static str {
-    match ReceiptKind::try_from(kind) {
-        Ok(ReceiptKind::Read) => "read",
-        Ok(ReceiptKind::Delivered) => "delivered",
-        _ => "acknowledged",
-    }
-}
-
-/// One line for an inbox event (live and in `/sync` listings).
-fn render_event(me: &str, ev: &pb::Event) -> String {
-    match &ev.kind {
-        Some(Kind::Message(m)) if m.group_id != 0 => format!(
-            "[{}] #{} {}: {}",
-            clock(m.timestamp_ms),
-            m.group_id,
-            m.from_user,
-            render_body(m)
-        ),
-        Some(Kind::Message(m)) if m.from_user == me => format!(
-            "[{}] {me} → {}: {}",
-            clock(m.timestamp_ms),
-            m.to_user,
-            render_body(m)
-        ),
-        Some(Kind::Message(m)) => {
-            format!(
-                "[{}] {}: {}",
-                clock(m.timestamp_ms),
-                m.from_user,
-                render_body(m)
-            )
-        }
-        Some(Kind::GroupEvent(g)) => render_group_event(g),
-        Some(Kind::Receipt(r)) => {
-            let conv = Target::of(r.conversation.as_ref())
-                .map(|t| t.to_string())
-                .unwrap_or_else(|| "?".into());
-            let who = if r.user == me { "you" } else { &r.user };
-            format!(
-                "(receipt: {who} {} {conv} up to #{})",
-                receipt_word(r.kind),
-                r.up_to
-            )
-        }
-        None => format!("[event {}] (a kind this client does not show)", ev.seq),
-    }
 }
 
 /// Who has each of the user's own messages, per conversation.
@@ -373,7 +242,7 @@ impl AckGate {
             .remove(&id)
             .unwrap_or_default()
             .into_iter()
-            .map(|h| format!("{} {} (#{id})", h.mark, h.whom))
+            .map(|h| render::receipt_marks(h.mark, &h.whom, &[id]))
             .collect()
     }
 }
@@ -401,43 +270,25 @@ fn render_receipt(
     let read = r.kind == ReceiptKind::Read as i32;
     let ids = marks.on_receipt(&conv, &r.user, read, r.up_to);
     let mark = if read { "read" } else { "✓✓" };
-    let whom = match &conv {
-        Target::User(u) => u.clone(),
-        Target::Group(g) => format!("#{g} by {}", r.user),
-    };
+    let whom = render::receipt_reader(&conv, &r.user);
     if ids.is_empty() {
         // Messages this CLI never saw (sent before it started).
-        return Some(format!("{mark} {whom} (everything up to #{})", r.up_to));
+        return Some(render::receipt_up_to(mark, &whom, r.up_to));
     }
-    let ids: Vec<String> = ids
+    let ids: Vec<u64> = ids
         .into_iter()
         .filter(|&id| !gate.hold(id, mark, &whom))
-        .map(|i| format!("#{i}"))
         .collect();
     if ids.is_empty() {
         return None;
     }
-    Some(format!("{mark} {whom} ({})", ids.join(", ")))
+    Some(render::receipt_marks(mark, &whom, &ids))
 }
 
 /// Who is typing where, until they stop or their indicator lapses.
 #[derive(Debug, Default)]
 struct Typists {
     active: HashMap<(Target, String), Instant>,
-}
-
-fn typing_line(conv: &Target, user: &str, started: bool) -> String {
-    let verb = if started {
-        "is typing"
-    } else {
-        "stopped typing"
-    };
-    match conv {
-        Target::Group(g) if started => format!("{user} {verb} in #{g}…"),
-        Target::Group(g) => format!("{user} {verb} in #{g}"),
-        Target::User(_) if started => format!("{user} {verb}…"),
-        Target::User(_) => format!("{user} {verb}"),
-    }
 }
 
 impl Typists {
@@ -475,20 +326,6 @@ impl Typists {
                 typing_line(&k.0, &k.1, false)
             })
             .collect()
-    }
-}
-
-fn render_presence(p: &pb::Presence) -> String {
-    if p.online {
-        format!("{} is online", p.user)
-    } else if p.last_seen_ms > 0 {
-        format!(
-            "{} was last seen {}",
-            p.user,
-            last_seen(p.last_seen_ms, now_ms())
-        )
-    } else {
-        format!("{} is offline", p.user)
     }
 }
 
@@ -535,7 +372,7 @@ fn spawn_send(
             Ok(ack) => {
                 // Under the lock, so no receipt line slips in before the ✓.
                 let mut g = lock(&gate);
-                println!("✓ {} (#{})", out.to, ack.server_msg_id);
+                println!("{}", render::ack(&out.to, ack.server_msg_id));
                 for line in g.release(&out.client_msg_id) {
                     println!("{line}");
                 }
@@ -561,47 +398,13 @@ fn spawn_sync(client: Client, me: String, after: u64) {
     tokio::spawn(async move {
         match client.sync(after, SYNC_PAGE).await {
             Ok(batch) => {
-                if batch.first_available_seq > after + 1 {
-                    println!(
-                        "(events {}..{} were removed by retention)",
-                        after + 1,
-                        batch.first_available_seq - 1
-                    );
-                }
-                if batch.events.is_empty() {
-                    println!("(nothing after {after}; newest is {})", batch.head_seq);
-                }
-                for ev in &batch.events {
-                    println!("{:>6} {}", ev.seq, render_event(&me, ev));
-                }
-                if let (true, Some(last)) = (batch.has_more, batch.events.last()) {
-                    println!("(more: /sync {})", last.seq);
+                for line in render::sync_listing(&me, after, &batch) {
+                    println!("{line}");
                 }
             }
             Err(e) => println!("✗ sync failed: {e}"),
         }
     });
-}
-
-fn render_group_info(g: &pb::GroupInfo) -> String {
-    let mut out = format!(
-        "#{} \"{}\": {} member(s), created by {} at {} UTC, version {}",
-        g.group_id,
-        g.name,
-        g.member_count,
-        g.created_by,
-        last_seen(g.created_ms, now_ms()),
-        g.version
-    );
-    for m in &g.members {
-        let role = if m.role == GroupRole::Admin as i32 {
-            " (admin)"
-        } else {
-            ""
-        };
-        out.push_str(&format!("\n  {}{role}", m.user));
-    }
-    out
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -635,21 +438,10 @@ fn spawn_group(client: Client, cmd: GroupCmd) {
                 .get_group(*group)
                 .await
                 .map(|g| render_group_info(&g)),
-            GroupCmd::List => client.list_groups().await.map(|groups| {
-                if groups.is_empty() {
-                    return "(you are in no group)".to_owned();
-                }
-                groups
-                    .iter()
-                    .map(|g| {
-                        format!(
-                            "#{} \"{}\" ({} member(s))",
-                            g.group_id, g.name, g.member_count
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }),
+            GroupCmd::List => client
+                .list_groups()
+                .await
+                .map(|groups| render::group_list(&groups)),
         };
         match result {
             Ok(text) => println!("{text}"),
@@ -661,22 +453,7 @@ fn spawn_group(client: Client, cmd: GroupCmd) {
 fn spawn_receipts(client: Client, group: u64, msg: u64) {
     tokio::spawn(async move {
         match client.receipts(group, msg).await {
-            Ok(l) => {
-                let list = |v: &[String]| {
-                    if v.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        v.join(", ")
-                    }
-                };
-                println!(
-                    "#{group} message #{}: read: {}; delivered: {}; pending: {}",
-                    l.message_id,
-                    list(&l.read),
-                    list(&l.delivered),
-                    list(&l.pending)
-                );
-            }
+            Ok(l) => println!("{}", render::receipt_list(group, &l)),
             Err(e) => println!("✗ receipts failed: {e}"),
         }
     });
@@ -1000,25 +777,6 @@ mod tests {
         Target::User(u.into())
     }
 
-    fn strings(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| (*s).to_owned()).collect()
-    }
-
-    #[test]
-    fn clock_is_utc_time_of_day() {
-        assert_eq!(clock(0), "00:00:00");
-        assert_eq!(clock((12 * 3600 + 65) * 1000 + 999), "12:01:05");
-        assert_eq!(clock(86_400_000 + 1000), "00:00:01");
-    }
-
-    #[test]
-    fn last_seen_shows_the_date_when_not_today() {
-        let t = 1_735_689_600_000 + (12 * 3600 + 60) * 1000; // 2025-01-01 12:01
-        assert_eq!(last_seen(t, t + 3_600_000), "12:01");
-        assert_eq!(last_seen(t, t + 86_400_000), "2025-01-01 12:01");
-        assert_eq!(last_seen(951_782_400_000, 0), "2000-02-29 00:00");
-    }
-
     fn msg(id: u64, from: &str, to: &str, group_id: u64) -> pb::Message {
         pb::Message {
             id,
@@ -1159,73 +917,6 @@ mod tests {
     }
 
     #[test]
-    fn events_render() {
-        let ev = |kind| pb::Event {
-            seq: 1,
-            kind: Some(kind),
-        };
-        assert_eq!(
-            render_event("bob", &ev(Kind::Message(msg(1, "alice", "", 7)))),
-            "[12:01:05] #7 alice: hi"
-        );
-        assert_eq!(
-            render_event("bob", &ev(Kind::Message(msg(1, "alice", "bob", 0)))),
-            "[12:01:05] alice: hi"
-        );
-        let g = |kind: GroupEventKind, users: &[&str]| pb::GroupEvent {
-            group_id: 7,
-            kind: kind as i32,
-            actor: "alice".into(),
-            users: strings(users),
-            name: "team".into(),
-            version: 2,
-            timestamp_ms: 0,
-            user_count: users.len() as u32,
-        };
-        let big = |kind: GroupEventKind, users: &[&str], count: u32| pb::GroupEvent {
-            user_count: count,
-            ..g(kind, users)
-        };
-        let cases = [
-            (
-                big(GroupEventKind::Created, &["bob"], 500),
-                "* alice created \"team\" (#7) with 499 members",
-            ),
-            (
-                big(GroupEventKind::MembersAdded, &["bob"], 100),
-                "* alice added bob and 99 others to \"team\" (#7)",
-            ),
-            (
-                big(GroupEventKind::MembersRemoved, &[], 100),
-                "* alice removed 100 users from \"team\" (#7)",
-            ),
-            (
-                g(GroupEventKind::Created, &["alice", "bob"]),
-                "* alice created \"team\" (#7) with bob",
-            ),
-            (
-                g(GroupEventKind::MembersAdded, &["bob"]),
-                "* alice added bob to \"team\" (#7)",
-            ),
-            (
-                g(GroupEventKind::MembersRemoved, &["bob", "carol"]),
-                "* alice removed bob, carol from \"team\" (#7)",
-            ),
-            (
-                g(GroupEventKind::MemberLeft, &["alice"]),
-                "* alice left \"team\" (#7)",
-            ),
-            (
-                g(GroupEventKind::Renamed, &[]),
-                "* alice renamed #7 to \"team\"",
-            ),
-        ];
-        for (event, want) in cases {
-            assert_eq!(render_event("bob", &ev(Kind::GroupEvent(event))), want);
-        }
-    }
-
-    #[test]
     fn typing_is_shown_once_and_lapses() {
         let mut t = Typists::default();
         let now = Instant::now();
@@ -1257,18 +948,5 @@ mod tests {
             vec!["bob stopped typing in #7".to_owned()]
         );
         assert!(t.active.is_empty());
-    }
-
-    #[test]
-    fn presence_renders() {
-        let p = |online, last_seen_ms| pb::Presence {
-            user: "bob".into(),
-            online,
-            last_seen_ms,
-        };
-        assert_eq!(render_presence(&p(true, 0)), "bob is online");
-        assert_eq!(render_presence(&p(false, 0)), "bob is offline");
-        let today = now_ms() / 86_400_000 * 86_400_000 + 60_000;
-        assert_eq!(render_presence(&p(false, today)), "bob was last seen 00:01");
     }
 }
