@@ -13,12 +13,11 @@
 //! connection, so the watched users are subscribed again after a reconnect.
 //! Times are shown in UTC (no time-zone database here).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use swiftlet_client::pb::{self, event::Kind, TypingState};
+use swiftlet_client::pb::{self, event::Kind};
 use swiftlet_client::{
     new_client_msg_id, token, Backoff, Client, ClientConfig, CursorTracker, DeliveryItem, Observed,
 };
@@ -27,13 +26,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 mod parse;
+mod presence;
 mod receipts;
 mod render;
 mod target;
 
 use parse::{parse_command, Command, GroupCmd, HELP};
+use presence::PresenceState;
 use receipts::{lock, render_receipt, Conversations, SharedGate};
-use render::{render_event, render_group_info, render_presence, typing_line};
+use render::{render_event, render_group_info, render_presence};
 use target::Target;
 
 /// How long a `--jwt-secret` token minted here stays valid.
@@ -44,13 +45,6 @@ const MAX_SEND_ATTEMPTS: u32 = 5;
 
 /// Page size for `/sync`.
 const SYNC_PAGE: u32 = 50;
-
-/// A typing indicator whose STARTED carried no lifetime lapses after this.
-const DEFAULT_TYPING_TTL: Duration = Duration::from_secs(6);
-
-/// Slack before a typing indicator is cleared locally: the server's own
-/// STOPPED at the end of the TTL normally arrives first.
-const TYPING_GRACE: Duration = Duration::from_millis(500);
 
 /// Interactive swiftlet chat client.
 #[derive(Debug, Parser)]
@@ -101,62 +95,13 @@ struct Outgoing {
     attempts: u32,
 }
 
-/// Who is typing where, until they stop or their indicator lapses.
-#[derive(Debug, Default)]
-struct Typists {
-    active: HashMap<(Target, String), Instant>,
-}
-
-impl Typists {
-    /// The line to print for a notice, if it changes what is shown.
-    fn on_notice(&mut self, n: &pb::TypingNotice, now: Instant) -> Option<String> {
-        let conv = Target::of(n.conversation.as_ref())?;
-        let key = (conv, n.user.clone());
-        if n.state == TypingState::Started as i32 {
-            let ttl = match n.expires_in_ms {
-                0 => DEFAULT_TYPING_TTL,
-                ms => Duration::from_millis(u64::from(ms)),
-            };
-            let line = typing_line(&key.0, &key.1, true);
-            let was = self.active.insert(key, now + ttl + TYPING_GRACE);
-            // A refreshed STARTED is not news.
-            was.is_none().then_some(line)
-        } else {
-            self.active
-                .remove(&key)
-                .map(|_| typing_line(&key.0, &key.1, false))
-        }
-    }
-
-    /// Indicators whose time ran out with no STOPPED.
-    fn expire(&mut self, now: Instant) -> Vec<String> {
-        let gone: Vec<(Target, String)> = self
-            .active
-            .iter()
-            .filter(|(_, deadline)| **deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        gone.into_iter()
-            .map(|k| {
-                self.active.remove(&k);
-                typing_line(&k.0, &k.1, false)
-            })
-            .collect()
-    }
-}
-
 /// Everything the CLI keeps across reconnects.
 #[derive(Debug, Default)]
 struct ChatState {
     conversations: Conversations,
     /// Receipts wait here for the Acks of the sends they cover.
     gate: SharedGate,
-    typists: Typists,
-    /// Where this user last said STARTED (a STOPPED goes there before the
-    /// next message).
-    my_typing: Option<Target>,
-    /// Presence subscriptions to restore on every connection.
-    watching: Vec<String>,
+    presence: PresenceState,
 }
 
 /// Send in the background so incoming messages keep printing; a failure that
@@ -324,7 +269,7 @@ async fn on_event(
                 }
                 // A message ends its sender's typing indicator.
                 let conv = Target::of_message(me, m);
-                state.typists.active.remove(&(conv, m.from_user.clone()));
+                state.presence.typists.message_from(conv, &m.from_user);
                 println!("{}", render_event(me, &ev));
             }
             Some(Kind::Receipt(r)) => {
@@ -358,7 +303,7 @@ async fn session(
             item = deliveries.next() => match item {
                 Some(DeliveryItem::Event(ev)) => on_event(client, &me, ev, tracker, state).await,
                 Some(DeliveryItem::Typing(n)) => {
-                    if let Some(line) = state.typists.on_notice(&n, Instant::now()) {
+                    if let Some(line) = state.presence.typists.on_notice(&n, Instant::now()) {
                         println!("{line}");
                     }
                 }
@@ -373,7 +318,7 @@ async fn session(
                 None => return Ok(SessionEnd::Lost),
             },
             _ = sweep.tick() => {
-                for line in state.typists.expire(Instant::now()) {
+                for line in state.presence.typists.expire(Instant::now()) {
                     println!("{line}");
                 }
             }
@@ -382,7 +327,7 @@ async fn session(
                 Command::Send { to, text } => {
                     // Stop the typing indicator first: same queue, so the
                     // STOPPED reaches the server before the message.
-                    if let Some(conv) = state.my_typing.take() {
+                    if let Some(conv) = state.presence.my_typing.take() {
                         let _ = client.typing(conv.conversation(), false).await;
                     }
                     let out = Outgoing { client_msg_id: new_client_msg_id(), to, text, attempts: 0 };
@@ -404,16 +349,16 @@ async fn session(
                 },
                 Command::Receipts { group, msg } => spawn_receipts(client.clone(), group, msg),
                 Command::Typing { conv } => {
-                    if let Some(old) = state.my_typing.take().filter(|old| *old != conv) {
+                    if let Some(old) = state.presence.my_typing.take().filter(|old| *old != conv) {
                         let _ = client.typing(old.conversation(), false).await;
                     }
                     match client.typing(conv.conversation(), true).await {
-                        Ok(()) => state.my_typing = Some(conv),
+                        Ok(()) => state.presence.my_typing = Some(conv),
                         Err(e) => println!("✗ /typing failed: {e}"),
                     }
                 }
                 Command::Watch { users } => {
-                    state.watching = users.clone();
+                    state.presence.watching = users.clone();
                     spawn_watch(client.clone(), users);
                 }
                 Command::Privacy { hide } => {
@@ -460,7 +405,7 @@ async fn wait_or_quit(
                 }
                 Command::Watch { users } => {
                     println!("(not connected; will watch them after reconnecting)");
-                    state.watching = users;
+                    state.presence.watching = users;
                 }
                 Command::Help => println!("{HELP}"),
                 Command::Bad(msg) => println!("{msg}"),
@@ -548,10 +493,9 @@ async fn run() -> anyhow::Result<()> {
             );
         }
         // Subscriptions (and a typing indicator) die with a connection.
-        state.my_typing = None;
-        state.typists.active.clear();
-        if !state.watching.is_empty() {
-            spawn_watch(client.clone(), state.watching.clone());
+        state.presence.new_connection();
+        if !state.presence.watching.is_empty() {
+            spawn_watch(client.clone(), state.presence.watching.clone());
         }
 
         let end = session(
@@ -581,45 +525,5 @@ async fn run() -> anyhow::Result<()> {
                 return Err(e);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use swiftlet_client::{with_group, with_user};
-
-    #[test]
-    fn typing_is_shown_once_and_lapses() {
-        let mut t = Typists::default();
-        let now = Instant::now();
-        let notice = |state: TypingState| pb::TypingNotice {
-            conversation: Some(with_user("bob")),
-            user: "bob".into(),
-            state: state as i32,
-            expires_in_ms: 1000,
-        };
-        assert_eq!(
-            t.on_notice(&notice(TypingState::Started), now).as_deref(),
-            Some("bob is typing…")
-        );
-        assert_eq!(t.on_notice(&notice(TypingState::Started), now), None);
-        assert_eq!(
-            t.on_notice(&notice(TypingState::Stopped), now).as_deref(),
-            Some("bob stopped typing")
-        );
-        assert_eq!(t.on_notice(&notice(TypingState::Stopped), now), None);
-        let mut group = notice(TypingState::Started);
-        group.conversation = Some(with_group(7));
-        assert_eq!(
-            t.on_notice(&group, now).as_deref(),
-            Some("bob is typing in #7…")
-        );
-        assert!(t.expire(now + Duration::from_millis(900)).is_empty());
-        assert_eq!(
-            t.expire(now + Duration::from_secs(2)),
-            vec!["bob stopped typing in #7".to_owned()]
-        );
-        assert!(t.active.is_empty());
     }
 }
