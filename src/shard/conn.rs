@@ -38,37 +38,32 @@ pub enum Transport {
 }
 
 /// What a connection carries, with the state of that protocol only.
+///
+/// The HTTP variants fit in the bytes `Delivery` leaves before its flag,
+/// so the enum is no bigger than `Delivery` (its tag lives in the flag's
+/// spare values): an idle connection pays nothing for HTTP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Carries {
     /// Frames of the protocol (TCP, or WebSocket after an upgrade): where
     /// the connection stands in its user's inbox.
     Frames(Delivery),
-    /// One HTTP request and its answer.
-    Http(Exchange),
+    /// An HTTP request being read (or answered).
+    Http,
+    /// A parked long-poll, waiting for an event of its user.
+    Poll(Poll),
+    /// An HTTP send waiting for the pipeline's answer until tick `until`.
+    Send { until: u32 },
 }
 
-/// One HTTP request on its way to an answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Exchange {
-    pub waiting: Waiting,
-    /// A long-poll's page: the events after this seq…
+/// A parked long-poll: the page it answers with, and when it gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Poll {
+    /// The events after this seq…
     pub after: u64,
     /// …at most this many.
     pub limit: u32,
-    /// Tick when a parked long-poll or a pending send gives up.
+    /// Tick when the wait ends (with an empty page).
     pub until: u32,
-}
-
-/// What an HTTP request is waiting for, once read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Waiting {
-    /// Nothing yet: being read, or answered.
-    #[default]
-    Nothing,
-    /// A long-poll parked until an event for its user, or `until`.
-    Event,
-    /// A send, for the pipeline's answer.
-    Answer,
 }
 
 /// Where a connection is in its life.
@@ -148,7 +143,7 @@ impl Conn {
             phase: Phase::Handshake,
             transport,
             carries: match transport {
-                Transport::Http => Carries::Http(Exchange::default()),
+                Transport::Http => Carries::Http,
                 _ => Carries::Frames(Delivery::default()),
             },
             dirty: false,
@@ -173,7 +168,7 @@ impl Conn {
     pub fn delivery(&mut self) -> Option<&mut Delivery> {
         match &mut self.carries {
             Carries::Frames(d) => Some(d),
-            Carries::Http(_) => None,
+            _ => None,
         }
     }
 
@@ -182,20 +177,23 @@ impl Conn {
         matches!(&self.carries, Carries::Frames(d) if d.lagging())
     }
 
-    /// The HTTP exchange of a connection on the HTTP listener.
-    pub fn exchange(&mut self) -> Option<&mut Exchange> {
-        match &mut self.carries {
-            Carries::Http(x) => Some(x),
-            Carries::Frames(_) => None,
+    /// An HTTP request waiting for an event or an answer, and the tick it
+    /// gives up at.
+    pub fn http_waiting_until(&self) -> Option<u32> {
+        match self.carries {
+            Carries::Poll(p) => Some(p.until),
+            Carries::Send { until } => Some(until),
+            Carries::Frames(_) | Carries::Http => None,
         }
     }
 
     /// Answers and pushes may be routed to it: a logged-in framed
-    /// connection, or an HTTP exchange waiting for one.
+    /// connection, or an HTTP request waiting for one.
     pub fn routable(&self) -> bool {
-        match &self.carries {
+        match self.carries {
             Carries::Frames(_) => self.phase == Phase::Live,
-            Carries::Http(x) => self.phase != Phase::Closing && x.waiting != Waiting::Nothing,
+            Carries::Poll(_) | Carries::Send { .. } => self.phase != Phase::Closing,
+            Carries::Http => false,
         }
     }
 

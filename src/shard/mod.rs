@@ -63,7 +63,7 @@ use crate::groups::GroupDirectory;
 use crate::registry::{ConnRef, Registry};
 use crate::session::delivery;
 use crate::store::Store;
-use conn::{Carries, Conn, Phase, Transport, Waiting};
+use conn::{Carries, Conn, Phase, Transport};
 pub use input::Fatal;
 use input::Input;
 use mailbox::{Reply, ShardHandle, ShardMsg};
@@ -669,11 +669,11 @@ impl Shard {
                         let decision = match &mut conn.carries {
                             Carries::Frames(d) => d.on_push(p.seq, room),
                             // A parked long-poll: answer with what arrived.
-                            Carries::Http(x) if p.seq > x.after => {
+                            Carries::Poll(poll) if p.seq > poll.after => {
                                 self.http_wake(p.slot as usize);
                                 continue;
                             }
-                            Carries::Http(_) => continue,
+                            _ => continue,
                         };
                         match decision {
                             delivery::Push::Send => {
@@ -928,10 +928,10 @@ impl Shard {
                 // Gone, or a stale entry: the live one comes later.
                 continue;
             };
-            if let Carries::Http(x) = conn.carries {
-                if x.waiting != Waiting::Nothing && conn.phase != Phase::Closing {
-                    if x.until > now {
-                        arm(&mut self.wheel, conn, slot as usize, now, x.until);
+            if let Some(until) = conn.http_waiting_until() {
+                if conn.phase != Phase::Closing {
+                    if until > now {
+                        arm(&mut self.wheel, conn, slot as usize, now, until);
                     } else {
                         self.http_timeout(slot as usize);
                     }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use swiftlet_protocol::{Body, ErrorCode};
 
-use super::conn::{Carries, Exchange, Phase, Transport, Waiting};
+use super::conn::{Carries, Phase, Poll, Transport};
 use super::session;
 use super::{ticks, Shard};
 use crate::bridge::{http, web as assets, ws};
@@ -37,10 +37,7 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        let waiting = conn
-            .exchange()
-            .is_some_and(|x| x.waiting != Waiting::Nothing);
-        if conn.phase != Phase::Handshake || waiting {
+        if conn.phase != Phase::Handshake || conn.http_waiting_until().is_some() {
             // One request per connection; anything after it is ignored.
             return;
         }
@@ -210,8 +207,7 @@ impl Shard {
             return;
         };
         let until = self.now + ticks(wait * 1000);
-        conn.carries = Carries::Http(Exchange {
-            waiting: Waiting::Event,
+        conn.carries = Carries::Poll(Poll {
             after,
             limit,
             until,
@@ -221,13 +217,13 @@ impl Shard {
 
     /// A parked long-poll's user got an event: answer with the page.
     pub(super) fn http_wake(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get_mut(slot) else {
+        let Some(conn) = self.conns.get(slot) else {
             return;
         };
-        let (Some(user), Some(x)) = (conn.user.clone(), conn.exchange()) else {
+        let (Some(user), Carries::Poll(poll)) = (conn.user.clone(), conn.carries) else {
             return;
         };
-        let (after, limit) = (x.after, x.limit);
+        let (after, limit) = (poll.after, poll.limit);
         let answer = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(page) => http::json(200, &page),
             Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),
@@ -237,10 +233,10 @@ impl Shard {
 
     /// A long-poll's wait ended (empty page), or a send got no answer.
     pub(super) fn http_timeout(&mut self, slot: usize) {
-        let Some(x) = self.conns.get_mut(slot).and_then(|c| c.exchange()) else {
+        let Some(conn) = self.conns.get(slot) else {
             return;
         };
-        if x.waiting == Waiting::Event {
+        if matches!(conn.carries, Carries::Poll(_)) {
             self.http_wake(slot);
         } else {
             self.http_finish(
@@ -291,11 +287,7 @@ impl Shard {
         // Waiting for the pipeline's answer; not in the registry, so
         // nothing is pushed to it.
         let until = self.now + idle;
-        conn.carries = Carries::Http(Exchange {
-            waiting: Waiting::Answer,
-            until,
-            ..Exchange::default()
-        });
+        conn.carries = Carries::Send { until };
         super::arm(&mut self.wheel, conn, slot, self.now, until);
     }
 
