@@ -95,16 +95,17 @@ pub struct Conn {
     /// The output is at or over half the budget: the client is behind, and
     /// has been since `last_tx`.
     pub behind: bool,
-    /// Requests handed to the commit pipeline and not yet answered.
-    pub in_flight: u16,
-    /// Tick of the phase change (accept, login, close).
-    pub since: u32,
-    /// Tick of the last complete frame received.
+    /// Requests handed to the commit pipeline and not yet answered (at
+    /// most `MAX_IN_FLIGHT`).
+    pub in_flight: u8,
+    /// Tick of the last complete frame received; before any, the accept
+    /// (so the handshake deadline counts from it).
     pub last_rx: u32,
     /// Tick at which the output last fell behind (see `behind`).
     pub last_tx: u32,
     /// Tick of this connection's live timer entry: the one entry of the
-    /// shard's wheel that is acted on (others are stale and skipped).
+    /// shard's wheel that is acted on (others are stale and skipped). For a
+    /// closing connection it is the end of its grace period.
     pub timer_at: u32,
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
@@ -151,7 +152,6 @@ impl Conn {
             peer_closed: false,
             behind: false,
             in_flight: 0,
-            since: now,
             last_rx: now,
             last_tx: now,
             timer_at: 0,
@@ -454,6 +454,6 @@ mod tests {
         let size = std::mem::size_of::<Conn>();
         let slot = std::mem::size_of::<Option<Conn>>();
         eprintln!("Conn: {size} bytes, slab slot about {slot} bytes");
-        assert!(slot <= 192, "a connection slot is {slot} bytes");
+        assert!(slot <= 104, "a connection slot is {slot} bytes");
     }
 }

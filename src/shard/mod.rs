@@ -116,6 +116,13 @@ fn arm(wheel: &mut Wheel, conn: &mut Conn, slot: usize, now: u32, at: u32) {
     }
 }
 
+/// Give a connection that was just made `Closing` its grace period: its
+/// live timer entry becomes the end of it, whatever was filed before.
+fn arm_grace(wheel: &mut Wheel, conn: &mut Conn, slot: usize, now: u32) {
+    let at = u64::from(now + CLOSE_GRACE_TICKS);
+    conn.timer_at = wheel.schedule(at, slot as u32, conn.gen) as u32;
+}
+
 /// Limits every connection of the shard runs under.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -940,11 +947,12 @@ impl Shard {
             }
             let (deadline, code, why) = match conn.phase {
                 Phase::Handshake => (
-                    conn.since + handshake,
+                    conn.last_rx + handshake,
                     ErrorCode::HandshakeTimeout,
                     "no Hello within the handshake timeout",
                 ),
-                Phase::Closing => (conn.since + CLOSE_GRACE_TICKS, ErrorCode::Unspecified, ""),
+                // The live entry of a closing connection is its grace's end.
+                Phase::Closing => (conn.timer_at, ErrorCode::Unspecified, ""),
                 Phase::Live => [
                     (
                         conn.last_rx + idle,
@@ -1083,7 +1091,6 @@ impl Shard {
         conn.phase = Phase::Closing;
         conn.paused = false;
         conn.behind = false;
-        conn.since = now;
 
         // Output not yet sent is abandoned (everything durable is resent
         // from the store on the next login), and its memory returned now;
@@ -1107,7 +1114,7 @@ impl Shard {
             self.drop_conn(slot);
             return;
         }
-        arm(&mut self.wheel, conn, slot, now, now + CLOSE_GRACE_TICKS);
+        arm_grace(&mut self.wheel, conn, slot, now);
     }
 
     fn drop_conn(&mut self, slot: usize) {

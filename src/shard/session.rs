@@ -133,9 +133,7 @@ pub fn handle(
     }
     let body = match (conn.phase, env.body) {
         (Phase::Closing, _) => return Flow::Continue,
-        (Phase::Handshake, Some(Body::Hello(hello))) => {
-            return login(conn, slot, rid, hello, ctx, now)
-        }
+        (Phase::Handshake, Some(Body::Hello(hello))) => return login(conn, slot, rid, hello, ctx),
         (Phase::Handshake, _) => {
             return Flow::Close(
                 0,
@@ -195,7 +193,7 @@ fn me(conn: &Conn, slot: u32, ctx: &ShardCtx) -> ConnRef {
     }
 }
 
-fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx, now: u32) -> Flow {
+fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx) -> Flow {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Flow::Close(
             rid,
@@ -277,7 +275,6 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx,
     conn.user = Some(user);
     conn.device = Some(Arc::from(hello.device_id));
     conn.phase = Phase::Live;
-    conn.since = now;
     let gauge = match conn.transport {
         Transport::WebSocket => &ctx.metrics.ws_connections,
         _ => &ctx.metrics.tcp_connections,

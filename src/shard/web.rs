@@ -317,14 +317,12 @@ impl Shard {
         conn.discard_buffers();
         conn.out().extend_from_slice(&answer);
         conn.phase = Phase::Closing;
-        conn.since = self.now;
         let flushed = conn.flush();
         conn.shutdown_when_flushed();
         match flushed {
             Err(_) => self.drop_conn(slot),
             Ok(_) => {
-                let at = self.now + super::CLOSE_GRACE_TICKS;
-                super::arm(&mut self.wheel, conn, slot, self.now, at);
+                super::arm_grace(&mut self.wheel, conn, slot, self.now);
                 self.mark_dirty(slot);
             }
         }
