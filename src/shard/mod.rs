@@ -1006,16 +1006,22 @@ impl Shard {
                 .get(&key)
                 .is_some_and(|t| t.deadline == deadline)
             {
-                if let Some(t) = self.sessions.typing.remove(&key) {
-                    session::send_typing(
-                        &self.ctx,
-                        &mut self.sessions.conns,
-                        &t.user,
-                        &t.target,
-                        pb::TypingState::Stopped,
-                    );
-                }
+                self.stop_typing(key);
             }
+        }
+    }
+
+    /// End the typing indicator of connection `key` (slot, generation), if
+    /// it has one: tell the other side it stopped.
+    fn stop_typing(&mut self, key: (u32, u32)) {
+        if let Some(t) = self.sessions.typing.remove(&key) {
+            session::send_typing(
+                &self.ctx,
+                &mut self.sessions.conns,
+                &t.user,
+                &t.target,
+                pb::TypingState::Stopped,
+            );
         }
     }
 
@@ -1033,17 +1039,11 @@ impl Shard {
             presence: conn.transport != Transport::Http,
         };
         session::unsubscribe_all(conn, me, &self.ctx);
-        if let Some(t) = self.sessions.typing.remove(&(me.slot, me.gen)) {
-            session::send_typing(
-                &self.ctx,
-                &mut self.sessions.conns,
-                &t.user,
-                &t.target,
-                pb::TypingState::Stopped,
-            );
-        }
-        let Some(user) = conn.user.take() else { return };
-        let gauge = match conn.transport {
+        let user = conn.user.take();
+        let transport = conn.transport;
+        self.stop_typing((me.slot, me.gen));
+        let Some(user) = user else { return };
+        let gauge = match transport {
             Transport::Tcp => Some(&self.ctx.metrics.tcp_connections),
             Transport::WebSocket => Some(&self.ctx.metrics.ws_connections),
             Transport::Http => None,

@@ -205,23 +205,11 @@ pub fn render_receipt(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::tests::msg;
     use swiftlet_client::{with_group, with_user};
 
     fn user(u: &str) -> Target {
         Target::User(u.into())
-    }
-
-    fn msg(id: u64, from: &str, to: &str, group_id: u64) -> pb::Message {
-        pb::Message {
-            id,
-            from_user: from.into(),
-            to_user: to.into(),
-            group_id,
-            timestamp_ms: (12 * 3600 + 65) * 1000,
-            content_type: "text/plain".into(),
-            body: "hi".into(),
-            ..Default::default()
-        }
     }
 
     fn receipt(conv: pb::Conversation, user: &str, kind: ReceiptKind, up_to: u64) -> pb::Receipt {

@@ -282,7 +282,7 @@ pub fn sync_listing(me: &str, after: u64, batch: &pb::SyncBatch) -> Vec<String> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn strings(v: &[&str]) -> Vec<String> {
@@ -304,7 +304,8 @@ mod tests {
         assert_eq!(last_seen(951_782_400_000, 0), "2000-02-29 00:00");
     }
 
-    fn msg(id: u64, from: &str, to: &str, group_id: u64) -> pb::Message {
+    /// A message as the tests of the CLI's modules use it.
+    pub(crate) fn msg(id: u64, from: &str, to: &str, group_id: u64) -> pb::Message {
         pb::Message {
             id,
             from_user: from.into(),
