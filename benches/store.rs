@@ -49,7 +49,7 @@ impl Bench {
             registry,
             groups,
             Vec::new(),
-            Arc::new(swiftlet::bridge::metrics::Metrics::default()),
+            Arc::new(swiftlet::metrics::Metrics::default()),
             Arc::new(swiftlet::cursors::Cursors::new(store.clone())),
             PipelineConfig {
                 node_id: 0,

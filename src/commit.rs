@@ -49,7 +49,7 @@ use swiftlet_protocol::pb::{
 use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
 use crate::auth::valid_id;
-use crate::bridge::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::cursors::Cursors;
 use crate::generations::Generations;
 use crate::groups::{Group, GroupDirectory};

@@ -41,6 +41,7 @@ pub mod generations;
 pub mod groups;
 pub mod ids;
 pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;

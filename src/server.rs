@@ -25,7 +25,7 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
-use crate::bridge::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
 use crate::cursors::Cursors;

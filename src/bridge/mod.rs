@@ -16,9 +16,10 @@
 //! - [`ws`]: WebSocket framing and handshake key.
 //! - [`http`]: request parsing, routing, responses, JSON.
 //! - [`web`]: the embedded page and its scripts.
-//! - [`metrics`]: counters and histograms, rendered for Prometheus.
+//!
+//! `/metrics` renders [`crate::metrics`], which the shards and the commit
+//! pipeline record into as well.
 
 pub mod http;
-pub mod metrics;
 pub mod web;
 pub mod ws;

@@ -55,7 +55,7 @@ use slab::Slab;
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
-use crate::bridge::metrics::Metrics;
+use crate::metrics::Metrics;
 use crate::bridge::ws;
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
 use crate::cursors::Cursors;

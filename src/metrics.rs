@@ -5,6 +5,10 @@
 //! Plain atomics updated where the events happen (the shards and the commit
 //! pipeline), so recording costs one relaxed add and `GET /metrics` reads a
 //! consistent-enough snapshot without stopping anyone.
+//!
+//! It sits at the top of the crate because the shards, the commit pipeline
+//! and the bridge all record into it; it must never import any of them, and
+//! recording must never take a lock or allocate.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
