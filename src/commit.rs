@@ -42,21 +42,20 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 use prost::Message as _;
-use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{
     self, conversation, event::Kind, GroupEventKind, GroupRole, ReceiptKind,
 };
 use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
 use crate::auth::valid_id;
-use crate::metrics::Metrics;
 use crate::cursors::Cursors;
 use crate::generations::Generations;
 use crate::groups::{Group, GroupDirectory};
+use crate::hub::fanout::Outbox;
+use crate::hub::mailbox::{Sent, ShardHandle};
+use crate::hub::registry::{ConnRef, Registry};
 use crate::ids::{unix_ms, IdGen};
-use crate::registry::{ConnRef, Registry};
-use crate::shard::mailbox::{Push, Reply, ShardHandle};
-use crate::shard::unacked::Sent;
+use crate::metrics::Metrics;
 use crate::store::keys::{self, InboxEntry};
 use crate::store::{Batch, Store, StoreError};
 use crate::txn::Undo;
@@ -337,70 +336,6 @@ impl Work {
     }
 }
 
-/// Per-shard buffers of what a group produces, sent after the commit.
-struct Outbox {
-    shards: Vec<ShardHandle>,
-    replies: Vec<Vec<Reply>>,
-    pushes: Vec<Vec<Push>>,
-    conns: Vec<ConnRef>,
-}
-
-impl Outbox {
-    fn new(shards: Vec<ShardHandle>) -> Self {
-        let n = shards.len();
-        Outbox {
-            shards,
-            replies: vec![Vec::new(); n],
-            pushes: (0..n).map(|_| Vec::new()).collect(),
-            conns: Vec::new(),
-        }
-    }
-
-    fn reply(&mut self, to: ConnRef, received: Instant, env: &Envelope) {
-        if let Some(v) = self.replies.get_mut(usize::from(to.shard)) {
-            v.push(Reply {
-                to,
-                frame: frame_bytes(env),
-                received,
-            });
-        }
-    }
-
-    /// Queue a Deliver of `p` to every online device of its user.
-    fn push(&mut self, registry: &Registry, p: &Pending) {
-        self.conns.clear();
-        registry.lookup(&p.user, &mut self.conns);
-        if self.conns.is_empty() {
-            return;
-        }
-        for c in &self.conns {
-            if let Some(v) = self.pushes.get_mut(usize::from(c.shard)) {
-                v.push(Push {
-                    slot: c.slot,
-                    gen: c.gen,
-                    seq: p.seq,
-                    event: p.event.clone(),
-                    sent: p.sent.clone(),
-                });
-            }
-        }
-    }
-
-    /// Hand everything to the shards: one message and one wake-up per
-    /// shard, except `own`, the committing shard, which takes its mailbox
-    /// before it sleeps again.
-    fn dispatch(&mut self, own: Option<usize>) {
-        let committed = Instant::now();
-        for (i, shard) in self.shards.iter().enumerate() {
-            let replies = std::mem::take(&mut self.replies[i]);
-            let pushes = std::mem::take(&mut self.pushes[i]);
-            if !replies.is_empty() || !pushes.is_empty() {
-                shard.deliver(replies, pushes, committed, own != Some(i));
-            }
-        }
-    }
-}
-
 /// What one acknowledgement covers in one conversation.
 #[derive(Debug, Clone)]
 pub struct DeliveredConv {
@@ -416,7 +351,7 @@ pub struct DeliveredConv {
 
 /// Read `user`'s inbox in `(after, up_to]` and summarize the messages from
 /// others by conversation. The shards call it when they no longer hold what
-/// a connection was sent (see [`crate::shard::unacked`]); it runs there,
+/// a connection was sent (see `shard::unacked`); it runs there,
 /// outside the pipeline's lock. It reads [`RECEIPT_SCAN`] events at a time
 /// and keeps only the summary, so its memory grows with the conversations,
 /// not the events; the events are what was delivered to the device, which
@@ -681,7 +616,8 @@ impl Pipeline {
                 self.outbox.reply(*to, *received, env);
             }
             for p in &w.pushes {
-                self.outbox.push(&self.registry, p);
+                self.outbox
+                    .push(&self.registry, &p.user, p.seq, &p.event, p.sent.as_ref());
             }
         } else {
             for (to, received, env) in &w.answers {
@@ -1206,7 +1142,7 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::mailbox::ShardMsg;
+    use crate::hub::mailbox::ShardMsg;
     use crate::store::{FailRead, StoreOptions};
     use swiftlet_protocol::codec::decode_frame;
 

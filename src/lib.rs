@@ -14,14 +14,17 @@
 //!   exactly-once, in-order inbox delivery).
 //! - [`shard`]: one core's event loop; [`shard::conn`] one connection's state,
 //!   [`shard::session`] what each client frame does, [`shard::timer`] the
-//!   timeout wheel, [`shard::mailbox`] how other threads hand a shard work.
+//!   timeout wheel.
+//! - [`hub`]: where the shards and the pipeline meet: [`hub::registry`]
+//!   which user is connected where (and who watches whose presence),
+//!   [`hub::mailbox`] how other threads hand a shard work, [`hub::fanout`]
+//!   one message per shard per group commit.
 //! - [`bridge`]: WebSocket and HTTP (sync, long-poll, send, page, metrics)
 //!   served by the same shards.
 //! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
 //!   atomic writes, then Acks and pushes.
 //! - [`txn`]: savepoints that make each request in a group commit all or nothing.
 //! - [`cursors`]: device cursors acknowledged and not yet written.
-//! - [`registry`]: which user is connected where (and who watches whose presence).
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
 //! - [`generations`]: the two-generation bound on the pipeline's caches.
 //! - [`store`]: RocksDB, the only module that knows it.
@@ -29,6 +32,8 @@
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
 //! - [`logging`]: rate limits for log lines a client or a fault can repeat.
+//! - [`metrics`]: counters and histograms the shards, the pipeline and the
+//!   bridge record into; `/metrics` renders them.
 //! - [`config`]: defaults, TOML file, environment, flags.
 
 pub mod alloc;
@@ -39,10 +44,10 @@ pub mod config;
 pub mod cursors;
 pub mod generations;
 pub mod groups;
+pub mod hub;
 pub mod ids;
 pub mod logging;
 pub mod metrics;
-pub mod registry;
 pub mod server;
 pub mod session;
 pub mod shard;

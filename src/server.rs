@@ -25,13 +25,13 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
-use crate::metrics::Metrics;
 use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
-use crate::registry::Registry;
-use crate::shard::mailbox::{ShardHandle, ShardMsg};
+use crate::hub::mailbox::{ShardHandle, ShardMsg};
+use crate::hub::registry::Registry;
+use crate::metrics::Metrics;
 use crate::shard::{Limits, Shard, ShardCtx, WAKER};
 use crate::store::{Store, StoreError, StoreOptions};
 

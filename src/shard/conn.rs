@@ -237,7 +237,7 @@ impl Conn {
     }
 
     /// Queue a Deliver of inbox event `seq`, given as `Event { seq: 0, .. }`
-    /// encoded (see [`Push`](super::mailbox::Push)).
+    /// encoded (see [`Push`](crate::hub::mailbox::Push)).
     pub fn send_deliver(&mut self, seq: u64, event_without_seq: &[u8]) {
         match self.transport {
             Transport::Tcp => write_deliver_frame(self.out(), seq, event_without_seq),

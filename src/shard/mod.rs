@@ -6,7 +6,7 @@
 //! scratch buffer that every read goes through, and a timing wheel for
 //! handshake, idle and slow-consumer timeouts. A connection lives and dies on
 //! its shard; nothing else touches it. Other threads reach the shard only
-//! through its [`mailbox`], never through a lock held across I/O.
+//! through its [`mailbox`](crate::hub::mailbox), never through a lock held across I/O.
 //!
 //! One turn of the loop: wait for readiness (or the next tick); accept; read
 //! and decode frames one at a time and run each through [`session::handle`]
@@ -37,7 +37,6 @@
 
 pub mod conn;
 pub mod input;
-pub mod mailbox;
 pub mod session;
 pub mod timer;
 mod turn;
@@ -55,22 +54,21 @@ use slab::Slab;
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
-use crate::metrics::Metrics;
 use crate::bridge::ws;
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
-use crate::registry::{ConnRef, Registry};
+use crate::hub::mailbox::{Reply, Sent, ShardHandle, ShardMsg};
+use crate::hub::registry::{ConnRef, Registry};
+use crate::metrics::Metrics;
 use crate::session::delivery;
 use crate::store::Store;
 use conn::{Carries, Conn, Phase, Transport};
 pub use input::Fatal;
 use input::Input;
-use mailbox::{Reply, ShardHandle, ShardMsg};
 use session::{Acked, Flow, ShardSessions};
 use timer::{Wheel, TICK_MS};
 use turn::TurnClock;
-use unacked::Sent;
 
 pub const LISTENER: Token = Token(usize::MAX);
 pub const WAKER: Token = Token(usize::MAX - 1);

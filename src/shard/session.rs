@@ -22,7 +22,7 @@ use super::ShardCtx;
 use crate::auth::valid_id;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
 use crate::groups::{page_limit, MAX_INFO_MEMBERS};
-use crate::registry::ConnRef;
+use crate::hub::registry::ConnRef;
 use crate::session::delivery::Delivery;
 use crate::store::keys;
 

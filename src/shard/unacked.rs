@@ -7,7 +7,7 @@
 //! read (an iterator over the inbox range, then the messages it references)
 //! was one of the largest costs of a delivery. The shard knows the answer
 //! already: it wrote those messages to the socket a moment earlier. Each
-//! [`Push`](super::mailbox::Push) of a message carries a shared [`Sent`], and
+//! [`Push`](crate::hub::mailbox::Push) of a message carries a shared [`Sent`], and
 //! the catch-up path records what it reads from the store.
 //!
 //! Only connections with messages in flight have an entry, so an idle
@@ -19,17 +19,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::hub::mailbox::Sent;
+
 /// Most unacknowledged messages remembered per connection.
 pub const MAX_UNACKED: usize = 512;
-
-/// What a delivered receipt needs to know about a message.
-#[derive(Debug)]
-pub struct Sent {
-    pub id: u64,
-    pub from: Arc<str>,
-    /// 0 for a direct message.
-    pub group_id: u64,
-}
 
 struct Entry {
     gen: u32,

@@ -13,7 +13,7 @@ use super::session;
 use super::{ticks, Shard};
 use crate::bridge::{http, web as assets, ws};
 use crate::commit::{CommitCmd, Op, Origin};
-use crate::registry::ConnRef;
+use crate::hub::registry::ConnRef;
 use crate::session::delivery::Delivery;
 
 /// Longest long-poll wait, in seconds.

@@ -13,6 +13,10 @@
 //! Ephemeral notices come from any client's Typing and presence changes, so
 //! they are counted: past [`MAX_EPHEMERAL_QUEUED`] waiting for one shard,
 //! more are dropped (they are best effort by contract).
+//!
+//! It lives in [`crate::hub`] because the pipeline and other shards fill a
+//! shard's mailbox and the shard empties it: it must never import either
+//! side.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,8 +25,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 
-use crate::registry::ConnRef;
-use crate::shard::unacked::Sent;
+use super::registry::ConnRef;
 
 /// One inbox event for one connection.
 #[derive(Debug, Clone)]
@@ -37,8 +40,19 @@ pub struct Push {
     /// connection's output buffer, so fan-out allocates nothing per member.
     pub event: Bytes,
     /// For a message: its sender and conversation, remembered until the
-    /// connection acknowledges it (see [`super::unacked`]).
+    /// connection acknowledges it (see `shard::unacked`).
     pub sent: Option<Arc<Sent>>,
+}
+
+/// What a delivered receipt needs to know about a message: made once by the
+/// pipeline per message, shared by its pushes, and kept by each shard until
+/// the connection acknowledges it.
+#[derive(Debug)]
+pub struct Sent {
+    pub id: u64,
+    pub from: Arc<str>,
+    /// 0 for a direct message.
+    pub group_id: u64,
 }
 
 /// An answer to one request, with when the shard read that request (the

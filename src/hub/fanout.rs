@@ -1,0 +1,95 @@
+//! Per-shard fan-out of what one group commit produces: the answers to its
+//! requests and the Deliver pushes of its events, grouped by the shard that
+//! holds each connection, then handed over as one [`ShardMsg::Deliver`]
+//! and one wake-up per shard per group (the committing shard takes its own
+//! share in the same turn, without a wake-up).
+//!
+//! The pipeline fills an [`Outbox`] only once the group's batch is durable
+//! (or with the errors that replace its answers when the write failed), so
+//! nothing here is ever taken back. It must never decide what to send: it
+//! only routes, through the [`Registry`], and it never blocks (the shards'
+//! mailboxes are unbounded for deliveries; see [`super::mailbox`]).
+//!
+//! [`ShardMsg::Deliver`]: super::mailbox::ShardMsg::Deliver
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use swiftlet_protocol::codec::frame_bytes;
+use swiftlet_protocol::Envelope;
+
+use super::mailbox::{Push, Reply, Sent, ShardHandle};
+use super::registry::{ConnRef, Registry};
+
+/// Per-shard buffers of what a group produces, sent after the commit.
+pub struct Outbox {
+    shards: Vec<ShardHandle>,
+    replies: Vec<Vec<Reply>>,
+    pushes: Vec<Vec<Push>>,
+    conns: Vec<ConnRef>,
+}
+
+impl Outbox {
+    pub fn new(shards: Vec<ShardHandle>) -> Self {
+        let n = shards.len();
+        Outbox {
+            shards,
+            replies: vec![Vec::new(); n],
+            pushes: (0..n).map(|_| Vec::new()).collect(),
+            conns: Vec::new(),
+        }
+    }
+
+    pub fn reply(&mut self, to: ConnRef, received: Instant, env: &Envelope) {
+        if let Some(v) = self.replies.get_mut(usize::from(to.shard)) {
+            v.push(Reply {
+                to,
+                frame: frame_bytes(env),
+                received,
+            });
+        }
+    }
+
+    /// Queue a Deliver of `event` at inbox `seq` to every online device of
+    /// `user`.
+    pub fn push(
+        &mut self,
+        registry: &Registry,
+        user: &str,
+        seq: u64,
+        event: &Bytes,
+        sent: Option<&Arc<Sent>>,
+    ) {
+        self.conns.clear();
+        registry.lookup(user, &mut self.conns);
+        if self.conns.is_empty() {
+            return;
+        }
+        for c in &self.conns {
+            if let Some(v) = self.pushes.get_mut(usize::from(c.shard)) {
+                v.push(Push {
+                    slot: c.slot,
+                    gen: c.gen,
+                    seq,
+                    event: event.clone(),
+                    sent: sent.cloned(),
+                });
+            }
+        }
+    }
+
+    /// Hand everything to the shards: one message and one wake-up per
+    /// shard, except `own`, the committing shard, which takes its mailbox
+    /// before it sleeps again.
+    pub fn dispatch(&mut self, own: Option<usize>) {
+        let committed = Instant::now();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let replies = std::mem::take(&mut self.replies[i]);
+            let pushes = std::mem::take(&mut self.pushes[i]);
+            if !replies.is_empty() || !pushes.is_empty() {
+                shard.deliver(replies, pushes, committed, own != Some(i));
+            }
+        }
+    }
+}
