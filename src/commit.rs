@@ -395,15 +395,15 @@ pub fn add_delivered(
     if from == user {
         return;
     }
-    let (key, seen_as) = if group_id != 0 {
-        (keys::group_conversation(group_id), group_conv(group_id))
+    let seen_as = if group_id != 0 {
+        group_conv(group_id)
     } else {
-        (keys::direct_conversation(user, from), direct(user))
+        direct(user)
     };
     merge_conv(
         convs,
         DeliveredConv {
-            key,
+            key: keys::conversation_of(group_id, user, from),
             seen_as,
             newest: id,
             senders: vec![from.to_owned()],
@@ -431,15 +431,6 @@ fn merge_conv(into: &mut Vec<DeliveredConv>, c: DeliveredConv) {
             }
         }
         None => into.push(c),
-    }
-}
-
-/// The `status` key of the conversation a message belongs to.
-fn conversation_of(m: &pb::Message) -> Vec<u8> {
-    if m.group_id != 0 {
-        keys::group_conversation(m.group_id)
-    } else {
-        keys::direct_conversation(&m.from_user, &m.to_user)
     }
 }
 
@@ -764,10 +755,7 @@ impl Pipeline {
             None if *send.to_user == *o.user => vec![o.user.clone()],
             None => vec![Arc::from(send.to_user.as_str()), o.user.clone()],
         };
-        let conv = match &group {
-            Some(g) => keys::group_conversation(g.id),
-            None => keys::direct_conversation(&o.user, &send.to_user),
-        };
+        let conv = keys::conversation_of(send.group_id, &o.user, &send.to_user);
         // Reads first: nothing is put until every seq is known.
         let seqs = recipients
             .iter()
@@ -1049,7 +1037,7 @@ impl Pipeline {
         // "newest" record.
         let up_to_conv = match w.written.get(&req.up_to) {
             Some(c) => Some(c.clone()),
-            None => self.store.message(req.up_to)?.map(|m| conversation_of(&m)),
+            None => self.store.message_conversation(req.up_to)?,
         };
         if up_to_conv.as_deref() != Some(conv.as_slice()) {
             return refuse(

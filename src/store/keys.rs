@@ -140,6 +140,16 @@ pub fn group_conversation(group: u64) -> Vec<u8> {
     k
 }
 
+/// The key of the conversation a message belongs to: group `group_id`'s,
+/// or when that is 0, the 1:1 chat of `a` and `b` (in either order).
+pub fn conversation_of(group_id: u64, a: &str, b: &str) -> Vec<u8> {
+    if group_id != 0 {
+        group_conversation(group_id)
+    } else {
+        direct_conversation(a, b)
+    }
+}
+
 /// `conversation ‖ 0x00 ‖ user`.
 pub fn status_key(conversation: &[u8], user: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(conversation.len() + 1 + user.len());
@@ -224,6 +234,11 @@ mod conversation_tests {
             direct_conversation("a", "bc"),
             direct_conversation("ab", "c")
         );
+        assert_eq!(
+            conversation_of(0, "bob", "alice"),
+            direct_conversation("alice", "bob")
+        );
+        assert_eq!(conversation_of(7, "bob", "alice"), group_conversation(7));
         assert_eq!(decode_u64_pair(&u64_pair(3, 9)).ok(), Some((3, 9)));
         assert!(decode_u64_pair(&[0; 15]).is_err());
     }

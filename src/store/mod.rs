@@ -848,6 +848,14 @@ impl Store {
         }
     }
 
+    /// The `status` key of the conversation message `id` belongs to (see
+    /// [`keys::conversation_of`]), or `None` if there is no such message.
+    pub fn message_conversation(&self, id: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .message(id)?
+            .map(|m| keys::conversation_of(m.group_id, &m.from_user, &m.to_user)))
+    }
+
     /// A group with its members.
     pub fn group(&self, id: u64) -> Result<Option<pb::GroupInfo>, StoreError> {
         match self
