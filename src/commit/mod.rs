@@ -1,0 +1,195 @@
+//! The commit pipeline: turns requests into durable writes, then tells the
+//! shards what to answer and push.
+//!
+//! The way of a request through it:
+//!
+//! 1. A shard reads a request that changes durable state and queues a
+//!    [`CommitCmd`] with [`CommitHandle::submit`] (a bounded queue: a full
+//!    one is an answer for the client, never a blocked loop).
+//! 2. At the end of the same loop turn the shard runs the pipeline itself,
+//!    [`CommitHandle::combine`]: whichever shard takes the pipeline's lock
+//!    commits what is queued, its own commands and the other shards' (flat
+//!    combining, `combine.rs`; no commit thread to wake and wait for).
+//! 3. One group commit (`group.rs`) takes up to [`MAX_GROUP`] commands and
+//!    applies each in order into one RocksDB batch, each request from a
+//!    savepoint ([`crate::txn`]) so that a refused request, or one whose
+//!    store read fails midway, leaves nothing behind. What a request does
+//!    lives with its family: `sends.rs` (dedup, message ids, the
+//!    recipients' inboxes), `groups.rs` (membership changes), `receipts.rs`
+//!    (delivered and read watermarks and their events), `presence.rs`
+//!    (last seen, privacy). Every inbox event takes its user's next
+//!    sequence number from `seqs.rs`.
+//! 4. The batch is written once: one write-ahead-log record for many
+//!    requests (group commit). Only after that write returns are the
+//!    answers and Deliver pushes handed to [`crate::hub::fanout`], which
+//!    gives each shard one message and one wake-up per group (the
+//!    committing shard takes its own share in the same turn, without a
+//!    wake-up). If the write fails, every answer of the group becomes
+//!    `STORE_UNAVAILABLE`, nothing is pushed, and the cached sequence
+//!    numbers and groups are dropped so they are re-read from the store.
+//!
+//! One committer at a time is what makes the invariants cheap: inbox
+//! sequence numbers are gap-free and in commit order per user, a post and a
+//! membership change to the same group are strictly ordered (a removed
+//! member gets nothing posted after the removal), and watermarks only grow.
+//!
+//! This module is the pipeline's public face: the commands, the handle and
+//! [`start`]. The pipeline reaches the shards only through [`crate::hub`]
+//! and must never import `crate::shard`; it reads and writes durable state
+//! only through [`Store`] methods, and leaves the layout of storage keys
+//! to [`crate::store::keys`].
+
+mod combine;
+mod group;
+mod groups;
+mod presence;
+mod receipts;
+mod sends;
+mod seqs;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use swiftlet_protocol::pb;
+
+use crate::cursors::Cursors;
+use crate::generations::Generations;
+use crate::groups::GroupDirectory;
+use crate::hub::fanout::Outbox;
+use crate::hub::mailbox::ShardHandle;
+use crate::hub::registry::{ConnRef, Registry};
+use crate::ids::IdGen;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use combine::{Combiner, Wake};
+use group::Pipeline;
+pub use receipts::{add_delivered, merge_delivered, summarize_delivered, DeliveredConv};
+use seqs::HEADS_PER_GENERATION;
+
+/// Most commands folded into one write batch.
+pub const MAX_GROUP: usize = 1024;
+/// Most users a GroupEvent lists (see `GroupEvent.users` in the protocol).
+pub const MAX_EVENT_USERS: usize = 64;
+/// Longest group name, in bytes.
+pub const MAX_GROUP_NAME: usize = 128;
+
+/// Who asked, and where the answer goes.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub reply: ConnRef,
+    pub request_id: u64,
+    pub user: Arc<str>,
+    pub device: Arc<str>,
+    /// When the shard read the request.
+    pub received: Instant,
+}
+
+/// A request that changes durable state.
+#[derive(Debug)]
+pub enum Op {
+    Send(pb::Send),
+    CreateGroup(pb::CreateGroup),
+    AddMembers(pb::AddMembers),
+    RemoveMembers(pb::RemoveMembers),
+    LeaveGroup(pb::LeaveGroup),
+    RenameGroup(pb::RenameGroup),
+    MarkRead(pb::MarkRead),
+    SetPrivacy(pb::SetPrivacy),
+}
+
+/// Work for the pipeline.
+pub enum CommitCmd {
+    /// A client request; answered to `origin.reply` after the commit.
+    Request(Origin, Op),
+    /// A device of `user` acknowledged its inbox up to `up_to`: write its
+    /// cursor (pending in [`Cursors`] until then), and the delivered
+    /// receipts of `convs`, the conversations that covers (summarized by the
+    /// shard, from what it sent or with [`summarize_delivered`]).
+    Acknowledged {
+        user: Arc<str>,
+        device: Arc<str>,
+        up_to: u64,
+        convs: Vec<DeliveredConv>,
+    },
+    /// The user's last connection closed.
+    LastSeen { user: Arc<str>, at_ms: u64 },
+}
+
+/// Why a command was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("commit queue full")]
+    Busy,
+}
+
+/// The shards' way in. Cheap to clone.
+#[derive(Clone)]
+pub struct CommitHandle {
+    combiner: Combiner<Pipeline, ShardHandle>,
+}
+
+impl CommitHandle {
+    /// Queue `cmd` without blocking. It is committed by the caller's next
+    /// [`CommitHandle::combine`], or by whichever shard commits first.
+    pub fn submit(&self, cmd: CommitCmd) -> Result<(), SubmitError> {
+        self.combiner.submit(cmd).map_err(|_| SubmitError::Busy)
+    }
+
+    /// Queue `cmd`; while the queue is full, commit from it to make room.
+    pub fn submit_waiting(&self, cmd: CommitCmd) {
+        self.combiner.submit_waiting(cmd);
+    }
+
+    /// Commit one group of what is queued, unless another thread is
+    /// committing: that one looks at the queue again once it is done.
+    /// `own` is the calling shard, which takes its share of the answers and
+    /// pushes from its mailbox after this returns (so it is not woken).
+    pub fn combine(&self, own: Option<usize>) {
+        self.combiner.combine(own);
+    }
+
+    /// Block until everything queued so far is committed and handed to the
+    /// shards (graceful shutdown, benches, tests).
+    pub fn flush(&self) {
+        self.combiner.flush();
+    }
+}
+
+impl Wake for ShardHandle {
+    fn wake(&self) {
+        ShardHandle::wake(self);
+    }
+}
+
+/// What the pipeline needs besides the store.
+pub struct PipelineConfig {
+    pub node_id: u16,
+    pub queue: usize,
+    pub max_group_members: usize,
+}
+
+/// Create the pipeline; the shards run it through the returned handle.
+pub fn start(
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    groups: Arc<GroupDirectory>,
+    shards: Vec<ShardHandle>,
+    metrics: Arc<Metrics>,
+    cursors: Arc<Cursors>,
+    config: PipelineConfig,
+) -> CommitHandle {
+    let pipeline = Pipeline {
+        store,
+        registry,
+        groups,
+        metrics,
+        cursors,
+        outbox: Outbox::new(shards.clone()),
+        ids: IdGen::new(config.node_id),
+        max_group_members: config.max_group_members,
+        heads: Generations::new(HEADS_PER_GENERATION),
+    };
+    CommitHandle {
+        combiner: Combiner::new(pipeline, config.queue, shards),
+    }
+}
