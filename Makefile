@@ -20,9 +20,11 @@ run: build
 	$(BIN)/swiftlet serve $(ARGS)
 
 ## Every test: unit, codec, integration (real server, real RocksDB, kill -9),
+## the loom model of flat combining (src/commit/combine.rs, a few seconds),
 ## then the web page in headless Chromium (installs chromium and playwright-core if missing).
 test: setup
 	cargo nextest run --release --workspace --no-fail-fast
+	cargo nextest run --release --features loom --test loom_combine
 	cargo build --release --workspace
 	tools/scripts/browser-test.sh
 

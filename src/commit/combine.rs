@@ -23,14 +23,15 @@
 //! This module owns the queue, the lock and the wake-ups, and nothing else:
 //! it is generic over what is committed ([`Committer`]) and who is woken
 //! ([`Wake`]), so it never names a store, a command or a shard. It must
-//! never block a shard except in [`Combiner::submit_waiting`] and
-//! [`Combiner::flush`], which say so.
+//! never make a shard wait for another: [`Combiner::combine`] only tries
+//! the lock (only [`Combiner::submit_waiting`] and [`Combiner::flush`]
+//! wait for it, and say so).
 //!
-//! With the `loom` feature it runs on loom's atomics, `Arc` and mutex, and a
-//! bounded queue built from them that is as linearizable as crossbeam's and,
-//! like crossbeam's, answers `is_empty` from two counters without a lock.
-//! The feature exists for the model only: the rest of the crate then works
-//! only inside `loom::model`.
+//! With the `loom` feature it runs on loom's atomics and `Arc`, and on a
+//! lock and a bounded queue built from them (`model`, below) that promise
+//! no more ordering than parking_lot's and crossbeam's. The feature exists
+//! for the model only: the rest of the crate then works only inside
+//! `loom::model`.
 
 #[cfg(not(feature = "loom"))]
 use std::sync::{
@@ -205,38 +206,96 @@ impl<C: Committer, W: Wake> Combiner<C, W> {
 /// The loom stand-ins for parking_lot's mutex and crossbeam's bounded
 /// channel: the same method names and shapes, so the code above is the same
 /// code under the model.
+///
+/// Both are built on loom atomics with the orderings the real ones give at
+/// the least: acquire/release. Not on loom's `Mutex`, which loom takes to
+/// be sequentially consistent (each lock and unlock orders everything, like
+/// a `SeqCst` fence), and not on `SeqCst` accesses, whose loads loom lets
+/// see only the newest `SeqCst` store: either would order the hand-off by
+/// itself and hide a missing fence, where parking_lot's lock word is only
+/// acquire/release. What the model finds with the fences alone holds for
+/// the stronger real types. The data behind them sits in parking_lot
+/// mutexes that loom does not see and that are never contended (taking one
+/// with `try_lock` checks that).
 #[cfg(feature = "loom")]
 mod model {
     use std::collections::VecDeque;
+    use std::ops::{Deref, DerefMut};
 
-    use loom::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use loom::sync::atomic::{
+        AtomicBool, AtomicUsize,
+        Ordering::{Acquire, Relaxed, Release},
+    };
     use loom::sync::Arc;
 
-    /// parking_lot's API over loom's mutex (a panic while locked aborts the
-    /// model anyway, so poisoning is ignored).
-    pub struct Mutex<T>(loom::sync::Mutex<T>);
+    /// parking_lot's lock: a flag taken by an acquire compare-exchange and
+    /// given back by a release swap.
+    pub struct Mutex<T> {
+        locked: AtomicBool,
+        data: parking_lot::Mutex<T>,
+    }
+
+    pub struct MutexGuard<'a, T> {
+        data: Option<parking_lot::MutexGuard<'a, T>>,
+        locked: &'a AtomicBool,
+    }
 
     impl<T> Mutex<T> {
         pub fn new(t: T) -> Self {
-            Mutex(loom::sync::Mutex::new(t))
+            Mutex {
+                locked: AtomicBool::new(false),
+                data: parking_lot::Mutex::new(t),
+            }
         }
 
-        pub fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
-            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            self.locked
+                .compare_exchange(false, true, Acquire, Relaxed)
+                .ok()?;
+            let data = self.data.try_lock();
+            assert!(data.is_some(), "two threads hold the lock");
+            Some(MutexGuard {
+                data,
+                locked: &self.locked,
+            })
         }
 
-        pub fn try_lock(&self) -> Option<loom::sync::MutexGuard<'_, T>> {
-            self.0.try_lock().ok()
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            loop {
+                if let Some(guard) = self.try_lock() {
+                    return guard;
+                }
+                loom::thread::yield_now();
+            }
         }
     }
 
-    /// A bounded queue. Its items sit behind a lock, so pushes and pops are
-    /// linearizable; `is_empty` reads the two counters without the lock, as
-    /// crossbeam's array channel compares its head and tail, so a thread
-    /// can see the queue empty after another pushed unless something (the
-    /// fences) orders the two.
+    impl<T> Deref for MutexGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            self.data.as_deref().expect("held until dropped")
+        }
+    }
+
+    impl<T> DerefMut for MutexGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            self.data.as_deref_mut().expect("held until dropped")
+        }
+    }
+
+    impl<T> Drop for MutexGuard<'_, T> {
+        fn drop(&mut self) {
+            self.data = None;
+            self.locked.swap(false, Release);
+        }
+    }
+
+    /// A bounded queue. `is_empty` compares two counters, as crossbeam's
+    /// array channel compares its head and tail, so a thread can see the
+    /// queue empty after another pushed unless something orders the two.
+    /// `try_recv` believes the counters too, then takes the item.
     struct Chan<T> {
-        items: loom::sync::Mutex<VecDeque<T>>,
+        items: parking_lot::Mutex<VecDeque<T>>,
         cap: usize,
         pushed: AtomicUsize,
         popped: AtomicUsize,
@@ -256,7 +315,7 @@ mod model {
 
     pub fn bounded<T>(cap: usize) -> (Sender<T>, Receiver<T>) {
         let chan = Arc::new(Chan {
-            items: loom::sync::Mutex::new(VecDeque::new()),
+            items: parking_lot::Mutex::new(VecDeque::new()),
             cap,
             pushed: AtomicUsize::new(0),
             popped: AtomicUsize::new(0),
@@ -272,27 +331,32 @@ mod model {
 
     impl<T> Sender<T> {
         pub fn try_send(&self, t: T) -> Result<(), TrySendError<T>> {
-            let mut items = self.0.items.lock().unwrap_or_else(|e| e.into_inner());
-            if items.len() >= self.0.cap {
-                return Err(TrySendError(t));
+            {
+                let mut items = self.0.items.lock();
+                if items.len() >= self.0.cap {
+                    return Err(TrySendError(t));
+                }
+                items.push_back(t);
             }
-            items.push_back(t);
-            self.0.pushed.fetch_add(1, SeqCst);
+            self.0.pushed.fetch_add(1, Release);
             Ok(())
         }
     }
 
     impl<T> Receiver<T> {
+        /// Only the lock holder receives.
         pub fn try_recv(&self) -> Result<T, ()> {
-            let mut items = self.0.items.lock().unwrap_or_else(|e| e.into_inner());
-            let t = items.pop_front().ok_or(())?;
-            self.0.popped.fetch_add(1, SeqCst);
+            if self.is_empty() {
+                return Err(());
+            }
+            let t = self.0.items.lock().pop_front().ok_or(())?;
+            self.0.popped.fetch_add(1, Release);
             Ok(t)
         }
 
         pub fn is_empty(&self) -> bool {
-            let popped = self.0.popped.load(SeqCst);
-            let pushed = self.0.pushed.load(SeqCst);
+            let popped = self.0.popped.load(Acquire);
+            let pushed = self.0.pushed.load(Acquire);
             pushed == popped
         }
     }
