@@ -21,8 +21,9 @@
 //!   one message per shard per group commit.
 //! - [`bridge`]: WebSocket and HTTP (sync, long-poll, send, page, metrics)
 //!   served by the same shards.
-//! - [`commit`]: the group-commit pipeline: dedup, ids, inbox sequences,
-//!   atomic writes, then Acks and pushes.
+//! - [`commit`]: the group-commit pipeline, run by the shards in turn (flat
+//!   combining): dedup, ids, inbox sequences, atomic writes, then Acks and
+//!   pushes through [`hub`].
 //! - [`txn`]: savepoints that make each request in a group commit all or nothing.
 //! - [`cursors`]: device cursors acknowledged and not yet written.
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
