@@ -66,6 +66,7 @@ impl<K, V> Default for Undo<K, V> {
 
 impl<K: Clone, V> Undo<K, V> {
     /// Set `key` to `value` in `state`, remembering what it held.
+    #[inline]
     pub fn set(&mut self, state: &mut impl Restore<K, V>, key: K, value: V) {
         let prior = state.replace(key.clone(), Some(value));
         self.log.push((key, prior));

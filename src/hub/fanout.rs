@@ -41,6 +41,7 @@ impl Outbox {
         }
     }
 
+    #[inline]
     pub fn reply(&mut self, to: ConnRef, received: Instant, env: &Envelope) {
         if let Some(v) = self.replies.get_mut(usize::from(to.shard)) {
             v.push(Reply {
@@ -53,6 +54,7 @@ impl Outbox {
 
     /// Queue a Deliver of `event` at inbox `seq` to every online device of
     /// `user`.
+    #[inline]
     pub fn push(
         &mut self,
         registry: &Registry,
@@ -82,6 +84,7 @@ impl Outbox {
     /// Hand everything to the shards: one message and one wake-up per
     /// shard, except `own`, the committing shard, which takes its mailbox
     /// before it sleeps again.
+    #[inline]
     pub fn dispatch(&mut self, own: Option<usize>) {
         let committed = Instant::now();
         for (i, shard) in self.shards.iter().enumerate() {
