@@ -446,8 +446,10 @@ impl Shard {
             };
             let short = n < self.scratch.len() && !conn.peer_closed;
             match (conn.phase, conn.transport) {
-                // Discarded: a closing connection is read only for its EOF.
-                (Phase::Closing, _) => reads_left += 1,
+                // Discarded: a closing connection is read only for its EOF
+                // (within the same share per turn: a peer that keeps
+                // sending cannot hold the shard through its grace period).
+                (Phase::Closing, _) => {}
                 (_, Transport::Http) => {
                     // A request may span many reads. An upgrade turns the
                     // connection into a WebSocket, whose first frames may
