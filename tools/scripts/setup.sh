@@ -2,6 +2,7 @@
 # Installs what building and testing swiftlet needs on a fresh Debian machine,
 # and only what is missing:
 #   - libclang (Debian libclang-dev): the rocksdb crate's bindgen needs it.
+#   - redis-server (Debian redis-server): cluster tests start their own.
 #   - cargo-nextest: the test runner (installed from crates.io if absent).
 # protoc is not needed: the .proto files are compiled by protox (pure Rust).
 set -euo pipefail
@@ -12,6 +13,11 @@ if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ldconfig -p 2>/dev
 fi
 if ! command -v cc >/dev/null 2>&1 || ! command -v c++ >/dev/null 2>&1; then
   need_apt+=(build-essential)
+fi
+# A real redis-server for the cluster tests, which start their own on a free
+# loopback port (never the system service).
+if ! command -v redis-server >/dev/null 2>&1; then
+  need_apt+=(redis-server)
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
