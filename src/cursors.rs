@@ -4,11 +4,11 @@
 //! not write the cursor itself: it hands it to the commit pipeline, which
 //! writes it in its next group commit, in the same batch as the delivered
 //! receipts the acknowledgement implies. That keeps the pipeline the only
-//! writer on the hot path. A shard that wrote a small cursor batch of its
-//! own each turn (as it once did) joined the pipeline's RocksDB write
-//! groups: it then stalled its own connections while a large batch was
-//! written, and the committer yielded to it while the shard led a write, a
-//! 2-4 ms wait whenever the shard was descheduled (`perf sched timehist`).
+//! writer on the hot path: a shard writing cursor batches of its own would
+//! join the pipeline's RocksDB write groups, stall its own connections
+//! while a large batch is written, and make the committer wait for it
+//! whenever it leads a write and is descheduled (2-4 ms waits when shards
+//! did so).
 //!
 //! In between, the cursor is *pending* here, so a login reads
 //! acknowledged-but-not-yet-written cursors as well as stored ones:
