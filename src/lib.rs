@@ -24,6 +24,10 @@
 //! - [`commit`]: the group-commit pipeline, run by the shards in turn (flat
 //!   combining): dedup, ids, inbox sequences, atomic writes, then Acks and
 //!   pushes through [`hub`].
+//! - [`cluster`]: what crosses nodes, as narrow interfaces with their
+//!   guarantees (ownership of partitions, ephemeral notices, presence,
+//!   durable hand-off); [`cluster::local`] the single-node implementation
+//!   (a Redis one will be its sibling).
 //! - [`txn`]: savepoints that make each request in a group commit all or nothing.
 //! - [`cursors`]: device cursors acknowledged and not yet written.
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
@@ -40,6 +44,7 @@
 pub mod alloc;
 pub mod auth;
 pub mod bridge;
+pub mod cluster;
 pub mod commit;
 pub mod config;
 pub mod cursors;

@@ -25,6 +25,8 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
+use crate::cluster::local::{LocalEphemeral, LocalOwnership, LocalPresence};
+use crate::cluster::{Ephemeral, Ownership, Presence};
 use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
 use crate::cursors::Cursors;
@@ -179,6 +181,15 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         },
     );
     let shard_handles: Arc<[ShardHandle]> = handles.clone().into();
+    // The single-node implementations; a cluster swaps these for
+    // `cluster::redis`'s without touching the shards.
+    let ownership: Arc<dyn Ownership> = Arc::new(LocalOwnership);
+    let ephemeral: Arc<dyn Ephemeral> = Arc::new(LocalEphemeral::new(
+        registry.clone(),
+        watchers.clone(),
+        shard_handles.clone(),
+    ));
+    let presence: Arc<dyn Presence> = Arc::new(LocalPresence::new(registry.clone(), store.clone()));
     let auth = Authenticator::new(secret, config.dev_auth);
     let limits = Limits {
         max_frame: config.max_frame,
@@ -205,6 +216,9 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             watchers: watchers.clone(),
             groups: groups.clone(),
             shards: shard_handles.clone(),
+            ownership: ownership.clone(),
+            ephemeral: ephemeral.clone(),
+            presence: presence.clone(),
             metrics: metrics.clone(),
             cursors: cursors.clone(),
             commit: commit.clone(),

@@ -55,6 +55,7 @@ use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
 use crate::bridge::ws;
+use crate::cluster::{Ephemeral, Ownership, Presence};
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
@@ -148,8 +149,14 @@ pub struct ShardCtx {
     pub commit: CommitHandle,
     pub auth: Authenticator,
     pub limits: Limits,
-    /// Every shard's mailbox, this one's included (ephemeral pushes).
+    /// Every shard's mailbox, this one's included.
     pub shards: Arc<[ShardHandle]>,
+    /// Which node is home to each user (asked at login).
+    pub ownership: Arc<dyn Ownership>,
+    /// Where typing and presence notices go.
+    pub ephemeral: Arc<dyn Ephemeral>,
+    /// Who is online, and last seen.
+    pub presence: Arc<dyn Presence>,
     pub metrics: Arc<Metrics>,
     /// Device cursors acknowledged and not yet written.
     pub cursors: Arc<Cursors>,

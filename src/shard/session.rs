@@ -11,7 +11,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
@@ -20,6 +19,7 @@ use super::conn::{Carries, Conn, Phase, Transport};
 use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
+use crate::cluster::Home;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
 use crate::groups::{page_limit, MAX_INFO_MEMBERS};
 use crate::hub::registry::ConnRef;
@@ -222,6 +222,16 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx)
         Ok(u) => u,
         Err(e) => return Flow::Close(rid, e.code, e.reason),
     };
+    // A single node is home to everyone; in a cluster a user is served
+    // only by their home node, so their devices, inbox and cursors stay
+    // together. The answer will become a typed redirect to that node.
+    if let Home::Remote { node, .. } = ctx.ownership.home_of_user(&user) {
+        return Flow::Close(
+            rid,
+            ErrorCode::ShuttingDown,
+            format!("this user is served by node {node}; reconnect there"),
+        );
+    }
     // Registered before the inbox head is read: a message committed after
     // that read is pushed to this connection (its push is looked up after
     // its commit), and one committed before is at or below the head, which
@@ -642,24 +652,15 @@ pub fn send_typing(
     target: &TypingTarget,
     state: TypingState,
 ) {
-    conns.clear();
-    let conversation = match target {
+    let (conversation, group) = match target {
         // Never to the typist's own devices.
         TypingTarget::User(peer) if **peer == *typist => return,
-        TypingTarget::User(peer) => {
-            ctx.registry.lookup(peer, conns);
-            conversation::Kind::User(typist.to_owned())
-        }
+        TypingTarget::User(_) => (conversation::Kind::User(typist.to_owned()), None),
         TypingTarget::Group(id) => {
             let Ok(Some(g)) = ctx.groups.get(*id) else {
                 return;
             };
-            for m in g.members() {
-                if **m != *typist {
-                    ctx.registry.lookup(m, conns);
-                }
-            }
-            conversation::Kind::GroupId(*id)
+            (conversation::Kind::GroupId(*id), Some(g))
         }
     };
     let frame = frame_bytes(&Envelope::new(
@@ -677,70 +678,63 @@ pub fn send_typing(
             },
         }),
     ));
-    push_ephemeral(ctx, conns, frame);
-}
-
-/// Send one frame to many live connections, one mailbox message per shard.
-pub fn push_ephemeral(ctx: &ShardCtx, conns: &[ConnRef], frame: Bytes) {
-    if conns.is_empty() {
-        return;
-    }
-    let mut per_shard: Vec<Vec<(u32, u32)>> = vec![Vec::new(); ctx.shards.len()];
-    for c in conns {
-        if let Some(v) = per_shard.get_mut(usize::from(c.shard)) {
-            v.push((c.slot, c.gen));
+    // Each branch passes its own concrete iterator: no allocation per
+    // notice for a boxed one.
+    match (target, group) {
+        (TypingTarget::User(peer), _) => {
+            ctx.ephemeral
+                .to_users(&mut std::iter::once(&**peer), conns, frame);
         }
-    }
-    for (shard, targets) in ctx.shards.iter().zip(per_shard) {
-        if !targets.is_empty() {
-            // Best effort: dropped when that shard is far behind.
-            shard.send_ephemeral(targets, frame.clone());
+        (TypingTarget::Group(_), Some(g)) => {
+            let mut others = g.members().map(|m| &**m).filter(|m| *m != typist);
+            ctx.ephemeral.to_users(&mut others, conns, frame);
         }
+        (TypingTarget::Group(_), None) => {}
     }
 }
 
 /// Tell the watchers of `user` that they came online or went offline.
 pub fn notify_presence(ctx: &ShardCtx, user: &str, online: bool, last_seen_ms: u64) {
-    let mut conns = Vec::new();
-    ctx.watchers.lookup(user, &mut conns);
-    if conns.is_empty() {
-        return;
-    }
-    let frame = frame_bytes(&Envelope::new(
-        0,
-        Body::Presence(pb::Presence {
-            user: user.to_owned(),
-            online,
-            last_seen_ms,
-        }),
-    ));
-    push_ephemeral(ctx, &conns, frame);
+    ctx.ephemeral.to_watchers(user, &mut || {
+        frame_bytes(&Envelope::new(
+            0,
+            Body::Presence(pb::Presence {
+                user: user.to_owned(),
+                online,
+                last_seen_ms,
+            }),
+        ))
+    });
 }
 
 /// Tell the watchers of `user` that they went offline at `at_ms` (or with
 /// no time, if they hide it). The privacy flag is read only when someone
 /// is watching, so a reconnect storm of unwatched users costs no reads.
 pub fn notify_offline(ctx: &ShardCtx, user: &str, at_ms: u64) {
-    let mut conns = Vec::new();
-    ctx.watchers.lookup(user, &mut conns);
-    if conns.is_empty() {
-        return;
-    }
-    let hidden = ctx
-        .store
-        .presence(user)
-        .map(|(_, hide)| hide)
-        .unwrap_or(true);
-    notify_presence(ctx, user, false, if hidden { 0 } else { at_ms });
+    ctx.ephemeral.to_watchers(user, &mut || {
+        let hidden = ctx
+            .presence
+            .last_seen(user)
+            .map(|(_, hide)| hide)
+            .unwrap_or(true);
+        frame_bytes(&Envelope::new(
+            0,
+            Body::Presence(pb::Presence {
+                user: user.to_owned(),
+                online: false,
+                last_seen_ms: if hidden { 0 } else { at_ms },
+            }),
+        ))
+    });
 }
 
 /// The presence of `user` as others may see it.
 fn presence_of(ctx: &ShardCtx, user: &str) -> Result<pb::Presence, crate::store::StoreError> {
-    let online = ctx.registry.is_online(user);
+    let online = ctx.presence.is_online(user);
     let last_seen_ms = if online {
         0
     } else {
-        let (at, hide) = ctx.store.presence(user)?;
+        let (at, hide) = ctx.presence.last_seen(user)?;
         if hide {
             0
         } else {
