@@ -52,6 +52,7 @@ impl Bench {
             Arc::new(swiftlet::metrics::Metrics::default()),
             Arc::new(swiftlet::cursors::Cursors::new(store.clone())),
             PipelineConfig {
+                clock: swiftlet::clock::Clock::system(),
                 node_id: 0,
                 queue: 64 * 1024,
                 max_group_members: 10_000,

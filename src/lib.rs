@@ -36,6 +36,8 @@
 //! - [`alloc`]: mimalloc, and returning an idle shard's free pages.
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
+//! - [`clock`]: where the session and pipeline read the time (a manual
+//!   clock in tests).
 //! - [`logging`]: rate limits for log lines a client or a fault can repeat.
 //! - [`metrics`]: counters and histograms the shards, the pipeline and the
 //!   bridge record into; `/metrics` renders them.
@@ -44,6 +46,7 @@
 pub mod alloc;
 pub mod auth;
 pub mod bridge;
+pub mod clock;
 pub mod cluster;
 pub mod commit;
 pub mod config;

@@ -25,6 +25,7 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
+use crate::clock::Clock;
 use crate::cluster::local::{LocalEphemeral, LocalOwnership, LocalPresence};
 use crate::cluster::{Ephemeral, Ownership, Presence};
 use crate::commit::{self, CommitHandle, PipelineConfig};
@@ -167,6 +168,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         mailboxes.push(rx);
         polls.push(poll);
     }
+    let clock = Clock::system();
     let commit = commit::start(
         store.clone(),
         registry.clone(),
@@ -178,6 +180,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             node_id: config.node_id,
             queue: COMMIT_QUEUE,
             max_group_members: config.max_group_members,
+            clock: clock.clone(),
         },
     );
     let shard_handles: Arc<[ShardHandle]> = handles.clone().into();
@@ -219,6 +222,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             ownership: ownership.clone(),
             ephemeral: ephemeral.clone(),
             presence: presence.clone(),
+            clock: clock.clone(),
             metrics: metrics.clone(),
             cursors: cursors.clone(),
             commit: commit.clone(),

@@ -30,6 +30,7 @@ use swiftlet_protocol::{Body, Envelope, ErrorCode};
 use super::combine::Committer;
 use super::seqs::Heads;
 use super::{CommitCmd, Op, Origin, MAX_GROUP};
+use crate::clock::Clock;
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::hub::fanout::Outbox;
@@ -143,6 +144,8 @@ pub(super) struct Pipeline {
     pub(super) cursors: Arc<Cursors>,
     pub(super) outbox: Outbox,
     pub(super) ids: IdGen,
+    /// Timestamps and ids read the time here only.
+    pub(super) clock: Clock,
     pub(super) max_group_members: usize,
     /// Newest inbox seq of recently written users, so an append needs no
     /// store read.
@@ -229,11 +232,14 @@ impl Pipeline {
         }
 
         let committed = w.writes == 0 || {
-            let started = Instant::now();
+            let started = self.clock.now();
             let result = self.store.commit(std::mem::take(&mut w.batch));
-            self.metrics
-                .commit_us
-                .observe(started.elapsed().as_micros() as u64);
+            self.metrics.commit_us.observe(
+                self.clock
+                    .now()
+                    .saturating_duration_since(started)
+                    .as_micros() as u64,
+            );
             match result {
                 Ok(()) => true,
                 Err(e) => {
@@ -322,6 +328,7 @@ mod tests {
         shard: ShardHandle,
         restarts: u16,
         next_request: u64,
+        clock: Clock,
         // Dropped last: the waker needs its poll, the store its directory.
         _poll: mio::Poll,
         _dir: tempfile::TempDir,
@@ -329,13 +336,17 @@ mod tests {
 
     impl Harness {
         fn new() -> Harness {
+            Self::with_clock(Clock::system())
+        }
+
+        fn with_clock(clock: Clock) -> Harness {
             let dir = tempfile::tempdir().expect("temp dir");
             let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("open"));
             let poll = mio::Poll::new().expect("poll");
             let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
             let (tx, mailbox) = crossbeam_channel::unbounded();
             let shard = ShardHandle::new(tx, Arc::new(waker));
-            let pipeline = Self::pipeline(&store, &shard, 0);
+            let pipeline = Self::pipeline(&store, &shard, 0, clock.clone());
             Harness {
                 store,
                 pipeline,
@@ -343,12 +354,18 @@ mod tests {
                 shard,
                 restarts: 0,
                 next_request: 0,
+                clock,
                 _poll: poll,
                 _dir: dir,
             }
         }
 
-        fn pipeline(store: &Arc<Store>, shard: &ShardHandle, node_id: u16) -> CommitHandle {
+        fn pipeline(
+            store: &Arc<Store>,
+            shard: &ShardHandle,
+            node_id: u16,
+            clock: Clock,
+        ) -> CommitHandle {
             start(
                 store.clone(),
                 Arc::new(Registry::new(4)),
@@ -360,6 +377,7 @@ mod tests {
                     node_id,
                     queue: MAX_GROUP,
                     max_group_members: 100,
+                    clock,
                 },
             )
         }
@@ -371,7 +389,8 @@ mod tests {
             // millisecond would repeat the old one's message ids (a real
             // restart takes longer than that).
             self.restarts += 1;
-            self.pipeline = Self::pipeline(&self.store, &self.shard, self.restarts);
+            self.pipeline =
+                Self::pipeline(&self.store, &self.shard, self.restarts, self.clock.clone());
         }
 
         /// Queue a request; it is committed, with everything queued after
@@ -602,5 +621,44 @@ mod tests {
             h.commit();
             assert_eq!(h.gap_free(peer), 2, "{peer}'s inbox after message {id}");
         }
+    }
+
+    #[test]
+    fn timestamps_and_ids_come_from_the_clock_and_ids_grow_when_it_steps_back() {
+        let t = crate::ids::EPOCH_MS + 1_000_000;
+        let manual = crate::clock::ManualClock::new(t);
+        let mut h = Harness::with_clock(manual.clock());
+        let stamp = |answer: Option<&Body>| match answer {
+            Some(Body::Ack(ack)) => (ack.server_msg_id, ack.timestamp_ms),
+            other => panic!("expected an Ack, got {other:?}"),
+        };
+
+        let first = h.send("alice", "bob", 0);
+        let (id1, ts1) = stamp(h.commit().get(&first));
+        assert_eq!(ts1, t);
+        assert_eq!(crate::ids::timestamp_of(id1), t);
+
+        manual.advance(std::time::Duration::from_millis(5));
+        let second = h.send("alice", "bob", 0);
+        let (id2, ts2) = stamp(h.commit().get(&second));
+        assert_eq!(ts2, t + 5);
+        assert_eq!(crate::ids::timestamp_of(id2), t + 5);
+
+        // The wall clock steps back a second: the message says so, but its
+        // id still sorts after the ones before it.
+        manual.set_ms(t - 1_000);
+        let third = h.send("alice", "bob", 0);
+        let (id3, ts3) = stamp(h.commit().get(&third));
+        assert_eq!(ts3, t - 1_000);
+        assert!(id3 > id2 && id2 > id1);
+        let stored: Vec<u64> = h
+            .inbox("bob")
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::Message(m)) => Some(m.timestamp_ms),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stored, vec![t, t + 5, t - 1_000]);
     }
 }

@@ -22,7 +22,6 @@ use super::seqs::encode_event;
 use super::{Origin, MAX_EVENT_USERS, MAX_GROUP_NAME};
 use crate::auth::valid_id;
 use crate::groups::Group;
-use crate::ids::unix_ms;
 
 impl Pipeline {
     /// Group `id` if `user` is a member. A group that does not exist and
@@ -96,6 +95,7 @@ impl Pipeline {
     }
 
     fn group_event(
+        &self,
         g: &Group,
         kind: GroupEventKind,
         actor: &str,
@@ -108,7 +108,7 @@ impl Pipeline {
             users: users.iter().map(|u| u.to_string()).collect(),
             name: g.name.clone(),
             version: g.version,
-            timestamp_ms: unix_ms(),
+            timestamp_ms: self.clock.now_ms(),
             user_count: users.len() as u32,
         }
     }
@@ -128,7 +128,7 @@ impl Pipeline {
                 format!("groups hold at most {} members", self.max_group_members),
             );
         }
-        let now = unix_ms();
+        let now = self.clock.now_ms();
         let id = self.ids.next_at(now);
         let mut members = vec![(o.user.clone(), GroupRole::Admin)];
         members.extend(users.iter().map(|u| (u.clone(), GroupRole::Member)));
@@ -137,7 +137,7 @@ impl Pipeline {
         for u in &all {
             self.store.put_membership(&mut w.batch, u, id, true)?;
         }
-        let event = Self::group_event(&g, GroupEventKind::Created, &o.user, &all);
+        let event = self.group_event(&g, GroupEventKind::Created, &o.user, &all);
         self.save_group(w, g, &all, event)
     }
 
@@ -174,7 +174,7 @@ impl Pipeline {
             for u in &new {
                 self.store.put_membership(&mut w.batch, u, id, true)?;
             }
-            let event = Self::group_event(&changed, GroupEventKind::MembersAdded, &o.user, &new);
+            let event = self.group_event(&changed, GroupEventKind::MembersAdded, &o.user, &new);
             self.save_group(w, changed, &notify, event)
         } else {
             let gone: Vec<Arc<str>> = users.into_iter().filter(|u| g.is_member(u)).collect();
@@ -187,7 +187,7 @@ impl Pipeline {
             for u in &gone {
                 self.store.put_membership(&mut w.batch, u, id, false)?;
             }
-            let event = Self::group_event(&changed, GroupEventKind::MembersRemoved, &o.user, &gone);
+            let event = self.group_event(&changed, GroupEventKind::MembersRemoved, &o.user, &gone);
             self.save_group(w, changed, &notify, event)
         }
     }
@@ -204,7 +204,7 @@ impl Pipeline {
         let changed = g.with_removed(&me);
         self.store
             .put_membership(&mut w.batch, &o.user, id, false)?;
-        let event = Self::group_event(&changed, GroupEventKind::MemberLeft, &o.user, &me);
+        let event = self.group_event(&changed, GroupEventKind::MemberLeft, &o.user, &me);
         self.save_group(w, changed, &notify, event)
     }
 
@@ -218,7 +218,7 @@ impl Pipeline {
         let g = self.member_group(req.group_id, &o.user)?;
         let changed = g.renamed(req.name);
         let notify: Vec<Arc<str>> = changed.members().cloned().collect();
-        let event = Self::group_event(&changed, GroupEventKind::Renamed, &o.user, &[]);
+        let event = self.group_event(&changed, GroupEventKind::Renamed, &o.user, &[]);
         self.save_group(w, changed, &notify, event)
     }
 }

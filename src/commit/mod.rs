@@ -52,6 +52,7 @@ use std::time::Instant;
 
 use swiftlet_protocol::pb;
 
+use crate::clock::Clock;
 use crate::cursors::Cursors;
 use crate::generations::Generations;
 use crate::groups::GroupDirectory;
@@ -166,6 +167,8 @@ pub struct PipelineConfig {
     pub node_id: u16,
     pub queue: usize,
     pub max_group_members: usize,
+    /// What the pipeline reads the time from (timestamps, message ids).
+    pub clock: Clock,
 }
 
 /// Create the pipeline; the shards run it through the returned handle.
@@ -187,6 +190,7 @@ pub fn start(
         outbox: Outbox::new(shards.clone()),
         ids: IdGen::new(config.node_id),
         max_group_members: config.max_group_members,
+        clock: config.clock,
         heads: Generations::new(HEADS_PER_GENERATION),
     };
     CommitHandle {

@@ -22,7 +22,6 @@ use swiftlet_protocol::{Body, ErrorCode};
 use super::group::{refuse, Fail, Pipeline, Work};
 use super::Origin;
 use crate::auth::valid_id;
-use crate::ids::unix_ms;
 use crate::store::keys;
 use crate::store::{Store, StoreError};
 
@@ -140,13 +139,19 @@ fn group_conv(id: u64) -> pb::Conversation {
     }
 }
 
-fn receipt(conversation: pb::Conversation, user: &str, kind: ReceiptKind, up_to: u64) -> Kind {
+fn receipt(
+    conversation: pb::Conversation,
+    user: &str,
+    kind: ReceiptKind,
+    up_to: u64,
+    timestamp_ms: u64,
+) -> Kind {
     Kind::Receipt(pb::Receipt {
         conversation: Some(conversation),
         user: user.to_owned(),
         kind: kind as i32,
         up_to,
-        timestamp_ms: unix_ms(),
+        timestamp_ms,
     })
 }
 
@@ -245,12 +250,24 @@ impl Pipeline {
         self.append_inline(
             w,
             &to_senders,
-            receipt(senders_conv, &o.user, ReceiptKind::Read, req.up_to),
+            receipt(
+                senders_conv,
+                &o.user,
+                ReceiptKind::Read,
+                req.up_to,
+                self.clock.now_ms(),
+            ),
         )?;
         self.append_inline(
             w,
             std::slice::from_ref(&o.user),
-            receipt(own_conv, &o.user, ReceiptKind::Read, req.up_to),
+            receipt(
+                own_conv,
+                &o.user,
+                ReceiptKind::Read,
+                req.up_to,
+                self.clock.now_ms(),
+            ),
         )?;
         self.set_watermarks(w, &conv, &o.user, (delivered.max(req.up_to), req.up_to))?;
         Ok(Some(Body::Done(pb::Done {})))
@@ -280,7 +297,13 @@ impl Pipeline {
                 self.append_inline(
                     w,
                     &senders,
-                    receipt(c.seen_as, user, ReceiptKind::Delivered, c.newest),
+                    receipt(
+                        c.seen_as,
+                        user,
+                        ReceiptKind::Delivered,
+                        c.newest,
+                        self.clock.now_ms(),
+                    ),
                 )?;
             }
             self.set_watermarks(w, &c.key, user, (c.newest, read))?;

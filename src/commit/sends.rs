@@ -21,7 +21,6 @@ use super::group::{Fail, Pipeline, Work};
 use super::seqs::encode_event;
 use super::Origin;
 use crate::hub::mailbox::Sent;
-use crate::ids::unix_ms;
 use crate::store::keys::{self, InboxEntry};
 
 impl Pipeline {
@@ -65,7 +64,7 @@ impl Pipeline {
             .iter()
             .map(|u| self.next_seq(w, u))
             .collect::<Result<Vec<_>, _>>()?;
-        let now = unix_ms();
+        let now = self.clock.now_ms();
         let id = self.ids.next_at(now);
         let msg = pb::Message {
             id,

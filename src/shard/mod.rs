@@ -55,6 +55,7 @@ use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
 use crate::auth::Authenticator;
 use crate::bridge::ws;
+use crate::clock::Clock;
 use crate::cluster::{Ephemeral, Ownership, Presence};
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
 use crate::cursors::Cursors;
@@ -157,6 +158,8 @@ pub struct ShardCtx {
     pub ephemeral: Arc<dyn Ephemeral>,
     /// Who is online, and last seen.
     pub presence: Arc<dyn Presence>,
+    /// What the session code reads the time from.
+    pub clock: Clock,
     pub metrics: Arc<Metrics>,
     /// Device cursors acknowledged and not yet written.
     pub cursors: Arc<Cursors>,
@@ -1059,7 +1062,7 @@ impl Shard {
             g.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         if self.ctx.registry.remove(&user, me) {
-            let at_ms = crate::ids::unix_ms();
+            let at_ms = self.ctx.clock.now_ms();
             session::notify_offline(&self.ctx, &user, at_ms);
             // Not dropped on a full queue: this commits from it instead.
             self.ctx

@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
 
 use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{self, conversation, TypingState};
@@ -274,7 +273,7 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx)
                 idle_timeout_ms: ctx.limits.idle_timeout_ms as u32,
                 max_frame_bytes: ctx.limits.max_frame as u32,
                 server_version: env!("CARGO_PKG_VERSION").into(),
-                server_time_ms: crate::ids::unix_ms(),
+                server_time_ms: ctx.clock.now_ms(),
                 inbox_epoch: ctx.store.inbox_epoch(),
             }),
         ),
@@ -337,7 +336,7 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
         request_id: rid,
         user,
         device,
-        received: Instant::now(),
+        received: ctx.clock.now(),
     };
     match ctx.commit.submit(CommitCmd::Request(origin, op)) {
         Ok(()) => {
