@@ -3,8 +3,9 @@
 //! answers are encoded into the connection's output buffer, durable work is
 //! submitted to the commit pipeline (which answers after the commit), reads
 //! (Sync, group info, receipt lists, presence) are served here from the
-//! store, ephemeral notices (typing, presence) go straight to the shards of
-//! their recipients, and anything fatal comes back as [`Flow::Close`] with the
+//! store, ephemeral notices (typing, presence) go to their recipients
+//! through [`crate::cluster::Ephemeral`] (today: straight to the local
+//! shards), and anything fatal comes back as [`Flow::Close`] with the
 //! code the client is told.
 
 use std::collections::{HashMap, VecDeque};
