@@ -179,3 +179,15 @@ async fn a_device_that_sends_and_closes_at_once_goes_offline() {
     let p = next_presence(&mut brx).await;
     assert_eq!((p.user.as_str(), p.online), ("alice", false));
 }
+
+/// Typing to oneself (a note-to-self chat) reaches none of one's own
+/// devices: the spec says never to the typist's own devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_to_oneself_reaches_no_device() {
+    let srv = TestServer::start();
+    let (phone, mut prx) = srv.connect("olga", "phone").await;
+    let (laptop, mut lrx) = srv.connect("olga", "laptop").await;
+    phone.typing(with_user("olga"), true).await.expect("typing");
+    assert_no_more(&phone, &mut prx).await;
+    assert_no_more(&laptop, &mut lrx).await;
+}

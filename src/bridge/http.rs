@@ -242,6 +242,21 @@ mod tests {
     }
 
     #[test]
+    fn a_head_over_the_limit_is_refused_even_when_it_arrives_whole() {
+        let long = "x".repeat(MAX_HEAD);
+        let raw = format!("GET / HTTP/1.1\r\nHost: h\r\nX-Long: {long}\r\n\r\n");
+        assert_eq!(
+            parse(raw.as_bytes(), 100).err(),
+            Some(HttpError::HeadTooLarge)
+        );
+        // And while it is still arriving.
+        assert_eq!(
+            parse(&raw.as_bytes()[..MAX_HEAD + 10], 100).err(),
+            Some(HttpError::HeadTooLarge)
+        );
+    }
+
+    #[test]
     fn origins_are_checked_against_the_host() {
         let mut req = Request {
             host: Some("127.0.0.1:7480".into()),
