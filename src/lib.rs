@@ -10,11 +10,15 @@
 //! # Layout
 //!
 //! - [`server`]: start and stop a node: store, pipeline, listeners, shards.
-//! - [`session`]: per-connection protocol state with no I/O ([`session::delivery`]:
-//!   exactly-once, in-order inbox delivery).
-//! - [`shard`]: one core's event loop; [`shard::conn`] one connection's state,
-//!   [`shard::session`] what each client frame does, [`shard::timer`] the
-//!   timeout wheel.
+//! - [`session`]: per-connection protocol state with no I/O:
+//!   [`session::delivery`] exactly-once, in-order inbox delivery,
+//!   [`session::unacked`] what a connection was sent and not acknowledged,
+//!   [`session::bucket`] its typing and presence rate.
+//! - [`shard`]: one core's event loop; [`shard::conn`] one connection's
+//!   transport state and buffers, [`shard::input`] its input decoded one
+//!   frame at a time, [`shard::session`] what each client frame does (still
+//!   given the connection: next to move into [`session`]),
+//!   [`shard::timer`] the timeout wheel.
 //! - [`hub`]: where the shards and the pipeline meet: [`hub::registry`]
 //!   which user is connected where (and who watches whose presence),
 //!   [`hub::mailbox`] how other threads hand a shard work, [`hub::fanout`]

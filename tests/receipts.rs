@@ -185,7 +185,7 @@ async fn delivered_receipts_after_a_catch_up_and_after_a_long_unacknowledged_run
     let (bob, mut brx) = srv.connect("bob", "phone").await;
     receive_ack_and_see_delivered(&bob, &mut brx, &mut arx, 3, last).await;
 
-    let n = swiftlet::shard::unacked::MAX_UNACKED + 20;
+    let n = swiftlet::session::unacked::MAX_UNACKED + 20;
     let last = send_to_bob(&alice, &mut arx, n).await;
     receive_ack_and_see_delivered(&bob, &mut brx, &mut arx, n, last).await;
     assert_no_more(&alice, &mut arx).await;

@@ -44,7 +44,7 @@ pub struct DeliveredConv {
 
 /// Read `user`'s inbox in `(after, up_to]` and summarize the messages from
 /// others by conversation. The shards call it when they no longer hold what
-/// a connection was sent (see `shard::unacked`); it runs there, outside the
+/// a connection was sent (see `session::unacked`); it runs there, outside the
 /// pipeline's lock. It reads [`RECEIPT_SCAN`] events at a time and keeps
 /// only the summary, so its memory grows with the conversations, not the
 /// events; the events are what was delivered to the device, which bounds

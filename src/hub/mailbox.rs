@@ -40,7 +40,7 @@ pub struct Push {
     /// connection's output buffer, so fan-out allocates nothing per member.
     pub event: Bytes,
     /// For a message: its sender and conversation, remembered until the
-    /// connection acknowledges it (see `shard::unacked`).
+    /// connection acknowledges it (see `session::unacked`).
     pub sent: Option<Arc<Sent>>,
 }
 

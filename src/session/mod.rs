@@ -6,5 +6,11 @@
 //! - [`delivery`]: where a connection stands in its user's inbox
 //!   (exactly-once, in-order delivery of pushes and store pages, and
 //!   acknowledgements).
+//! - [`unacked`]: what each connection was sent and has not acknowledged
+//!   (the delivered receipts an acknowledgement implies).
+//! - [`bucket`]: the token bucket that limits a connection's typing and
+//!   presence requests.
 
+pub mod bucket;
 pub mod delivery;
+pub mod unacked;

@@ -19,12 +19,8 @@ use swiftlet_protocol::codec::{
 use swiftlet_protocol::Envelope;
 
 use crate::bridge::ws;
+use crate::session::bucket;
 use crate::session::delivery::Delivery;
-
-/// Typing frames a connection may send in a burst; one more is allowed per
-/// [`TYPING_REFILL_TICKS`].
-pub const TYPING_BURST: u8 = 10;
-pub const TYPING_REFILL_TICKS: u32 = 2;
 
 /// How frames travel on a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +153,7 @@ impl Conn {
             timer_at: 0,
             user: None,
             device: None,
-            typing_tokens: TYPING_BURST,
+            typing_tokens: bucket::BURST,
             typing_refill: now,
             watching: None,
             io: None,
@@ -203,21 +199,10 @@ impl Conn {
     }
 
     /// Take `n` tokens of the typing bucket (shared by Typing and
-    /// SubscribePresence); false, taking none, when it holds fewer.
+    /// SubscribePresence, see [`bucket`]); false, taking none, when it
+    /// holds fewer.
     pub fn take_typing_tokens(&mut self, now: u32, n: u8) -> bool {
-        let refill = now.saturating_sub(self.typing_refill) / TYPING_REFILL_TICKS;
-        if refill > 0 {
-            self.typing_tokens =
-                (u32::from(self.typing_tokens) + refill).min(u32::from(TYPING_BURST)) as u8;
-            // Keep the part of a period already waited: one token per
-            // period exactly, however the requests fall.
-            self.typing_refill += refill * TYPING_REFILL_TICKS;
-        }
-        if self.typing_tokens < n {
-            return false;
-        }
-        self.typing_tokens -= n;
-        true
+        bucket::take(&mut self.typing_tokens, &mut self.typing_refill, now, n)
     }
 
     /// Queue one frame in the protocol's framing (varint length, Envelope),

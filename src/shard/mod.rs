@@ -40,7 +40,6 @@ pub mod input;
 pub mod session;
 pub mod timer;
 mod turn;
-pub mod unacked;
 mod web;
 
 use std::io::{self, Read};

@@ -16,7 +16,6 @@ use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
 use super::conn::{Carries, Conn, Phase, Transport};
-use super::unacked::Unacked;
 use super::ShardCtx;
 use crate::auth::valid_id;
 use crate::cluster::Home;
@@ -24,6 +23,7 @@ use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitE
 use crate::groups::{page_limit, MAX_INFO_MEMBERS};
 use crate::hub::registry::ConnRef;
 use crate::session::delivery::Delivery;
+use crate::session::unacked::Unacked;
 use crate::store::keys;
 
 /// What the shard does with the connection after a frame.
