@@ -11,14 +11,7 @@ use swiftlet::{Config, ServerError};
 
 /// A config of its own (data dir, free ports) for a second server.
 fn other_config(dir: &tempfile::TempDir) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        http: "127.0.0.1:0".parse().expect("addr"),
-        data_dir: dir.path().to_owned(),
-        shards: 2,
-        jwt_secret: Some(SECRET.into()),
-        ..Config::default()
-    }
+    test_config(dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,19 @@ pub struct TestServer {
     pub config: Config,
 }
 
+/// The test defaults: free loopback ports, data in `dir`, 2 shards, JWT
+/// auth with [`SECRET`].
+pub fn test_config(dir: &tempfile::TempDir) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        data_dir: dir.path().to_owned(),
+        shards: 2,
+        jwt_secret: Some(SECRET.into()),
+        ..Config::default()
+    }
+}
+
 pub fn token(user: &str) -> String {
     swiftlet_protocol::token::mint(SECRET.as_bytes(), user, 3600)
 }
@@ -36,14 +49,7 @@ impl TestServer {
     /// Start with the test defaults (2 shards, JWT auth) changed by `tweak`.
     pub fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            http: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: dir.path().to_owned(),
-            shards: 2,
-            jwt_secret: Some(SECRET.into()),
-            ..Config::default()
-        };
+        let mut config = test_config(&dir);
         tweak(&mut config);
         let server = swiftlet::start(config.clone()).expect("server starts");
         TestServer {
