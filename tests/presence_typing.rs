@@ -127,14 +127,19 @@ async fn presence_is_pushed_and_last_seen_survives_a_restart() {
 
     drop((bob, brx));
     srv.restart();
-    let (bob, _brx) = srv.connect("bob", "phone").await;
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
     let now = bob.subscribe_presence(&["alice"]).await.expect("subscribe");
     assert_eq!((now[0].online, now[0].last_seen_ms), (false, last_seen));
 
     // Hidden last seen: 0 for everyone.
     let (alice, _arx) = srv.connect("alice", "phone").await;
+    assert!(next_presence(&mut brx).await.online);
     alice.set_privacy(true).await.expect("privacy");
     alice.close().await;
+    // The server has seen the close once bob is told (a close is not
+    // synchronous with the client's call).
+    let gone = next_presence(&mut brx).await;
+    assert_eq!((gone.online, gone.last_seen_ms), (false, 0));
     let (carol, _crx) = srv.connect("carol", "phone").await;
     let now = carol
         .subscribe_presence(&["alice", "bob"])
