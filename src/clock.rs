@@ -126,6 +126,15 @@ impl ManualClock {
     }
 }
 
+/// Milliseconds per tick of the shards' timing wheels: the resolution of
+/// every per-connection timeout.
+pub const TICK_MS: u64 = 100;
+
+/// `ms` in ticks, rounded up.
+pub fn ticks(ms: u64) -> u32 {
+    ms.div_ceil(TICK_MS).min(u64::from(u32::MAX)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,14 +10,16 @@
 //! # Layout
 //!
 //! - [`server`]: start and stop a node: store, pipeline, listeners, shards.
-//! - [`session`]: per-connection protocol state with no I/O:
-//!   [`session::delivery`] exactly-once, in-order inbox delivery,
-//!   [`session::unacked`] what a connection was sent and not acknowledged,
+//! - [`session`]: the protocol of one connection, with no socket in reach:
+//!   [`session::requests`] what each client frame does, on a
+//!   [`session::state::Session`] view of the connection's fields and an
+//!   output sink; [`session::services`] what it may use from the node;
+//!   [`session::delivery`] exactly-once, in-order inbox delivery;
+//!   [`session::unacked`] what a connection was sent and not acknowledged;
 //!   [`session::bucket`] its typing and presence rate.
-//! - [`shard`]: one core's event loop; [`shard::conn`] one connection's
-//!   transport state and buffers, [`shard::input`] its input decoded one
-//!   frame at a time, [`shard::session`] what each client frame does (still
-//!   given the connection: next to move into [`session`]),
+//! - [`shard`]: one core's event loop, the only place with sockets;
+//!   [`shard::conn`] one connection's transport state and buffers,
+//!   [`shard::input`] its input decoded one frame at a time,
 //!   [`shard::timer`] the timeout wheel.
 //! - [`hub`]: where the shards and the pipeline meet: [`hub::registry`]
 //!   which user is connected where (and who watches whose presence),

@@ -35,7 +35,8 @@ use crate::groups::GroupDirectory;
 use crate::hub::mailbox::{ShardHandle, ShardMsg};
 use crate::hub::registry::Registry;
 use crate::metrics::Metrics;
-use crate::shard::{Limits, Shard, ShardCtx, WAKER};
+use crate::session::services::{Limits, Services};
+use crate::shard::{Shard, WAKER};
 use crate::store::{Store, StoreError, StoreOptions};
 
 /// Commands the commit queue holds before shards are told "busy".
@@ -212,7 +213,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         .zip(mailboxes)
         .enumerate()
     {
-        let ctx = ShardCtx {
+        let ctx = Services {
             id: i as u16,
             store: store.clone(),
             registry: registry.clone(),

@@ -8,9 +8,16 @@
 //!   acknowledgements).
 //! - [`unacked`]: what each connection was sent and has not acknowledged
 //!   (the delivered receipts an acknowledgement implies).
+//! - [`requests`]: what each client frame does.
+//! - [`services`]: what the protocol code may use from its node.
+//! - [`state`]: a connection's protocol state as a view of the shard's
+//!   slab slot, and where answers go.
 //! - [`bucket`]: the token bucket that limits a connection's typing and
 //!   presence requests.
 
 pub mod bucket;
 pub mod delivery;
+pub mod requests;
+pub mod services;
+pub mod state;
 pub mod unacked;

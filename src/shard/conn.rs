@@ -22,57 +22,8 @@ use crate::bridge::ws;
 use crate::session::bucket;
 use crate::session::delivery::Delivery;
 
-/// How frames travel on a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// The protocol's own framing: varint length, Envelope.
-    Tcp,
-    /// An HTTP request on the HTTP listener (before any WebSocket upgrade).
-    Http,
-    /// After `GET /ws`: one Envelope per binary WebSocket message.
-    WebSocket,
-}
-
-/// What a connection carries, with the state of that protocol only.
-///
-/// The HTTP variants fit in the bytes `Delivery` leaves before its flag,
-/// so the enum is no bigger than `Delivery` (its tag lives in the flag's
-/// spare values): an idle connection pays nothing for HTTP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Carries {
-    /// Frames of the protocol (TCP, or WebSocket after an upgrade): where
-    /// the connection stands in its user's inbox.
-    Frames(Delivery),
-    /// An HTTP request being read (or answered).
-    Http,
-    /// A parked long-poll, waiting for an event of its user.
-    Poll(Poll),
-    /// An HTTP send waiting for the pipeline's answer until tick `until`.
-    Send { until: u32 },
-}
-
-/// A parked long-poll: the page it answers with, and when it gives up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Poll {
-    /// The events after this seq…
-    pub after: u64,
-    /// …at most this many.
-    pub limit: u32,
-    /// Tick when the wait ends (with an empty page).
-    pub until: u32,
-}
-
-/// Where a connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Connected; waiting for Hello.
-    Handshake,
-    /// Logged in.
-    Live,
-    /// A final frame was queued and the write side shut down; waiting for the
-    /// peer to close (or a short deadline) so the frame is not lost to a reset.
-    Closing,
-}
+pub use crate::session::state::{Carries, Phase, Poll, Transport};
+use crate::session::state::{Output, Session};
 
 pub struct Conn {
     pub stream: TcpStream,
@@ -117,6 +68,27 @@ pub struct Conn {
     /// Buffers, only while one holds something: an idle connection pays
     /// one null pointer for both.
     io: Option<Box<Buffers>>,
+}
+
+/// A connection's output buffer, as a session's [`Output`]: envelopes
+/// framed for the transport.
+pub struct ConnOut<'a> {
+    io: &'a mut Option<Box<Buffers>>,
+    transport: Transport,
+}
+
+impl Output for ConnOut<'_> {
+    fn send_env(&mut self, env: &Envelope) {
+        let out = &mut self.io.get_or_insert_with(Box::default).outbuf;
+        match self.transport {
+            Transport::Tcp => encode_frame(env, out),
+            Transport::WebSocket => {
+                ws::write_header(out, ws::OP_BINARY, env.encoded_len());
+                env.encode_raw(out);
+            }
+            Transport::Http => {}
+        }
+    }
 }
 
 /// A connection's buffers.
@@ -238,15 +210,45 @@ impl Conn {
 
     /// Queue one envelope, framed for the connection's transport.
     pub fn send_env(&mut self, env: &Envelope) {
-        match self.transport {
-            Transport::Tcp => encode_frame(env, self.out()),
-            Transport::WebSocket => {
-                let out = self.out();
-                ws::write_header(out, ws::OP_BINARY, env.encoded_len());
-                env.encode_raw(out);
-            }
-            Transport::Http => {}
+        ConnOut {
+            io: &mut self.io,
+            transport: self.transport,
         }
+        .send_env(env);
+    }
+
+    /// The connection's protocol state, for the request code: a view of
+    /// this slot's fields, with the output buffer as where answers go.
+    pub fn session(&mut self) -> Session<'_, ConnOut<'_>> {
+        let Conn {
+            phase,
+            user,
+            device,
+            carries,
+            watching,
+            in_flight,
+            typing_tokens,
+            typing_refill,
+            gen,
+            transport,
+            io,
+            ..
+        } = self;
+        Session::new(
+            phase,
+            user,
+            device,
+            carries,
+            watching,
+            in_flight,
+            (typing_tokens, typing_refill),
+            *gen,
+            *transport,
+            ConnOut {
+                io,
+                transport: *transport,
+            },
+        )
     }
 
     /// A closing connection's write side is shut once its last bytes are

@@ -9,7 +9,8 @@
 //! through its [`mailbox`](crate::hub::mailbox), never through a lock held across I/O.
 //!
 //! One turn of the loop: wait for readiness (or the next tick); accept; read
-//! and decode frames one at a time and run each through [`session::handle`]
+//! and decode frames one at a time and run each through
+//! [`session::handle`](crate::session::requests::handle)
 //! (see [`input`]); take the mailbox (Acks, pushes); refill lagging
 //! connections from the store; write every connection that has output, one
 //! `write` each; fire due timers.
@@ -37,7 +38,7 @@
 
 pub mod conn;
 pub mod input;
-pub mod session;
+
 pub mod timer;
 mod turn;
 mod web;
@@ -52,23 +53,18 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 
-use crate::auth::Authenticator;
 use crate::bridge::ws;
-use crate::clock::Clock;
-use crate::cluster::{Ephemeral, Ownership, Presence};
-use crate::commit::{merge_delivered, summarize_delivered, CommitCmd, CommitHandle};
-use crate::cursors::Cursors;
-use crate::groups::GroupDirectory;
-use crate::hub::mailbox::{Reply, Sent, ShardHandle, ShardMsg};
-use crate::hub::registry::{ConnRef, Registry};
-use crate::metrics::Metrics;
+pub use crate::clock::{ticks, TICK_MS};
+use crate::commit::{merge_delivered, summarize_delivered, CommitCmd};
+use crate::hub::mailbox::{Reply, Sent, ShardMsg};
+use crate::hub::registry::ConnRef;
 use crate::session::delivery;
-use crate::store::Store;
+use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
+pub use crate::session::services::{Limits, Services};
 use conn::{Carries, Conn, Phase, Transport};
 pub use input::Fatal;
 use input::Input;
-use session::{Acked, Flow, ShardSessions};
-use timer::{Wheel, TICK_MS};
+use timer::Wheel;
 use turn::TurnClock;
 
 pub const LISTENER: Token = Token(usize::MAX);
@@ -122,53 +118,6 @@ fn arm_grace(wheel: &mut Wheel, conn: &mut Conn, slot: usize, now: u32) {
     conn.timer_at = wheel.schedule(at, slot as u32, conn.gen) as u32;
 }
 
-/// Limits every connection of the shard runs under.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_frame: usize,
-    pub push_buffer_bytes: usize,
-    pub idle_timeout_ms: u64,
-    pub handshake_timeout_ms: u64,
-    /// A started frame must be complete within this long.
-    pub frame_timeout_ms: u64,
-    /// Most connections (of any transport) one user may hold.
-    pub max_conns_per_user: usize,
-    pub typing_ttl_ms: u64,
-    /// Origins allowed to open a WebSocket besides the server's own page.
-    pub allowed_origins: Vec<String>,
-}
-
-/// What a shard shares with the rest of the server.
-pub struct ShardCtx {
-    pub id: u16,
-    pub store: Arc<Store>,
-    pub registry: Arc<Registry>,
-    /// Presence subscriptions: watched user -> watching connections.
-    pub watchers: Arc<Registry>,
-    pub groups: Arc<GroupDirectory>,
-    pub commit: CommitHandle,
-    pub auth: Authenticator,
-    pub limits: Limits,
-    /// Every shard's mailbox, this one's included.
-    pub shards: Arc<[ShardHandle]>,
-    /// Which node is home to each user (asked at login).
-    pub ownership: Arc<dyn Ownership>,
-    /// Where typing and presence notices go.
-    pub ephemeral: Arc<dyn Ephemeral>,
-    /// Who is online, and last seen.
-    pub presence: Arc<dyn Presence>,
-    /// What the session code reads the time from.
-    pub clock: Clock,
-    pub metrics: Arc<Metrics>,
-    /// Device cursors acknowledged and not yet written.
-    pub cursors: Arc<Cursors>,
-}
-
-/// `ms` in timer ticks, rounded up.
-pub fn ticks(ms: u64) -> u32 {
-    ms.div_ceil(TICK_MS).min(u64::from(u32::MAX)) as u32
-}
-
 pub struct Shard {
     poll: Poll,
     listener: Option<TcpListener>,
@@ -185,7 +134,7 @@ pub struct Shard {
     due: Vec<(u32, u32)>,
     wheel: Wheel,
     sessions: ShardSessions,
-    ctx: ShardCtx,
+    ctx: Services,
     start: Instant,
     now: u32,
     /// Listener hit an error (e.g. out of file descriptors): retry each tick.
@@ -214,7 +163,7 @@ impl Shard {
         mut listener: TcpListener,
         mut http_listener: TcpListener,
         mailbox: Receiver<ShardMsg>,
-        ctx: ShardCtx,
+        ctx: Services,
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -577,7 +526,15 @@ impl Shard {
                 Input::Skip => continue,
             };
             let was_handshake = conn.phase == Phase::Handshake;
-            match session::handle(conn, slot as u32, env, &self.ctx, &mut self.sessions, now) {
+            let flow = session::handle(
+                &mut conn.session(),
+                slot as u32,
+                env,
+                &self.ctx,
+                &mut self.sessions,
+                now,
+            );
+            match flow {
                 Flow::Continue => {
                     if was_handshake && conn.phase == Phase::Live {
                         let at = now + ticks(limits.idle_timeout_ms);
@@ -1047,7 +1004,7 @@ impl Shard {
             gen: conn.gen,
             presence: conn.transport != Transport::Http,
         };
-        session::unsubscribe_all(conn, me, &self.ctx);
+        session::unsubscribe_all(&mut conn.watching, me, &self.ctx);
         let user = conn.user.take();
         let transport = conn.transport;
         self.stop_typing((me.slot, me.gen));

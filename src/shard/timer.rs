@@ -7,8 +7,7 @@
 //! write progress) and either acts or files it again. Activity therefore
 //! costs nothing here: receiving a frame only updates a timestamp.
 
-/// Milliseconds per tick: the resolution of every timeout.
-pub const TICK_MS: u64 = 100;
+pub use crate::clock::TICK_MS;
 const SLOTS: usize = 1024;
 
 /// The wheel. Ticks are counted from the shard's start.

@@ -1,5 +1,7 @@
 //! The protocol as one connection sees it: what each frame a client sends
-//! does, with no socket code. The shard decodes frames and calls [`handle`];
+//! does. It is given a [`Session`] (a view of the connection's protocol
+//! fields and an [`Output`] for answers), never the connection itself, so
+//! no socket is in reach. The shard decodes frames and calls [`handle`];
 //! answers are encoded into the connection's output buffer, durable work is
 //! submitted to the commit pipeline (which answers after the commit), reads
 //! (Sync, group info, receipt lists, presence) are served here from the
@@ -15,8 +17,8 @@ use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
-use super::conn::{Carries, Conn, Phase, Transport};
-use super::ShardCtx;
+use super::services::Services;
+use super::state::{Carries, Output, Phase, Session, Transport};
 use crate::auth::valid_id;
 use crate::cluster::Home;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
@@ -96,31 +98,40 @@ pub struct Acked {
 }
 
 /// Append `env` to the connection's output.
-pub fn queue(conn: &mut Conn, env: &Envelope) {
+pub fn queue<O: Output>(conn: &mut Session<'_, O>, env: &Envelope) {
     conn.send_env(env);
 }
 
-fn request_error(conn: &mut Conn, request_id: u64, code: ErrorCode, message: &str) -> Flow {
+fn request_error<O: Output>(
+    conn: &mut Session<'_, O>,
+    request_id: u64,
+    code: ErrorCode,
+    message: &str,
+) -> Flow {
     queue(conn, &Envelope::error(request_id, code, message, false));
     Flow::Continue
 }
 
-fn store_error(conn: &mut Conn, rid: u64, e: crate::store::StoreError) -> Flow {
+fn store_error<O: Output>(
+    conn: &mut Session<'_, O>,
+    rid: u64,
+    e: crate::store::StoreError,
+) -> Flow {
     crate::log_every!(1000, error, error = %e, "store read failed");
     request_error(conn, rid, ErrorCode::StoreUnavailable, "storage error")
 }
 
 /// Act on one frame from the client.
-pub fn handle(
-    conn: &mut Conn,
+pub fn handle<O: Output>(
+    conn: &mut Session<'_, O>,
     slot: u32,
     env: Envelope,
-    ctx: &ShardCtx,
+    ctx: &Services,
     local: &mut ShardSessions,
     now: u32,
 ) -> Flow {
     let rid = env.request_id;
-    if conn.phase == Phase::Closing {
+    if *conn.phase == Phase::Closing {
         return Flow::Continue;
     }
     if rid == 0 {
@@ -131,7 +142,7 @@ pub fn handle(
             "request_id 0 is reserved for pushes".into(),
         );
     }
-    let body = match (conn.phase, env.body) {
+    let body = match (*conn.phase, env.body) {
         (Phase::Closing, _) => return Flow::Continue,
         (Phase::Handshake, Some(Body::Hello(hello))) => return login(conn, slot, rid, hello, ctx),
         (Phase::Handshake, _) => {
@@ -184,7 +195,7 @@ pub fn handle(
     }
 }
 
-fn me(conn: &Conn, slot: u32, ctx: &ShardCtx) -> ConnRef {
+fn me<O: Output>(conn: &Session<'_, O>, slot: u32, ctx: &Services) -> ConnRef {
     ConnRef {
         shard: ctx.id,
         slot,
@@ -193,7 +204,13 @@ fn me(conn: &Conn, slot: u32, ctx: &ShardCtx) -> ConnRef {
     }
 }
 
-fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx) -> Flow {
+fn login<O: Output>(
+    conn: &mut Session<'_, O>,
+    slot: u32,
+    rid: u64,
+    hello: pb::Hello,
+    ctx: &Services,
+) -> Flow {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Flow::Close(
             rid,
@@ -282,21 +299,21 @@ fn login(conn: &mut Conn, slot: u32, rid: u64, hello: pb::Hello, ctx: &ShardCtx)
     if first {
         notify_presence(ctx, &user, true, 0);
     }
-    conn.user = Some(user);
-    conn.device = Some(Arc::from(hello.device_id));
-    conn.phase = Phase::Live;
+    *conn.user = Some(user);
+    *conn.device = Some(Arc::from(hello.device_id));
+    *conn.phase = Phase::Live;
     let gauge = match conn.transport {
         Transport::WebSocket => &ctx.metrics.ws_connections,
         _ => &ctx.metrics.tcp_connections,
     };
     gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The backlog is sent by the shard's catch-up.
-    conn.carries = Carries::Frames(Delivery::login(cursor, head));
+    *conn.carries = Carries::Frames(Delivery::login(cursor, head));
     Flow::Continue
 }
 
 /// A Send's problem, if it has one the pipeline need not see.
-pub fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'static str)> {
+pub fn check_send(send: &pb::Send, ctx: &Services) -> Option<(ErrorCode, &'static str)> {
     if !valid_id(&send.client_msg_id) {
         return Some((
             ErrorCode::InvalidRequest,
@@ -328,7 +345,13 @@ pub fn check_send(send: &pb::Send, ctx: &ShardCtx) -> Option<(ErrorCode, &'stati
 }
 
 /// Hand a durable request to the commit pipeline; it answers after the write.
-pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> Flow {
+pub fn submit<O: Output>(
+    conn: &mut Session<'_, O>,
+    slot: u32,
+    rid: u64,
+    op: Op,
+    ctx: &Services,
+) -> Flow {
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Close(0, ErrorCode::Internal, "session without a user".into());
     };
@@ -343,7 +366,7 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
         Ok(()) => {
             // Until its answer comes back (the shard stops reading at
             // MAX_IN_FLIGHT).
-            conn.in_flight = conn.in_flight.saturating_add(1);
+            *conn.in_flight = conn.in_flight.saturating_add(1);
             Flow::Continue
         }
         Err(SubmitError::Busy) => {
@@ -352,8 +375,8 @@ pub fn submit(conn: &mut Conn, slot: u32, rid: u64, op: Op, ctx: &ShardCtx) -> F
     }
 }
 
-fn delivery_ack(
-    conn: &mut Conn,
+fn delivery_ack<O: Output>(
+    conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     up_to: u64,
@@ -393,7 +416,7 @@ fn delivery_ack(
     Flow::Continue
 }
 
-fn sync(conn: &mut Conn, rid: u64, req: pb::Sync, ctx: &ShardCtx) -> Flow {
+fn sync<O: Output>(conn: &mut Session<'_, O>, rid: u64, req: pb::Sync, ctx: &Services) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Close(0, ErrorCode::Internal, "session without a user".into());
     };
@@ -408,7 +431,7 @@ fn sync(conn: &mut Conn, rid: u64, req: pb::Sync, ctx: &ShardCtx) -> Flow {
 
 /// One Sync page of `user`'s inbox (shared with the HTTP sync endpoint).
 pub fn sync_page(
-    ctx: &ShardCtx,
+    ctx: &Services,
     user: &str,
     after: u64,
     limit: u32,
@@ -428,7 +451,12 @@ pub fn sync_page(
     })
 }
 
-fn get_group(conn: &mut Conn, rid: u64, req: pb::GetGroup, ctx: &ShardCtx) -> Flow {
+fn get_group<O: Output>(
+    conn: &mut Session<'_, O>,
+    rid: u64,
+    req: pb::GetGroup,
+    ctx: &Services,
+) -> Flow {
     let id = req.group_id;
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
@@ -453,7 +481,7 @@ fn get_group(conn: &mut Conn, rid: u64, req: pb::GetGroup, ctx: &ShardCtx) -> Fl
 
 /// The one answer for a group that does not exist and for one the user is
 /// not in, so that non-members cannot probe which groups exist.
-fn no_such_group(conn: &mut Conn, rid: u64) -> Flow {
+fn no_such_group<O: Output>(conn: &mut Session<'_, O>, rid: u64) -> Flow {
     request_error(
         conn,
         rid,
@@ -466,7 +494,12 @@ fn no_such_group(conn: &mut Conn, rid: u64) -> Flow {
 /// about 200 bytes, so a page stays inside a frame).
 const MAX_GROUPS_PAGE: usize = 250;
 
-fn list_groups(conn: &mut Conn, rid: u64, req: pb::ListGroups, ctx: &ShardCtx) -> Flow {
+fn list_groups<O: Output>(
+    conn: &mut Session<'_, O>,
+    rid: u64,
+    req: pb::ListGroups,
+    ctx: &Services,
+) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
@@ -493,7 +526,12 @@ fn list_groups(conn: &mut Conn, rid: u64, req: pb::ListGroups, ctx: &ShardCtx) -
     }
 }
 
-fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx) -> Flow {
+fn get_receipts<O: Output>(
+    conn: &mut Session<'_, O>,
+    rid: u64,
+    req: pb::GetReceipts,
+    ctx: &Services,
+) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
@@ -565,19 +603,19 @@ fn get_receipts(conn: &mut Conn, rid: u64, req: pb::GetReceipts, ctx: &ShardCtx)
     Flow::Continue
 }
 
-fn typing(
-    conn: &mut Conn,
+fn typing<O: Output>(
+    conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     t: pb::Typing,
-    ctx: &ShardCtx,
+    ctx: &Services,
     local: &mut ShardSessions,
     now: u32,
 ) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    if !conn.take_typing_token(now) {
+    if !conn.take_typing_tokens(now, 1) {
         return request_error(
             conn,
             rid,
@@ -605,7 +643,7 @@ fn typing(
     let key = (slot, conn.gen);
     match state {
         TypingState::Started => {
-            let deadline = now + super::ticks(ctx.limits.typing_ttl_ms);
+            let deadline = now + crate::clock::ticks(ctx.limits.typing_ttl_ms);
             local.typing_due.push_back((deadline, key));
             if let Some(old) = local.typing.insert(
                 key,
@@ -646,7 +684,7 @@ fn typing(
 /// Push a TypingNotice from `typist` to the other party or the group's
 /// online members (not to the typist's own devices).
 pub fn send_typing(
-    ctx: &ShardCtx,
+    ctx: &Services,
     conns: &mut Vec<ConnRef>,
     typist: &str,
     target: &TypingTarget,
@@ -694,7 +732,7 @@ pub fn send_typing(
 }
 
 /// Tell the watchers of `user` that they came online or went offline.
-pub fn notify_presence(ctx: &ShardCtx, user: &str, online: bool, last_seen_ms: u64) {
+pub fn notify_presence(ctx: &Services, user: &str, online: bool, last_seen_ms: u64) {
     ctx.ephemeral.to_watchers(user, &mut || {
         frame_bytes(&Envelope::new(
             0,
@@ -710,7 +748,7 @@ pub fn notify_presence(ctx: &ShardCtx, user: &str, online: bool, last_seen_ms: u
 /// Tell the watchers of `user` that they went offline at `at_ms` (or with
 /// no time, if they hide it). The privacy flag is read only when someone
 /// is watching, so a reconnect storm of unwatched users costs no reads.
-pub fn notify_offline(ctx: &ShardCtx, user: &str, at_ms: u64) {
+pub fn notify_offline(ctx: &Services, user: &str, at_ms: u64) {
     ctx.ephemeral.to_watchers(user, &mut || {
         let hidden = ctx
             .presence
@@ -729,7 +767,7 @@ pub fn notify_offline(ctx: &ShardCtx, user: &str, at_ms: u64) {
 }
 
 /// The presence of `user` as others may see it.
-fn presence_of(ctx: &ShardCtx, user: &str) -> Result<pb::Presence, crate::store::StoreError> {
+fn presence_of(ctx: &Services, user: &str) -> Result<pb::Presence, crate::store::StoreError> {
     let online = ctx.presence.is_online(user);
     let last_seen_ms = if online {
         0
@@ -749,20 +787,21 @@ fn presence_of(ctx: &ShardCtx, user: &str) -> Result<pb::Presence, crate::store:
 }
 
 /// Drop every presence subscription of a connection.
-pub fn unsubscribe_all(conn: &mut Conn, me: ConnRef, ctx: &ShardCtx) {
-    if let Some(old) = conn.watching.take() {
+/// Drop every presence subscription in `watching` (a connection's).
+pub fn unsubscribe_all(watching: &mut Option<Box<Vec<Arc<str>>>>, me: ConnRef, ctx: &Services) {
+    if let Some(old) = watching.take() {
         for u in old.iter() {
             ctx.watchers.remove(u, me);
         }
     }
 }
 
-fn subscribe_presence(
-    conn: &mut Conn,
+fn subscribe_presence<O: Output>(
+    conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     users: Vec<String>,
-    ctx: &ShardCtx,
+    ctx: &Services,
     now: u32,
 ) -> Flow {
     if users.len() > MAX_PRESENCE_SUBSCRIPTIONS {
@@ -790,7 +829,7 @@ fn subscribe_presence(
         );
     }
     let me = me(conn, slot, ctx);
-    unsubscribe_all(conn, me, ctx);
+    unsubscribe_all(conn.watching, me, ctx);
     // Subscribed before each read, so a change right after the read is
     // pushed; if a read fails, every subscription made here is undone.
     let mut watching: Vec<Arc<str>> = Vec::with_capacity(users.len());
@@ -811,7 +850,7 @@ fn subscribe_presence(
         }
     }
     if !watching.is_empty() {
-        conn.watching = Some(Box::new(watching));
+        *conn.watching = Some(Box::new(watching));
     }
     queue(conn, &Envelope::new(rid, Body::PresenceList(list)));
     Flow::Continue
