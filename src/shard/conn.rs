@@ -1,5 +1,7 @@
-//! One client connection as a shard holds it: the socket, where the session
-//! stands, and buffers that exist only while they hold something.
+//! One client connection as a shard holds it: the socket, the timers and
+//! buffers of its transport, and, inline, the fields of its protocol state
+//! that the request code sees through a [`Session`] view (so the protocol
+//! code never holds the socket, and the slot pays no struct padding).
 //!
 //! This struct is most of what an idle connection costs, so it is kept small
 //! and flat: ids are shared `Arc<str>`s (the registry holds the same

@@ -28,17 +28,15 @@
 //! the frame timeout is closed with `IDLE_TIMEOUT` (only complete frames
 //! count as activity).
 //!
-//! Delivery order and exactly-once per connection rest on one number per
-//! connection, `next_seq`: a push is written only if it is exactly the next
-//! event; an older one is a duplicate and dropped; a newer one (a gap) or one
-//! that arrives while too much output waits makes the connection *lagging*,
-//! and the shard reads the missing events from the store instead. Because the
-//! commit pipeline pushes only what is already durable, the store always has
-//! everything a push refers to.
+//! Delivery order and exactly-once per connection are decided by the
+//! connection's [`Delivery`](crate::session::delivery::Delivery) (pushes,
+//! store pages, acknowledgements); the shard carries out what it answers:
+//! writes a push, or reads the missing events from the store while the
+//! connection is *lagging*. Because the commit pipeline pushes only what is
+//! already durable, the store always has everything a push refers to.
 
 pub mod conn;
 pub mod input;
-
 pub mod timer;
 mod turn;
 mod web;
