@@ -41,6 +41,21 @@ pub enum Carries {
     Send { until: u32 },
 }
 
+impl Carries {
+    /// Inbox delivery, for a framed connection.
+    pub fn delivery(&mut self) -> Option<&mut Delivery> {
+        match self {
+            Carries::Frames(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// A framed connection catching up from the store.
+    pub fn lagging(&self) -> bool {
+        matches!(self, Carries::Frames(d) if d.lagging())
+    }
+}
+
 /// A parked long-poll: the page it answers with, and when it gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Poll {
@@ -71,7 +86,8 @@ pub trait Output {
     fn send_env(&mut self, env: &Envelope);
 }
 
-/// One connection's protocol state, borrowed from the shard's slab slot.
+/// One connection's protocol state, borrowed from the shard's slab slot
+/// (built by the shard's `Conn::session`).
 pub struct Session<'a, O: Output> {
     pub phase: &'a mut Phase,
     pub user: &'a mut Option<Arc<str>>,
@@ -81,50 +97,20 @@ pub struct Session<'a, O: Output> {
     pub watching: &'a mut Option<Box<Vec<Arc<str>>>>,
     /// Requests handed to the pipeline and not yet answered.
     pub in_flight: &'a mut u8,
-    typing_tokens: &'a mut u8,
-    typing_refill: &'a mut u32,
+    /// The typing and presence bucket (see [`bucket`]): tokens left, and
+    /// the tick refills were counted to.
+    pub typing_tokens: &'a mut u8,
+    pub typing_refill: &'a mut u32,
     /// The slab slot's generation (names the connection in the registry).
     pub gen: u32,
     pub transport: Transport,
     pub out: O,
 }
 
-impl<'a, O: Output> Session<'a, O> {
-    /// The view of a connection's fields (built by the shard's `Conn`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        phase: &'a mut Phase,
-        user: &'a mut Option<Arc<str>>,
-        device: &'a mut Option<Arc<str>>,
-        carries: &'a mut Carries,
-        watching: &'a mut Option<Box<Vec<Arc<str>>>>,
-        in_flight: &'a mut u8,
-        typing: (&'a mut u8, &'a mut u32),
-        gen: u32,
-        transport: Transport,
-        out: O,
-    ) -> Self {
-        Session {
-            phase,
-            user,
-            device,
-            carries,
-            watching,
-            in_flight,
-            typing_tokens: typing.0,
-            typing_refill: typing.1,
-            gen,
-            transport,
-            out,
-        }
-    }
-
+impl<O: Output> Session<'_, O> {
     /// Inbox delivery of a framed connection.
     pub fn delivery(&mut self) -> Option<&mut Delivery> {
-        match &mut *self.carries {
-            Carries::Frames(d) => Some(d),
-            _ => None,
-        }
+        self.carries.delivery()
     }
 
     /// Take `n` tokens of the typing and presence bucket (see [`bucket`]).

@@ -134,17 +134,9 @@ impl Conn {
         }
     }
 
-    /// Inbox delivery of a framed connection.
-    pub fn delivery(&mut self) -> Option<&mut Delivery> {
-        match &mut self.carries {
-            Carries::Frames(d) => Some(d),
-            _ => None,
-        }
-    }
-
     /// Catching up from the store (a framed connection that is lagging).
     pub fn lagging(&self) -> bool {
-        matches!(&self.carries, Carries::Frames(d) if d.lagging())
+        self.carries.lagging()
     }
 
     /// An HTTP request waiting for an event or an answer, and the tick it
@@ -165,18 +157,6 @@ impl Conn {
             Carries::Poll(_) | Carries::Send { .. } => self.phase != Phase::Closing,
             Carries::Http => false,
         }
-    }
-
-    /// Take one typing token; false when the bucket is empty.
-    pub fn take_typing_token(&mut self, now: u32) -> bool {
-        self.take_typing_tokens(now, 1)
-    }
-
-    /// Take `n` tokens of the typing bucket (shared by Typing and
-    /// SubscribePresence, see [`bucket`]); false, taking none, when it
-    /// holds fewer.
-    pub fn take_typing_tokens(&mut self, now: u32, n: u8) -> bool {
-        bucket::take(&mut self.typing_tokens, &mut self.typing_refill, now, n)
     }
 
     /// Queue one frame in the protocol's framing (varint length, Envelope),
@@ -236,21 +216,22 @@ impl Conn {
             io,
             ..
         } = self;
-        Session::new(
+        Session {
             phase,
             user,
             device,
             carries,
             watching,
             in_flight,
-            (typing_tokens, typing_refill),
-            *gen,
-            *transport,
-            ConnOut {
+            typing_tokens,
+            typing_refill,
+            gen: *gen,
+            transport: *transport,
+            out: ConnOut {
                 io,
                 transport: *transport,
             },
-        )
+        }
     }
 
     /// A closing connection's write side is shut once its last bytes are

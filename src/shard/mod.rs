@@ -732,13 +732,13 @@ impl Shard {
             };
             let mut failed = None;
             while conn.out_len() < low {
-                let Some(after) = conn.delivery().and_then(|d| d.catch_up_after()) else {
+                let Some(after) = conn.carries.delivery().and_then(|d| d.catch_up_after()) else {
                     break;
                 };
                 match self.ctx.store.read_inbox(&user, after, CATCHUP_PAGE, low) {
                     Ok(page) => {
                         for event in page.events {
-                            if let Some(d) = conn.delivery() {
+                            if let Some(d) = conn.carries.delivery() {
                                 d.on_page_event(event.seq);
                             }
                             if let Some(pb::event::Kind::Message(m)) = &event.kind {
@@ -762,7 +762,7 @@ impl Shard {
                                 .messages_out
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
-                        if let Some(d) = conn.delivery() {
+                        if let Some(d) = conn.carries.delivery() {
                             d.on_page_end(page.has_more);
                         }
                         if !page.has_more {
