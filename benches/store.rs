@@ -56,6 +56,7 @@ impl Bench {
                 node_id: 0,
                 queue: 64 * 1024,
                 max_group_members: 10_000,
+                routes: None,
             },
         );
         Bench {

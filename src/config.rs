@@ -66,6 +66,17 @@ pub struct Config {
     pub max_group_members: usize,
     /// A typing indicator lapses this long after its last STARTED.
     pub typing_ttl_ms: u64,
+    /// Join a cluster through the Redis at this URL (`redis://host:port`).
+    /// Unset: a single node, no Redis.
+    pub cluster: Option<String>,
+    /// Where clients redirected to this node connect, as
+    /// `TCP_ADDR,HTTP_ADDR`. Unset: the addresses it listens on.
+    pub advertise: Option<String>,
+    /// How long one renewal of the node's cluster lease lasts: a node that
+    /// cannot reach Redis for this long stops writing.
+    pub lease_ms: u64,
+    /// The deadline of every call to Redis.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -91,6 +102,10 @@ impl Default for Config {
             node_id: 0,
             max_group_members: 1024,
             typing_ttl_ms: 6_000,
+            cluster: None,
+            advertise: None,
+            lease_ms: 15_000,
+            redis_timeout_ms: 1_000,
         }
     }
 }
@@ -205,6 +220,18 @@ pub struct ServeArgs {
     /// Typing indicators lapse after this many ms without a new STARTED [default: 6000].
     #[arg(long, env = "SWIFTLET_TYPING_TTL_MS")]
     pub typing_ttl_ms: Option<u64>,
+    /// Join a cluster through this Redis (redis://HOST:PORT); needs a distinct --node-id per node.
+    #[arg(long, env = "SWIFTLET_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Addresses redirected clients use: TCP_ADDR,HTTP_ADDR [default: the listen addresses].
+    #[arg(long, env = "SWIFTLET_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Cluster lease in ms: without Redis for this long a node stops writing [default: 15000].
+    #[arg(long, env = "SWIFTLET_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Deadline of every Redis call in ms [default: 1000].
+    #[arg(long, env = "SWIFTLET_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
 }
 
 impl Config {
@@ -232,8 +259,16 @@ impl Config {
             wal_sync_interval_ms,
             node_id,
             max_group_members,
-            typing_ttl_ms
+            typing_ttl_ms,
+            lease_ms,
+            redis_timeout_ms
         );
+        if args.cluster.is_some() {
+            c.cluster = args.cluster.clone();
+        }
+        if args.advertise.is_some() {
+            c.advertise = args.advertise.clone();
+        }
         if args.jwt_secret.is_some() {
             c.jwt_secret = args.jwt_secret.clone();
         }
@@ -290,6 +325,22 @@ impl Config {
         }
         if self.wal_sync_interval_ms == 0 || self.wal_sync_interval_ms > 60_000 {
             return bad("wal_sync_interval_ms must be between 1 and 60000");
+        }
+        if self.lease_ms < 1_000 || self.lease_ms > 600_000 {
+            return bad("lease_ms must be between 1000 and 600000");
+        }
+        if self.redis_timeout_ms < 10 || self.redis_timeout_ms * 3 > self.lease_ms {
+            return bad("redis_timeout_ms must be at least 10 and at most a third of lease_ms");
+        }
+        if let Some(url) = &self.cluster {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return bad("cluster must be a redis:// URL");
+            }
+        }
+        if let Some(a) = &self.advertise {
+            if a.split(',').count() != 2 || a.split(',').any(|p| p.trim().is_empty()) {
+                return bad("advertise must be TCP_ADDR,HTTP_ADDR");
+            }
         }
         if self.dev_auth && !self.dev_auth_public {
             // Unspecified (0.0.0.0, ::) is every interface, not loopback.

@@ -37,6 +37,44 @@ enum Command {
         #[arg(long, env = "SWIFTLET_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Manage a cluster of nodes joined through Redis.
+    Cluster {
+        /// The cluster's Redis.
+        #[arg(
+            long,
+            env = "SWIFTLET_CLUSTER",
+            default_value = "redis://127.0.0.1:6379"
+        )]
+        redis: String,
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Give every partition a home among the listed nodes (once, before first use).
+    Init {
+        /// Node ids, comma-separated (e.g. 1,2,3).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u16>,
+    },
+    /// Nodes, leases, partitions per node, hand-off backlog.
+    Status,
+    /// Find the partition of a user (and its home).
+    Partition {
+        #[arg(long)]
+        user: String,
+    },
+    /// Give a partition whose home is down to another node (disaster recovery: --force).
+    MovePartition {
+        partition: u16,
+        #[arg(long)]
+        to: u16,
+        /// Required: the old home must be down, and what only its disk held is lost to the partition's users.
+        #[arg(long, required = true)]
+        force: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,7 +112,60 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cluster { redis, command } => cluster(&redis, command),
     }
+}
+
+/// `swiftlet cluster ...`: the answers are the command's output.
+#[allow(clippy::print_stdout)]
+fn cluster(redis: &str, command: ClusterCommand) -> anyhow::Result<()> {
+    use swiftlet::cluster::admin;
+    match command {
+        ClusterCommand::Init { nodes } => {
+            let n = admin::init(redis, &nodes)?;
+            println!("initialized: {n} partitions over nodes {nodes:?}, epoch 1");
+        }
+        ClusterCommand::Status => {
+            let st = admin::status(redis)?;
+            match st.map_version {
+                Some(v) => println!("map version {v}, {} partitions unassigned", st.unassigned),
+                None => println!("no map: run `swiftlet cluster init --nodes ...`"),
+            }
+            println!(
+                "{:>5}  {:<6} {:>10} {:>8}  {:<40} backlog",
+                "node", "lease", "partitions", "stream", "addresses"
+            );
+            for (n, s) in &st.nodes {
+                let backlog: Vec<String> = s
+                    .backlog
+                    .iter()
+                    .map(|(d, b)| format!("->{d}: {b}"))
+                    .collect();
+                println!(
+                    "{n:>5}  {:<6} {:>10} {:>8}  {:<40} {}",
+                    if s.alive { "held" } else { "LOST" },
+                    s.partitions,
+                    s.stream_len,
+                    s.addrs,
+                    backlog.join(" ")
+                );
+            }
+        }
+        ClusterCommand::Partition { user } => {
+            let p = swiftlet::cluster::Partition::of_user(&user);
+            println!("{user}: partition {}", p.0);
+        }
+        ClusterCommand::MovePartition {
+            partition,
+            to,
+            force,
+        } => {
+            anyhow::ensure!(force, "only --force moves exist today");
+            let epoch = admin::force_move(redis, partition, to)?;
+            println!("partition {partition} -> node {to} at epoch {epoch}");
+        }
+    }
+    Ok(())
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {

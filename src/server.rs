@@ -26,6 +26,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
 use crate::clock::Clock;
+use crate::cluster::coordinator::{Cluster, ClusterConfig, ClusterError};
 use crate::cluster::local::{LocalEphemeral, LocalOwnership, LocalPresence};
 use crate::cluster::{Ephemeral, Ownership, Presence};
 use crate::commit::{self, CommitHandle, PipelineConfig};
@@ -64,6 +65,8 @@ pub enum ServerError {
     AddrInUse { addr: SocketAddr },
     #[error("starting threads")]
     Io(#[from] std::io::Error),
+    #[error("joining the cluster")]
+    Cluster(#[from] ClusterError),
 }
 
 /// A running node. Dropping it shuts it down.
@@ -76,6 +79,7 @@ pub struct Server {
     commit: Option<CommitHandle>,
     store: Arc<Store>,
     registry: Arc<Registry>,
+    cluster: Option<Cluster>,
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
@@ -169,6 +173,31 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         mailboxes.push(rx);
         polls.push(poll);
     }
+    // A cluster node loads its recorded homes before the pipeline exists
+    // (the pipeline routes by them); its threads start once it does.
+    let mut cluster = match &config.cluster {
+        None => None,
+        Some(url) => {
+            let (tcp, http) = match &config.advertise {
+                Some(a) => {
+                    let (t, h) = a.split_once(',').unwrap_or((a, ""));
+                    (t.trim().to_owned(), h.trim().to_owned())
+                }
+                None => (addr.to_string(), http_addr.to_string()),
+            };
+            Some(Cluster::prepare(
+                ClusterConfig {
+                    url: url.clone(),
+                    node_id: config.node_id,
+                    advertise_tcp: tcp,
+                    advertise_http: http,
+                    lease: Duration::from_millis(config.lease_ms),
+                    deadline: Duration::from_millis(config.redis_timeout_ms),
+                },
+                &store,
+            )?)
+        }
+    };
     let clock = Clock::system();
     let commit = commit::start(
         store.clone(),
@@ -182,12 +211,19 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             queue: COMMIT_QUEUE,
             max_group_members: config.max_group_members,
             clock: clock.clone(),
+            routes: cluster.as_ref().map(Cluster::routes),
         },
     );
+    if let Some(c) = &mut cluster {
+        c.run(store.clone(), commit.clone())?;
+    }
     let shard_handles: Arc<[ShardHandle]> = handles.clone().into();
     // The single-node implementations; a cluster swaps these for
     // `cluster::redis`'s without touching the shards.
-    let ownership: Arc<dyn Ownership> = Arc::new(LocalOwnership);
+    let ownership: Arc<dyn Ownership> = match &cluster {
+        Some(c) => c.table.clone(),
+        None => Arc::new(LocalOwnership),
+    };
     let ephemeral: Arc<dyn Ephemeral> = Arc::new(LocalEphemeral::new(
         registry.clone(),
         watchers.clone(),
@@ -255,6 +291,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         commit: Some(commit),
         store,
         registry,
+        cluster,
     })
 }
 
@@ -272,6 +309,11 @@ impl Server {
     /// The node's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The node's cluster runtime, when it is one of a cluster.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
     }
 
     /// The node's store (for tools and tests that inspect what is durable).
@@ -303,6 +345,11 @@ impl Server {
             if rx.recv().is_err() {
                 break;
             }
+        }
+        // No more hand-offs in or out: what is unshipped stays in the
+        // outbox, what is unapplied stays in Redis for the next start.
+        if let Some(c) = &mut self.cluster {
+            c.stop();
         }
         commit.flush();
         for s in &self.shards {

@@ -54,6 +54,7 @@ impl Envelope {
                 code: code as i32,
                 message: message.into(),
                 fatal,
+                ..Default::default()
             }),
         )
     }

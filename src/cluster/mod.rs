@@ -24,9 +24,17 @@
 //! [`crate::hub::fanout`] directly, so these traits may use dynamic
 //! dispatch without costing the hot path anything.
 
+pub mod admin;
+pub mod applier;
+pub mod coordinator;
+pub mod handoff;
 pub mod local;
+pub mod redis;
+pub mod shipper;
+pub mod table;
 
 use bytes::Bytes;
+use swiftlet_protocol::pb;
 
 use crate::hub::registry::ConnRef;
 use crate::store::StoreError;
@@ -80,6 +88,9 @@ pub enum Home {
     Local { epoch: u64 },
     /// Another node is home (a login here is redirected there).
     Remote { node: u16, epoch: u64 },
+    /// No node is known to be home: the cluster is not initialized, or
+    /// Redis lost the map and the home has not restored it yet.
+    Unknown,
 }
 
 /// Which node is home for each partition.
@@ -105,6 +116,18 @@ pub trait Ownership: Send + Sync {
     /// The home of a group's membership and posts.
     fn home_of_group(&self, group_id: u64) -> Home {
         self.home(Partition::of_group(group_id))
+    }
+
+    /// Whether this node may write for the partitions it is home to now:
+    /// false once it could not renew its lease in time (it is *fenced*,
+    /// another node may have been given its partitions).
+    fn writable(&self) -> bool {
+        true
+    }
+
+    /// Where a client of node `node` reconnects, if that node is alive.
+    fn redirect(&self, _node: u16) -> Option<pb::Redirect> {
+        None
     }
 }
 

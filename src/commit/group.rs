@@ -24,10 +24,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use crossbeam_channel::Sender;
 use swiftlet_protocol::pb;
 use swiftlet_protocol::{Body, Envelope, ErrorCode};
 
 use super::combine::Committer;
+use super::relay::{RelayState, Routes};
 use super::seqs::Heads;
 use super::{CommitCmd, Op, Origin, MAX_GROUP};
 use crate::clock::Clock;
@@ -92,6 +94,11 @@ pub(super) struct Work {
     pub(super) heads_undo: Undo<Arc<str>, u64>,
     /// Device cursors in this group's batch, pending in [`Cursors`].
     pub(super) cursors: Vec<(Arc<str>, Arc<str>, u64)>,
+    /// Inbox events for users of other nodes: (home node, user, event).
+    pub(super) relays: Vec<(u16, Arc<str>, Bytes)>,
+    /// Hand-off entries applied in this group: who waits for the mark,
+    /// the source, the mark before and after.
+    pub(super) applied: Vec<(Sender<u64>, u16, u64, u64)>,
 }
 
 /// Where a request began in its group's [`Work`]: rolling back to it takes
@@ -102,6 +109,7 @@ pub(super) struct Savepoint {
     answers: usize,
     pushes: usize,
     writes: usize,
+    relays: usize,
 }
 
 impl Work {
@@ -117,6 +125,7 @@ impl Work {
             answers: self.answers.len(),
             pushes: self.pushes.len(),
             writes: self.writes,
+            relays: self.relays.len(),
         }
     }
 
@@ -126,6 +135,7 @@ impl Work {
         self.batch.truncate(sp.ops);
         self.answers.truncate(sp.answers);
         self.pushes.truncate(sp.pushes);
+        self.relays.truncate(sp.relays);
         self.writes = sp.writes;
         self.fresh_undo.rollback(&mut self.fresh);
         self.written_undo.rollback(&mut self.written);
@@ -150,6 +160,9 @@ pub(super) struct Pipeline {
     /// Newest inbox seq of recently written users, so an append needs no
     /// store read.
     pub(super) heads: Heads,
+    /// On a cluster node: where users' homes are, and the hand-off.
+    pub(super) routes: Option<Routes>,
+    pub(super) relay: RelayState,
 }
 
 impl Committer for Pipeline {
@@ -167,6 +180,40 @@ impl Pipeline {
         for cmd in group.drain(..) {
             let sp = w.savepoint();
             match cmd {
+                CommitCmd::Request(origin, _) if !self.writable() => {
+                    self.outbox.reply(
+                        origin.reply,
+                        origin.received,
+                        &Envelope::error(
+                            origin.request_id,
+                            ErrorCode::Unavailable,
+                            "this node lost its cluster lease; retry later",
+                            false,
+                        ),
+                    );
+                }
+                CommitCmd::Apply {
+                    src,
+                    first,
+                    entries,
+                    done,
+                } => {
+                    let result = if self.writable() {
+                        self.apply_handoff(&mut w, src, first, &entries)
+                    } else {
+                        // Fenced: apply nothing, report what stands.
+                        self.store.applied(src).map(|a| (a, a))
+                    };
+                    match result {
+                        Ok((old, new)) => w.applied.push((done, src, old, new)),
+                        Err(e) => {
+                            crate::log_every!(1000, error, error = %e, "applying a hand-off failed");
+                            w.rollback(sp, &mut self.heads);
+                            // No answer: the applier retries.
+                            drop(done);
+                        }
+                    }
+                }
                 CommitCmd::Request(origin, op) => match self.apply(&mut w, &origin, op) {
                     Ok(Some(body)) => w.answers.push((
                         origin.reply,
@@ -231,20 +278,37 @@ impl Pipeline {
             }
         }
 
-        let committed = w.writes == 0 || {
-            let started = self.clock.now();
-            let result = self.store.commit(std::mem::take(&mut w.batch));
-            self.metrics.commit_us.observe(
-                self.clock
-                    .now()
-                    .saturating_duration_since(started)
-                    .as_micros() as u64,
-            );
-            match result {
-                Ok(()) => true,
-                Err(e) => {
-                    crate::log_every!(1000, error, error = %e, "group commit failed");
-                    false
+        // Events for other nodes' users go into the outbox in this batch,
+        // so their Acks cover them too.
+        let outbox = if w.relays.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.write_outbox(&mut w)
+        };
+        let committed = match &outbox {
+            Err(e) => {
+                // An outbox seq could not be read: fail the whole group
+                // rather than acknowledge events that would not be relayed.
+                crate::log_every!(1000, error, error = %e, "reading the outbox failed");
+                false
+            }
+            Ok(_) => {
+                w.writes == 0 || {
+                    let started = self.clock.now();
+                    let result = self.store.commit(std::mem::take(&mut w.batch));
+                    self.metrics.commit_us.observe(
+                        self.clock
+                            .now()
+                            .saturating_duration_since(started)
+                            .as_micros() as u64,
+                    );
+                    match result {
+                        Ok(()) => true,
+                        Err(e) => {
+                            crate::log_every!(1000, error, error = %e, "group commit failed");
+                            false
+                        }
+                    }
                 }
             }
         };
@@ -269,7 +333,17 @@ impl Pipeline {
                 self.outbox
                     .push(&self.registry, &p.user, p.seq, &p.event, p.sent.as_ref());
             }
+            for (done, src, _, new) in w.applied.drain(..) {
+                self.applied_written(src, new);
+                let _ = done.send(new);
+            }
+            if let Ok(entries) = &outbox {
+                self.hand_off(entries);
+            }
         } else {
+            for (done, _, old, _) in w.applied.drain(..) {
+                let _ = done.send(old);
+            }
             for (to, received, env) in &w.answers {
                 self.outbox.reply(
                     *to,
@@ -284,9 +358,11 @@ impl Pipeline {
             }
         }
         if !committed {
-            // The cached heads and groups may be ahead of the store.
+            // The cached heads, groups and outbox seqs may be ahead of the
+            // store.
             self.heads.clear();
             self.groups.clear();
+            self.relay.clear();
         }
         self.heads.rotate_if_full();
         self.groups.rotate_if_full();
@@ -378,6 +454,7 @@ mod tests {
                     queue: MAX_GROUP,
                     max_group_members: 100,
                     clock,
+                    routes: None,
                 },
             )
         }

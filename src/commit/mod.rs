@@ -44,6 +44,7 @@ mod group;
 mod groups;
 mod presence;
 mod receipts;
+mod relay;
 mod sends;
 mod seqs;
 
@@ -65,6 +66,7 @@ use crate::store::Store;
 use combine::{Combiner, Wake};
 use group::Pipeline;
 pub use receipts::{add_delivered, merge_delivered, summarize_delivered, DeliveredConv};
+pub use relay::Routes;
 use seqs::HEADS_PER_GENERATION;
 
 /// Most commands folded into one write batch.
@@ -114,6 +116,17 @@ pub enum CommitCmd {
     },
     /// The user's last connection closed.
     LastSeen { user: Arc<str>, at_ms: u64 },
+    /// Cluster: outbox entries `first, first + 1, ...` of node `src`
+    /// arrived (see [`crate::cluster::HandOff`]); apply those after the
+    /// last applied from `src`, and send the new mark to `done` once it is
+    /// written (the old one if nothing could be; nothing if the group
+    /// failed before its write).
+    Apply {
+        src: u16,
+        first: u64,
+        entries: Vec<bytes::Bytes>,
+        done: crossbeam_channel::Sender<u64>,
+    },
 }
 
 /// Why a command was not accepted.
@@ -169,6 +182,8 @@ pub struct PipelineConfig {
     pub max_group_members: usize,
     /// What the pipeline reads the time from (timestamps, message ids).
     pub clock: Clock,
+    /// On a cluster node: homes and the hand-off; None on a single node.
+    pub routes: Option<Routes>,
 }
 
 /// Create the pipeline; the shards run it through the returned handle.
@@ -192,6 +207,8 @@ pub fn start(
         max_group_members: config.max_group_members,
         clock: config.clock,
         heads: Generations::new(HEADS_PER_GENERATION),
+        routes: config.routes,
+        relay: Default::default(),
     };
     CommitHandle {
         combiner: Combiner::new(pipeline, config.queue, shards),

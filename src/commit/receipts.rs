@@ -156,14 +156,19 @@ fn receipt(
 }
 
 impl Pipeline {
-    fn watermarks(&self, w: &Work, conv: &[u8], user: &Arc<str>) -> Result<(u64, u64), StoreError> {
+    pub(super) fn watermarks(
+        &self,
+        w: &Work,
+        conv: &[u8],
+        user: &Arc<str>,
+    ) -> Result<(u64, u64), StoreError> {
         match w.marks.get(&(conv.to_vec(), user.clone())) {
             Some(m) => Ok(*m),
             None => self.store.watermarks(conv, user),
         }
     }
 
-    fn set_watermarks(
+    pub(super) fn set_watermarks(
         &self,
         w: &mut Work,
         conv: &[u8],

@@ -22,6 +22,7 @@ use prost::Message as _;
 use swiftlet_protocol::pb::{self, event::Kind};
 
 use super::group::{Pending, Pipeline, Work};
+use super::relay::Route;
 use crate::generations::Generations;
 use crate::hub::mailbox::Sent;
 use crate::store::keys::InboxEntry;
@@ -49,6 +50,10 @@ impl Pipeline {
     /// Reserve the next inbox seq of `user` (until the running request is
     /// rolled back: see [`Work::rollback`]).
     pub(super) fn next_seq(&mut self, w: &mut Work, user: &Arc<str>) -> Result<u64, StoreError> {
+        if let Route::Remote(_) = self.route(user) {
+            // Its home gives it a seq (see `relay`).
+            return Ok(0);
+        }
         let head = match self.heads.get(&**user) {
             Some(h) => h,
             None => self.store.last_seq(user)?,
@@ -58,7 +63,9 @@ impl Pipeline {
     }
 
     /// Append an encoded event to `user`'s inbox; `entry` is what the slot
-    /// stores (a message reference or the event itself).
+    /// stores (a message reference or the event itself). For a user whose
+    /// home is another node the event is relayed there instead (see
+    /// `relay`), and `seq` is the 0 [`Pipeline::next_seq`] gave.
     pub(super) fn append(
         &mut self,
         w: &mut Work,
@@ -68,6 +75,11 @@ impl Pipeline {
         event: &Bytes,
         sent: Option<&Arc<Sent>>,
     ) -> Result<(), StoreError> {
+        if let Route::Remote(dest) = self.route(user) {
+            w.relays.push((dest, user.clone(), event.clone()));
+            w.writes += 1;
+            return Ok(());
+        }
         self.store.put_inbox(&mut w.batch, user, seq, entry)?;
         w.writes += 1;
         w.pushes.push(Pending {

@@ -29,13 +29,55 @@ use crate::session::unacked::Unacked;
 use crate::store::keys;
 
 /// What the shard does with the connection after a frame.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Flow {
     Continue,
     /// Send a fatal Error with this code and close. The id is the request's
     /// the error answers (a refused Hello's), or 0 when it is about the
     /// connection.
     Close(u64, ErrorCode, String),
+    /// Like `Close`, with an Error that says more (a cluster redirect).
+    Refuse(u64, Box<pb::Error>),
+}
+
+/// How long a client whose home node is down should wait before trying
+/// again (a hint: a node restarts in seconds).
+pub const HOME_RETRY_MS: u32 = 2_000;
+
+/// Why `user` may not be served here, if they may not: their home is
+/// another node (NOT_HOME, with where it listens), or no live node is
+/// their home now (HOME_UNAVAILABLE).
+pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
+    let refuse = |code: ErrorCode, message: String, redirect, retry_after_ms| pb::Error {
+        code: code as i32,
+        message,
+        fatal: true,
+        redirect,
+        retry_after_ms,
+    };
+    match ctx.ownership.home_of_user(user) {
+        Home::Local { .. } => None,
+        Home::Remote { node, .. } => Some(match ctx.ownership.redirect(node) {
+            Some(r) => refuse(
+                ErrorCode::NotHome,
+                format!("this user is served by node {node}; reconnect there"),
+                Some(r),
+                0,
+            ),
+            None => refuse(
+                ErrorCode::HomeUnavailable,
+                format!("this user's home, node {node}, is down; retry later"),
+                None,
+                HOME_RETRY_MS,
+            ),
+        }),
+        Home::Unknown => Some(refuse(
+            ErrorCode::HomeUnavailable,
+            "no node is home to this user yet; retry later".into(),
+            None,
+            HOME_RETRY_MS,
+        )),
+    }
 }
 
 /// Largest Sync page.
@@ -241,13 +283,10 @@ fn login<O: Output>(
     };
     // A single node is home to everyone; in a cluster a user is served
     // only by their home node, so their devices, inbox and cursors stay
-    // together. The answer will become a typed redirect to that node.
-    if let Home::Remote { node, .. } = ctx.ownership.home_of_user(&user) {
-        return Flow::Close(
-            rid,
-            ErrorCode::ShuttingDown,
-            format!("this user is served by node {node}; reconnect there"),
-        );
+    // together: elsewhere the login is redirected there (or told to wait
+    // while that node is down).
+    if let Some(refusal) = not_home(ctx, &user) {
+        return Flow::Refuse(rid, Box::new(refusal));
     }
     // Registered before the inbox head is read: a message committed after
     // that read is pushed to this connection (its push is looked up after

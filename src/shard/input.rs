@@ -41,6 +41,9 @@ pub struct Fatal {
     pub code: ErrorCode,
     pub why: String,
     pub ws_close: Option<u16>,
+    /// The Error to send instead of one made from `code` and `why` (it
+    /// says more: a cluster redirect).
+    pub detail: Option<Box<swiftlet_protocol::pb::Error>>,
 }
 
 impl From<FrameError> for Fatal {
@@ -53,6 +56,7 @@ impl From<FrameError> for Fatal {
             code,
             why: e.to_string(),
             ws_close: None,
+            detail: None,
         }
     }
 }
@@ -86,6 +90,7 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
                 code,
                 why: e.to_string(),
                 ws_close: Some(close),
+                detail: None,
             });
         }
     };
@@ -97,6 +102,7 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
                     code: ErrorCode::MalformedFrame,
                     why: format!("malformed envelope: {e}"),
                     ws_close: Some(ws::CLOSE_INVALID_PAYLOAD),
+                    detail: None,
                 })
             }
         },
@@ -106,6 +112,7 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
                 why: "text frames are not accepted: send each Envelope as one binary message"
                     .into(),
                 ws_close: Some(ws::CLOSE_UNSUPPORTED),
+                detail: None,
             })
         }
         ws::OP_PING => Input::WsPing(frame.payload),
@@ -114,6 +121,7 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
                 code: ErrorCode::Unspecified,
                 why: "closed by the client".into(),
                 ws_close: Some(ws::CLOSE_NORMAL),
+                detail: None,
             })
         }
         _ => Input::Skip,

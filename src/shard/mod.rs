@@ -546,6 +546,19 @@ impl Shard {
                             code,
                             why,
                             ws_close: None,
+                            detail: None,
+                        },
+                    ));
+                    break;
+                }
+                Flow::Refuse(rid, err) => {
+                    fatal = Some((
+                        rid,
+                        Fatal {
+                            code: err.code(),
+                            why: err.message.clone(),
+                            ws_close: None,
+                            detail: Some(err),
                         },
                     ));
                     break;
@@ -582,7 +595,7 @@ impl Shard {
             self.mark_dirty(slot);
         }
         if let Some((rid, f)) = fatal {
-            self.close_with(slot, rid, f.code, &f.why, f.ws_close);
+            self.close_with(slot, rid, f.code, &f.why, f.ws_close, f.detail);
             return Stop::Closed;
         }
         stop
@@ -701,6 +714,7 @@ impl Shard {
                             ErrorCode::ShuttingDown,
                             "server shutting down",
                             None,
+                            None,
                         );
                     }
                     self.exit_at = Some(self.now + CLOSE_GRACE_TICKS);
@@ -777,7 +791,7 @@ impl Shard {
             }
             if let Some(e) = failed {
                 crate::log_every!(1000, error, error = %e, "reading an inbox for delivery failed");
-                self.close_with(slot, 0, ErrorCode::Internal, "storage error", None);
+                self.close_with(slot, 0, ErrorCode::Internal, "storage error", None, None);
                 continue;
             }
             // Still lagging: the flush below makes room, and a drained
@@ -948,7 +962,7 @@ impl Shard {
             }
             match code {
                 ErrorCode::Unspecified => self.drop_conn(slot as usize),
-                code => self.close_with(slot as usize, 0, code, why, None),
+                code => self.close_with(slot as usize, 0, code, why, None, None),
             }
         }
         self.due = due;
@@ -1039,6 +1053,7 @@ impl Shard {
         code: ErrorCode,
         why: &str,
         ws_close: Option<u16>,
+        detail: Option<Box<pb::Error>>,
     ) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
@@ -1065,8 +1080,12 @@ impl Shard {
         } else {
             conn.discard_buffers();
         }
-        if code != ErrorCode::Unspecified {
-            conn.send_env(&Envelope::error(rid, code, why, true));
+        match detail {
+            Some(err) => conn.send_env(&Envelope::new(rid, Body::Error(*err))),
+            None if code != ErrorCode::Unspecified => {
+                conn.send_env(&Envelope::error(rid, code, why, true))
+            }
+            None => {}
         }
         if conn.transport == Transport::WebSocket {
             let close = ws_close.unwrap_or_else(|| web::close_code(code));

@@ -40,8 +40,14 @@ pub const PRESENCE: &str = "presence";
 /// at open and at a clean shutdown, never on the hot path.
 pub const META: &str = "meta";
 
+/// What a node of a cluster keeps about the cluster (see
+/// [`super::cluster`]): its outbox of events bound for other nodes, what it
+/// applied from each of them, and the ownership epochs it has seen. Empty on
+/// a single node.
+pub const CLUSTER: &str = "cluster";
+
 /// Every column family the store opens.
-pub const ALL_CFS: [&str; 10] = [
+pub const ALL_CFS: [&str; 11] = [
     MESSAGES,
     INBOX,
     DEDUP,
@@ -52,4 +58,5 @@ pub const ALL_CFS: [&str; 10] = [
     GROUP_LOG,
     PRESENCE,
     META,
+    CLUSTER,
 ];

@@ -21,6 +21,7 @@
 //! may then have rolled back, and their seqs may be handed to new events.
 
 pub mod cf;
+pub mod cluster;
 pub mod keys;
 
 use std::path::Path;

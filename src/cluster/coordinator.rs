@@ -1,0 +1,355 @@
+//! A cluster node's runtime: the coordinator thread (lease, ownership map,
+//! peers, marks), and the [`Cluster`] that starts it with the shipper and
+//! the applier.
+//!
+//! Each tick (a fifth of the lease, at most a second) the coordinator:
+//!
+//! 1. renews this node's lease and advertises its addresses;
+//! 2. reads the map's version, and the map when it changed; takes every
+//!    partition's home at an epoch newer than the one recorded (recording
+//!    it in RocksDB, synced, before acting on it) and ignores older ones;
+//!    writes back the partitions this node is home to when Redis lost them
+//!    or holds them at an older epoch (Redis restarted empty);
+//! 3. only then extends the lease in the [`Table`], to the time the renewal
+//!    was *sent* plus nine tenths of the lease: so the node stops writing
+//!    before Redis can let its lease expire, and after a lapse it writes
+//!    again only once it has re-read the map;
+//! 4. reads the other nodes' addresses and leases, and the marks the
+//!    destinations reported, trimming the outbox up to them;
+//! 5. notices a Redis restart (a new `run_id`) and has the shipper re-drive
+//!    everything unacknowledged.
+//!
+//! A node whose table is incomplete (the cluster has not been initialized)
+//! never extends its lease, so it writes nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::applier::{self, ApplierStats};
+use super::redis::{Link, LinkError};
+use super::shipper::{self, Shipper};
+use super::table::{Peer, Table};
+use super::PARTITIONS;
+use crate::commit::{CommitHandle, Routes};
+use crate::store::cluster::EpochRecord;
+use crate::store::{Store, StoreError};
+
+/// How a node joins a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    pub node_id: u16,
+    /// Where clients redirected here connect: TCP protocol, HTTP.
+    pub advertise_tcp: String,
+    pub advertise_http: String,
+    /// How long a renewal holds the lease.
+    pub lease: Duration,
+    /// The deadline of every Redis call.
+    pub deadline: Duration,
+}
+
+/// Why a node could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster link: {0}")]
+    Link(#[from] LinkError),
+    #[error("reading this node's cluster records: {0}")]
+    Store(#[from] StoreError),
+    #[error("starting a cluster thread: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The state of the link, for `/metrics` and `cluster status`.
+#[derive(Default)]
+pub struct LinkStats {
+    /// 1 while the last call to Redis succeeded.
+    pub up: AtomicU64,
+    pub redis_restarts: AtomicU64,
+}
+
+/// A running cluster node's threads and shared state.
+pub struct Cluster {
+    pub table: Arc<Table>,
+    pub shipper: Arc<Shipper>,
+    pub applier: Arc<ApplierStats>,
+    pub link: Arc<LinkStats>,
+    config: ClusterConfig,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Load what this node recorded; no thread runs yet, so the pipeline
+    /// can be built with [`Cluster::routes`] first.
+    pub fn prepare(config: ClusterConfig, store: &Store) -> Result<Cluster, ClusterError> {
+        let table = Arc::new(Table::new(config.node_id));
+        for r in store.epochs()? {
+            table.set(r.partition, r.node, r.epoch);
+        }
+        // Fail early on a malformed URL.
+        Link::new(&config.url, config.deadline)?;
+        Ok(Cluster {
+            table,
+            shipper: Arc::new(Shipper::default()),
+            applier: Arc::new(ApplierStats::default()),
+            link: Arc::new(LinkStats::default()),
+            config,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        })
+    }
+
+    /// What the commit pipeline needs.
+    pub fn routes(&self) -> Routes {
+        Routes {
+            ownership: self.table.clone(),
+            handoff: self.shipper.clone(),
+        }
+    }
+
+    /// Start the coordinator, shipper and applier threads.
+    pub fn run(&mut self, store: Arc<Store>, commit: CommitHandle) -> Result<(), ClusterError> {
+        let link = || Link::new(&self.config.url, self.config.deadline);
+        let coordinator = Coordinator {
+            config: self.config.clone(),
+            table: self.table.clone(),
+            shipper: self.shipper.clone(),
+            stats: self.link.clone(),
+            store: store.clone(),
+            link: link()?,
+            version: None,
+            run_id: None,
+            warned_uninitialized: false,
+        };
+        let stop = self.stop.clone();
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("cluster-coord".into())
+                .spawn(move || coordinator.run(&stop))?,
+        );
+        let (shipper, table, stop, s) = (
+            self.shipper.clone(),
+            self.table.clone(),
+            self.stop.clone(),
+            store.clone(),
+        );
+        let l = link()?;
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("cluster-ship".into())
+                .spawn(move || shipper::run(shipper, s, table, l, stop))?,
+        );
+        let (me, stats, stop, l) = (
+            self.config.node_id,
+            self.applier.clone(),
+            self.stop.clone(),
+            link()?,
+        );
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("cluster-apply".into())
+                .spawn(move || applier::run(me, store, commit, l, stats, stop))?,
+        );
+        Ok(())
+    }
+
+    /// Stop the threads (before the pipeline and the store stop).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Coordinator {
+    config: ClusterConfig,
+    table: Arc<Table>,
+    shipper: Arc<Shipper>,
+    stats: Arc<LinkStats>,
+    store: Arc<Store>,
+    link: Link,
+    /// The map version last read.
+    version: Option<u64>,
+    run_id: Option<String>,
+    warned_uninitialized: bool,
+}
+
+impl Coordinator {
+    fn run(mut self, stop: &AtomicBool) {
+        let tick = (self.config.lease / 5).min(Duration::from_secs(1));
+        while !stop.load(Ordering::Acquire) {
+            let started = Instant::now();
+            match self.tick(started) {
+                Ok(()) => self.stats.up.store(1, Ordering::Relaxed),
+                Err(e) => {
+                    self.stats.up.store(0, Ordering::Relaxed);
+                    crate::log_every!(2000, warn, error = %e, "cluster coordination failed; retrying");
+                }
+            }
+            let next = started + tick;
+            while !stop.load(Ordering::Acquire) && Instant::now() < next {
+                std::thread::sleep(Duration::from_millis(20).min(next - Instant::now().min(next)));
+            }
+        }
+        self.table.drop_lease();
+    }
+
+    fn tick(&mut self, sent: Instant) -> Result<(), ClusterError> {
+        let addrs = format!(
+            "{},{}",
+            self.config.advertise_tcp, self.config.advertise_http
+        );
+        let was_writable = !self.table.lease_left().is_zero();
+        self.link
+            .renew(self.config.node_id, &addrs, self.config.lease)?;
+
+        let run_id = self.link.run_id()?;
+        if self.run_id.as_ref().is_some_and(|r| *r != run_id) {
+            tracing::warn!("redis restarted; restoring the map and re-driving the outbox");
+            self.stats.redis_restarts.fetch_add(1, Ordering::Relaxed);
+            self.shipper.redrive_all();
+            self.version = None;
+        }
+        self.run_id = Some(run_id);
+
+        let version = self.link.map_version()?;
+        if version.is_none() || version != self.version {
+            self.reconcile()?;
+            // Read again after our own restore bumped it.
+            self.version = self.link.map_version()?;
+        }
+
+        let complete = (0..PARTITIONS).all(|p| self.table.get(p).is_some());
+        if complete {
+            self.warned_uninitialized = false;
+            let lease = self.config.lease * 9 / 10;
+            self.table.extend_lease(sent + lease);
+            if !was_writable {
+                tracing::info!(
+                    node = self.config.node_id,
+                    "holding the cluster lease: writes enabled"
+                );
+            }
+        } else if !self.warned_uninitialized {
+            self.warned_uninitialized = true;
+            tracing::warn!("the cluster map is incomplete: run `swiftlet cluster init` (writes stay refused until then)");
+        }
+
+        let mut peers = HashMap::new();
+        for (n, addrs, alive) in self.link.nodes()? {
+            let (tcp, http) = addrs.split_once(',').unwrap_or((addrs.as_str(), ""));
+            peers.insert(
+                n,
+                Peer {
+                    tcp: tcp.to_owned(),
+                    http: http.to_owned(),
+                    alive,
+                },
+            );
+        }
+        self.table.set_peers(peers);
+
+        for (dest, mark) in self.link.marks(self.config.node_id)? {
+            self.shipper.set_mark(dest, mark);
+            // Applied there: this node's copy is no longer needed.
+            self.store.trim_outbox(dest, mark)?;
+        }
+        let mut backlog = Vec::new();
+        for dest in self.store.outbox_dests()? {
+            let head = self.store.outbox_head(dest)?;
+            backlog.push((dest, head.saturating_sub(self.shipper_mark(dest))));
+        }
+        self.link.report_backlog(self.config.node_id, &backlog)?;
+        Ok(())
+    }
+
+    fn shipper_mark(&self, dest: u16) -> u64 {
+        use super::HandOff;
+        self.shipper.acked(dest)
+    }
+
+    /// Take newer homes from Redis, give Redis back what it lost.
+    fn reconcile(&mut self) -> Result<(), ClusterError> {
+        let me = self.config.node_id;
+        let mut seen = vec![false; usize::from(PARTITIONS)];
+        let mut record = Vec::new();
+        let mut restore = Vec::new();
+        for (p, node, epoch) in self.link.read_map()? {
+            let Some(s) = seen.get_mut(usize::from(p)) else {
+                continue;
+            };
+            *s = true;
+            match self.table.get(p) {
+                Some((n, e)) if e > epoch => {
+                    // Redis went backwards: keep ours, and give it back if
+                    // it is ours to give.
+                    if n == me {
+                        restore.push((p, n, e));
+                    }
+                }
+                Some((n, e)) if e == epoch && n == node => {}
+                Some((n, e)) if e == epoch => {
+                    // Two homes at one epoch: never act on it.
+                    crate::log_every!(
+                        1000,
+                        error,
+                        partition = p,
+                        ours = n,
+                        redis = node,
+                        epoch = e,
+                        "conflicting homes at one epoch; keeping ours"
+                    );
+                }
+                _ => record.push(EpochRecord {
+                    partition: p,
+                    node,
+                    epoch,
+                }),
+            }
+        }
+        for (p, was) in seen.iter().enumerate() {
+            if !was {
+                if let Some((n, e)) = self.table.get(p as u16) {
+                    if n == me {
+                        restore.push((p as u16, n, e));
+                    }
+                }
+            }
+        }
+        if !record.is_empty() {
+            // Recorded before acted on.
+            self.store.put_epochs(&record)?;
+            for r in &record {
+                if self.table.get(r.partition).is_some_and(|(n, _)| n == me) && r.node != me {
+                    tracing::info!(
+                        partition = r.partition,
+                        to = r.node,
+                        epoch = r.epoch,
+                        "a partition moved away"
+                    );
+                }
+                self.table.set(r.partition, r.node, r.epoch);
+            }
+        }
+        if !restore.is_empty() {
+            let n = self.link.restore(&restore)?;
+            tracing::info!(
+                partitions = restore.len(),
+                changed = n,
+                "restored this node's partitions in redis"
+            );
+        }
+        Ok(())
+    }
+}

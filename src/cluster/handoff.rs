@@ -1,0 +1,78 @@
+//! What one node hands another: the encoding of an outbox entry and of a
+//! stream entry that carries several of them.
+//!
+//! An outbox entry is one [`RelayEntry`]: the inbox events one group commit
+//! produced for users whose home is the destination, each an encoded
+//! `pb::Event` with `seq` 0 (the destination gives it the user's next seq).
+//! A message event carries the whole message, so the destination stores it
+//! as its own copy. A stream entry holds consecutive outbox entries of one
+//! source, each length-delimited, from `first` on.
+
+use bytes::{Buf, Bytes};
+use prost::Message;
+
+/// The events of one outbox entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayEntry {
+    #[prost(message, repeated, tag = "1")]
+    pub events: Vec<RelayEvent>,
+}
+
+/// One inbox event for one user of the destination.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RelayEvent {
+    #[prost(string, tag = "1")]
+    pub user: String,
+    /// An encoded `pb::Event` (seq 0).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub event: Bytes,
+}
+
+/// Concatenate outbox entries, each length-delimited, for one stream entry.
+pub fn pack<'a>(entries: impl IntoIterator<Item = &'a Bytes>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in entries {
+        prost::encoding::encode_varint(e.len() as u64, &mut out);
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// Split what [`pack`] made back into entries.
+pub fn unpack(mut data: Bytes) -> Result<Vec<Bytes>, prost::DecodeError> {
+    let mut out = Vec::new();
+    while data.has_remaining() {
+        let len = prost::encoding::decode_varint(&mut data)?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= data.len())
+            .ok_or_else(|| prost::DecodeError::new("entry longer than its stream entry"))?;
+        out.push(data.split_to(len));
+    }
+    Ok(out)
+}
+
+/// Decode one outbox entry.
+pub fn decode(entry: &[u8]) -> Result<RelayEntry, prost::DecodeError> {
+    RelayEntry::decode(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn pack_then_unpack_is_identity(entries in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20)) {
+            let entries: Vec<Bytes> = entries.into_iter().map(Bytes::from).collect();
+            let packed = Bytes::from(pack(&entries));
+            prop_assert_eq!(unpack(packed).expect("unpack"), entries);
+        }
+
+        #[test]
+        fn unpack_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = unpack(Bytes::from(data));
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Events for users whose home is another node, and events other nodes
+//! hand to this one (see [`crate::cluster::HandOff`]).
+//!
+//! Outgoing: an inbox event for a remote user takes no seq here; it is
+//! kept in [`Work::relays`] (rolled back with its request), and before the
+//! group's batch is written the relays are folded into one outbox entry
+//! per destination, with that destination's next outbox seq, *in the same
+//! batch*. So the Ack the sender gets covers the outbox entry too: it is as
+//! durable as the sender's own copy. The entries go to the hand-off only
+//! after the write.
+//!
+//! Incoming: [`Pipeline::apply_handoff`] applies the entries of one stream
+//! entry from node `src`, only from the one after the last applied from
+//! that source (older ones are duplicates, dropped; a later first one is a
+//! gap, left for the source to re-drive), and records the new mark in the
+//! same batch. Each event is appended to its user's inbox as if committed
+//! here: messages keep their id and are stored as this node's copy.
+//!
+//! On a single node there are no [`Routes`] and none of this runs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message as _;
+use swiftlet_protocol::pb::{self, event::Kind, ReceiptKind};
+
+use super::group::{Pipeline, Work};
+use crate::cluster::handoff::{self, RelayEntry, RelayEvent};
+use crate::cluster::{HandOff, Home, OutboxEntry, Ownership, Partition};
+use crate::hub::mailbox::Sent;
+use crate::store::keys::{self, InboxEntry};
+use crate::store::StoreError;
+
+/// How the pipeline of a cluster node finds homes and hands events on.
+#[derive(Clone)]
+pub struct Routes {
+    pub ownership: Arc<dyn Ownership>,
+    pub handoff: Arc<dyn HandOff>,
+}
+
+/// Where an inbox event of a user goes.
+pub(super) enum Route {
+    Local,
+    Remote(u16),
+}
+
+/// What the pipeline keeps between groups for the hand-off.
+#[derive(Default)]
+pub(super) struct RelayState {
+    /// Newest outbox seq given to each destination (read from the store on
+    /// first use; dropped after a failed write).
+    outbox_heads: HashMap<u16, u64>,
+    /// Newest entry applied from each source (likewise).
+    applied: HashMap<u16, u64>,
+}
+
+impl RelayState {
+    pub(super) fn clear(&mut self) {
+        self.outbox_heads.clear();
+        self.applied.clear();
+    }
+}
+
+impl Pipeline {
+    /// Where `user`'s inbox lives. A partition with no known home is
+    /// treated as local: that happens only before the cluster is
+    /// initialized, when the node is fenced and writes nothing.
+    pub(super) fn route(&self, user: &str) -> Route {
+        match &self.routes {
+            None => Route::Local,
+            Some(r) => match r.ownership.home(Partition::of_user(user)) {
+                Home::Remote { node, .. } => Route::Remote(node),
+                Home::Local { .. } | Home::Unknown => Route::Local,
+            },
+        }
+    }
+
+    /// Whether this node may write now (false when fenced).
+    pub(super) fn writable(&self) -> bool {
+        self.routes.as_ref().is_none_or(|r| r.ownership.writable())
+    }
+
+    /// Fold the group's relays into one outbox entry per destination, in
+    /// the group's batch; returns the entries to hand off once it is
+    /// written.
+    pub(super) fn write_outbox(&mut self, w: &mut Work) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut by_dest: Vec<(u16, Vec<RelayEvent>)> = Vec::new();
+        for (dest, user, event) in w.relays.drain(..) {
+            let ev = RelayEvent {
+                user: user.to_string(),
+                event,
+            };
+            match by_dest.iter_mut().find(|(d, _)| *d == dest) {
+                Some((_, v)) => v.push(ev),
+                None => by_dest.push((dest, vec![ev])),
+            }
+        }
+        let mut out = Vec::with_capacity(by_dest.len());
+        for (dest, events) in by_dest {
+            let head = match self.relay.outbox_heads.get(&dest) {
+                Some(h) => *h,
+                None => self.store.outbox_head(dest)?,
+            };
+            let seq = head + 1;
+            let payload = Bytes::from(RelayEntry { events }.encode_to_vec());
+            self.store.put_outbox(&mut w.batch, dest, seq, &payload);
+            self.relay.outbox_heads.insert(dest, seq);
+            out.push(OutboxEntry {
+                to: dest,
+                seq,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// After the group's write: hand the new outbox entries on.
+    pub(super) fn hand_off(&self, entries: &[OutboxEntry]) {
+        if let (Some(r), false) = (&self.routes, entries.is_empty()) {
+            // A refused or lost hand-off is re-driven from the outbox.
+            let _ = r.handoff.ship(entries);
+        }
+    }
+
+    /// The newest entry applied from `src`.
+    fn applied_from(&self, src: u16) -> Result<u64, StoreError> {
+        match self.relay.applied.get(&src) {
+            Some(a) => Ok(*a),
+            None => self.store.applied(src),
+        }
+    }
+
+    /// After the group's write: remember what was applied.
+    pub(super) fn applied_written(&mut self, src: u16, mark: u64) {
+        self.relay.applied.insert(src, mark);
+    }
+
+    /// Apply the outbox entries `first, first + 1, ...` of node `src` (see
+    /// the module doc). Returns (the mark before, the mark after).
+    pub(super) fn apply_handoff(
+        &mut self,
+        w: &mut Work,
+        src: u16,
+        first: u64,
+        entries: &[Bytes],
+    ) -> Result<(u64, u64), StoreError> {
+        let old = self.applied_from(src)?;
+        if first > old + 1 {
+            // A gap: an earlier entry went missing on the way. Nothing is
+            // applied out of order; the source ships again from our mark.
+            return Ok((old, old));
+        }
+        let mut mark = old;
+        for (i, e) in entries.iter().enumerate() {
+            let seq = first + i as u64;
+            if seq <= mark {
+                continue;
+            }
+            match handoff::decode(e) {
+                Ok(relay) => {
+                    for ev in relay.events {
+                        self.deliver_relayed(w, &Arc::from(ev.user.as_str()), ev.event)?;
+                    }
+                }
+                Err(e) => {
+                    // Another node wrote it; it cannot be applied, ever.
+                    crate::log_every!(1000, error, src, seq, error = %e, "skipping an undecodable hand-off entry");
+                }
+            }
+            mark = seq;
+        }
+        if mark > old {
+            self.store.put_applied(&mut w.batch, src, mark);
+            w.writes += 1;
+        }
+        Ok((old, mark))
+    }
+
+    /// Append one relayed event to `user`'s inbox (or hand it on, if the
+    /// user's home has moved on meanwhile).
+    fn deliver_relayed(
+        &mut self,
+        w: &mut Work,
+        user: &Arc<str>,
+        event: Bytes,
+    ) -> Result<(), StoreError> {
+        let kind = match pb::Event::decode(event.as_ref()) {
+            Ok(pb::Event { kind: Some(k), .. }) => k,
+            _ => {
+                crate::log_every!(1000, error, "skipping an undecodable relayed event");
+                return Ok(());
+            }
+        };
+        let seq = self.next_seq(w, user)?;
+        match kind {
+            Kind::Message(m) => {
+                self.store.put_message(&mut w.batch, &m)?;
+                let sent = Arc::new(Sent {
+                    id: m.id,
+                    from: Arc::from(m.from_user.as_str()),
+                    group_id: m.group_id,
+                });
+                let conv = keys::conversation_of(m.group_id, user, &m.from_user);
+                w.written_undo.set(&mut w.written, m.id, conv);
+                self.append(w, user, seq, InboxEntry::Message(m.id), &event, Some(&sent))
+            }
+            Kind::Receipt(r) => {
+                // The watermark lives with the reader's home; keep a copy
+                // here so this user's GetReceipts sees it.
+                if let Some(pb::Conversation {
+                    kind: Some(pb::conversation::Kind::User(_)),
+                }) = &r.conversation
+                {
+                    let conv = keys::conversation_of(0, user, &r.user);
+                    let reader: Arc<str> = Arc::from(r.user.as_str());
+                    let (d, rd) = self.watermarks(w, &conv, &reader)?;
+                    let marks = if r.kind == ReceiptKind::Read as i32 {
+                        (d.max(r.up_to), rd.max(r.up_to))
+                    } else {
+                        (d.max(r.up_to), rd)
+                    };
+                    if marks != (d, rd) {
+                        self.set_watermarks(w, &conv, &reader, marks)?;
+                    }
+                }
+                self.append(
+                    w,
+                    user,
+                    seq,
+                    InboxEntry::Inline(event.to_vec()),
+                    &event,
+                    None,
+                )
+            }
+            _ => self.append(
+                w,
+                user,
+                seq,
+                InboxEntry::Inline(event.to_vec()),
+                &event,
+                None,
+            ),
+        }
+    }
+}
