@@ -156,7 +156,11 @@ pub fn status_of(code: ErrorCode) -> u16 {
         ErrorCode::NotFound => 404,
         ErrorCode::BodyTooLarge | ErrorCode::FrameTooLarge => 413,
         ErrorCode::RateLimited | ErrorCode::TooManyConnections => 429,
-        ErrorCode::StoreUnavailable | ErrorCode::ShuttingDown => 503,
+        ErrorCode::StoreUnavailable
+        | ErrorCode::ShuttingDown
+        | ErrorCode::Unavailable
+        | ErrorCode::HomeUnavailable => 503,
+        ErrorCode::NotHome => 421,
         ErrorCode::Internal => 500,
         _ => 400,
     }
@@ -169,6 +173,29 @@ pub fn error(code: ErrorCode, message: &str) -> Vec<u8> {
         "error": code.as_str_name(),
         "message": message,
     });
+    json(status_of(code), &body)
+}
+
+/// A JSON error from a protocol `Error` that says more (a cluster
+/// redirect: `"redirect": {"node_id", "tcp_addr", "http_addr"}`, and
+/// `"retry_after_ms"`).
+pub fn refusal(e: &swiftlet_protocol::pb::Error) -> Vec<u8> {
+    let code = e.code();
+    let mut body = serde_json::json!({
+        "code": e.code,
+        "error": code.as_str_name(),
+        "message": e.message,
+    });
+    if let Some(r) = &e.redirect {
+        body["redirect"] = serde_json::json!({
+            "node_id": r.node_id,
+            "tcp_addr": r.tcp_addr,
+            "http_addr": r.http_addr,
+        });
+    }
+    if e.retry_after_ms > 0 {
+        body["retry_after_ms"] = e.retry_after_ms.into();
+    }
     json(status_of(code), &body)
 }
 

@@ -29,7 +29,7 @@ fn pack(node: u16, epoch: u64) -> u64 {
 }
 
 fn unpack(v: u64) -> Option<(u16, u64)> {
-    (v != UNKNOWN).then(|| ((v >> EPOCH_BITS) as u16, v & ((1 << EPOCH_BITS) - 1)))
+    (v != UNKNOWN).then_some(((v >> EPOCH_BITS) as u16, v & ((1 << EPOCH_BITS) - 1)))
 }
 
 /// Another node as this one last saw it.

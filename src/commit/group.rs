@@ -180,14 +180,16 @@ impl Pipeline {
         for cmd in group.drain(..) {
             let sp = w.savepoint();
             match cmd {
-                CommitCmd::Request(origin, _) if !self.writable() => {
+                CommitCmd::Request(origin, _) if !self.may_write_for(&origin.user) => {
+                    // Fenced, or the user's partition moved away: another
+                    // node may be writing for them now.
                     self.outbox.reply(
                         origin.reply,
                         origin.received,
                         &Envelope::error(
                             origin.request_id,
                             ErrorCode::Unavailable,
-                            "this node lost its cluster lease; retry later",
+                            "this node may not write for this user now; reconnect and retry",
                             false,
                         ),
                     );

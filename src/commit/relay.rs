@@ -81,6 +81,18 @@ impl Pipeline {
         self.routes.as_ref().is_none_or(|r| r.ownership.writable())
     }
 
+    /// Whether this node may write a request of `user`: it holds its lease
+    /// and is still `user`'s home.
+    pub(super) fn may_write_for(&self, user: &str) -> bool {
+        self.routes.as_ref().is_none_or(|r| {
+            r.ownership.writable()
+                && matches!(
+                    r.ownership.home(Partition::of_user(user)),
+                    Home::Local { .. }
+                )
+        })
+    }
+
     /// Fold the group's relays into one outbox entry per destination, in
     /// the group's batch; returns the entries to hand off once it is
     /// written.
@@ -123,8 +135,12 @@ impl Pipeline {
         }
     }
 
-    /// The newest entry applied from `src`.
-    fn applied_from(&self, src: u16) -> Result<u64, StoreError> {
+    /// The newest entry applied from `src`: in this group, else as
+    /// written.
+    fn applied_from(&self, w: &Work, src: u16) -> Result<u64, StoreError> {
+        if let Some((_, _, _, new)) = w.applied.iter().rev().find(|a| a.1 == src) {
+            return Ok(*new);
+        }
         match self.relay.applied.get(&src) {
             Some(a) => Ok(*a),
             None => self.store.applied(src),
@@ -145,7 +161,7 @@ impl Pipeline {
         first: u64,
         entries: &[Bytes],
     ) -> Result<(u64, u64), StoreError> {
-        let old = self.applied_from(src)?;
+        let old = self.applied_from(w, src)?;
         if first > old + 1 {
             // A gap: an earlier entry went missing on the way. Nothing is
             // applied out of order; the source ships again from our mark.

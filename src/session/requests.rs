@@ -56,7 +56,15 @@ pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
         retry_after_ms,
     };
     match ctx.ownership.home_of_user(user) {
-        Home::Local { .. } => None,
+        Home::Local { .. } if ctx.ownership.writable() => None,
+        // Fenced: until it holds its lease again and has re-read the map,
+        // this node cannot tell whether it is still the user's home.
+        Home::Local { .. } => Some(refuse(
+            ErrorCode::HomeUnavailable,
+            "this node is re-joining its cluster; retry shortly".into(),
+            None,
+            HOME_RETRY_MS,
+        )),
         Home::Remote { node, .. } => Some(match ctx.ownership.redirect(node) {
             Some(r) => refuse(
                 ErrorCode::NotHome,

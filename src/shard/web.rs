@@ -135,10 +135,16 @@ impl Shard {
                 "Authorization: Bearer <token> is required",
             ));
         };
-        self.ctx
+        let user = self
+            .ctx
             .auth
             .authenticate(token)
-            .map_err(|e| http::error(e.code, &e.reason))
+            .map_err(|e| http::error(e.code, &e.reason))?;
+        // In a cluster a user is served by their home node only.
+        match session::not_home(&self.ctx, &user) {
+            Some(refusal) => Err(http::refusal(&refusal)),
+            None => Ok(user),
+        }
     }
 
     fn http_sync(&mut self, slot: usize, req: &http::Request) {

@@ -45,7 +45,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use rand::RngCore;
-use swiftlet_protocol::{pb, Body, Envelope, FrameCodec, FrameError, PROTOCOL_VERSION};
+use swiftlet_protocol::{pb, Body, Envelope, ErrorCode, FrameCodec, FrameError, PROTOCOL_VERSION};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -243,6 +243,8 @@ struct Inner {
     welcome: pb::Welcome,
     request_timeout: Duration,
     writer_task: Mutex<Option<JoinHandle<()>>>,
+    /// Where the login succeeded (after any redirects).
+    addr: String,
 }
 
 impl Drop for Inner {
@@ -308,9 +310,10 @@ impl Client {
     /// Connect, log in, and start the connection's tasks. A fatal `Error`
     /// in answer to the Hello is [`ClientError::Server`].
     pub async fn connect(cfg: ClientConfig) -> Result<(Client, Deliveries), ClientError> {
-        let (reader, writer, welcome) = tokio::time::timeout(cfg.request_timeout, handshake(&cfg))
-            .await
-            .map_err(|_| ClientError::Timeout)??;
+        let (reader, writer, welcome, addr) =
+            tokio::time::timeout(cfg.request_timeout, login_following_redirects(&cfg))
+                .await
+                .map_err(|_| ClientError::Timeout)??;
 
         let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
         let (deliver_tx, deliver_rx) = mpsc::channel(cfg.delivery_buffer.max(1));
@@ -341,6 +344,7 @@ impl Client {
                 welcome,
                 request_timeout: cfg.request_timeout,
                 writer_task: Mutex::new(Some(writer_task)),
+                addr,
             }),
         };
         let deliveries = Deliveries {
@@ -349,6 +353,13 @@ impl Client {
             closed_reported: false,
         };
         Ok((client, deliveries))
+    }
+
+    /// The address this connection logged in at: the configured one, or
+    /// the user's home node it was redirected to (see NOT_HOME in the
+    /// protocol). Reconnect there.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
     }
 
     /// The server's Welcome: user id, the device's cursor, limits.
@@ -454,8 +465,40 @@ impl Client {
     }
 }
 
-async fn handshake(cfg: &ClientConfig) -> Result<(Reader, Writer, pb::Welcome), ClientError> {
-    let stream = TcpStream::connect(&cfg.addr).await?;
+/// Most redirects one login follows (a cluster node redirects at most
+/// once; more means the nodes disagree, and the client should back off).
+pub const MAX_REDIRECTS: usize = 3;
+
+/// Log in at `cfg.addr`; when the server answers NOT_HOME, log in again at
+/// the address it names. Returns where the login succeeded.
+async fn login_following_redirects(
+    cfg: &ClientConfig,
+) -> Result<(Reader, Writer, pb::Welcome, String), ClientError> {
+    let mut addr = cfg.addr.clone();
+    for _ in 0..=MAX_REDIRECTS {
+        match handshake(cfg, &addr).await? {
+            Login::Welcome(session) => {
+                let (r, w, welcome) = *session;
+                return Ok((r, w, welcome, addr));
+            }
+            Login::Redirect(to) => {
+                tracing::debug!(from = %addr, to = %to, "redirected to the user's home node");
+                addr = to;
+            }
+        }
+    }
+    Err(ClientError::Protocol(format!(
+        "more than {MAX_REDIRECTS} redirects (last to {addr})"
+    )))
+}
+
+enum Login {
+    Welcome(Box<(Reader, Writer, pb::Welcome)>),
+    Redirect(String),
+}
+
+async fn handshake(cfg: &ClientConfig, addr: &str) -> Result<Login, ClientError> {
+    let stream = TcpStream::connect(addr).await?;
     // Chat frames are small and latency-bound; Nagle would hold them back.
     stream.set_nodelay(true)?;
     let (read, write) = stream.into_split();
@@ -476,7 +519,14 @@ async fn handshake(cfg: &ClientConfig) -> Result<(Reader, Writer, pb::Welcome), 
         Some(frame) => frame?,
     };
     match env.body {
-        Some(Body::Welcome(welcome)) => Ok((reader, writer, welcome)),
+        Some(Body::Welcome(welcome)) => Ok(Login::Welcome(Box::new((reader, writer, welcome)))),
+        Some(Body::Error(pb::Error {
+            code,
+            redirect: Some(r),
+            ..
+        })) if code == ErrorCode::NotHome as i32 && !r.tcp_addr.is_empty() => {
+            Ok(Login::Redirect(r.tcp_addr))
+        }
         Some(Body::Error(e)) => Err(ClientError::Server {
             code: e.code,
             message: e.message,

@@ -143,6 +143,8 @@ impl ReliableSender {
                 // Deliveries dropped: this connection only sends.
                 let (c, _deliveries) = Client::connect(self.cfg.clone()).await?;
                 self.connects += 1;
+                // A cluster redirected us home: reconnect there directly.
+                self.cfg.addr = c.addr().to_owned();
                 self.client = Some(c.clone());
                 c
             }
