@@ -28,6 +28,7 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::cluster::coordinator::{Cluster, ClusterConfig, ClusterError};
 use crate::cluster::local::{LocalEphemeral, LocalOwnership, LocalPresence};
+use crate::cluster::notices::Notices;
 use crate::cluster::{Ephemeral, Ownership, Presence};
 use crate::commit::{self, CommitHandle, PipelineConfig};
 use crate::config::{Config, ConfigError};
@@ -214,9 +215,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             routes: cluster.as_ref().map(Cluster::routes),
         },
     );
-    if let Some(c) = &mut cluster {
-        c.run(store.clone(), commit.clone())?;
-    }
+
     let shard_handles: Arc<[ShardHandle]> = handles.clone().into();
     // The single-node implementations; a cluster swaps these for
     // `cluster::redis`'s without touching the shards.
@@ -224,12 +223,22 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         Some(c) => c.table.clone(),
         None => Arc::new(LocalOwnership),
     };
-    let ephemeral: Arc<dyn Ephemeral> = Arc::new(LocalEphemeral::new(
-        registry.clone(),
-        watchers.clone(),
-        shard_handles.clone(),
-    ));
-    let presence: Arc<dyn Presence> = Arc::new(LocalPresence::new(registry.clone(), store.clone()));
+    let local_ephemeral =
+        LocalEphemeral::new(registry.clone(), watchers.clone(), shard_handles.clone());
+    let local_presence = LocalPresence::new(registry.clone(), store.clone());
+    let (ephemeral, presence): (Arc<dyn Ephemeral>, Arc<dyn Presence>) = match &mut cluster {
+        None => (Arc::new(local_ephemeral), Arc::new(local_presence)),
+        Some(c) => {
+            let notices = Arc::new(Notices::new(
+                c.table.clone(),
+                registry.clone(),
+                local_ephemeral,
+                local_presence,
+            ));
+            c.run(store.clone(), commit.clone(), notices.clone())?;
+            (notices.clone(), notices)
+        }
+    };
     let auth = Authenticator::new(secret, config.dev_auth);
     let limits = Limits {
         max_frame: config.max_frame,

@@ -591,3 +591,104 @@ async fn an_owner_paused_past_its_lease_is_fenced() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The next typing or presence notice about `user` (events are
+/// acknowledged and skipped, as are notices about others), or a failed
+/// test after a while.
+async fn next_notice(c: &Client, d: &mut Deliveries, user: &str) -> DeliveryItem {
+    loop {
+        match tokio::time::timeout(PATIENCE, d.next()).await {
+            Ok(Some(DeliveryItem::Event(ev))) => c.ack_delivery(ev.seq).await.expect("ack"),
+            Ok(Some(DeliveryItem::Presence(p))) if p.user != user => {}
+            Ok(Some(DeliveryItem::Typing(t))) if t.user != user => {}
+            Ok(Some(item)) => return item,
+            Ok(None) => panic!("deliveries ended"),
+            Err(_) => panic!("no notice arrived"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_cross_nodes() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis, 15_000);
+    let alice = user_on("alice", 1);
+    let bob = user_on("bob", 2);
+    let carol = user_on("carol", 3);
+    // Carol is online before alice looks: alice's node learns it from
+    // carol's node's online set, not from a notice it never heard.
+    let (_c, _cd) = login(&nodes[2].addr(), &carol, "phone").await;
+    let (a, mut ad) = login(&nodes[0].addr(), &alice, "phone").await;
+    let deadline = Instant::now() + PATIENCE;
+    let now = loop {
+        // (Subscribing is rate limited: a refusal is retried.)
+        match a.subscribe_presence(&[&bob, &carol]).await {
+            Err(e) if e.code() != Some(ErrorCode::RateLimited as i32) => panic!("subscribe: {e}"),
+            Err(_) => {}
+            Ok(now) => {
+                if now.iter().any(|p| p.user == carol && p.online) || Instant::now() > deadline {
+                    break now;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let online = |u: &str| now.iter().find(|p| p.user == u).map(|p| p.online);
+    assert_eq!(online(&bob), Some(false));
+    assert_eq!(
+        online(&carol),
+        Some(true),
+        "a remote user online before the look"
+    );
+
+    // Bob comes online on node 2: alice, on node 1, is told.
+    let (b, bd) = login(&nodes[1].addr(), &bob, "phone").await;
+    match next_notice(&a, &mut ad, &bob).await {
+        DeliveryItem::Presence(p) => assert_eq!((p.user.as_str(), p.online), (bob.as_str(), true)),
+        other => panic!("expected bob's presence, got {other:?}"),
+    }
+    // He types to her across nodes.
+    b.typing(
+        pb::Conversation {
+            kind: Some(pb::conversation::Kind::User(alice.clone())),
+        },
+        true,
+    )
+    .await
+    .expect("typing");
+    match next_notice(&a, &mut ad, &bob).await {
+        DeliveryItem::Typing(t) => {
+            assert_eq!(t.user, bob);
+            assert_eq!(t.state, pb::TypingState::Started as i32);
+        }
+        other => panic!("expected bob typing, got {other:?}"),
+    }
+    // He leaves: offline, with a last seen time (after a STOPPED typing
+    // notice for the typing he left unfinished).
+    b.close().await;
+    drop(bd);
+    let mut notice = next_notice(&a, &mut ad, &bob).await;
+    if let DeliveryItem::Typing(t) = &notice {
+        assert_eq!(t.state, pb::TypingState::Stopped as i32);
+        notice = next_notice(&a, &mut ad, &bob).await;
+    }
+    match notice {
+        DeliveryItem::Presence(p) => {
+            assert_eq!((p.user.as_str(), p.online), (bob.as_str(), false));
+            assert!(p.last_seen_ms > 0, "last seen travels with the notice");
+        }
+        other => panic!("expected bob offline, got {other:?}"),
+    }
+    let now = loop {
+        match a.subscribe_presence(&[&bob]).await {
+            Ok(now) => break now,
+            // Rate limited: the bucket refills.
+            Err(e) if e.code() == Some(ErrorCode::RateLimited as i32) => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("subscribe: {e}"),
+        }
+    };
+    assert!(!now[0].online);
+    assert!(now[0].last_seen_ms > 0, "last seen of a remote user");
+}

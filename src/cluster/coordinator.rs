@@ -29,6 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::applier::{self, ApplierStats};
+use super::notices::{self, Notices};
 use super::redis::{Link, LinkError};
 use super::shipper::{self, Shipper};
 use super::table::{Peer, Table};
@@ -112,14 +113,37 @@ impl Cluster {
     }
 
     /// Start the coordinator, shipper and applier threads.
-    pub fn run(&mut self, store: Arc<Store>, commit: CommitHandle) -> Result<(), ClusterError> {
+    pub fn run(
+        &mut self,
+        store: Arc<Store>,
+        commit: CommitHandle,
+        notices: Arc<Notices>,
+    ) -> Result<(), ClusterError> {
         let link = || Link::new(&self.config.url, self.config.deadline);
+        let (n, l, stop) = (notices.clone(), link()?, self.stop.clone());
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("cluster-pub".into())
+                .spawn(move || notices::run_publisher(n, l, stop))?,
+        );
+        let (n, url, deadline, stop) = (
+            notices.clone(),
+            self.config.url.clone(),
+            self.config.deadline,
+            self.stop.clone(),
+        );
+        self.threads.push(
+            std::thread::Builder::new()
+                .name("cluster-sub".into())
+                .spawn(move || notices::run_subscriber(n, &url, deadline, stop))?,
+        );
         let coordinator = Coordinator {
             config: self.config.clone(),
             table: self.table.clone(),
             shipper: self.shipper.clone(),
             stats: self.link.clone(),
             store: store.clone(),
+            notices,
             link: link()?,
             version: None,
             run_id: None,
@@ -178,6 +202,7 @@ struct Coordinator {
     shipper: Arc<Shipper>,
     stats: Arc<LinkStats>,
     store: Arc<Store>,
+    notices: Arc<Notices>,
     link: Link,
     /// The map version last read.
     version: Option<u64>,
@@ -219,6 +244,7 @@ impl Coordinator {
             tracing::warn!("redis restarted; restoring the map and re-driving the outbox");
             self.stats.redis_restarts.fetch_add(1, Ordering::Relaxed);
             self.shipper.redrive_all();
+            self.notices.resync();
             self.version = None;
         }
         self.run_id = Some(run_id);

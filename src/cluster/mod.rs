@@ -29,6 +29,7 @@ pub mod applier;
 pub mod coordinator;
 pub mod handoff;
 pub mod local;
+pub mod notices;
 pub mod redis;
 pub mod shipper;
 pub mod table;

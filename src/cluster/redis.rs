@@ -20,6 +20,9 @@
 //! | `swiftlet:in:N` | stream, group `apply` | hand-off entries bound for node N |
 //! | `swiftlet:mark:N` | hash | dest → highest entry from N that dest applied |
 //! | `swiftlet:backlog:N` | hash, EX | dest → N's outbox entries not yet applied there (for `cluster status`) |
+//! | `swiftlet:online:N` | set | users with a device on node N (presence for other nodes) |
+//! | `swiftlet:eph:N` | pub/sub | typing notices for node N's users (may be lost) |
+//! | `swiftlet:presence` | pub/sub | presence changes, to every node (may be lost) |
 
 use std::time::Duration;
 
@@ -62,6 +65,16 @@ pub fn stream_key(node: u16) -> String {
 pub fn marks_key(src: u16) -> String {
     format!("swiftlet:mark:{src}")
 }
+
+pub fn online_key(node: u16) -> String {
+    format!("swiftlet:online:{node}")
+}
+
+pub fn notice_channel(node: u16) -> String {
+    format!("swiftlet:eph:{node}")
+}
+
+pub const PRESENCE_CHANNEL: &str = "swiftlet:presence";
 
 pub fn backlog_key(src: u16) -> String {
     format!("swiftlet:backlog:{src}")
@@ -371,6 +384,72 @@ impl Link {
     /// What node `src` last published as its backlog per destination.
     pub fn backlog(&mut self, src: u16) -> Result<Vec<(u16, u64)>, LinkError> {
         self.query(redis::cmd("HGETALL").arg(backlog_key(src)))
+    }
+
+    /// Publish `payload` on `channel` (fire and forget: a subscriber that
+    /// is away loses it).
+    pub fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<(), LinkError> {
+        self.query::<u64>(redis::cmd("PUBLISH").arg(channel).arg(payload))
+            .map(|_| ())
+    }
+
+    /// Add and remove users of node `node`'s online set; with `replace`,
+    /// the set becomes exactly `add`.
+    pub fn update_online(
+        &mut self,
+        node: u16,
+        add: &[String],
+        remove: &[String],
+        replace: bool,
+    ) -> Result<(), LinkError> {
+        let key = online_key(node);
+        let mut p = redis::pipe();
+        p.atomic();
+        if replace {
+            p.cmd("DEL").arg(&key).ignore();
+        }
+        for chunk in add.chunks(1000) {
+            p.cmd("SADD").arg(&key).arg(chunk).ignore();
+        }
+        for chunk in remove.chunks(1000) {
+            p.cmd("SREM").arg(&key).arg(chunk).ignore();
+        }
+        self.with(Duration::ZERO, |c| Ok(p.query::<()>(c)?))
+    }
+
+    /// The users with a device on node `node`.
+    pub fn online(&mut self, node: u16) -> Result<Vec<String>, LinkError> {
+        self.query(redis::cmd("SMEMBERS").arg(online_key(node)))
+    }
+
+    /// Subscribe to `channels` and hand each message to `on_message`
+    /// until `stop` is set (Ok) or the connection fails (Err). `on_subscribed`
+    /// runs once the subscription holds: what was published before is
+    /// lost, so that is when to read state afresh. `on_idle` runs whenever
+    /// nothing arrived for a deadline.
+    pub fn subscribe(
+        &mut self,
+        channels: &[String],
+        stop: &std::sync::atomic::AtomicBool,
+        mut on_subscribed: impl FnMut(),
+        mut on_message: impl FnMut(&str, &[u8]),
+        mut on_idle: impl FnMut(),
+    ) -> Result<(), LinkError> {
+        self.conn = None;
+        let mut conn = self.client.get_connection_with_timeout(self.deadline)?;
+        conn.set_write_timeout(Some(self.deadline))?;
+        let mut ps = conn.as_pubsub();
+        ps.set_read_timeout(Some(self.deadline))?;
+        ps.subscribe(channels)?;
+        on_subscribed();
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            match ps.get_message() {
+                Ok(msg) => on_message(msg.get_channel_name(), msg.get_payload_bytes()),
+                Err(e) if e.is_timeout() => on_idle(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Entries waiting in `node`'s stream (for `cluster status`).

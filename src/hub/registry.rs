@@ -126,6 +126,19 @@ impl Registry {
             .is_some_and(|conns| conns.iter().any(|c| c.presence))
     }
 
+    /// Every user with a device connected (a presence connection).
+    pub fn online_list(&self) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for s in self.stripes.iter() {
+            for (u, conns) in s.read().iter() {
+                if conns.iter().any(|c| c.presence) {
+                    out.push(u.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Users with at least one connection (a device, or a parked long-poll).
     pub fn online_users(&self) -> usize {
         self.stripes.iter().map(|s| s.read().len()).sum()
