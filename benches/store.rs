@@ -80,6 +80,7 @@ impl Bench {
             user: Arc::from(user),
             device: Arc::from("phone"),
             received: std::time::Instant::now(),
+            from: None,
         };
         // The queue holds 64k commands; a bench group is at most 1024.
         self.pipeline

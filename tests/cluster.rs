@@ -692,3 +692,100 @@ async fn presence_and_typing_cross_nodes() {
     assert!(!now[0].online);
     assert!(now[0].last_seen_ms > 0, "last seen of a remote user");
 }
+
+/// The group messages in `msgs` from `from`, as bodies, in order.
+fn group_bodies(msgs: &[pb::Message], group: u64, from: &str) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m.group_id == group && m.from_user == from)
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_chat_across_nodes_is_written_by_the_groups_home() {
+    let redis = Redis::start();
+    let nodes = cluster(&redis, 15_000);
+    let alice = user_on("alice", 1);
+    let bob = user_on("bob", 2);
+    let carol = user_on("carol", 3);
+    let dave = user_on("dave", 2);
+    let (a, _ad) = login(&nodes[0].addr(), &alice, "phone").await;
+    let (b, _bd) = login(&nodes[1].addr(), &bob, "phone").await;
+    let (c, _cd) = login(&nodes[2].addr(), &carol, "phone").await;
+    // Created on alice's node, which becomes its home.
+    let g = a
+        .create_group("trio", &[&bob, &carol])
+        .await
+        .expect("create")
+        .group_id;
+    // Every member posts, from three nodes: posts from bob and carol are
+    // forwarded to the group's home and acknowledged from there.
+    let mut sent: HashMap<String, Vec<String>> = HashMap::new();
+    let mut bobs_first = None;
+    for round in 0..10 {
+        for (who, client) in [(&alice, &a), (&bob, &b), (&carol, &c)] {
+            let body = format!("{who}-{round}");
+            let ack = client
+                .send_group_with_id(&format!("g-{round}"), g, "text/plain", body.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{who} posting: {e}"));
+            if *who == bob && round == 0 {
+                bobs_first = Some(ack);
+            }
+            sent.entry(who.clone()).or_default().push(body);
+        }
+    }
+    // A retry of a forwarded post gets the first Ack, and no second copy
+    // (the inbox checks below would see one).
+    let first = b
+        .send_group_with_id("g-0", g, "text/plain", format!("{bob}-0"))
+        .await
+        .expect("retry");
+    assert_eq!(
+        Some(&first),
+        bobs_first.as_ref(),
+        "the retry's Ack is the first one"
+    );
+    // Alice (the admin) adds dave, who is served by bob's node.
+    a.add_members(g, &[&dave]).await.expect("add dave");
+    let (d, _dd) = login(&nodes[1].addr(), &dave, "phone").await;
+    let after = c
+        .send_group_with_id("g-late", g, "text/plain", "late")
+        .await
+        .expect("post after dave joined");
+    assert!(after.server_msg_id > first.server_msg_id);
+
+    sent.get_mut(&carol)
+        .expect("carol posted")
+        .push("late".into());
+    for (who, client) in [(&alice, &a), (&bob, &b), (&carol, &c)] {
+        let deadline = Instant::now() + PATIENCE;
+        let msgs = loop {
+            let msgs = inbox(client).await;
+            let complete = [&alice, &bob, &carol]
+                .iter()
+                .all(|s| group_bodies(&msgs, g, s).len() >= sent[*s].len());
+            if complete || Instant::now() > deadline {
+                break msgs;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for s in [&alice, &bob, &carol] {
+            assert_eq!(
+                group_bodies(&msgs, g, s),
+                sent[s],
+                "{who} sees {s}'s posts once each, in order"
+            );
+        }
+    }
+    // Dave sees what was posted after he joined, and nothing before.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = group_bodies(&inbox(&d).await, g, &carol);
+        if !got.is_empty() || Instant::now() > deadline {
+            assert_eq!(got, vec!["late".to_owned()]);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

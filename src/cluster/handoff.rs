@@ -1,9 +1,13 @@
 //! What one node hands another: the encoding of an outbox entry and of a
 //! stream entry that carries several of them.
 //!
-//! An outbox entry is one [`RelayEntry`]: the inbox events one group commit
-//! produced for users whose home is the destination, each an encoded
-//! `pb::Event` with `seq` 0 (the destination gives it the user's next seq).
+//! An outbox entry is one [`RelayEntry`]: what one group commit produced
+//! for the destination. Mostly inbox events for users whose home is there,
+//! each an encoded `pb::Event` with `seq` 0 (the destination gives it the
+//! user's next seq); also requests about groups homed there ([`Forwarded`])
+//! and the answers to requests it forwarded here ([`Answer`]): a group has
+//! one writer, its home, and the Ack of a group post means it is stored
+//! there.
 //! A message event carries the whole message, so the destination stores it
 //! as its own copy. A stream entry holds consecutive outbox entries of one
 //! source, each length-delimited, from `first` on.
@@ -18,14 +22,57 @@ pub struct RelayEntry {
     pub events: Vec<RelayEvent>,
 }
 
-/// One inbox event for one user of the destination.
+/// One thing for the destination: an inbox event for one of its users, a
+/// request for a group it is home to, or the answer to a request this
+/// node forwarded there. Exactly one of `event`, `request`, `answer` is set.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RelayEvent {
+    /// Whose inbox the event is for, or who made the request.
     #[prost(string, tag = "1")]
     pub user: String,
     /// An encoded `pb::Event` (seq 0).
     #[prost(bytes = "bytes", tag = "2")]
     pub event: Bytes,
+    #[prost(message, optional, tag = "3")]
+    pub request: Option<Forwarded>,
+    #[prost(message, optional, tag = "4")]
+    pub answer: Option<Answer>,
+}
+
+/// Which connection of the source node a request came from.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct Caller {
+    #[prost(uint32, tag = "1")]
+    pub shard: u32,
+    #[prost(uint32, tag = "2")]
+    pub slot: u32,
+    #[prost(uint32, tag = "3")]
+    pub gen: u32,
+    #[prost(bool, tag = "4")]
+    pub presence: bool,
+}
+
+/// A client request about a group, forwarded to the group's home (the one
+/// writer of its membership, posts and receipts).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Forwarded {
+    #[prost(message, optional, tag = "1")]
+    pub caller: Option<Caller>,
+    #[prost(string, tag = "2")]
+    pub device: String,
+    /// The request as the client sent it: an encoded `Envelope`.
+    #[prost(bytes = "bytes", tag = "3")]
+    pub envelope: Bytes,
+}
+
+/// The answer to a forwarded request, for the caller's connection.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Answer {
+    #[prost(message, optional, tag = "1")]
+    pub caller: Option<Caller>,
+    /// An encoded `Envelope` (the Ack, the GroupInfo, the Error...).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub envelope: Bytes,
 }
 
 /// Concatenate outbox entries, each length-delimited, for one stream entry.

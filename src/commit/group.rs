@@ -33,6 +33,7 @@ use super::relay::{RelayState, Routes};
 use super::seqs::Heads;
 use super::{CommitCmd, Op, Origin, MAX_GROUP};
 use crate::clock::Clock;
+use crate::cluster::handoff::RelayEvent;
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::hub::fanout::Outbox;
@@ -94,8 +95,8 @@ pub(super) struct Work {
     pub(super) heads_undo: Undo<Arc<str>, u64>,
     /// Device cursors in this group's batch, pending in [`Cursors`].
     pub(super) cursors: Vec<(Arc<str>, Arc<str>, u64)>,
-    /// Inbox events for users of other nodes: (home node, user, event).
-    pub(super) relays: Vec<(u16, Arc<str>, Bytes)>,
+    /// What goes to other nodes with this batch: (node, what).
+    pub(super) relays: Vec<(u16, RelayEvent)>,
     /// Hand-off entries applied in this group: who waits for the mark,
     /// the source, the mark before and after.
     pub(super) applied: Vec<(Sender<u64>, u16, u64, u64)>,
@@ -183,10 +184,10 @@ impl Pipeline {
                 CommitCmd::Request(origin, _) if !self.may_write_for(&origin.user) => {
                     // Fenced, or the user's partition moved away: another
                     // node may be writing for them now.
-                    self.outbox.reply(
-                        origin.reply,
-                        origin.received,
-                        &Envelope::error(
+                    self.answer_now(
+                        &mut w,
+                        &origin,
+                        Envelope::error(
                             origin.request_id,
                             ErrorCode::Unavailable,
                             "this node may not write for this user now; reconnect and retry",
@@ -211,45 +212,22 @@ impl Pipeline {
                         Err(e) => {
                             crate::log_every!(1000, error, error = %e, "applying a hand-off failed");
                             w.rollback(sp, &mut self.heads);
+                            // Forwarded requests inside it took savepoints
+                            // of their own: drop every cache that may hold
+                            // what was rolled back.
+                            self.heads.clear();
+                            self.groups.clear();
+                            self.relay.clear();
                             // No answer: the applier retries.
                             drop(done);
                         }
                     }
                 }
-                CommitCmd::Request(origin, op) => match self.apply(&mut w, &origin, op) {
-                    Ok(Some(body)) => w.answers.push((
-                        origin.reply,
-                        origin.received,
-                        Envelope::new(origin.request_id, body),
-                    )),
-                    Ok(None) => {}
-                    Err(Fail::Refuse(code, why)) => {
-                        w.rollback(sp, &mut self.heads);
-                        self.outbox.reply(
-                            origin.reply,
-                            origin.received,
-                            &Envelope::error(origin.request_id, code, why, false),
-                        );
-                    }
-                    Err(Fail::Store(e)) => {
-                        crate::log_every!(
-                            1000,
-                            error,
-                            error = %e,
-                            "reading the store for a request failed"
-                        );
-                        w.rollback(sp, &mut self.heads);
-                        self.outbox.reply(
-                            origin.reply,
-                            origin.received,
-                            &Envelope::error(
-                                origin.request_id,
-                                ErrorCode::StoreUnavailable,
-                                "storage error",
-                                false,
-                            ),
-                        );
-                    }
+                CommitCmd::Request(origin, op) => match self.group_home_elsewhere(&op) {
+                    // The group's home is its one writer: it applies the
+                    // request and answers through the hand-off.
+                    Some(home) => self.forward(&mut w, &origin, op, home),
+                    None => self.run_request(&mut w, sp, &origin, op),
                 },
                 CommitCmd::Acknowledged {
                     user,
@@ -371,6 +349,44 @@ impl Pipeline {
         self.outbox.dispatch(own);
     }
 
+    /// Apply one request from its savepoint `sp`, and answer it: after the
+    /// write when it succeeded, at once when it was refused (rolled back).
+    pub(super) fn run_request(&mut self, w: &mut Work, sp: Savepoint, origin: &Origin, op: Op) {
+        match self.apply(w, origin, op) {
+            Ok(Some(body)) => {
+                self.answer_after_commit(w, origin, Envelope::new(origin.request_id, body))
+            }
+            Ok(None) => {}
+            Err(Fail::Refuse(code, why)) => {
+                w.rollback(sp, &mut self.heads);
+                self.answer_now(
+                    w,
+                    origin,
+                    Envelope::error(origin.request_id, code, why, false),
+                );
+            }
+            Err(Fail::Store(e)) => {
+                crate::log_every!(
+                    1000,
+                    error,
+                    error = %e,
+                    "reading the store for a request failed"
+                );
+                w.rollback(sp, &mut self.heads);
+                self.answer_now(
+                    w,
+                    origin,
+                    Envelope::error(
+                        origin.request_id,
+                        ErrorCode::StoreUnavailable,
+                        "storage error",
+                        false,
+                    ),
+                );
+            }
+        }
+    }
+
     fn apply(&mut self, w: &mut Work, o: &Origin, op: Op) -> Result<Option<Body>, Fail> {
         match op {
             Op::Send(send) => self.send(w, o, send),
@@ -487,6 +503,7 @@ mod tests {
                 user: Arc::from(user),
                 device: Arc::from("phone"),
                 received: Instant::now(),
+                from: None,
             };
             self.submit(CommitCmd::Request(origin, op));
             self.next_request

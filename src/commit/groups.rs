@@ -129,7 +129,12 @@ impl Pipeline {
             );
         }
         let now = self.clock.now_ms();
-        let id = self.ids.next_at(now);
+        let Some(id) = self.local_group_id(now) else {
+            return refuse(
+                ErrorCode::Unavailable,
+                "this node is home to no group partition; retry later",
+            );
+        };
         let mut members = vec![(o.user.clone(), GroupRole::Admin)];
         members.extend(users.iter().map(|u| (u.clone(), GroupRole::Member)));
         let g = Group::new(id, req.name, o.user.to_string(), now, 1, members);

@@ -52,6 +52,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use swiftlet_protocol::pb;
+use swiftlet_protocol::Body;
 
 use crate::clock::Clock;
 use crate::cursors::Cursors;
@@ -85,6 +86,10 @@ pub struct Origin {
     pub device: Arc<str>,
     /// When the shard read the request.
     pub received: Instant,
+    /// The node whose connection `reply` is, when not this one: the
+    /// request was forwarded here (a cluster's group home), and the answer
+    /// goes back through the hand-off.
+    pub from: Option<u16>,
 }
 
 /// A request that changes durable state.
@@ -98,6 +103,57 @@ pub enum Op {
     RenameGroup(pb::RenameGroup),
     MarkRead(pb::MarkRead),
     SetPrivacy(pb::SetPrivacy),
+}
+
+impl Op {
+    /// The request as a client sends it (to forward it to another node).
+    pub fn into_body(self) -> Body {
+        match self {
+            Op::Send(r) => Body::Send(r),
+            Op::CreateGroup(r) => Body::CreateGroup(r),
+            Op::AddMembers(r) => Body::AddMembers(r),
+            Op::RemoveMembers(r) => Body::RemoveMembers(r),
+            Op::LeaveGroup(r) => Body::LeaveGroup(r),
+            Op::RenameGroup(r) => Body::RenameGroup(r),
+            Op::MarkRead(r) => Body::MarkRead(r),
+            Op::SetPrivacy(r) => Body::SetPrivacy(r),
+        }
+    }
+
+    /// The durable request a body is, if it is one.
+    pub fn from_body(body: Body) -> Option<Op> {
+        Some(match body {
+            Body::Send(r) => Op::Send(r),
+            Body::CreateGroup(r) => Op::CreateGroup(r),
+            Body::AddMembers(r) => Op::AddMembers(r),
+            Body::RemoveMembers(r) => Op::RemoveMembers(r),
+            Body::LeaveGroup(r) => Op::LeaveGroup(r),
+            Body::RenameGroup(r) => Op::RenameGroup(r),
+            Body::MarkRead(r) => Op::MarkRead(r),
+            Body::SetPrivacy(r) => Op::SetPrivacy(r),
+            _ => return None,
+        })
+    }
+
+    /// The group this request writes to, if any (its home must apply it).
+    pub fn group_id(&self) -> Option<u64> {
+        let id = match self {
+            Op::Send(r) => r.group_id,
+            Op::AddMembers(r) => r.group_id,
+            Op::RemoveMembers(r) => r.group_id,
+            Op::LeaveGroup(r) => r.group_id,
+            Op::RenameGroup(r) => r.group_id,
+            Op::MarkRead(pb::MarkRead {
+                conversation:
+                    Some(pb::Conversation {
+                        kind: Some(pb::conversation::Kind::GroupId(id)),
+                    }),
+                ..
+            }) => *id,
+            Op::CreateGroup(_) | Op::MarkRead(_) | Op::SetPrivacy(_) => 0,
+        };
+        (id != 0).then_some(id)
+    }
 }
 
 /// Work for the pipeline.

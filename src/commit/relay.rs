@@ -26,11 +26,14 @@ use prost::Message as _;
 use swiftlet_protocol::pb::{self, event::Kind, ReceiptKind};
 
 use super::group::{Pipeline, Work};
-use crate::cluster::handoff::{self, RelayEntry, RelayEvent};
+use super::{Op, Origin};
+use crate::cluster::handoff::{self, Answer, Caller, Forwarded, RelayEntry, RelayEvent};
 use crate::cluster::{HandOff, Home, OutboxEntry, Ownership, Partition};
 use crate::hub::mailbox::Sent;
+use crate::hub::registry::ConnRef;
 use crate::store::keys::{self, InboxEntry};
 use crate::store::StoreError;
+use swiftlet_protocol::{Envelope, ErrorCode};
 
 /// How the pipeline of a cluster node finds homes and hands events on.
 #[derive(Clone)]
@@ -98,11 +101,7 @@ impl Pipeline {
     /// written.
     pub(super) fn write_outbox(&mut self, w: &mut Work) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut by_dest: Vec<(u16, Vec<RelayEvent>)> = Vec::new();
-        for (dest, user, event) in w.relays.drain(..) {
-            let ev = RelayEvent {
-                user: user.to_string(),
-                event,
-            };
+        for (dest, ev) in w.relays.drain(..) {
             match by_dest.iter_mut().find(|(d, _)| *d == dest) {
                 Some((_, v)) => v.push(ev),
                 None => by_dest.push((dest, vec![ev])),
@@ -176,7 +175,13 @@ impl Pipeline {
             match handoff::decode(e) {
                 Ok(relay) => {
                     for ev in relay.events {
-                        self.deliver_relayed(w, &Arc::from(ev.user.as_str()), ev.event)?;
+                        if let Some(req) = ev.request {
+                            self.run_forwarded(w, src, ev.user, req);
+                        } else if let Some(answer) = ev.answer {
+                            deliver_answer(w, answer);
+                        } else {
+                            self.deliver_relayed(w, &Arc::from(ev.user.as_str()), ev.event)?;
+                        }
                     }
                 }
                 Err(e) => {
@@ -191,6 +196,128 @@ impl Pipeline {
             w.writes += 1;
         }
         Ok((old, mark))
+    }
+
+    /// Answer `o` once this group's batch is written (through the hand-off
+    /// when it came from another node: the answer rides in the batch).
+    pub(super) fn answer_after_commit(&mut self, w: &mut Work, o: &Origin, env: Envelope) {
+        match o.from {
+            None => w.answers.push((o.reply, o.received, env)),
+            Some(node) => relay_answer(w, o, node, &env),
+        }
+    }
+
+    /// Answer `o` now, whatever happens to this group's batch (a refusal,
+    /// or an Ack already durable). One from another node can only go back
+    /// with the batch.
+    pub(super) fn answer_now(&mut self, w: &mut Work, o: &Origin, env: Envelope) {
+        match o.from {
+            None => self.outbox.reply(o.reply, o.received, &env),
+            Some(node) => relay_answer(w, o, node, &env),
+        }
+    }
+
+    /// The node that is home to the group `op` writes to, when it is not
+    /// this one.
+    pub(super) fn group_home_elsewhere(&self, op: &Op) -> Option<u16> {
+        let r = self.routes.as_ref()?;
+        match r.ownership.home(Partition::of_group(op.group_id()?)) {
+            Home::Remote { node, .. } => Some(node),
+            Home::Local { .. } | Home::Unknown => None,
+        }
+    }
+
+    /// A new group id whose home is this node (the creator's), so a group
+    /// is created where its creator is served; None if this node is home
+    /// to no partition. On a single node, the next id.
+    pub(super) fn local_group_id(&mut self, now: u64) -> Option<u64> {
+        let Some(r) = &self.routes else {
+            return Some(self.ids.next_at(now));
+        };
+        let r = r.clone();
+        // Each try lands here with the share of partitions this node holds
+        // (a third with three nodes): a few tries, almost always.
+        (0..4 * crate::cluster::PARTITIONS).find_map(|_| {
+            let id = self.ids.next_at(now);
+            matches!(
+                r.ownership.home(Partition::of_group(id)),
+                Home::Local { .. }
+            )
+            .then_some(id)
+        })
+    }
+
+    /// Send `op` to the group's home, `home`, with this batch; its answer
+    /// comes back the same way.
+    pub(super) fn forward(&mut self, w: &mut Work, o: &Origin, op: Op, home: u16) {
+        let envelope = Envelope::new(o.request_id, op.into_body());
+        w.writes += 1;
+        w.relays.push((
+            home,
+            RelayEvent {
+                user: o.user.to_string(),
+                request: Some(Forwarded {
+                    caller: Some(caller_of(o.reply)),
+                    device: o.device.to_string(),
+                    envelope: Bytes::from(envelope.encode_to_vec()),
+                }),
+                ..RelayEvent::default()
+            },
+        ));
+    }
+
+    /// Apply a request node `src` forwarded here (this node is home to its
+    /// group), as if a local client had sent it; the answer goes back.
+    fn run_forwarded(&mut self, w: &mut Work, src: u16, user: String, req: Forwarded) {
+        let caller = req.caller.unwrap_or_default();
+        let origin = Origin {
+            reply: ConnRef {
+                shard: u16::try_from(caller.shard).unwrap_or(u16::MAX),
+                slot: caller.slot,
+                gen: caller.gen,
+                presence: caller.presence,
+            },
+            request_id: 0,
+            user: Arc::from(user.as_str()),
+            device: Arc::from(req.device.as_str()),
+            received: self.clock.now(),
+            from: Some(src),
+        };
+        let env = match Envelope::decode(req.envelope.as_ref()) {
+            Ok(env) => env,
+            Err(_) => {
+                crate::log_every!(
+                    1000,
+                    error,
+                    src,
+                    "skipping an undecodable forwarded request"
+                );
+                return;
+            }
+        };
+        let origin = Origin {
+            request_id: env.request_id,
+            ..origin
+        };
+        let op = env.body.and_then(Op::from_body);
+        let sp = w.savepoint();
+        match op {
+            Some(op) if op.group_id().is_some() && self.group_home_elsewhere(&op).is_none() => {
+                self.run_request(w, sp, &origin, op)
+            }
+            // The group moved on, or this is not a group request: refuse,
+            // the client retries at its home.
+            _ => self.answer_now(
+                w,
+                &origin,
+                Envelope::error(
+                    origin.request_id,
+                    ErrorCode::Unavailable,
+                    "the group's home moved; retry",
+                    false,
+                ),
+            ),
+        }
     }
 
     /// Append one relayed event to `user`'s inbox (or hand it on, if the
@@ -259,4 +386,48 @@ impl Pipeline {
             ),
         }
     }
+}
+
+/// The answer to `o`, whose connection is on node `node`, relayed there
+/// with this batch.
+fn relay_answer(w: &mut Work, o: &Origin, node: u16, env: &Envelope) {
+    w.writes += 1;
+    w.relays.push((
+        node,
+        RelayEvent {
+            user: o.user.to_string(),
+            answer: Some(Answer {
+                caller: Some(caller_of(o.reply)),
+                envelope: Bytes::from(env.encode_to_vec()),
+            }),
+            ..RelayEvent::default()
+        },
+    ));
+}
+
+fn caller_of(c: ConnRef) -> Caller {
+    Caller {
+        shard: u32::from(c.shard),
+        slot: c.slot,
+        gen: c.gen,
+        presence: c.presence,
+    }
+}
+
+/// An answer from a group's home for a connection of this node: sent once
+/// the batch that applied it is written (a connection gone meanwhile, or
+/// replaced in its slot, gets nothing: the generation differs).
+fn deliver_answer(w: &mut Work, a: Answer) {
+    let Some(c) = a.caller else { return };
+    let Ok(env) = Envelope::decode(a.envelope.as_ref()) else {
+        crate::log_every!(1000, error, "skipping an undecodable forwarded answer");
+        return;
+    };
+    let conn = ConnRef {
+        shard: u16::try_from(c.shard).unwrap_or(u16::MAX),
+        slot: c.slot,
+        gen: c.gen,
+        presence: c.presence,
+    };
+    w.answers.push((conn, std::time::Instant::now(), env));
 }

@@ -32,20 +32,13 @@ impl Pipeline {
     ) -> Result<Option<Body>, Fail> {
         let key = (o.user.clone(), send.client_msg_id.clone());
         if let Some(ack) = w.fresh.get(&key) {
-            w.answers.push((
-                o.reply,
-                o.received,
-                Envelope::new(o.request_id, Body::Ack(ack.clone())),
-            ));
+            let ack = Envelope::new(o.request_id, Body::Ack(ack.clone()));
+            self.answer_after_commit(w, o, ack);
             return Ok(None);
         }
         if let Some(ack) = self.store.dedup(&o.user, &send.client_msg_id)? {
             // Already durable: answer at once, whatever happens to this batch.
-            self.outbox.reply(
-                o.reply,
-                o.received,
-                &Envelope::new(o.request_id, Body::Ack(ack)),
-            );
+            self.answer_now(w, o, Envelope::new(o.request_id, Body::Ack(ack)));
             return Ok(None);
         }
         let group = if send.group_id != 0 {

@@ -23,6 +23,7 @@ use swiftlet_protocol::pb::{self, event::Kind};
 
 use super::group::{Pending, Pipeline, Work};
 use super::relay::Route;
+use crate::cluster::handoff::RelayEvent;
 use crate::generations::Generations;
 use crate::hub::mailbox::Sent;
 use crate::store::keys::InboxEntry;
@@ -76,7 +77,14 @@ impl Pipeline {
         sent: Option<&Arc<Sent>>,
     ) -> Result<(), StoreError> {
         if let Route::Remote(dest) = self.route(user) {
-            w.relays.push((dest, user.clone(), event.clone()));
+            w.relays.push((
+                dest,
+                RelayEvent {
+                    user: user.to_string(),
+                    event: event.clone(),
+                    ..RelayEvent::default()
+                },
+            ));
             w.writes += 1;
             return Ok(());
         }

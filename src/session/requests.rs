@@ -152,6 +152,25 @@ pub fn queue<O: Output>(conn: &mut Session<'_, O>, env: &Envelope) {
     conn.send_env(env);
 }
 
+/// In a cluster, a group read or typing notice for a group whose home is
+/// another node: refused (group writes are forwarded there by the
+/// pipeline; reads are not, yet).
+fn group_elsewhere<O: Output>(
+    conn: &mut Session<'_, O>,
+    rid: u64,
+    id: u64,
+    ctx: &Services,
+) -> Option<Flow> {
+    matches!(ctx.ownership.home_of_group(id), Home::Remote { .. }).then(|| {
+        request_error(
+            conn,
+            rid,
+            ErrorCode::Unavailable,
+            "this group is served by another node: its reads and typing are not forwarded",
+        )
+    })
+}
+
 fn request_error<O: Output>(
     conn: &mut Session<'_, O>,
     request_id: u64,
@@ -408,6 +427,7 @@ pub fn submit<O: Output>(
         user,
         device,
         received: ctx.clock.now(),
+        from: None,
     };
     match ctx.commit.submit(CommitCmd::Request(origin, op)) {
         Ok(()) => {
@@ -508,6 +528,9 @@ fn get_group<O: Output>(
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
+    if let Some(refused) = group_elsewhere(conn, rid, id, ctx) {
+        return refused;
+    }
     // Membership first, by one point read: a non-member loads nothing and
     // learns nothing (not even whether the group exists).
     match ctx.store.is_member(&user, id) {
@@ -582,6 +605,9 @@ fn get_receipts<O: Output>(
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
+    if let Some(refused) = group_elsewhere(conn, rid, req.group_id, ctx) {
+        return refused;
+    }
     // Membership first, by one point read: a non-member learns nothing,
     // not even whether the group or the message exists.
     match ctx.store.is_member(&user, req.group_id) {
@@ -672,6 +698,9 @@ fn typing<O: Output>(
     }
     let target = match t.conversation.and_then(|c| c.kind) {
         Some(conversation::Kind::User(u)) if valid_id(&u) => TypingTarget::User(Arc::from(u)),
+        Some(conversation::Kind::GroupId(id)) if group_elsewhere(conn, rid, id, ctx).is_some() => {
+            return Flow::Continue
+        }
         Some(conversation::Kind::GroupId(id)) => match ctx.store.is_member(&user, id) {
             Err(e) => return store_error(conn, rid, e),
             Ok(true) => TypingTarget::Group(id),

@@ -278,6 +278,7 @@ impl Shard {
             user: Arc::from(user),
             device: Arc::from("http"),
             received: Instant::now(),
+            from: None,
         };
         if let Err(e) = self
             .ctx
