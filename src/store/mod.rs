@@ -10,6 +10,11 @@
 //! Reads (inbox pages, cursors, dedup lookups) are safe from any thread; the
 //! shards read inbox pages directly when a device catches up.
 //!
+//! A failed write (a full disk) makes the store refuse every commit, while
+//! reads go on, until it has a writable database again, which it gets by
+//! itself in the background; on a full disk it also opens read-only rather
+//! than not at all. How and why: [`engine`].
+//!
 //! # What a commit survives
 //!
 //! [`Store::commit`] returns once its batch is in the write-ahead log. What
