@@ -1,17 +1,18 @@
 //! Process metrics in Prometheus text format: connections by transport,
 //! messages in and out, acks, fan-out sizes, request, store write and push
-//! latency, RSS.
+//! latency, whether the store takes writes, RSS.
 //!
-//! Plain atomics updated where the events happen (the shards and the commit
-//! pipeline), so recording costs one relaxed add and `GET /metrics` reads a
-//! consistent-enough snapshot without stopping anyone.
+//! Plain atomics updated where the events happen (the shards, the commit
+//! pipeline, the store), so recording costs one relaxed add and `GET
+//! /metrics` reads a consistent-enough snapshot without stopping anyone.
 //!
-//! It sits at the top of the crate because the shards, the commit pipeline
-//! and the bridge all record into it; it must never import any of them, and
-//! recording must never take a lock or allocate.
+//! It sits at the top of the crate because the shards, the commit pipeline,
+//! the store and the bridge all record into it; it must never import any of
+//! them, and recording must never take a lock or allocate.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
@@ -73,8 +74,34 @@ impl<const N: usize> Histogram<N> {
     }
 }
 
+/// The store's write health, recorded by `crate::store` (which owns it) and
+/// shared with [`Metrics::store`].
+#[derive(Debug)]
+pub struct StoreHealth {
+    /// 1 while the store takes writes; 0 from a failed write (a full disk)
+    /// until it recovers, or while it is open read-only.
+    pub writable: AtomicI64,
+    /// Commits that failed or were refused: each one's requests were
+    /// answered `STORE_UNAVAILABLE`.
+    pub write_failures: AtomicU64,
+    /// Times the store took writes again after refusing them.
+    pub recoveries: AtomicU64,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        StoreHealth {
+            writable: AtomicI64::new(1),
+            write_failures: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Everything `/metrics` reports.
 pub struct Metrics {
+    /// The store's, shared with it (see `Store::health`).
+    pub store: Arc<StoreHealth>,
     pub tcp_connections: AtomicI64,
     pub ws_connections: AtomicI64,
     pub http_requests: AtomicU64,
@@ -98,6 +125,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            store: Arc::new(StoreHealth::default()),
             tcp_connections: AtomicI64::new(0),
             ws_connections: AtomicI64::new(0),
             http_requests: AtomicU64::new(0),
@@ -156,6 +184,16 @@ impl Metrics {
                 "Acks sent after durable writes.",
                 &self.acks,
             ),
+            (
+                "swiftlet_store_write_failures_total",
+                "Store commits that failed or were refused (their requests got STORE_UNAVAILABLE).",
+                &self.store.write_failures,
+            ),
+            (
+                "swiftlet_store_recoveries_total",
+                "Times the store took writes again after refusing them.",
+                &self.store.recoveries,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -163,6 +201,11 @@ impl Metrics {
                 v.load(Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP swiftlet_store_writable 1 while the store takes writes, 0 while it refuses them (a full disk) until it recovers.\n# TYPE swiftlet_store_writable gauge\nswiftlet_store_writable {}",
+            self.store.writable.load(Relaxed)
+        );
         self.fanout.render(
             &mut out,
             "swiftlet_fanout_recipients",
@@ -211,6 +254,8 @@ mod tests {
         assert!(text.contains("swiftlet_fanout_recipients_bucket{le=\"5\"} 2"));
         assert!(text.contains("swiftlet_fanout_recipients_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("swiftlet_connections{transport=\"tcp\"} 0"));
+        assert!(text.contains("\nswiftlet_store_writable 1\n"));
+        assert!(text.contains("\nswiftlet_store_write_failures_total 0\n"));
         m.push_delay_us.observe(1500);
         let text = m.render();
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.001\"} 0"));

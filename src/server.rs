@@ -8,6 +8,12 @@
 //! before binding a fixed port, [`start`] refuses it when anyone listens
 //! there already (see `refuse_if_served`).
 //!
+//! A full disk does not stop a start: the store then opens read-only (see
+//! `crate::store`), the node serves logins, reads and live ephemeral
+//! traffic, answers requests that write `STORE_UNAVAILABLE`, and takes
+//! writes again by itself once there is room. Every other store error at
+//! open still stops the start.
+//!
 //! Shutdown is ordered so that nothing acknowledged is lost and nothing
 //! in flight is left unanswered: (1) every shard stops accepting and stops
 //! reading requests; (2) the commit pipeline commits whatever was submitted
@@ -160,7 +166,10 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         };
     let (listeners, addr) = bind_all(config.listen)?;
     let (http_listeners, http_addr) = bind_all(config.http)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics {
+        store: store.health(),
+        ..Metrics::default()
+    });
     let cursors = Arc::new(Cursors::new(store.clone()));
 
     let mut polls = Vec::with_capacity(n);
@@ -289,6 +298,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         data_dir = %config.data_dir.display(),
         wal_sync = %config.wal_sync,
         inbox_epoch = store.inbox_epoch(),
+        store_writable = store.writable(),
         "swiftlet serving"
     );
     Ok(Server {
@@ -372,7 +382,7 @@ impl Server {
         // Nothing writes after this: record that everything before is on
         // disk, so the next start keeps the inbox epoch.
         if let Err(e) = self.store.mark_clean_shutdown() {
-            tracing::error!(error = %e, "recording the clean shutdown failed; the next start changes the inbox epoch");
+            tracing::error!(error = %e, "recording the clean shutdown failed: the next start decides the inbox epoch from how the run before ended");
         }
         tracing::info!("stopped");
     }

@@ -12,7 +12,13 @@
 //! becomes `STORE_UNAVAILABLE`, nothing is pushed, and the cached inbox
 //! heads and groups are dropped so they are re-read from the store. Answers
 //! and pushes go to [`Outbox`] only after the write returned, so nothing is
-//! acknowledged or pushed before it is in the write-ahead log.
+//! acknowledged or pushed before it is in the write-ahead log. A failed
+//! write (a full disk) makes the store refuse every commit until it has
+//! recovered by itself, in the background (`crate::store`'s `engine`): the
+//! pipeline keeps answering `STORE_UNAVAILABLE`, at once and without a
+//! retry of its own, and writes again as soon as the store does. The
+//! store logs the outage once at each end; this file adds at most one line
+//! a minute.
 //!
 //! This file owns the loop, the transaction and the write; what each
 //! request does lives with its family (`sends`, `groups`, `receipts`,
@@ -273,23 +279,33 @@ impl Pipeline {
                 false
             }
             Ok(_) => {
-                w.writes == 0 || {
-                    let started = self.clock.now();
-                    let result = self.store.commit(std::mem::take(&mut w.batch));
-                    self.metrics.commit_us.observe(
-                        self.clock
-                            .now()
-                            .saturating_duration_since(started)
-                            .as_micros() as u64,
-                    );
-                    match result {
-                        Ok(()) => true,
-                        Err(e) => {
-                            crate::log_every!(1000, error, error = %e, "group commit failed");
-                            false
+                w.writes == 0
+                    || {
+                        let started = self.clock.now();
+                        let result = self.store.commit(std::mem::take(&mut w.batch));
+                        self.metrics.commit_us.observe(
+                            self.clock
+                                .now()
+                                .saturating_duration_since(started)
+                                .as_micros() as u64,
+                        );
+                        match result {
+                            Ok(()) => true,
+                            Err(e) => {
+                                // The store logs when it starts refusing writes
+                                // and when it recovers; this line only counts
+                                // what was refused.
+                                crate::log_every!(
+                                    60_000,
+                                    warn,
+                                    error = %e,
+                                    requests = w.answers.len(),
+                                    "a group commit failed: its requests were answered STORE_UNAVAILABLE"
+                                );
+                                false
+                            }
                         }
                     }
-                }
             }
         };
         // Written, or lost with the batch (logged above; those devices

@@ -14,7 +14,7 @@
 
 use bytes::Bytes;
 
-use super::{cf, keys, Batch, Store, StoreError};
+use super::{cf, handle, keys, Batch, Store, StoreError};
 
 const OUTBOX: u8 = b'o';
 const NEXT: u8 = b'n';
@@ -63,7 +63,8 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Bytes)>, StoreError> {
-        let mut it = self.db.raw_iterator_cf(self.cf(cf::CLUSTER)?);
+        let db = self.db();
+        let mut it = db.raw_iterator_cf(handle(&db, cf::CLUSTER)?);
         it.seek(outbox_key(dest, after.saturating_add(1)));
         let prefix = node_key(OUTBOX, dest);
         let (mut out, mut bytes) = (Vec::new(), 0usize);
@@ -92,14 +93,15 @@ impl Store {
     /// were applied there). A write of its own, off the commit pipeline:
     /// no one else writes these keys.
     pub fn trim_outbox(&self, dest: u16, up_to: u64) -> Result<(), StoreError> {
-        let cf = self.cf(cf::CLUSTER)?;
+        let db = self.db();
+        let cf = handle(&db, cf::CLUSTER)?;
         let mut wb = rocksdb::WriteBatch::default();
         wb.delete_range_cf(
             cf,
             outbox_key(dest, 0),
             outbox_key(dest, up_to.saturating_add(1)),
         );
-        self.db.write_opt(wb, &self.write_opts)?;
+        db.write_opt(wb, &self.write_opts)?;
         Ok(())
     }
 
@@ -145,7 +147,8 @@ impl Store {
     /// Record ownerships (synced: a node must not forget an epoch it acted
     /// on, even after a power loss).
     pub fn put_epochs(&self, records: &[EpochRecord]) -> Result<(), StoreError> {
-        let cf = self.cf(cf::CLUSTER)?;
+        let db = self.db();
+        let cf = handle(&db, cf::CLUSTER)?;
         let mut wb = rocksdb::WriteBatch::default();
         for r in records {
             let mut v = [0u8; 10];
@@ -155,12 +158,14 @@ impl Store {
         }
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(wb, &opts)?;
+        db.write_opt(wb, &opts)?;
         Ok(())
     }
 
     fn cluster_u64(&self, key: [u8; 3]) -> Result<u64, StoreError> {
-        match self.db.get_pinned_cf(self.cf(cf::CLUSTER)?, key)? {
+        let db = self.db();
+        let found = db.get_pinned_cf(handle(&db, cf::CLUSTER)?, key)?;
+        match found {
             None => Ok(0),
             Some(v) => keys::decode_u64(&v),
         }
@@ -172,7 +177,8 @@ impl Store {
         tag: u8,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<T, StoreError>,
     ) -> Result<Vec<T>, StoreError> {
-        let mut it = self.db.raw_iterator_cf(self.cf(cf::CLUSTER)?);
+        let db = self.db();
+        let mut it = db.raw_iterator_cf(handle(&db, cf::CLUSTER)?);
         it.seek([tag]);
         let mut out = Vec::new();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {

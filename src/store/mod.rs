@@ -10,6 +10,11 @@
 //! Reads (inbox pages, cursors, dedup lookups) are safe from any thread; the
 //! shards read inbox pages directly when a device catches up.
 //!
+//! A failed write (a full disk) makes the store refuse every commit, while
+//! reads go on, until it has a writable database again, which it gets by
+//! itself in the background; on a full disk it also opens read-only rather
+//! than not at all. How and why: [`engine`].
+//!
 //! # What a commit survives
 //!
 //! [`Store::commit`] returns once its batch is in the write-ahead log. What
@@ -22,21 +27,20 @@
 
 pub mod cf;
 pub mod cluster;
+mod engine;
 pub mod keys;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prost::Message as _;
-use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
-    IteratorMode, Options, ReadOptions, WriteOptions, DB,
-};
+use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, WriteOptions, DB};
 use swiftlet_protocol::pb;
 
+use crate::metrics::StoreHealth;
 use keys::{InboxEntry, RunState};
 
 /// A storage failure. Engine errors are mapped here, in one place.
@@ -65,6 +69,10 @@ pub enum StoreError {
     /// covered by the clean-shutdown record.
     #[error("the store was closed")]
     Closed,
+    /// A commit while the database is open read-only: the disk was full
+    /// (see [`engine`]).
+    #[error("the database is open read-only until there is room to write")]
+    ReadOnly,
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -191,18 +199,18 @@ impl Default for StoreOptions {
 
 /// The embedded database.
 pub struct Store {
-    /// Shared with the [`WalSyncer`] thread, if any.
-    db: Arc<DB>,
+    /// Declared first, so it stops before the engine closes (see
+    /// [`engine`]).
+    _recovery: engine::Recovery,
+    /// The open instance and what it takes to open it again.
+    shared: Arc<engine::Shared>,
     write_opts: WriteOptions,
     /// Reads to fail once each, for tests of what a failing disk does.
     #[cfg(test)]
     faults: parking_lot::Mutex<Vec<FailRead>>,
-    inbox_epoch: u64,
-    /// Set by [`Store::mark_clean_shutdown`]; commits are refused from then on.
-    closed: AtomicBool,
-    /// The [`WalSync::Interval`] thread; it stops when the store drops, and
-    /// the database closes once it has (it holds a reference of its own).
-    _syncer: Option<WalSyncer>,
+    /// Fail the next commit as a read-only engine would (tests only).
+    #[cfg(test)]
+    fail_commit: AtomicBool,
 }
 
 /// A store read that [`Store::fail_next`] makes fail (tests only).
@@ -215,57 +223,6 @@ pub enum FailRead {
     Watermarks(String),
     /// [`Store::message`] of this id.
     Message(u64),
-}
-
-/// The thread of [`WalSync::Interval`]: syncs the WAL every interval until
-/// dropped.
-struct WalSyncer {
-    stop: Option<crossbeam_channel::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl WalSyncer {
-    fn start(db: Arc<DB>, every: Duration) -> std::io::Result<WalSyncer> {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-        let thread = std::thread::Builder::new()
-            .name("swiftlet-wal-sync".into())
-            .spawn(move || {
-                // Ticks are scheduled from each sync's start, not its end,
-                // so a write waits at most one interval for the next sync
-                // to start (or, when one overruns, for it to finish).
-                let mut next = Instant::now() + every;
-                loop {
-                    match stopped.recv_deadline(next) {
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                        _ => return,
-                    }
-                    next += every;
-                    let now = Instant::now();
-                    if next < now {
-                        next = now;
-                    }
-                    // With the WAL written on every commit (not buffered
-                    // by RocksDB), flushing it with `sync` is SyncWAL:
-                    // fsync of every WAL file not yet synced.
-                    if let Err(e) = db.flush_wal(true) {
-                        crate::log_every!(1_000, error, error = %e, "syncing the WAL failed");
-                    }
-                }
-            })?;
-        Ok(WalSyncer {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for WalSyncer {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// An atomic group of writes. Dropping it unwritten discards it.
@@ -394,13 +351,11 @@ fn synced() -> WriteOptions {
     o
 }
 
-/// Start a run on an open database: read how the previous run ended,
-/// settle the inbox epoch (see [`Store::inbox_epoch`]), and record, synced,
-/// that a run in `mode` is under way. Returns the epoch.
-fn begin_run(db: &DB, mode: WalSync) -> Result<u64, StoreError> {
-    let meta = db
-        .cf_handle(cf::META)
-        .ok_or(StoreError::MissingCf(cf::META))?;
+/// The inbox epoch of a run starting on `db` (see [`Store::inbox_epoch`]):
+/// the stored one if the previous run ended in a way that lost nothing,
+/// else a fresh one. Only reads, so a read-only instance can tell too.
+fn settle_epoch(db: &DB) -> Result<u64, StoreError> {
+    let meta = handle(db, cf::META)?;
     let previous = db
         .get_pinned_cf(meta, keys::META_RUN)?
         .map(|v| RunState::decode(&v))
@@ -415,121 +370,110 @@ fn begin_run(db: &DB, mode: WalSync) -> Result<u64, StoreError> {
         // one from before epochs existed.
         Some(RunState::Running) | None => None,
     };
-    let mut wb = rocksdb::WriteBatch::default();
-    let epoch = match keep {
-        Some(e) => e,
-        None => {
-            let fresh = loop {
-                let e = rand::random::<u64>();
-                if e != 0 && Some(e) != epoch {
-                    break e;
-                }
-            };
-            if epoch.is_some() {
-                tracing::warn!(
-                    previous = ?previous,
-                    "the last run did not shut down cleanly and did not sync every commit: \
-                     its last commits may be lost, so the inbox epoch changes"
-                );
-            }
-            wb.put_cf(meta, keys::META_INBOX_EPOCH, fresh.to_be_bytes());
-            fresh
+    if let Some(e) = keep {
+        return Ok(e);
+    }
+    let fresh = loop {
+        let e = rand::random::<u64>();
+        if e != 0 && Some(e) != epoch {
+            break e;
         }
     };
+    if epoch.is_some() {
+        tracing::warn!(
+            previous = ?previous,
+            "the last run did not shut down cleanly and did not sync every commit: \
+             its last commits may be lost, so the inbox epoch changes"
+        );
+    }
+    Ok(fresh)
+}
+
+/// Record, synced, that a run in `mode` with inbox epoch `epoch` is under
+/// way on `db`. Synced: a clean-shutdown record that came back after a
+/// power loss would keep the epoch of a run that lost commits.
+fn record_run(db: &DB, mode: WalSync, epoch: u64) -> Result<(), StoreError> {
+    let meta = handle(db, cf::META)?;
     let running = match mode {
         WalSync::Always => RunState::RunningSynced,
         WalSync::Off | WalSync::Interval => RunState::Running,
     };
-    // Synced: a clean-shutdown record that came back after a power loss
-    // would keep the epoch of a run that lost commits.
+    let mut wb = rocksdb::WriteBatch::default();
+    wb.put_cf(meta, keys::META_INBOX_EPOCH, epoch.to_be_bytes());
     wb.put_cf(meta, keys::META_RUN, running.encode());
     db.write_opt(wb, &synced())?;
-    Ok(epoch)
+    Ok(())
+}
+
+/// The handle of column family `name`.
+fn handle<'a>(db: &'a DB, name: &'static str) -> Result<&'a ColumnFamily, StoreError> {
+    db.cf_handle(name).ok_or(StoreError::MissingCf(name))
 }
 
 impl Store {
-    /// Open (or create) the database at `path`.
+    /// Open (or create) the database at `path`. On a full disk, an
+    /// existing database opens read-only: reads are served, commits
+    /// refused, and the store takes writes again by itself once there is
+    /// room (see [`engine`]).
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
-        let cache = rocksdb::Cache::new_lru_cache(opts.block_cache_bytes);
-        let cf_opts = |name: &str| {
-            // Column families read by whole key (not scanned by prefix).
-            let point = matches!(
-                name,
-                cf::MESSAGES
-                    | cf::DEDUP
-                    | cf::CURSORS
-                    | cf::STATUS
-                    | cf::GROUPS
-                    | cf::PRESENCE
-                    | cf::META
-            );
-            let mut bbo = BlockBasedOptions::default();
-            bbo.set_block_cache(&cache);
-            let mut o = Options::default();
-            if point {
-                // Most dedup lookups are misses (a first send): bloom filters,
-                // on the SST files and on the memtable, answer them without
-                // touching a data block or walking the skiplist.
-                bbo.set_bloom_filter(10.0, false);
-                o.set_memtable_prefix_bloom_ratio(0.02);
-                o.set_memtable_whole_key_filtering(true);
-            }
-            o.set_block_based_table_factory(&bbo);
-            o.set_compression_type(DBCompressionType::Lz4);
-            o.set_write_buffer_size(opts.write_buffer_bytes);
-            o
+        let recipe = engine::Recipe {
+            path: path.to_owned(),
+            wal_dir: settle_wal_dir(path, opts.wal_dir.as_deref())?,
+            cache: rocksdb::Cache::new_lru_cache(opts.block_cache_bytes),
+            opts: opts.clone(),
         };
-        let descriptors = cf::ALL_CFS
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, cf_opts(name)));
-        let mut db_opts = Options::default();
-        db_opts.create_if_missing(true);
-        db_opts.create_missing_column_families(true);
-        db_opts.set_compression_type(DBCompressionType::Lz4);
-        db_opts.set_max_background_jobs(2);
-        // Flushes and compactions run at a lower CPU priority than the
-        // shards: on a small machine they otherwise compete
-        // for the same cores and show up as latency spikes on the Ack path.
-        let mut env = rocksdb::Env::new()?;
-        env.lower_thread_pool_cpu_priority();
-        env.lower_high_priority_thread_pool_cpu_priority();
-        db_opts.set_env(&env);
-        db_opts.set_keep_log_file_num(4);
-        // One writer inserts a write group's batches one after another, in
-        // their sorted order (see `Batch`), reusing its place in the skiplist
-        // from key to key. Concurrent inserts start every key's search from
-        // the top, and the commit pipeline writes nearly all of the data: a
-        // shard's small cursor batch joining its group made the large batch
-        // pay that.
-        db_opts.set_allow_concurrent_memtable_write(false);
-        if let Some(dir) = settle_wal_dir(path, opts.wal_dir.as_deref())? {
-            db_opts.set_wal_dir(dir);
-        }
-        let db = Arc::new(DB::open_cf_descriptors(&db_opts, path, descriptors)?);
-        let inbox_epoch = begin_run(&db, opts.wal_sync)?;
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (engine, epoch) = match recipe.open_writable(None, &refusing) {
+            Ok(opened) => opened,
+            Err(e) if engine::out_of_space(&e) => {
+                let engine = recipe.open_read_only().map_err(|read_only| {
+                    tracing::error!(error = %read_only, "opening the database read-only failed too");
+                    e
+                })?;
+                let epoch = settle_epoch(&engine)?;
+                tracing::error!(
+                    path = %path.display(),
+                    "the disk is full: the database is open read-only; reads are served, \
+                     requests that write are answered STORE_UNAVAILABLE until there is room"
+                );
+                (engine, epoch)
+            }
+            Err(e) => return Err(e),
+        };
+        let (shared, woken) = engine::Shared::new(engine, recipe, epoch, refusing);
+        let recovery =
+            engine::Recovery::start(shared.clone(), woken).map_err(|source| StoreError::Io {
+                what: "starting the recovery thread for",
+                path: path.display().to_string(),
+                source,
+            })?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.wal_sync == WalSync::Always);
-        let syncer = match opts.wal_sync {
-            WalSync::Interval => Some(
-                WalSyncer::start(db.clone(), opts.wal_sync_interval).map_err(|source| {
-                    StoreError::Io {
-                        what: "starting the WAL sync thread for",
-                        path: path.display().to_string(),
-                        source,
-                    }
-                })?,
-            ),
-            WalSync::Off | WalSync::Always => None,
-        };
         Ok(Store {
-            db,
+            _recovery: recovery,
+            shared,
             write_opts,
             #[cfg(test)]
             faults: parking_lot::Mutex::new(Vec::new()),
-            inbox_epoch,
-            closed: AtomicBool::new(false),
-            _syncer: syncer,
+            #[cfg(test)]
+            fail_commit: AtomicBool::new(false),
         })
+    }
+
+    /// The current database instance, for one call.
+    fn db(&self) -> Arc<engine::Engine> {
+        self.shared.engine()
+    }
+
+    /// Whether commits are taken now (false from a failed write until the
+    /// store recovers, see [`engine`]).
+    pub fn writable(&self) -> bool {
+        self.shared.writable()
+    }
+
+    /// The store's write health, for `/metrics`.
+    pub fn health(&self) -> Arc<StoreHealth> {
+        self.shared.health().clone()
     }
 
     /// Make the next `read` fail with [`StoreError::Injected`] (once; several
@@ -572,40 +516,58 @@ impl Store {
     /// database restored from a copy does not repeat the epochs that a
     /// lost timeline already used.
     pub fn inbox_epoch(&self) -> u64 {
-        self.inbox_epoch
+        self.shared.epoch
     }
 
     /// Record that this run ended cleanly: sync the WAL and everything
     /// before it, then refuse further commits. Called by a graceful
     /// shutdown after its last commit; the next open keeps the inbox epoch.
+    /// Fails while the store refuses writes: the next open then decides
+    /// from how the run before this one ended.
     pub fn mark_clean_shutdown(&self) -> Result<(), StoreError> {
-        self.closed.store(true, Ordering::SeqCst);
+        // No engine is swapped in from here on.
+        let _swapping = self.shared.swap_lock();
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let db = self.db();
+        if !db.writable {
+            return Err(StoreError::ReadOnly);
+        }
         let mut wb = rocksdb::WriteBatch::default();
-        wb.put_cf(self.cf(cf::META)?, keys::META_RUN, RunState::Clean.encode());
-        self.db.write_opt(wb, &synced())?;
+        wb.put_cf(
+            handle(&db, cf::META)?,
+            keys::META_RUN,
+            RunState::Clean.encode(),
+        );
+        db.write_opt(wb, &synced())?;
         Ok(())
     }
 
-    fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or(StoreError::MissingCf(name))
-    }
-
     /// Write `batch` atomically; when this returns Ok the batch is in the
-    /// WAL (and on disk too with [`WalSync::Always`]).
+    /// WAL (and on disk too with [`WalSync::Always`]). A failure makes the
+    /// store refuse every commit until it recovers (see [`engine`]).
     pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        if self.closed.load(Ordering::Relaxed) {
+        if self.shared.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed);
+        }
+        let db = self.db();
+        #[cfg(test)]
+        let refuse = !db.writable || self.fail_commit.swap(false, Ordering::SeqCst);
+        #[cfg(not(test))]
+        let refuse = !db.writable;
+        if refuse {
+            self.shared.write_failed(&db, None);
+            return Err(StoreError::ReadOnly);
         }
         let mut ops = batch.ops;
         ops.sort_by(|a, b| (a.cf, &a.key).cmp(&(b.cf, &b.key)));
         let mut wb = rocksdb::WriteBatch::default();
-        let mut handle: Option<(&'static str, &ColumnFamily)> = None;
+        let mut last: Option<(&'static str, &ColumnFamily)> = None;
         for op in &ops {
-            let cf = match handle {
+            let cf = match last {
                 Some((name, h)) if name == op.cf => h,
                 _ => {
-                    let h = self.cf(op.cf)?;
-                    handle = Some((op.cf, h));
+                    let h = handle(&db, op.cf)?;
+                    last = Some((op.cf, h));
                     h
                 }
             };
@@ -614,8 +576,16 @@ impl Store {
                 None => wb.delete_cf(cf, &op.key),
             }
         }
-        self.db.write_opt(wb, &self.write_opts)?;
-        Ok(())
+        match db.write_opt(wb, &self.write_opts) {
+            Ok(()) => {
+                self.shared.write_succeeded();
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.write_failed(&db, Some(&e));
+                Err(e.into())
+            }
+        }
     }
 
     /// A new, empty batch bound to this store's column families.
@@ -675,10 +645,12 @@ impl Store {
 
     /// The Ack an earlier send with this `client_msg_id` got, if any.
     pub fn dedup(&self, user: &str, client_msg_id: &str) -> Result<Option<pb::Ack>, StoreError> {
-        match self.db.get_pinned_cf(
-            self.cf(cf::DEDUP)?,
+        let db = self.db();
+        let found = db.get_pinned_cf(
+            handle(&db, cf::DEDUP)?,
             keys::user_named_key(user, client_msg_id),
-        )? {
+        )?;
+        match found {
             None => Ok(None),
             Some(v) => pb::Ack::decode(&*v)
                 .map(Some)
@@ -688,10 +660,12 @@ impl Store {
 
     /// The device's stored cursor (0 when it never acknowledged anything).
     pub fn cursor(&self, user: &str, device: &str) -> Result<u64, StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(cf::CURSORS)?, keys::user_named_key(user, device))?
-        {
+        let db = self.db();
+        let found = db.get_pinned_cf(
+            handle(&db, cf::CURSORS)?,
+            keys::user_named_key(user, device),
+        )?;
+        match found {
             None => Ok(0),
             Some(v) => keys::decode_u64(&v),
         }
@@ -699,10 +673,11 @@ impl Store {
 
     /// The user's newest inbox seq (0 when the inbox is empty).
     pub fn last_seq(&self, user: &str) -> Result<u64, StoreError> {
+        let db = self.db();
         #[cfg(test)]
         self.injected(|f| matches!(f, FailRead::LastSeq(u) if u == user))?;
         let prefix = keys::user_prefix(user);
-        let mut it = self.db.raw_iterator_cf(self.cf(cf::INBOX)?);
+        let mut it = db.raw_iterator_cf(handle(&db, cf::INBOX)?);
         it.seek_for_prev(keys::inbox_key(user, u64::MAX));
         it.status()?;
         match it.key() {
@@ -713,8 +688,9 @@ impl Store {
 
     /// The user's oldest inbox seq still stored (0 when the inbox is empty).
     pub fn first_seq(&self, user: &str) -> Result<u64, StoreError> {
+        let db = self.db();
         let prefix = keys::user_prefix(user);
-        let mut it = self.db.raw_iterator_cf(self.cf(cf::INBOX)?);
+        let mut it = db.raw_iterator_cf(handle(&db, cf::INBOX)?);
         it.seek(&prefix);
         it.status()?;
         match it.key() {
@@ -732,6 +708,7 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<InboxPage, StoreError> {
+        let db = self.db();
         let prefix = keys::user_prefix(user);
         let mut upper = prefix.clone();
         // Past every `user ‖ 0x00 ‖ seq` key, before the next user's keys.
@@ -739,8 +716,8 @@ impl Store {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(upper);
         let start = keys::inbox_key(user, after.saturating_add(1));
-        let iter = self.db.iterator_cf_opt(
-            self.cf(cf::INBOX)?,
+        let iter = db.iterator_cf_opt(
+            handle(&db, cf::INBOX)?,
             ro,
             IteratorMode::From(&start, Direction::Forward),
         );
@@ -759,7 +736,7 @@ impl Store {
             ));
         }
 
-        let messages_cf = self.cf(cf::MESSAGES)?;
+        let messages_cf = handle(&db, cf::MESSAGES)?;
         let ids: Vec<_> = slots
             .iter()
             .filter_map(|(_, e)| match e {
@@ -767,7 +744,7 @@ impl Store {
                 InboxEntry::Inline(_) => None,
             })
             .collect();
-        let mut values = self.db.multi_get_cf(ids).into_iter();
+        let mut values = db.multi_get_cf(ids).into_iter();
         let mut page = InboxPage {
             events: Vec::with_capacity(slots.len()),
             has_more,
@@ -836,12 +813,11 @@ impl Store {
 
     /// One message by id.
     pub fn message(&self, id: u64) -> Result<Option<pb::Message>, StoreError> {
+        let db = self.db();
         #[cfg(test)]
         self.injected(|f| *f == FailRead::Message(id))?;
-        match self
-            .db
-            .get_pinned_cf(self.cf(cf::MESSAGES)?, id.to_be_bytes())?
-        {
+        let found = db.get_pinned_cf(handle(&db, cf::MESSAGES)?, id.to_be_bytes())?;
+        match found {
             None => Ok(None),
             Some(v) => pb::Message::decode(&*v)
                 .map(Some)
@@ -859,10 +835,9 @@ impl Store {
 
     /// A group with its members.
     pub fn group(&self, id: u64) -> Result<Option<pb::GroupInfo>, StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(cf::GROUPS)?, id.to_be_bytes())?
-        {
+        let db = self.db();
+        let found = db.get_pinned_cf(handle(&db, cf::GROUPS)?, id.to_be_bytes())?;
+        match found {
             None => Ok(None),
             Some(v) => pb::GroupInfo::decode(&*v)
                 .map(Some)
@@ -900,12 +875,11 @@ impl Store {
     /// Whether `user` is a member of group `group` (one point read, so a
     /// non-member's request never loads the group itself).
     pub fn is_member(&self, user: &str, group: u64) -> Result<bool, StoreError> {
+        let db = self.db();
         let mut key = keys::user_prefix(user);
         key.extend_from_slice(&group.to_be_bytes());
-        Ok(self
-            .db
-            .get_pinned_cf(self.cf(cf::MEMBERSHIPS)?, key)?
-            .is_some())
+        let found = db.get_pinned_cf(handle(&db, cf::MEMBERSHIPS)?, key)?;
+        Ok(found.is_some())
     }
 
     /// Up to `limit` of `user`'s groups with ids above `after`, in id
@@ -917,12 +891,13 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<(Vec<u64>, bool), StoreError> {
+        let db = self.db();
         let prefix = keys::user_prefix(user);
         let mut from = prefix.clone();
         from.extend_from_slice(&after.saturating_add(1).to_be_bytes());
         let mut out = Vec::with_capacity(limit.min(256));
-        let iter = self.db.iterator_cf(
-            self.cf(cf::MEMBERSHIPS)?,
+        let iter = db.iterator_cf(
+            handle(&db, cf::MEMBERSHIPS)?,
             IteratorMode::From(&from, Direction::Forward),
         );
         for item in iter {
@@ -945,10 +920,11 @@ impl Store {
 
     /// The groups `user` is in, by id.
     pub fn memberships(&self, user: &str) -> Result<Vec<u64>, StoreError> {
+        let db = self.db();
         let prefix = keys::user_prefix(user);
         let mut out = Vec::new();
-        let iter = self.db.iterator_cf(
-            self.cf(cf::MEMBERSHIPS)?,
+        let iter = db.iterator_cf(
+            handle(&db, cf::MEMBERSHIPS)?,
             IteratorMode::From(&prefix, Direction::Forward),
         );
         for item in iter {
@@ -963,12 +939,14 @@ impl Store {
 
     /// `user`'s (delivered, read) watermarks in a conversation.
     pub fn watermarks(&self, conversation: &[u8], user: &str) -> Result<(u64, u64), StoreError> {
+        let db = self.db();
         #[cfg(test)]
         self.injected(|f| matches!(f, FailRead::Watermarks(u) if u == user))?;
-        match self
-            .db
-            .get_pinned_cf(self.cf(cf::STATUS)?, keys::status_key(conversation, user))?
-        {
+        let found = db.get_pinned_cf(
+            handle(&db, cf::STATUS)?,
+            keys::status_key(conversation, user),
+        )?;
+        match found {
             None => Ok((0, 0)),
             Some(v) => keys::decode_u64_pair(&v),
         }
@@ -980,13 +958,13 @@ impl Store {
         conversation: &[u8],
         users: &[&str],
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        let cf = self.cf(cf::STATUS)?;
+        let db = self.db();
+        let cf = handle(&db, cf::STATUS)?;
         let keys: Vec<_> = users
             .iter()
             .map(|u| (cf, keys::status_key(conversation, u)))
             .collect();
-        self.db
-            .multi_get_cf(keys)
+        db.multi_get_cf(keys)
             .into_iter()
             .map(|v| match v? {
                 None => Ok((0, 0)),
@@ -1035,11 +1013,12 @@ impl Store {
         up_to: u64,
         scan_limit: usize,
     ) -> Result<Vec<String>, StoreError> {
+        let db = self.db();
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(keys::u64_pair(group, after.saturating_add(1)).to_vec());
         let start = keys::u64_pair(group, up_to);
-        let iter = self.db.iterator_cf_opt(
-            self.cf(cf::GROUP_LOG)?,
+        let iter = db.iterator_cf_opt(
+            handle(&db, cf::GROUP_LOG)?,
             ro,
             IteratorMode::From(&start, Direction::Reverse),
         );
@@ -1057,10 +1036,9 @@ impl Store {
 
     /// `user`'s (last seen ms, hides last seen).
     pub fn presence(&self, user: &str) -> Result<(u64, bool), StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(cf::PRESENCE)?, user.as_bytes())?
-        {
+        let db = self.db();
+        let found = db.get_pinned_cf(handle(&db, cf::PRESENCE)?, user.as_bytes())?;
+        match found {
             None => Ok((0, false)),
             Some(v) if v.len() == 9 => Ok((keys::decode_u64(&v[..8])?, v[8] & 1 == 1)),
             Some(v) => Err(StoreError::Corrupt(format!(
@@ -1087,11 +1065,9 @@ impl Store {
     /// How many messages are stored (exact count by a scan: for tests and
     /// tools, not for hot paths).
     pub fn count_messages(&self) -> Result<u64, StoreError> {
+        let db = self.db();
         let mut n = 0;
-        for item in self
-            .db
-            .iterator_cf(self.cf(cf::MESSAGES)?, IteratorMode::Start)
-        {
+        for item in db.iterator_cf(handle(&db, cf::MESSAGES)?, IteratorMode::Start) {
             item?;
             n += 1;
         }
@@ -1235,6 +1211,38 @@ mod tests {
         drop(store);
         let store = opened(dir.path(), WalSync::Interval);
         assert_eq!(store.cursor("amy", "phone").expect("read"), 4);
+    }
+
+    /// A failed commit makes the store refuse writes and report it; the
+    /// recovery thread finds the database writable again (here RocksDB was
+    /// never stopped, so its probe write succeeds) and the store says so.
+    /// A full disk, which does stop RocksDB, is `tests/storage_faults.rs`.
+    #[test]
+    fn a_failed_commit_is_reported_and_the_recovery_thread_ends_the_outage() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = opened(dir.path(), WalSync::Interval);
+        let epoch = store.inbox_epoch();
+        let health = store.health();
+        store.fail_commit.store(true, Ordering::SeqCst);
+        let mut b = store.batch();
+        store.put_cursor(&mut b, "amy", "phone", 1).expect("put");
+        assert!(matches!(store.commit(b), Err(StoreError::ReadOnly)));
+        assert!(!store.writable());
+        assert_eq!(health.writable.load(Ordering::Relaxed), 0);
+        assert_eq!(health.write_failures.load(Ordering::Relaxed), 1);
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !store.writable() {
+            assert!(std::time::Instant::now() < deadline, "never recovered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(health.writable.load(Ordering::Relaxed), 1);
+        assert_eq!(health.recoveries.load(Ordering::Relaxed), 1);
+        assert_eq!(store.inbox_epoch(), epoch);
+        let mut b = store.batch();
+        store.put_cursor(&mut b, "amy", "phone", 2).expect("put");
+        store.commit(b).expect("commit after recovery");
+        assert_eq!(store.cursor("amy", "phone").expect("read"), 2);
     }
 
     #[test]
