@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
@@ -120,7 +120,16 @@ pub struct Metrics {
     /// written its answer: queueing for the pipeline, the durable write and
     /// the hand-back. The server's share of a client's send→Ack latency.
     pub request_us: Histogram<16>,
+    /// Logins (and HTTP requests) answered NOT_HOME, and HOME_UNAVAILABLE.
+    pub redirects: AtomicU64,
+    pub home_unavailable: AtomicU64,
+    /// A cluster node's own figures (the Redis link, the hand-off), set
+    /// once when the node joins; nothing on a single node.
+    pub cluster: OnceLock<Render>,
 }
+
+/// Writes more of the exposition (a part another module owns).
+pub type Render = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -136,6 +145,9 @@ impl Default for Metrics {
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
             request_us: Histogram::new(PUSH_BUCKETS_US),
+            redirects: AtomicU64::new(0),
+            home_unavailable: AtomicU64::new(0),
+            cluster: OnceLock::new(),
         }
     }
 }
@@ -230,6 +242,27 @@ impl Metrics {
             "From reading a request that goes through the commit pipeline to having written its answer.",
             1e6,
         );
+        if let Some(cluster) = self.cluster.get() {
+            for (name, help, v) in [
+                (
+                    "swiftlet_cluster_redirects_total",
+                    "Logins and HTTP requests answered NOT_HOME (the user's home is another node).",
+                    &self.redirects,
+                ),
+                (
+                    "swiftlet_cluster_home_unavailable_total",
+                    "Logins and HTTP requests answered HOME_UNAVAILABLE.",
+                    &self.home_unavailable,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    v.load(Relaxed)
+                );
+            }
+            cluster(&mut out);
+        }
         let _ = writeln!(
             out,
             "# HELP swiftlet_resident_memory_bytes Resident set size.\n# TYPE swiftlet_resident_memory_bytes gauge\nswiftlet_resident_memory_bytes {}",

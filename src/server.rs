@@ -245,6 +245,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
                 local_presence,
             ));
             c.run(store.clone(), commit.clone(), notices.clone())?;
+            let _ = metrics.cluster.set(c.renderer(notices.clone()));
             (notices.clone(), notices)
         }
     };

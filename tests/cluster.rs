@@ -406,6 +406,30 @@ async fn chat_across_nodes_with_redirects_receipts_and_devices() {
         status.contains("held"),
         "status lists live nodes:\n{status}"
     );
+    // Node 3 redirected alice once, and shows its link to Redis.
+    let metrics = http_get(nodes[2].http, "/metrics");
+    assert!(
+        metrics.contains("\nswiftlet_cluster_redirects_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nswiftlet_cluster_redis_up 1\n"),
+        "{metrics}"
+    );
+}
+
+/// The body of a plain HTTP GET.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

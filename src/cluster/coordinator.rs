@@ -70,6 +70,9 @@ pub struct LinkStats {
     /// 1 while the last call to Redis succeeded.
     pub up: AtomicU64,
     pub redis_restarts: AtomicU64,
+    /// This node's outbox entries not yet applied, per destination, at the
+    /// coordinator's last look.
+    pub backlog: parking_lot::Mutex<Vec<(u16, u64)>>,
 }
 
 /// A running cluster node's threads and shared state.
@@ -179,6 +182,97 @@ impl Cluster {
                 .spawn(move || applier::run(me, store, commit, l, stats, stop))?,
         );
         Ok(())
+    }
+
+    /// What `/metrics` shows of this node's cluster side.
+    pub fn renderer(&self, notices: Arc<Notices>) -> crate::metrics::Render {
+        let (table, shipper, applier, link) = (
+            self.table.clone(),
+            self.shipper.clone(),
+            self.applier.clone(),
+            self.link.clone(),
+        );
+        Box::new(move |out: &mut String| {
+            use std::fmt::Write as _;
+            let me = table.me();
+            let gauge = |out: &mut String, name: &str, help: &str, v: String| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            };
+            let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    v.load(Ordering::Relaxed)
+                );
+            };
+            gauge(
+                out,
+                "swiftlet_cluster_redis_up",
+                "1 while the last coordination round with Redis succeeded.",
+                link.up.load(Ordering::Relaxed).to_string(),
+            );
+            gauge(
+                out,
+                "swiftlet_cluster_lease_seconds",
+                "How long this node may still write without renewing its lease (0: fenced).",
+                format!("{:.3}", table.lease_left().as_secs_f64()),
+            );
+            gauge(
+                out,
+                "swiftlet_cluster_partitions",
+                "Partitions this node is home to.",
+                table.counts().get(&me).copied().unwrap_or(0).to_string(),
+            );
+            let _ = writeln!(out, "# HELP swiftlet_cluster_outbox_backlog Outbox entries not yet applied at their destination.\n# TYPE swiftlet_cluster_outbox_backlog gauge");
+            for (dest, n) in link.backlog.lock().iter() {
+                let _ = writeln!(
+                    out,
+                    "swiftlet_cluster_outbox_backlog{{dest=\"{dest}\"}} {n}"
+                );
+            }
+            counter(
+                out,
+                "swiftlet_cluster_shipped_total",
+                "Stream entries shipped to other nodes.",
+                &shipper.stats.shipped_entries,
+            );
+            counter(
+                out,
+                "swiftlet_cluster_redrives_total",
+                "Times the outbox above a destination's mark was shipped again.",
+                &shipper.stats.redrives,
+            );
+            counter(
+                out,
+                "swiftlet_cluster_ship_failures_total",
+                "Failed XADDs (re-driven later).",
+                &shipper.stats.xadd_failures,
+            );
+            counter(
+                out,
+                "swiftlet_cluster_applied_total",
+                "Outbox entries of other nodes taken from this node's stream.",
+                &applier.entries,
+            );
+            counter(
+                out,
+                "swiftlet_cluster_gaps_total",
+                "Stream entries that began after a gap (left for a re-drive).",
+                &applier.gaps,
+            );
+            counter(
+                out,
+                "swiftlet_cluster_redis_restarts_total",
+                "Redis restarts noticed (each followed by a restore and a re-drive).",
+                &link.redis_restarts,
+            );
+            counter(
+                out,
+                "swiftlet_cluster_notices_dropped_total",
+                "Typing and presence notices dropped for other nodes (publisher behind).",
+                &notices.dropped,
+            );
+        })
     }
 
     /// Stop the threads (before the pipeline and the store stop).
@@ -296,6 +390,7 @@ impl Coordinator {
             let head = self.store.outbox_head(dest)?;
             backlog.push((dest, head.saturating_sub(self.shipper_mark(dest))));
         }
+        *self.stats.backlog.lock() = backlog.clone();
         self.link.report_backlog(self.config.node_id, &backlog)?;
         Ok(())
     }

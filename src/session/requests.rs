@@ -55,7 +55,7 @@ pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
         redirect,
         retry_after_ms,
     };
-    match ctx.ownership.home_of_user(user) {
+    let refusal = match ctx.ownership.home_of_user(user) {
         Home::Local { .. } if ctx.ownership.writable() => None,
         // Fenced: until it holds its lease again and has re-read the map,
         // this node cannot tell whether it is still the user's home.
@@ -85,7 +85,16 @@ pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
             None,
             HOME_RETRY_MS,
         )),
+    };
+    if let Some(r) = &refusal {
+        let counter = if r.redirect.is_some() {
+            &ctx.metrics.redirects
+        } else {
+            &ctx.metrics.home_unavailable
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    refusal
 }
 
 /// Largest Sync page.
