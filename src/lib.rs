@@ -32,8 +32,9 @@
 //!   pushes through [`hub`].
 //! - [`cluster`]: what crosses nodes, as narrow interfaces with their
 //!   guarantees (ownership of partitions, ephemeral notices, presence,
-//!   durable hand-off); [`cluster::local`] the single-node implementation
-//!   (a Redis one will be its sibling).
+//!   durable hand-off); [`cluster::local`] the single-node implementation,
+//!   and beside it the Redis one (`--cluster`): ownership table and lease,
+//!   outbox shipper and applier, notices over pub/sub.
 //! - [`txn`]: savepoints that make each request in a group commit all or nothing.
 //! - [`cursors`]: device cursors acknowledged and not yet written.
 //! - [`groups`]: group membership, cached for the pipeline and the shards.

@@ -1,8 +1,9 @@
 //! The single-node implementations of [`super`]'s interfaces: this node is
 //! home to every partition, ephemeral notices go straight to this node's
 //! shards, presence is the registry and the store, and nothing is handed
-//! off. Behaviour is exactly what the shards did before the seams existed;
-//! `redis.rs` will sit beside this file and keep the same interfaces.
+//! off. Behaviour is exactly what the shards did before the seams existed.
+//! The Redis side (`table.rs`, `notices.rs`, `shipper.rs`) keeps the same
+//! interfaces.
 
 use std::sync::Arc;
 

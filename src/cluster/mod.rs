@@ -8,15 +8,16 @@
 //! is idempotent. An implementation may do better, never worse; callers rely
 //! on nothing more.
 //!
-//! `local.rs` is the single-node implementation, and the only one today:
-//! this node owns every partition, ephemeral notices go straight to this
-//! node's shards, presence is the registry and the store, and nothing is
-//! ever handed off. The Redis implementation will be the sibling file
-//! `redis.rs`, and it will be the only module that imports the Redis client
-//! (as only [`crate::store`] imports RocksDB); no call it makes may block a
-//! shard's event loop. See DESIGN.md's "Cluster" section for the shape it
-//! will have: Redis is the transport and the coordinator, never the only
-//! copy of an acknowledged message.
+//! Two implementations sit side by side. `local.rs`, a single node: it owns
+//! every partition, ephemeral notices go straight to its shards, presence
+//! is the registry and the store, and nothing is ever handed off. The Redis
+//! side, for a node started with `--cluster`: [`table`] (ownership and the
+//! lease), [`notices`] (ephemeral and presence over pub/sub), [`shipper`]
+//! (the hand-off), run by [`coordinator`] with [`applier`]. [`redis`] is the
+//! only module that imports the Redis client (as only [`crate::store`]
+//! imports RocksDB), and no call to it is made on a shard's event loop.
+//! Redis is the transport and the coordinator, never the only copy of an
+//! acknowledged message: see docs/architecture.md, "A cluster".
 //!
 //! The seams sit where a request crosses a node boundary (login, typing and
 //! presence routing, presence reads), never in a per-event loop: the
