@@ -461,9 +461,16 @@ async fn kill_9_of_the_recipients_home_loses_nothing() {
         let (s, b) = f.await.expect("sender");
         sent.entry(s).or_default().extend(b);
     }
-    drop(b);
-    // Bob's home dies; everyone else keeps sending and keeps getting Acks.
+    // Bob's home dies while the senders are at it, with bob connected;
+    // everyone else keeps sending and keeps getting Acks.
+    let during = send_round("during");
+    tokio::time::sleep(Duration::from_millis(50)).await;
     nodes[1].kill_9();
+    drop(b);
+    for f in during {
+        let (s, b) = f.await.expect("sender");
+        sent.entry(s).or_default().extend(b);
+    }
     for f in send_round("while-down") {
         let (s, b) = f.await.expect("sender");
         sent.entry(s).or_default().extend(b);
