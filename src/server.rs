@@ -244,7 +244,12 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
                 local_ephemeral,
                 local_presence,
             ));
-            c.run(store.clone(), commit.clone(), notices.clone())?;
+            c.run(
+                store.clone(),
+                commit.clone(),
+                notices.clone(),
+                shard_handles.clone(),
+            )?;
             let _ = metrics.cluster.set(c.renderer(notices.clone()));
             (notices.clone(), notices)
         }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::{token, PATIENCE, SECRET};
 use swiftlet::cluster::Partition;
-use swiftlet_client::{pb, Client, ClientConfig, ClientError, Deliveries, DeliveryItem};
+use swiftlet_client::{
+    pb, Client, ClientConfig, ClientError, CloseReason, Deliveries, DeliveryItem,
+};
 use swiftlet_protocol::pb::event::Kind;
 use swiftlet_protocol::ErrorCode;
 
@@ -577,7 +579,7 @@ async fn an_owner_paused_past_its_lease_is_fenced() {
     let nodes = cluster(&redis, 2_000);
     let alice = user_on("alice", 1);
     let bob = user_on("bob", 2);
-    let (a, _ad) = login(&nodes[0].addr(), &alice, "phone").await;
+    let (a, mut ad) = login(&nodes[0].addr(), &alice, "phone").await;
     a.send_with_id("before", &bob, "text/plain", b"before".to_vec())
         .await
         .expect("ack before the pause");
@@ -600,6 +602,19 @@ async fn an_owner_paused_past_its_lease_is_fenced() {
         }
         Err(e) => assert!(e.needs_reconnect(), "refused or closed: {e}"),
     }
+    // Once node 1 has read the new map, it closes her connection and says
+    // where her home is now.
+    let reason = loop {
+        match tokio::time::timeout(PATIENCE, ad.next()).await {
+            Ok(Some(DeliveryItem::Closed(r))) => break r,
+            Ok(Some(_)) => {}
+            other => panic!("her connection was not closed: {other:?}"),
+        }
+    };
+    assert!(
+        matches!(&reason, CloseReason::Server { code, .. } if *code == ErrorCode::NotHome as i32),
+        "closed with {reason}"
+    );
     // Her next login (at node 1) goes to node 3, and she chats from there.
     let (a3, _a3d) = login(&nodes[0].addr(), &alice, "phone").await;
     assert_eq!(a3.addr(), nodes[2].addr());

@@ -35,6 +35,7 @@ use super::shipper::{self, Shipper};
 use super::table::{Peer, Table};
 use super::PARTITIONS;
 use crate::commit::{CommitHandle, Routes};
+use crate::hub::mailbox::{ShardHandle, ShardMsg};
 use crate::store::cluster::EpochRecord;
 use crate::store::{Store, StoreError};
 
@@ -121,6 +122,7 @@ impl Cluster {
         store: Arc<Store>,
         commit: CommitHandle,
         notices: Arc<Notices>,
+        shards: Arc<[ShardHandle]>,
     ) -> Result<(), ClusterError> {
         let link = || Link::new(&self.config.url, self.config.deadline);
         let (n, l, stop) = (notices.clone(), link()?, self.stop.clone());
@@ -147,6 +149,7 @@ impl Cluster {
             stats: self.link.clone(),
             store: store.clone(),
             notices,
+            shards,
             link: link()?,
             version: None,
             run_id: None,
@@ -297,6 +300,7 @@ struct Coordinator {
     stats: Arc<LinkStats>,
     store: Arc<Store>,
     notices: Arc<Notices>,
+    shards: Arc<[ShardHandle]>,
     link: Link,
     /// The map version last read.
     version: Option<u64>,
@@ -451,6 +455,7 @@ impl Coordinator {
         if !record.is_empty() {
             // Recorded before acted on.
             self.store.put_epochs(&record)?;
+            let mut moved_away = false;
             for r in &record {
                 if self.table.get(r.partition).is_some_and(|(n, _)| n == me) && r.node != me {
                     tracing::info!(
@@ -459,8 +464,15 @@ impl Coordinator {
                         epoch = r.epoch,
                         "a partition moved away"
                     );
+                    moved_away = true;
                 }
                 self.table.set(r.partition, r.node, r.epoch);
+            }
+            if moved_away {
+                // Their users' connections here go to their new home.
+                for s in self.shards.iter() {
+                    s.send(ShardMsg::Rehome);
+                }
             }
         }
         if !restore.is_empty() {

@@ -84,6 +84,10 @@ pub enum ShardMsg {
     StopAccepting(Sender<()>),
     /// Tell every client the server is stopping, close, and exit the loop.
     Close,
+    /// Cluster: partitions moved away from this node. Close every logged-in
+    /// connection of a user this node is no longer home to, telling it
+    /// where to go (`NOT_HOME`).
+    Rehome,
 }
 
 /// Ephemeral messages that may wait in one shard's mailbox; more are

@@ -705,6 +705,21 @@ impl Shard {
                     self.draining = true;
                     let _ = done.send(());
                 }
+                ShardMsg::Rehome => {
+                    let moved: Vec<(usize, pb::Error)> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, c)| c.phase == Phase::Live)
+                        .filter_map(|(slot, c)| {
+                            let user = c.user.as_deref()?;
+                            session::not_home(&self.ctx, user).map(|e| (slot, e))
+                        })
+                        .collect();
+                    for (slot, e) in moved {
+                        let (code, why) = (e.code(), e.message.clone());
+                        self.close_with(slot, 0, code, &why, None, Some(Box::new(e)));
+                    }
+                }
                 ShardMsg::Close => {
                     let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     for slot in slots {
