@@ -347,6 +347,21 @@ impl Coordinator {
         }
         self.run_id = Some(run_id);
 
+        // Peers first: a partition that moves away sends its users there.
+        let mut peers = HashMap::new();
+        for (n, addrs, alive) in self.link.nodes()? {
+            let (tcp, http) = addrs.split_once(',').unwrap_or((addrs.as_str(), ""));
+            peers.insert(
+                n,
+                Peer {
+                    tcp: tcp.to_owned(),
+                    http: http.to_owned(),
+                    alive,
+                },
+            );
+        }
+        self.table.set_peers(peers);
+
         let version = self.link.map_version()?;
         if version.is_none() || version != self.version {
             self.reconcile()?;
@@ -369,20 +384,6 @@ impl Coordinator {
             self.warned_uninitialized = true;
             tracing::warn!("the cluster map is incomplete: run `swiftlet cluster init` (writes stay refused until then)");
         }
-
-        let mut peers = HashMap::new();
-        for (n, addrs, alive) in self.link.nodes()? {
-            let (tcp, http) = addrs.split_once(',').unwrap_or((addrs.as_str(), ""));
-            peers.insert(
-                n,
-                Peer {
-                    tcp: tcp.to_owned(),
-                    http: http.to_owned(),
-                    alive,
-                },
-            );
-        }
-        self.table.set_peers(peers);
 
         for (dest, mark) in self.link.marks(self.config.node_id)? {
             self.shipper.set_mark(dest, mark);

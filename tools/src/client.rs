@@ -487,9 +487,14 @@ async fn login_following_redirects(
             }
         }
     }
-    Err(ClientError::Protocol(format!(
-        "more than {MAX_REDIRECTS} redirects (last to {addr})"
-    )))
+    // The nodes disagree for a moment (one has not yet read a move): a
+    // 2xxx error, so the caller backs off and tries again.
+    Err(ClientError::Server {
+        code: ErrorCode::NotHome as i32,
+        message: format!(
+            "more than {MAX_REDIRECTS} redirects (last to {addr}); retry with backoff"
+        ),
+    })
 }
 
 enum Login {
