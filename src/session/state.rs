@@ -103,7 +103,6 @@ pub struct Session<'a, O: Output> {
     pub typing_refill: &'a mut u32,
     /// The slab slot's generation (names the connection in the registry).
     pub gen: u32,
-    pub transport: Transport,
     pub out: O,
 }
 

@@ -226,7 +226,6 @@ impl Conn {
             typing_tokens,
             typing_refill,
             gen: *gen,
-            transport: *transport,
             out: ConnOut {
                 io,
                 transport: *transport,

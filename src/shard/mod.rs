@@ -535,6 +535,12 @@ impl Shard {
             match flow {
                 Flow::Continue => {
                     if was_handshake && conn.phase == Phase::Live {
+                        // Logged in (`logout` takes it off the gauge).
+                        let gauge = match conn.transport {
+                            Transport::WebSocket => &self.ctx.metrics.ws_connections,
+                            _ => &self.ctx.metrics.tcp_connections,
+                        };
+                        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let at = now + ticks(limits.idle_timeout_ms);
                         arm(&mut self.wheel, conn, slot, now, at);
                     }

@@ -269,7 +269,7 @@ impl Shard {
                 )
             }
         };
-        if let Some((code, why)) = session::check_send(&send, &self.ctx) {
+        if let Some((code, why)) = session::check_send(&send, &self.ctx.limits) {
             return self.http_finish(slot, http::error(code, why));
         }
         let origin = Origin {
