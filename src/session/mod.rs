@@ -12,7 +12,8 @@
 //! - [`requests`]: what each client frame does.
 //! - [`services`]: what the protocol code may ask of its node (the
 //!   [`NodeServices`](services::NodeServices) trait) and the node's real
-//!   implementation.
+//!   implementation; tests use a scripted one (`scripted.rs`, with the
+//!   property tests of request handling in `request_props.rs`).
 //! - [`state`]: a connection's protocol state as a view of the shard's
 //!   slab slot, and where answers go.
 //! - [`bucket`]: the token bucket that limits a connection's typing and
@@ -24,3 +25,8 @@ pub mod requests;
 pub mod services;
 pub mod state;
 pub mod unacked;
+
+#[cfg(test)]
+mod request_props;
+#[cfg(test)]
+mod scripted;

@@ -2,7 +2,8 @@
 //! does. It is given a [`Session`] (a view of the connection's protocol
 //! fields and an [`Output`] for answers), never the connection itself, and
 //! a node behind [`NodeServices`], never the node's parts, so no socket,
-//! thread or store handle is in reach.
+//! thread or store handle is in reach, and tests drive it against a
+//! scripted node (see `request_props.rs` beside this file).
 //!
 //! Handling a frame reads what it needs through the node and leaves its
 //! effects for others to carry out:
@@ -17,7 +18,8 @@
 //! - anything fatal comes back as [`Flow::Close`] with the code the client
 //!   is told, and the shard writes the Error and closes.
 //!
-//! The wire contract it keeps (protocol/README.md, sections 3, 4 and 10): nothing is
+//! The wire contract it keeps (protocol/README.md, sections 3, 4 and 10),
+//! which the property tests check on random frame sequences: nothing is
 //! submitted or routed before a successful Hello; a request with a nonzero
 //! id gets exactly one answer carrying that id (or is handed to the
 //! pipeline, which answers it), except that DeliveryAck and Typing are
