@@ -21,20 +21,25 @@ use swiftlet_protocol::Envelope;
 
 use super::mailbox::{Push, Reply, Sent, ShardHandle};
 use super::registry::{ConnRef, Registry};
+use crate::clock::Clock;
 
 /// Per-shard buffers of what a group produces, sent after the commit.
 pub struct Outbox {
     shards: Vec<ShardHandle>,
+    /// The pipeline's clock: when a group was handed over (the start of
+    /// the push delay the shards measure).
+    clock: Clock,
     replies: Vec<Vec<Reply>>,
     pushes: Vec<Vec<Push>>,
     conns: Vec<ConnRef>,
 }
 
 impl Outbox {
-    pub fn new(shards: Vec<ShardHandle>) -> Self {
+    pub fn new(shards: Vec<ShardHandle>, clock: Clock) -> Self {
         let n = shards.len();
         Outbox {
             shards,
+            clock,
             replies: vec![Vec::new(); n],
             pushes: (0..n).map(|_| Vec::new()).collect(),
             conns: Vec::new(),
@@ -86,7 +91,7 @@ impl Outbox {
     /// before it sleeps again.
     #[inline]
     pub fn dispatch(&mut self, own: Option<usize>) {
-        let committed = Instant::now();
+        let committed = self.clock.now();
         for (i, shard) in self.shards.iter().enumerate() {
             let replies = std::mem::take(&mut self.replies[i]);
             let pushes = std::mem::take(&mut self.pushes[i]);

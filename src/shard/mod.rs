@@ -167,6 +167,7 @@ impl Shard {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut http_listener, HTTP_LISTENER, Interest::READABLE)?;
+        let start = ctx.clock.now();
         Ok(Shard {
             poll,
             listener: Some(listener),
@@ -182,7 +183,7 @@ impl Shard {
             wheel: Wheel::default(),
             sessions: ShardSessions::default(),
             ctx,
-            start: Instant::now(),
+            start,
             now: 0,
             accept_pending: false,
             draining: false,
@@ -199,7 +200,7 @@ impl Shard {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let elapsed = self.start.elapsed();
+            let elapsed = self.ctx.clock.now().saturating_duration_since(self.start);
             let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
             let timeout = if self.catchup.is_empty() && self.pending_input.is_empty() {
                 next_tick.saturating_sub(elapsed)
@@ -213,8 +214,9 @@ impl Shard {
                 tracing::error!(shard = self.ctx.id, error = %e, "poll failed; shard stops");
                 break;
             }
-            self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
-            let mut clock = TurnClock::start();
+            let mut clock = TurnClock::start(self.ctx.clock.clone());
+            let elapsed = clock.started().saturating_duration_since(self.start);
+            self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             let idle_poll = events.is_empty()
                 && self.mailbox.is_empty()
                 && self.catchup.is_empty()
@@ -263,12 +265,13 @@ impl Shard {
             clock.mark("catchup");
             self.flush_dirty();
             clock.mark("write");
+            let written = clock.last();
             if let Some(t) = self.delivered_since.take() {
-                let us = t.elapsed().as_micros() as u64;
+                let us = written.saturating_duration_since(t).as_micros() as u64;
                 self.ctx.metrics.push_delay_us.observe(us);
             }
             for t in self.answered.drain(..) {
-                let us = t.elapsed().as_micros() as u64;
+                let us = written.saturating_duration_since(t).as_micros() as u64;
                 self.ctx.metrics.request_us.observe(us);
             }
             self.fire_timers();

@@ -4,7 +4,6 @@
 //! session code as TCP; only the framing differs (`Conn::send_frame`).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use swiftlet_protocol::{Body, ErrorCode};
 
@@ -277,7 +276,7 @@ impl Shard {
             request_id: 1,
             user: Arc::from(user),
             device: Arc::from("http"),
-            received: Instant::now(),
+            received: self.ctx.clock.now(),
             from: None,
         };
         if let Err(e) = self
