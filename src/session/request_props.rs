@@ -19,6 +19,7 @@ use super::services::{Limits, NodeServices as _};
 use super::state::Phase;
 use crate::clock::TICK_MS;
 use crate::commit::{CommitCmd, Op};
+use crate::hub::registry::{ConnKind, ConnRef};
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 /// Homed on node 2, which is alive.
@@ -245,11 +246,11 @@ fn node(w: &World) -> ScriptedNode {
     for i in 0..w.alice_elsewhere {
         n.register(
             "alice",
-            crate::hub::registry::ConnRef {
+            ConnRef {
                 shard: 1,
                 slot: i as u32,
                 gen: 1,
-                presence: true,
+                kind: ConnKind::Session,
             },
         );
     }

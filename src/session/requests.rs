@@ -43,7 +43,7 @@ use crate::auth::valid_id;
 use crate::cluster::Home;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
 use crate::groups::{page_limit, MAX_INFO_MEMBERS};
-use crate::hub::registry::ConnRef;
+use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery::Delivery;
 use crate::session::unacked::Unacked;
 use crate::store::keys;
@@ -293,7 +293,7 @@ fn me<O: Output, N: NodeServices>(conn: &Session<'_, O>, slot: u32, node: &N) ->
         shard: node.shard_id(),
         slot,
         gen: conn.gen,
-        presence: true,
+        kind: ConnKind::Session,
     }
 }
 

@@ -28,7 +28,7 @@ use crate::clock::{Clock, ManualClock};
 use crate::cluster::Home;
 use crate::commit::{CommitCmd, SubmitError};
 use crate::groups::Group;
-use crate::hub::registry::{Added, ConnRef};
+use crate::hub::registry::{Added, ConnKind, ConnRef};
 use crate::store::{InboxPage, StoreError};
 
 /// Where a recorded notice went.
@@ -171,7 +171,7 @@ fn add(map: &RefCell<HashMap<Arc<str>, Vec<ConnRef>>>, user: &str, conn: ConnRef
         .map(|(k, _)| k.clone())
         .unwrap_or_else(|| Arc::from(user));
     let conns = map.entry(key.clone()).or_default();
-    let came_online = conn.presence && !conns.iter().any(|c| c.presence);
+    let came_online = conn.presence() && !conns.iter().any(ConnRef::presence);
     conns.push(conn);
     Added {
         user: key,
@@ -186,11 +186,11 @@ fn remove(map: &RefCell<HashMap<Arc<str>, Vec<ConnRef>>>, user: &str, conn: Conn
         return false;
     };
     conns.retain(|c| *c != conn);
-    let online = conns.iter().any(|c| c.presence);
+    let online = conns.iter().any(ConnRef::presence);
     if conns.is_empty() {
         map.remove(user);
     }
-    conn.presence && !online
+    conn.presence() && !online
 }
 
 /// A notice's frame, as the test reads it back.
@@ -361,7 +361,7 @@ impl NodeServices for ScriptedNode {
         self.registry
             .borrow()
             .get(user)
-            .is_some_and(|c| c.iter().any(|c| c.presence))
+            .is_some_and(|c| c.iter().any(ConnRef::presence))
     }
 
     fn last_seen(&self, user: &str) -> Result<(u64, bool), StoreError> {
@@ -455,7 +455,7 @@ impl TestConn {
             shard,
             slot: self.slot,
             gen: self.gen,
-            presence: true,
+            kind: ConnKind::Session,
         }
     }
 

@@ -54,12 +54,12 @@ use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 use crate::bridge::ws;
 pub use crate::clock::{ticks, TICK_MS};
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd};
-use crate::hub::mailbox::{Reply, Sent, ShardMsg};
-use crate::hub::registry::ConnRef;
+use crate::hub::mailbox::{Answer, Reply, Sent, ShardMsg};
+use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery;
 use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
 pub use crate::session::services::{Limits, Services};
-use conn::{Carries, Conn, Phase, Transport};
+use conn::{Carries, Conn, Exchange, Phase, Transport};
 pub use input::Fatal;
 use input::Input;
 use timer::Wheel;
@@ -633,20 +633,23 @@ impl Shard {
                     self.delivered_since.get_or_insert(committed);
                     for Reply {
                         to,
-                        frame,
+                        answer,
                         received,
                     } in replies
                     {
                         if let Some(conn) = self.live_conn(to.slot, to.gen) {
                             if conn.transport == Transport::Http {
                                 self.answered.push(received);
-                                self.http_reply(to.slot as usize, &frame);
+                                self.http_reply(to.slot as usize, answer);
                                 continue;
                             }
                             // Queued whatever the budget: the connection's
                             // reads stop while it is over, and at most
                             // MAX_IN_FLIGHT answers are on their way.
-                            conn.send_frame(&frame);
+                            match answer {
+                                Answer::Frame(frame) => conn.send_frame(&frame),
+                                Answer::Typed(env) => conn.send_env(&env),
+                            }
                             conn.in_flight = conn.in_flight.saturating_sub(1);
                             self.answered.push(received);
                             self.mark_dirty(to.slot as usize);
@@ -662,7 +665,7 @@ impl Shard {
                         let decision = match &mut conn.carries {
                             Carries::Frames(d) => d.on_push(p.seq, room),
                             // A parked long-poll: answer with what arrived.
-                            Carries::Poll(poll) if p.seq > poll.after => {
+                            Carries::Http(Exchange::Poll { after, .. }) if p.seq > *after => {
                                 self.http_wake(p.slot as usize);
                                 continue;
                             }
@@ -1023,7 +1026,10 @@ impl Shard {
             shard: self.ctx.id,
             slot: slot as u32,
             gen: conn.gen,
-            presence: conn.transport != Transport::Http,
+            kind: match conn.transport {
+                Transport::Http => ConnKind::Http,
+                Transport::Tcp | Transport::WebSocket => ConnKind::Session,
+            },
         };
         session::unsubscribe_all(&mut conn.watching, me, &self.ctx);
         let user = conn.user.take();
