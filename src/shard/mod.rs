@@ -13,7 +13,10 @@
 //! [`session::handle`](crate::session::requests::handle)
 //! (see [`input`]); take the mailbox (Acks, pushes); refill lagging
 //! connections from the store; write every connection that has output, one
-//! `write` each; fire due timers.
+//! `write` each; fire due timers. The loop's ticks (the timing wheel's
+//! unit, [`TICK_MS`]) and every instant it measures come from the node's
+//! [`Clock`](crate::clock::Clock), so a test's manual clock drives its
+//! timeouts.
 //!
 //! No client gets more than its share. Each connection is read at most
 //! [`READS_PER_TURN`] times and handled at most [`FRAMES_PER_TURN`] frames
