@@ -22,7 +22,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use swiftlet::commit::{self, CommitCmd, CommitHandle, Op, Origin, PipelineConfig};
 use swiftlet::groups::GroupDirectory;
-use swiftlet::hub::registry::{ConnRef, Registry};
+use swiftlet::hub::registry::{ConnKind, ConnRef, Registry};
 use swiftlet::store::{Store, StoreOptions, WalSync};
 use swiftlet_protocol::pb;
 
@@ -74,7 +74,7 @@ impl Bench {
                 shard: 0,
                 slot: 0,
                 gen: 0,
-                presence: true,
+                kind: ConnKind::Session,
             },
             request_id: self.n,
             user: Arc::from(user),

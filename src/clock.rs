@@ -1,12 +1,18 @@
-//! Where the session and pipeline code read the time: wall-clock
-//! milliseconds (message and event timestamps, message ids, last seen) and
-//! a monotonic [`Instant`] (how long things took).
+//! Where a node reads the time: wall-clock milliseconds (message and event
+//! timestamps, message ids, last seen) and a monotonic [`Instant`] (the
+//! shards' ticks and timers, loop-turn timing, request latency and push
+//! delay, commit timing).
 //!
-//! A [`Clock`] is a concrete enum, not a trait object, so that the pipeline
-//! pays one predictable branch per read and no indirect call; tests swap in
-//! a [`ManualClock`] (quinn's habit: time-dependent logic driven without
-//! sleeping). Only the shards' tick wheel and loop-turn timing read the
-//! system clock directly, because they time the event loop itself.
+//! One [`Clock`] per node, from [`Config::clock`](crate::config::Config):
+//! the shards, the session code, the pipeline and its fan-out all read it,
+//! so a test that starts a server in-process with a [`ManualClock`] moves
+//! every timeout and timestamp of the node by hand (quinn's habit:
+//! time-dependent logic driven without sleeping). It is a concrete enum,
+//! not a trait object: the system clock costs one predictable branch per
+//! read and no indirect call. What still reads the operating system's
+//! clocks directly is off the shards' path: the rate limit of log lines,
+//! the store's background WAL sync, token expiry, and the cluster's lease
+//! and shipping threads.
 //!
 //! A wall clock may step backwards (NTP, a VM resumed); nothing here hides
 //! that. [`crate::ids::IdGen`] keeps ids increasing across such a step,

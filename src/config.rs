@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::clock::Clock;
 pub use crate::store::WalSync;
 
 /// Everything `swiftlet serve` needs to run.
@@ -77,6 +78,13 @@ pub struct Config {
     pub lease_ms: u64,
     /// The deadline of every call to Redis.
     pub redis_timeout_ms: u64,
+    /// What the node reads the time from: the shards' loops and timers,
+    /// the pipeline's timestamps and ids, fan-out and latency timing. The
+    /// system clock, except in tests that start a server in-process with a
+    /// [`ManualClock`](crate::clock::ManualClock) so timeouts fire without
+    /// waiting. Neither a flag nor a file key.
+    #[serde(skip)]
+    pub clock: Clock,
 }
 
 impl Default for Config {
@@ -106,6 +114,7 @@ impl Default for Config {
             advertise: None,
             lease_ms: 15_000,
             redis_timeout_ms: 1_000,
+            clock: Clock::system(),
         }
     }
 }

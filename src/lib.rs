@@ -13,7 +13,8 @@
 //! - [`session`]: the protocol of one connection, with no socket in reach:
 //!   [`session::requests`] what each client frame does, on a
 //!   [`session::state::Session`] view of the connection's fields and an
-//!   output sink; [`session::services`] what it may use from the node;
+//!   output sink; [`session::services`] the one trait through which it
+//!   asks its node for reads and hands it effects, and the real node;
 //!   [`session::delivery`] exactly-once, in-order inbox delivery;
 //!   [`session::unacked`] what a connection was sent and not acknowledged;
 //!   [`session::bucket`] its typing and presence rate.
@@ -43,8 +44,8 @@
 //! - [`alloc`]: mimalloc, and returning an idle shard's free pages.
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
-//! - [`clock`]: where the session and pipeline read the time (a manual
-//!   clock in tests).
+//! - [`clock`]: where a node reads the time (one clock, from the config;
+//!   a manual one in tests).
 //! - [`logging`]: rate limits for log lines a client or a fault can repeat.
 //! - [`metrics`]: counters and histograms the shards, the pipeline and the
 //!   bridge record into; `/metrics` renders them.

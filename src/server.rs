@@ -31,7 +31,6 @@ use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::auth::Authenticator;
-use crate::clock::Clock;
 use crate::cluster::coordinator::{Cluster, ClusterConfig, ClusterError};
 use crate::cluster::local::{LocalEphemeral, LocalOwnership, LocalPresence};
 use crate::cluster::notices::Notices;
@@ -208,7 +207,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             )?)
         }
     };
-    let clock = Clock::system();
+    let clock = config.clock.clone();
     let commit = commit::start(
         store.clone(),
         registry.clone(),

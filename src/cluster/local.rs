@@ -144,6 +144,7 @@ mod tests {
     use super::super::PARTITIONS;
     use super::*;
     use crate::hub::mailbox::ShardMsg;
+    use crate::hub::registry::ConnKind;
 
     #[test]
     fn the_partition_hash_is_stable_across_runs() {
@@ -209,7 +210,7 @@ mod tests {
             shard,
             slot,
             gen: 7,
-            presence: true,
+            kind: ConnKind::Session,
         }
     }
 

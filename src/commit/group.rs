@@ -422,7 +422,8 @@ mod tests {
     use super::super::receipts::direct;
     use super::super::{start, summarize_delivered, CommitHandle, PipelineConfig};
     use super::*;
-    use crate::hub::mailbox::{ShardHandle, ShardMsg};
+    use crate::hub::mailbox::{Answer, ShardHandle, ShardMsg};
+    use crate::hub::registry::ConnKind;
     use crate::store::keys;
     use crate::store::{FailRead, StoreOptions};
     use crossbeam_channel::Receiver;
@@ -513,7 +514,7 @@ mod tests {
                     shard: 0,
                     slot: 0,
                     gen: 0,
-                    presence: true,
+                    kind: ConnKind::Session,
                 },
                 request_id: self.next_request,
                 user: Arc::from(user),
@@ -553,9 +554,15 @@ mod tests {
                     continue;
                 };
                 for r in replies {
-                    let (env, _) = decode_frame(&r.frame, usize::MAX)
-                        .expect("a valid frame")
-                        .expect("a whole frame");
+                    let env = match r.answer {
+                        Answer::Frame(f) => {
+                            decode_frame(&f, usize::MAX)
+                                .expect("a valid frame")
+                                .expect("a whole frame")
+                                .0
+                        }
+                        Answer::Typed(env) => *env,
+                    };
                     answers.insert(env.request_id, env.body.expect("a body"));
                 }
             }

@@ -258,7 +258,7 @@ pub fn start(
         groups,
         metrics,
         cursors,
-        outbox: Outbox::new(shards.clone()),
+        outbox: Outbox::new(shards.clone(), config.clock.clone()),
         ids: IdGen::new(config.node_id),
         max_group_members: config.max_group_members,
         clock: config.clock,

@@ -30,7 +30,7 @@ use super::{Op, Origin};
 use crate::cluster::handoff::{self, Answer, Caller, Forwarded, RelayEntry, RelayEvent};
 use crate::cluster::{HandOff, Home, OutboxEntry, Ownership, Partition};
 use crate::hub::mailbox::Sent;
-use crate::hub::registry::ConnRef;
+use crate::hub::registry::{ConnKind, ConnRef};
 use crate::store::keys::{self, InboxEntry};
 use crate::store::StoreError;
 use swiftlet_protocol::{Envelope, ErrorCode};
@@ -275,7 +275,7 @@ impl Pipeline {
                 shard: u16::try_from(caller.shard).unwrap_or(u16::MAX),
                 slot: caller.slot,
                 gen: caller.gen,
-                presence: caller.presence,
+                kind: ConnKind::of_presence(caller.presence),
             },
             request_id: 0,
             user: Arc::from(user.as_str()),
@@ -410,7 +410,7 @@ fn caller_of(c: ConnRef) -> Caller {
         shard: u32::from(c.shard),
         slot: c.slot,
         gen: c.gen,
-        presence: c.presence,
+        presence: c.presence(),
     }
 }
 
@@ -427,7 +427,7 @@ fn deliver_answer(w: &mut Work, a: Answer) {
         shard: u16::try_from(c.shard).unwrap_or(u16::MAX),
         slot: c.slot,
         gen: c.gen,
-        presence: c.presence,
+        kind: ConnKind::of_presence(c.presence),
     };
     w.answers.push((conn, std::time::Instant::now(), env));
 }

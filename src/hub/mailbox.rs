@@ -61,8 +61,20 @@ pub struct Sent {
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub to: ConnRef,
-    pub frame: Bytes,
+    pub answer: Answer,
     pub received: Instant,
+}
+
+/// An answer in the form its connection takes (see
+/// [`ConnKind`](super::registry::ConnKind)).
+#[derive(Debug, Clone)]
+pub enum Answer {
+    /// Encoded once, in the protocol's framing, by the pipeline: the shard
+    /// copies it into a session's output (re-framed for a WebSocket).
+    Frame(Bytes),
+    /// The envelope itself, for an HTTP exchange, which answers in JSON:
+    /// nothing is encoded only to be decoded again.
+    Typed(Box<swiftlet_protocol::Envelope>),
 }
 
 /// Work for a shard.

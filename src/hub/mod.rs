@@ -2,11 +2,12 @@
 //! the other: who is online where, how a shard is handed work, and how what
 //! one group commit produces is routed to the shards.
 //!
-//! - [`registry`]: user → connections (shard, slot, generation), and
-//!   presence watchers.
+//! - [`registry`]: user → connections (shard, slot, generation, and
+//!   whether a session or an HTTP exchange), and presence watchers.
 //! - [`mailbox`]: a shard's mailbox: [`mailbox::ShardHandle`], the messages
 //!   it carries ([`mailbox::ShardMsg`], [`mailbox::Push`],
-//!   [`mailbox::Reply`]) and what a push remembers ([`mailbox::Sent`]).
+//!   [`mailbox::Reply`] with its [`mailbox::Answer`], framed or typed) and
+//!   what a push remembers ([`mailbox::Sent`]).
 //! - [`fanout`]: a group commit's answers and pushes grouped per shard, one
 //!   message and one wake-up per shard per group.
 //!

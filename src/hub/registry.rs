@@ -27,11 +27,43 @@ pub struct ConnRef {
     pub shard: u16,
     pub slot: u32,
     pub gen: u32,
-    /// The connection is a device's session, which makes its user online.
-    /// False for a parked HTTP long-poll: it is woken by pushes like a
+    /// What the connection is, which decides what reaches it and how.
+    /// Fits in padding.
+    pub kind: ConnKind,
+}
+
+/// The two kinds of connection a [`ConnRef`] may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnKind {
+    /// A device's framed session (TCP, or WebSocket): it makes its user
+    /// online, and takes the pipeline's answers as frames.
+    Session,
+    /// An HTTP exchange. A parked long-poll is woken by pushes like a
     /// device, but is not presence (polls come and go every few seconds,
-    /// and would make the user flap online and offline). Fits in padding.
-    pub presence: bool,
+    /// and would make the user flap online and offline); a send takes the
+    /// pipeline's answer typed, as it answers in JSON, not in frames.
+    Http,
+}
+
+impl ConnRef {
+    /// The connection makes its user online.
+    #[inline]
+    pub fn presence(&self) -> bool {
+        self.kind == ConnKind::Session
+    }
+}
+
+impl ConnKind {
+    /// The kind whose [`ConnRef::presence`] is `presence` (the two kinds
+    /// differ in exactly that, so a peer node that names a connection by
+    /// its presence flag names its kind).
+    pub fn of_presence(presence: bool) -> ConnKind {
+        if presence {
+            ConnKind::Session
+        } else {
+            ConnKind::Http
+        }
+    }
 }
 
 /// What [`Registry::add`] did.
@@ -75,7 +107,7 @@ impl Registry {
     pub fn add(&self, user: &str, conn: ConnRef) -> Added {
         let mut map = self.stripe(user).write();
         if let Some(conns) = map.get_mut(user) {
-            let came_online = conn.presence && !conns.iter().any(|c| c.presence);
+            let came_online = conn.presence() && !conns.iter().any(ConnRef::presence);
             conns.push(conn);
             let n = conns.len();
             if let Some((key, _)) = map.get_key_value(user) {
@@ -90,7 +122,7 @@ impl Registry {
         map.insert(key.clone(), SmallVec::from_elem(conn, 1));
         Added {
             user: key,
-            came_online: conn.presence,
+            came_online: conn.presence(),
             conns: 1,
         }
     }
@@ -102,11 +134,11 @@ impl Registry {
         let mut map = self.stripe(user).write();
         if let Some(conns) = map.get_mut(user) {
             conns.retain(|c| *c != conn);
-            let online = conns.iter().any(|c| c.presence);
+            let online = conns.iter().any(ConnRef::presence);
             if conns.is_empty() {
                 map.remove(user);
             }
-            return conn.presence && !online;
+            return conn.presence() && !online;
         }
         false
     }
@@ -123,7 +155,7 @@ impl Registry {
         self.stripe(user)
             .read()
             .get(user)
-            .is_some_and(|conns| conns.iter().any(|c| c.presence))
+            .is_some_and(|conns| conns.iter().any(ConnRef::presence))
     }
 
     /// Every user with a device connected (a presence connection).
@@ -131,7 +163,7 @@ impl Registry {
         let mut out = Vec::new();
         for s in self.stripes.iter() {
             for (u, conns) in s.read().iter() {
-                if conns.iter().any(|c| c.presence) {
+                if conns.iter().any(ConnRef::presence) {
                     out.push(u.clone());
                 }
             }
@@ -156,13 +188,13 @@ mod tests {
             shard: 0,
             slot: 1,
             gen: 1,
-            presence: true,
+            kind: ConnKind::Session,
         };
         let b = ConnRef {
             shard: 1,
             slot: 7,
             gen: 3,
-            presence: true,
+            kind: ConnKind::Session,
         };
         let first = r.add("alice", a);
         assert!(first.came_online);
@@ -187,13 +219,13 @@ mod tests {
             shard: 0,
             slot: 2,
             gen: 9,
-            presence: false,
+            kind: ConnKind::Http,
         };
         let device = ConnRef {
             shard: 0,
             slot: 3,
             gen: 9,
-            presence: true,
+            kind: ConnKind::Session,
         };
         assert!(!r.add("bob", poll).came_online);
         assert!(!r.is_online("bob"));

@@ -1,14 +1,34 @@
 //! The protocol as one connection sees it: what each frame a client sends
 //! does. It is given a [`Session`] (a view of the connection's protocol
-//! fields and an [`Output`] for answers), never the connection itself, so
-//! no socket is in reach. The shard decodes frames and calls [`handle`];
-//! answers are encoded into the connection's output buffer, durable work is
-//! submitted to the commit pipeline (which answers after the commit), reads
-//! (Sync, group info, receipt lists, presence) are served here from the
-//! store, ephemeral notices (typing, presence) go to their recipients
-//! through [`crate::cluster::Ephemeral`] (today: straight to the local
-//! shards), and anything fatal comes back as [`Flow::Close`] with the
-//! code the client is told.
+//! fields and an [`Output`] for answers), never the connection itself, and
+//! a node behind [`NodeServices`], never the node's parts, so no socket,
+//! thread or store handle is in reach, and tests drive it against a
+//! scripted node (see `request_props.rs` beside this file).
+//!
+//! Handling a frame reads what it needs through the node and leaves its
+//! effects for others to carry out:
+//! - answers go to the [`Output`] (the shard frames them into the
+//!   connection's buffer);
+//! - durable work is submitted to the node ([`NodeServices::submit`]), whose
+//!   pipeline answers it after the commit;
+//! - ephemeral notices (typing, presence) are routed by the node
+//!   ([`NodeServices::notify_users`], [`NodeServices::notify_watchers`]);
+//! - acknowledged cursors are left in [`ShardSessions::cursors`], which the
+//!   shard hands to the pipeline at the end of its turn;
+//! - anything fatal comes back as [`Flow::Close`] with the code the client
+//!   is told, and the shard writes the Error and closes.
+//!
+//! The wire contract it keeps (protocol/README.md, sections 3, 4 and 10),
+//! which the property tests check on random frame sequences: nothing is
+//! submitted or routed before a successful Hello; a request with a nonzero
+//! id gets exactly one answer carrying that id (or is handed to the
+//! pipeline, which answers it), except that DeliveryAck and Typing are
+//! answered only when refused; errors about a request are never fatal;
+//! and the connection is closed exactly on request id 0, a frame before
+//! Hello, a second Hello and a refused Hello.
+//!
+//! Generic over the node and the output, so the shard's path is statically
+//! dispatched and allocates nothing more than it did before the seams.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,13 +37,13 @@ use swiftlet_protocol::codec::frame_bytes;
 use swiftlet_protocol::pb::{self, conversation, TypingState};
 use swiftlet_protocol::{Body, Envelope, ErrorCode, PROTOCOL_VERSION};
 
-use super::services::Services;
-use super::state::{Carries, Output, Phase, Session, Transport};
+use super::services::{Limits, NodeServices};
+use super::state::{Carries, Output, Phase, Session};
 use crate::auth::valid_id;
 use crate::cluster::Home;
 use crate::commit::{add_delivered, CommitCmd, DeliveredConv, Op, Origin, SubmitError};
 use crate::groups::{page_limit, MAX_INFO_MEMBERS};
-use crate::hub::registry::ConnRef;
+use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery::Delivery;
 use crate::session::unacked::Unacked;
 use crate::store::keys;
@@ -47,7 +67,7 @@ pub const HOME_RETRY_MS: u32 = 2_000;
 /// Why `user` may not be served here, if they may not: their home is
 /// another node (NOT_HOME, with where it listens), or no live node is
 /// their home now (HOME_UNAVAILABLE).
-pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
+pub fn not_home<N: NodeServices>(node: &N, user: &str) -> Option<pb::Error> {
     let refuse = |code: ErrorCode, message: String, redirect, retry_after_ms| pb::Error {
         code: code as i32,
         message,
@@ -55,8 +75,8 @@ pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
         redirect,
         retry_after_ms,
     };
-    let refusal = match ctx.ownership.home_of_user(user) {
-        Home::Local { .. } if ctx.ownership.writable() => None,
+    let refusal = match node.home_of_user(user) {
+        Home::Local { .. } if node.writable() => None,
         // Fenced: until it holds its lease again and has re-read the map,
         // this node cannot tell whether it is still the user's home.
         Home::Local { .. } => Some(refuse(
@@ -65,16 +85,16 @@ pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
             None,
             HOME_RETRY_MS,
         )),
-        Home::Remote { node, .. } => Some(match ctx.ownership.redirect(node) {
+        Home::Remote { node: home, .. } => Some(match node.redirect(home) {
             Some(r) => refuse(
                 ErrorCode::NotHome,
-                format!("this user is served by node {node}; reconnect there"),
+                format!("this user is served by node {home}; reconnect there"),
                 Some(r),
                 0,
             ),
             None => refuse(
                 ErrorCode::HomeUnavailable,
-                format!("this user's home, node {node}, is down; retry later"),
+                format!("this user's home, node {home}, is down; retry later"),
                 None,
                 HOME_RETRY_MS,
             ),
@@ -87,12 +107,7 @@ pub fn not_home(ctx: &Services, user: &str) -> Option<pb::Error> {
         )),
     };
     if let Some(r) = &refusal {
-        let counter = if r.redirect.is_some() {
-            &ctx.metrics.redirects
-        } else {
-            &ctx.metrics.home_unavailable
-        };
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        node.count_refusal(r.redirect.is_some());
     }
     refusal
 }
@@ -164,13 +179,13 @@ pub fn queue<O: Output>(conn: &mut Session<'_, O>, env: &Envelope) {
 /// In a cluster, a group read or typing notice for a group whose home is
 /// another node: refused (group writes are forwarded there by the
 /// pipeline; reads are not, yet).
-fn group_elsewhere<O: Output>(
+fn group_elsewhere<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     rid: u64,
     id: u64,
-    ctx: &Services,
+    node: &N,
 ) -> Option<Flow> {
-    matches!(ctx.ownership.home_of_group(id), Home::Remote { .. }).then(|| {
+    matches!(node.home_of_group(id), Home::Remote { .. }).then(|| {
         request_error(
             conn,
             rid,
@@ -200,11 +215,11 @@ fn store_error<O: Output>(
 }
 
 /// Act on one frame from the client.
-pub fn handle<O: Output>(
+pub fn handle<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     slot: u32,
     env: Envelope,
-    ctx: &Services,
+    node: &N,
     local: &mut ShardSessions,
     now: u32,
 ) -> Flow {
@@ -222,7 +237,7 @@ pub fn handle<O: Output>(
     }
     let body = match (*conn.phase, env.body) {
         (Phase::Closing, _) => return Flow::Continue,
-        (Phase::Handshake, Some(Body::Hello(hello))) => return login(conn, slot, rid, hello, ctx),
+        (Phase::Handshake, Some(Body::Hello(hello))) => return login(conn, slot, rid, hello, node),
         (Phase::Handshake, _) => {
             return Flow::Close(
                 0,
@@ -250,44 +265,44 @@ pub fn handle<O: Output>(
             Flow::Continue
         }
         Body::Send(send) => {
-            if let Some(problem) = check_send(&send, ctx) {
+            if let Some(problem) = check_send(&send, node.limits()) {
                 return request_error(conn, rid, problem.0, problem.1);
             }
-            submit(conn, slot, rid, Op::Send(send), ctx)
+            submit(conn, slot, rid, Op::Send(send), node)
         }
         Body::DeliveryAck(a) => delivery_ack(conn, slot, rid, a.up_to, local),
-        Body::Sync(s) => sync(conn, rid, s, ctx),
-        Body::CreateGroup(r) => submit(conn, slot, rid, Op::CreateGroup(r), ctx),
-        Body::AddMembers(r) => submit(conn, slot, rid, Op::AddMembers(r), ctx),
-        Body::RemoveMembers(r) => submit(conn, slot, rid, Op::RemoveMembers(r), ctx),
-        Body::LeaveGroup(r) => submit(conn, slot, rid, Op::LeaveGroup(r), ctx),
-        Body::RenameGroup(r) => submit(conn, slot, rid, Op::RenameGroup(r), ctx),
-        Body::MarkRead(r) => submit(conn, slot, rid, Op::MarkRead(r), ctx),
-        Body::SetPrivacy(r) => submit(conn, slot, rid, Op::SetPrivacy(r), ctx),
-        Body::GetGroup(r) => get_group(conn, rid, r, ctx),
-        Body::ListGroups(r) => list_groups(conn, rid, r, ctx),
-        Body::GetReceipts(r) => get_receipts(conn, rid, r, ctx),
-        Body::Typing(t) => typing(conn, slot, rid, t, ctx, local, now),
-        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, ctx, now),
+        Body::Sync(s) => sync(conn, rid, s, node),
+        Body::CreateGroup(r) => submit(conn, slot, rid, Op::CreateGroup(r), node),
+        Body::AddMembers(r) => submit(conn, slot, rid, Op::AddMembers(r), node),
+        Body::RemoveMembers(r) => submit(conn, slot, rid, Op::RemoveMembers(r), node),
+        Body::LeaveGroup(r) => submit(conn, slot, rid, Op::LeaveGroup(r), node),
+        Body::RenameGroup(r) => submit(conn, slot, rid, Op::RenameGroup(r), node),
+        Body::MarkRead(r) => submit(conn, slot, rid, Op::MarkRead(r), node),
+        Body::SetPrivacy(r) => submit(conn, slot, rid, Op::SetPrivacy(r), node),
+        Body::GetGroup(r) => get_group(conn, rid, r, node),
+        Body::ListGroups(r) => list_groups(conn, rid, r, node),
+        Body::GetReceipts(r) => get_receipts(conn, rid, r, node),
+        Body::Typing(t) => typing(conn, slot, rid, t, node, local, now),
+        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, node, now),
         _ => request_error(conn, rid, ErrorCode::InvalidRequest, "not a client request"),
     }
 }
 
-fn me<O: Output>(conn: &Session<'_, O>, slot: u32, ctx: &Services) -> ConnRef {
+fn me<O: Output, N: NodeServices>(conn: &Session<'_, O>, slot: u32, node: &N) -> ConnRef {
     ConnRef {
-        shard: ctx.id,
+        shard: node.shard_id(),
         slot,
         gen: conn.gen,
-        presence: true,
+        kind: ConnKind::Session,
     }
 }
 
-fn login<O: Output>(
+fn login<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     hello: pb::Hello,
-    ctx: &Services,
+    node: &N,
 ) -> Flow {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Flow::Close(
@@ -313,7 +328,7 @@ fn login<O: Output>(
             "device_id \"http\" is reserved for messages sent over HTTP".into(),
         );
     }
-    let user = match ctx.auth.authenticate(&hello.token) {
+    let user = match node.authenticate(&hello.token) {
         Ok(u) => u,
         Err(e) => return Flow::Close(rid, e.code, e.reason),
     };
@@ -321,7 +336,7 @@ fn login<O: Output>(
     // only by their home node, so their devices, inbox and cursors stay
     // together: elsewhere the login is redirected there (or told to wait
     // while that node is down).
-    if let Some(refusal) = not_home(ctx, &user) {
+    if let Some(refusal) = not_home(node, &user) {
         return Flow::Refuse(rid, Box::new(refusal));
     }
     // Registered before the inbox head is read: a message committed after
@@ -329,28 +344,26 @@ fn login<O: Output>(
     // its commit), and one committed before is at or below the head, which
     // the catch-up from the cursor covers. So a device with nothing pending
     // (cursor == head) needs no store read beyond these two.
-    let me = me(conn, slot, ctx);
-    let added = ctx.registry.add(&user, me);
+    let me = me(conn, slot, node);
+    let added = node.register(&user, me);
     let (user, first) = (added.user, added.came_online);
-    if added.conns > ctx.limits.max_conns_per_user {
-        ctx.registry.remove(&user, me);
+    let limits = node.limits();
+    if added.conns > limits.max_conns_per_user {
+        node.unregister(&user, me);
         return Flow::Close(
             rid,
             ErrorCode::TooManyConnections,
             format!(
                 "a user may hold {} connections at once",
-                ctx.limits.max_conns_per_user
+                limits.max_conns_per_user
             ),
         );
     }
-    let (cursor, head) = match (
-        ctx.cursors.read(&user, &hello.device_id),
-        ctx.store.last_seq(&user),
-    ) {
+    let (cursor, head) = match (node.cursor(&user, &hello.device_id), node.head(&user)) {
         (Ok(c), Ok(h)) => (c, h),
         (Err(e), _) | (_, Err(e)) => {
             crate::log_every!(1000, error, error = %e, "reading a cursor at login failed");
-            ctx.registry.remove(&user, me);
+            node.unregister(&user, me);
             return Flow::Close(rid, ErrorCode::Internal, "storage error".into());
         }
     };
@@ -363,32 +376,27 @@ fn login<O: Output>(
                 device_id: hello.device_id.clone(),
                 cursor,
                 head_seq: head,
-                idle_timeout_ms: ctx.limits.idle_timeout_ms as u32,
-                max_frame_bytes: ctx.limits.max_frame as u32,
+                idle_timeout_ms: limits.idle_timeout_ms as u32,
+                max_frame_bytes: limits.max_frame as u32,
                 server_version: env!("CARGO_PKG_VERSION").into(),
-                server_time_ms: ctx.clock.now_ms(),
-                inbox_epoch: ctx.store.inbox_epoch(),
+                server_time_ms: node.clock().now_ms(),
+                inbox_epoch: node.inbox_epoch(),
             }),
         ),
     );
     if first {
-        notify_presence(ctx, &user, true, 0);
+        notify_presence(node, &user, true, 0);
     }
     *conn.user = Some(user);
     *conn.device = Some(Arc::from(hello.device_id));
     *conn.phase = Phase::Live;
-    let gauge = match conn.transport {
-        Transport::WebSocket => &ctx.metrics.ws_connections,
-        _ => &ctx.metrics.tcp_connections,
-    };
-    gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The backlog is sent by the shard's catch-up.
     *conn.carries = Carries::Frames(Delivery::login(cursor, head));
     Flow::Continue
 }
 
 /// A Send's problem, if it has one the pipeline need not see.
-pub fn check_send(send: &pb::Send, ctx: &Services) -> Option<(ErrorCode, &'static str)> {
+pub fn check_send(send: &pb::Send, limits: &Limits) -> Option<(ErrorCode, &'static str)> {
     if !valid_id(&send.client_msg_id) {
         return Some((
             ErrorCode::InvalidRequest,
@@ -413,32 +421,32 @@ pub fn check_send(send: &pb::Send, ctx: &Services) -> Option<(ErrorCode, &'stati
             "content_type is longer than 128 bytes",
         ));
     }
-    if send.body.len() > ctx.limits.max_frame.saturating_sub(FRAME_OVERHEAD) {
+    if send.body.len() > limits.max_frame.saturating_sub(FRAME_OVERHEAD) {
         return Some((ErrorCode::BodyTooLarge, "body is over the size limit"));
     }
     None
 }
 
 /// Hand a durable request to the commit pipeline; it answers after the write.
-pub fn submit<O: Output>(
+pub fn submit<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     op: Op,
-    ctx: &Services,
+    node: &N,
 ) -> Flow {
     let (Some(user), Some(device)) = (conn.user.clone(), conn.device.clone()) else {
         return Flow::Close(0, ErrorCode::Internal, "session without a user".into());
     };
     let origin = Origin {
-        reply: me(conn, slot, ctx),
+        reply: me(conn, slot, node),
         request_id: rid,
         user,
         device,
-        received: ctx.clock.now(),
+        received: node.clock().now(),
         from: None,
     };
-    match ctx.commit.submit(CommitCmd::Request(origin, op)) {
+    match node.submit(CommitCmd::Request(origin, op)) {
         Ok(()) => {
             // Until its answer comes back (the shard stops reading at
             // MAX_IN_FLIGHT).
@@ -492,11 +500,16 @@ fn delivery_ack<O: Output>(
     Flow::Continue
 }
 
-fn sync<O: Output>(conn: &mut Session<'_, O>, rid: u64, req: pb::Sync, ctx: &Services) -> Flow {
+fn sync<O: Output, N: NodeServices>(
+    conn: &mut Session<'_, O>,
+    rid: u64,
+    req: pb::Sync,
+    node: &N,
+) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Close(0, ErrorCode::Internal, "session without a user".into());
     };
-    match sync_page(ctx, &user, req.after, req.limit) {
+    match sync_page(node, &user, req.after, req.limit) {
         Ok(batch) => {
             queue(conn, &Envelope::new(rid, Body::SyncBatch(batch)));
             Flow::Continue
@@ -506,8 +519,8 @@ fn sync<O: Output>(conn: &mut Session<'_, O>, rid: u64, req: pb::Sync, ctx: &Ser
 }
 
 /// One Sync page of `user`'s inbox (shared with the HTTP sync endpoint).
-pub fn sync_page(
-    ctx: &Services,
+pub fn sync_page<N: NodeServices>(
+    node: &N,
     user: &str,
     after: u64,
     limit: u32,
@@ -516,38 +529,38 @@ pub fn sync_page(
         0 => DEFAULT_SYNC_LIMIT,
         n => n.min(MAX_SYNC_LIMIT),
     } as usize;
-    let max_bytes = ctx.limits.max_frame.saturating_sub(FRAME_OVERHEAD);
-    let page = ctx.store.read_inbox(user, after, limit, max_bytes)?;
+    let max_bytes = node.limits().max_frame.saturating_sub(FRAME_OVERHEAD);
+    let page = node.inbox_page(user, after, limit, max_bytes)?;
     Ok(pb::SyncBatch {
         events: page.events,
         has_more: page.has_more,
-        head_seq: ctx.store.last_seq(user)?,
-        first_available_seq: ctx.store.first_seq(user)?,
-        inbox_epoch: ctx.store.inbox_epoch(),
+        head_seq: node.head(user)?,
+        first_available_seq: node.first_seq(user)?,
+        inbox_epoch: node.inbox_epoch(),
     })
 }
 
-fn get_group<O: Output>(
+fn get_group<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     rid: u64,
     req: pb::GetGroup,
-    ctx: &Services,
+    node: &N,
 ) -> Flow {
     let id = req.group_id;
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    if let Some(refused) = group_elsewhere(conn, rid, id, ctx) {
+    if let Some(refused) = group_elsewhere(conn, rid, id, node) {
         return refused;
     }
     // Membership first, by one point read: a non-member loads nothing and
     // learns nothing (not even whether the group exists).
-    match ctx.store.is_member(&user, id) {
+    match node.is_member(&user, id) {
         Err(e) => return store_error(conn, rid, e),
         Ok(false) => return no_such_group(conn, rid),
         Ok(true) => {}
     }
-    match ctx.groups.get(id) {
+    match node.group(id) {
         Err(e) => store_error(conn, rid, e),
         Ok(Some(g)) if g.is_member(&user) => {
             let page = g.info_page(&req.members_after, req.members_limit);
@@ -573,24 +586,23 @@ fn no_such_group<O: Output>(conn: &mut Session<'_, O>, rid: u64) -> Flow {
 /// about 200 bytes, so a page stays inside a frame).
 const MAX_GROUPS_PAGE: usize = 250;
 
-fn list_groups<O: Output>(
+fn list_groups<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     rid: u64,
     req: pb::ListGroups,
-    ctx: &Services,
+    node: &N,
 ) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
     let limit = page_limit(req.limit, MAX_GROUPS_PAGE);
     // One page of the user's memberships, not all of them.
-    let page = ctx
-        .store
+    let page = node
         .memberships_page(&user, req.after_group_id, limit)
         .and_then(|(ids, more)| {
             let mut groups = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(g) = ctx.groups.get(id)? {
+                if let Some(g) = node.group(id)? {
                     groups.push(g.info(false));
                 }
             }
@@ -605,26 +617,26 @@ fn list_groups<O: Output>(
     }
 }
 
-fn get_receipts<O: Output>(
+fn get_receipts<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     rid: u64,
     req: pb::GetReceipts,
-    ctx: &Services,
+    node: &N,
 ) -> Flow {
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    if let Some(refused) = group_elsewhere(conn, rid, req.group_id, ctx) {
+    if let Some(refused) = group_elsewhere(conn, rid, req.group_id, node) {
         return refused;
     }
     // Membership first, by one point read: a non-member learns nothing,
     // not even whether the group or the message exists.
-    match ctx.store.is_member(&user, req.group_id) {
+    match node.is_member(&user, req.group_id) {
         Err(e) => return store_error(conn, rid, e),
         Ok(false) => return no_such_group(conn, rid),
         Ok(true) => {}
     }
-    let msg = match ctx.store.message(req.message_id) {
+    let msg = match node.message(req.message_id) {
         Err(e) => return store_error(conn, rid, e),
         Ok(Some(m)) if m.group_id == req.group_id && req.group_id != 0 => m,
         Ok(_) => {
@@ -644,7 +656,7 @@ fn get_receipts<O: Output>(
             "only the sender sees a message's receipts",
         );
     }
-    let group = match ctx.groups.get(req.group_id) {
+    let group = match node.group(req.group_id) {
         Err(e) => return store_error(conn, rid, e),
         Ok(Some(g)) if g.is_member(&user) => g,
         Ok(_) => return no_such_group(conn, rid),
@@ -659,10 +671,7 @@ fn get_receipts<O: Output>(
         .peekable();
     let members: Vec<&str> = rest.by_ref().take(limit).collect();
     let more_members = rest.peek().is_some();
-    let marks = match ctx
-        .store
-        .watermarks_of(&keys::group_conversation(group.id), &members)
-    {
+    let marks = match node.watermarks(&keys::group_conversation(group.id), &members) {
         Ok(m) => m,
         Err(e) => return store_error(conn, rid, e),
     };
@@ -685,12 +694,12 @@ fn get_receipts<O: Output>(
     Flow::Continue
 }
 
-fn typing<O: Output>(
+fn typing<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     t: pb::Typing,
-    ctx: &Services,
+    node: &N,
     local: &mut ShardSessions,
     now: u32,
 ) -> Flow {
@@ -707,10 +716,10 @@ fn typing<O: Output>(
     }
     let target = match t.conversation.and_then(|c| c.kind) {
         Some(conversation::Kind::User(u)) if valid_id(&u) => TypingTarget::User(Arc::from(u)),
-        Some(conversation::Kind::GroupId(id)) if group_elsewhere(conn, rid, id, ctx).is_some() => {
+        Some(conversation::Kind::GroupId(id)) if group_elsewhere(conn, rid, id, node).is_some() => {
             return Flow::Continue
         }
-        Some(conversation::Kind::GroupId(id)) => match ctx.store.is_member(&user, id) {
+        Some(conversation::Kind::GroupId(id)) => match node.is_member(&user, id) {
             Err(e) => return store_error(conn, rid, e),
             Ok(true) => TypingTarget::Group(id),
             Ok(false) => return no_such_group(conn, rid),
@@ -728,7 +737,7 @@ fn typing<O: Output>(
     let key = (slot, conn.gen);
     match state {
         TypingState::Started => {
-            let deadline = now + crate::clock::ticks(ctx.limits.typing_ttl_ms);
+            let deadline = now + crate::clock::ticks(node.limits().typing_ttl_ms);
             local.typing_due.push_back((deadline, key));
             if let Some(old) = local.typing.insert(
                 key,
@@ -740,7 +749,7 @@ fn typing<O: Output>(
             ) {
                 if old.target != target {
                     send_typing(
-                        ctx,
+                        node,
                         &mut local.conns,
                         &old.user,
                         &old.target,
@@ -748,11 +757,11 @@ fn typing<O: Output>(
                     );
                 }
             }
-            send_typing(ctx, &mut local.conns, &user, &target, TypingState::Started);
+            send_typing(node, &mut local.conns, &user, &target, TypingState::Started);
         }
         TypingState::Stopped => {
             local.typing.remove(&key);
-            send_typing(ctx, &mut local.conns, &user, &target, TypingState::Stopped);
+            send_typing(node, &mut local.conns, &user, &target, TypingState::Stopped);
         }
         TypingState::Unspecified => {
             return request_error(
@@ -768,8 +777,8 @@ fn typing<O: Output>(
 
 /// Push a TypingNotice from `typist` to the other party or the group's
 /// online members (not to the typist's own devices).
-pub fn send_typing(
-    ctx: &Services,
+pub fn send_typing<N: NodeServices>(
+    node: &N,
     conns: &mut Vec<ConnRef>,
     typist: &str,
     target: &TypingTarget,
@@ -780,7 +789,7 @@ pub fn send_typing(
         TypingTarget::User(peer) if **peer == *typist => return,
         TypingTarget::User(_) => (conversation::Kind::User(typist.to_owned()), None),
         TypingTarget::Group(id) => {
-            let Ok(Some(g)) = ctx.groups.get(*id) else {
+            let Ok(Some(g)) = node.group(*id) else {
                 return;
             };
             (conversation::Kind::GroupId(*id), Some(g))
@@ -795,7 +804,7 @@ pub fn send_typing(
             user: typist.to_owned(),
             state: state as i32,
             expires_in_ms: if state == TypingState::Started {
-                ctx.limits.typing_ttl_ms as u32
+                node.limits().typing_ttl_ms as u32
             } else {
                 0
             },
@@ -805,20 +814,19 @@ pub fn send_typing(
     // notice for a boxed one.
     match (target, group) {
         (TypingTarget::User(peer), _) => {
-            ctx.ephemeral
-                .to_users(&mut std::iter::once(&**peer), conns, frame);
+            node.notify_users(&mut std::iter::once(&**peer), conns, frame);
         }
         (TypingTarget::Group(_), Some(g)) => {
             let mut others = g.members().map(|m| &**m).filter(|m| *m != typist);
-            ctx.ephemeral.to_users(&mut others, conns, frame);
+            node.notify_users(&mut others, conns, frame);
         }
         (TypingTarget::Group(_), None) => {}
     }
 }
 
 /// Tell the watchers of `user` that they came online or went offline.
-pub fn notify_presence(ctx: &Services, user: &str, online: bool, last_seen_ms: u64) {
-    ctx.ephemeral.to_watchers(user, &mut || {
+pub fn notify_presence<N: NodeServices>(node: &N, user: &str, online: bool, last_seen_ms: u64) {
+    node.notify_watchers(user, &mut || {
         frame_bytes(&Envelope::new(
             0,
             Body::Presence(pb::Presence {
@@ -833,13 +841,9 @@ pub fn notify_presence(ctx: &Services, user: &str, online: bool, last_seen_ms: u
 /// Tell the watchers of `user` that they went offline at `at_ms` (or with
 /// no time, if they hide it). The privacy flag is read only when someone
 /// is watching, so a reconnect storm of unwatched users costs no reads.
-pub fn notify_offline(ctx: &Services, user: &str, at_ms: u64) {
-    ctx.ephemeral.to_watchers(user, &mut || {
-        let hidden = ctx
-            .presence
-            .last_seen(user)
-            .map(|(_, hide)| hide)
-            .unwrap_or(true);
+pub fn notify_offline<N: NodeServices>(node: &N, user: &str, at_ms: u64) {
+    node.notify_watchers(user, &mut || {
+        let hidden = node.last_seen(user).map(|(_, hide)| hide).unwrap_or(true);
         frame_bytes(&Envelope::new(
             0,
             Body::Presence(pb::Presence {
@@ -852,12 +856,15 @@ pub fn notify_offline(ctx: &Services, user: &str, at_ms: u64) {
 }
 
 /// The presence of `user` as others may see it.
-fn presence_of(ctx: &Services, user: &str) -> Result<pb::Presence, crate::store::StoreError> {
-    let online = ctx.presence.is_online(user);
+fn presence_of<N: NodeServices>(
+    node: &N,
+    user: &str,
+) -> Result<pb::Presence, crate::store::StoreError> {
+    let online = node.is_online(user);
     let last_seen_ms = if online {
         0
     } else {
-        let (at, hide) = ctx.presence.last_seen(user)?;
+        let (at, hide) = node.last_seen(user)?;
         if hide {
             0
         } else {
@@ -871,22 +878,25 @@ fn presence_of(ctx: &Services, user: &str) -> Result<pb::Presence, crate::store:
     })
 }
 
-/// Drop every presence subscription of a connection.
 /// Drop every presence subscription in `watching` (a connection's).
-pub fn unsubscribe_all(watching: &mut Option<Box<Vec<Arc<str>>>>, me: ConnRef, ctx: &Services) {
+pub fn unsubscribe_all<N: NodeServices>(
+    watching: &mut Option<Box<Vec<Arc<str>>>>,
+    me: ConnRef,
+    node: &N,
+) {
     if let Some(old) = watching.take() {
         for u in old.iter() {
-            ctx.watchers.remove(u, me);
+            node.unwatch(u, me);
         }
     }
 }
 
-fn subscribe_presence<O: Output>(
+fn subscribe_presence<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     slot: u32,
     rid: u64,
     users: Vec<String>,
-    ctx: &Services,
+    node: &N,
     now: u32,
 ) -> Flow {
     if users.len() > MAX_PRESENCE_SUBSCRIPTIONS {
@@ -913,8 +923,8 @@ fn subscribe_presence<O: Output>(
             "too many presence subscriptions; slow down",
         );
     }
-    let me = me(conn, slot, ctx);
-    unsubscribe_all(conn.watching, me, ctx);
+    let me = me(conn, slot, node);
+    unsubscribe_all(conn.watching, me, node);
     // Subscribed before each read, so a change right after the read is
     // pushed; if a read fails, every subscription made here is undone.
     let mut watching: Vec<Arc<str>> = Vec::with_capacity(users.len());
@@ -923,12 +933,12 @@ fn subscribe_presence<O: Output>(
         if watching.iter().any(|w| **w == **u) {
             continue;
         }
-        watching.push(ctx.watchers.add(u, me).user);
-        match presence_of(ctx, u) {
+        watching.push(node.watch(u, me));
+        match presence_of(node, u) {
             Ok(p) => list.users.push(p),
             Err(e) => {
                 for w in &watching {
-                    ctx.watchers.remove(w, me);
+                    node.unwatch(w, me);
                 }
                 return store_error(conn, rid, e);
             }

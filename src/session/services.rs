@@ -1,20 +1,41 @@
-//! What the protocol code of a connection may use from its node: the store
-//! (reads), the registry and watchers, the group cache, the commit pipeline
-//! (durable requests), login, the limits, the cluster seams, the clock,
-//! metrics. One per shard; the shard owns the sockets, this owns none.
+//! What the protocol code of a connection may ask of its node, as one
+//! narrow trait ([`NodeServices`]), and the node's real implementation of it
+//! ([`Services`], one per shard: the store, the registry and watchers, the
+//! group cache, the commit pipeline, login, the limits, the cluster seams,
+//! the clock, metrics). The shard owns the sockets; neither owns one.
+//!
+//! Request handling (`super::requests`) is generic over the trait, so the
+//! shard's path is statically dispatched to [`Services`] (each method is a
+//! direct, inlinable call into what the code called before the trait
+//! existed) while tests drive the same code against a scripted node (an
+//! in-memory store, a manual clock, a recorder of what was submitted and
+//! routed: see `super::scripted`), the way quinn-proto's tests drive its
+//! I/O-free connection.
+//!
+//! The trait has three kinds of methods: reads (login, cursors and heads,
+//! inbox pages, groups, receipts, presence), registrations (the registry
+//! and the presence watchers, which a login or a subscription must make
+//! before it reads, so nothing committed in between is missed), and
+//! effects (a durable command for the pipeline, an ephemeral notice to
+//! route). Effects are performed by the node, not by the request code: the
+//! pipeline answers a submitted command after its commit, and a notice's
+//! routing is best effort (see [`crate::cluster::Ephemeral`]).
 
 use std::sync::Arc;
 
-use crate::auth::Authenticator;
+use bytes::Bytes;
+use swiftlet_protocol::pb;
+
+use crate::auth::{AuthError, Authenticator};
 use crate::clock::Clock;
-use crate::cluster::{Ephemeral, Ownership, Presence};
-use crate::commit::CommitHandle;
+use crate::cluster::{Ephemeral, Home, Ownership, Presence};
+use crate::commit::{CommitCmd, CommitHandle, SubmitError};
 use crate::cursors::Cursors;
-use crate::groups::GroupDirectory;
+use crate::groups::{Group, GroupDirectory};
 use crate::hub::mailbox::ShardHandle;
-use crate::hub::registry::Registry;
+use crate::hub::registry::{Added, ConnRef, Registry};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{InboxPage, Store, StoreError};
 
 /// Limits every connection of the shard runs under.
 #[derive(Debug, Clone)]
@@ -56,4 +77,270 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Device cursors acknowledged and not yet written.
     pub cursors: Arc<Cursors>,
+}
+
+/// What request handling needs from its node, and nothing more.
+///
+/// Reads may fail with a [`StoreError`]; the request code answers such a
+/// failure with a typed error, never a panic. No method blocks on the
+/// network: every one is answered from memory or the local store.
+pub trait NodeServices {
+    /// The shard the connection lives on (part of its [`ConnRef`]).
+    fn shard_id(&self) -> u16;
+    /// The limits every connection of the shard runs under.
+    fn limits(&self) -> &Limits;
+    /// Where the protocol reads the time.
+    fn clock(&self) -> &Clock;
+
+    /// The user a Hello's token proves.
+    fn authenticate(&self, token: &str) -> Result<String, AuthError>;
+    /// The node that is home to `user` (asked once per login).
+    fn home_of_user(&self, user: &str) -> Home;
+    /// The node that is home to group `id`.
+    fn home_of_group(&self, id: u64) -> Home;
+    /// Whether this node may write for the partitions it is home to (false
+    /// while it is fenced: see [`Ownership::writable`]).
+    fn writable(&self) -> bool;
+    /// Where a client of node `node` reconnects, if that node is alive.
+    fn redirect(&self, node: u16) -> Option<pb::Redirect>;
+    /// Count a login refused because the user's home is elsewhere:
+    /// redirected there, or told their home is unavailable.
+    fn count_refusal(&self, redirected: bool);
+    /// Route `user`'s pushes to `conn` from now on.
+    fn register(&self, user: &str, conn: ConnRef) -> Added;
+    /// Stop routing to `conn`; true when `user` went offline.
+    fn unregister(&self, user: &str, conn: ConnRef) -> bool;
+
+    /// A device's cursor, pending acknowledgements included.
+    fn cursor(&self, user: &str, device: &str) -> Result<u64, StoreError>;
+    /// The newest seq of `user`'s inbox (0 when empty).
+    fn head(&self, user: &str) -> Result<u64, StoreError>;
+    /// The oldest seq retention kept of `user`'s inbox.
+    fn first_seq(&self, user: &str) -> Result<u64, StoreError>;
+    /// The store's inbox epoch (see the wire spec, section 8).
+    fn inbox_epoch(&self) -> u64;
+    /// Up to `limit` events of `user`'s inbox after `after`, in at most
+    /// about `max_bytes`.
+    fn inbox_page(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<InboxPage, StoreError>;
+
+    /// Whether `user` is a member of group `group` (one point read).
+    fn is_member(&self, user: &str, group: u64) -> Result<bool, StoreError>;
+    /// A group with its members.
+    fn group(&self, id: u64) -> Result<Option<Arc<Group>>, StoreError>;
+    /// One page of the ids of `user`'s groups after `after`, and whether
+    /// more follow.
+    fn memberships_page(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError>;
+    /// A stored message.
+    fn message(&self, id: u64) -> Result<Option<pb::Message>, StoreError>;
+    /// The (delivered, read) watermarks of `users` in `conversation`, in
+    /// their order.
+    fn watermarks(
+        &self,
+        conversation: &[u8],
+        users: &[&str],
+    ) -> Result<Vec<(u64, u64)>, StoreError>;
+
+    /// Whether `user` holds a live connection.
+    fn is_online(&self, user: &str) -> bool;
+    /// When `user` was last seen (Unix ms) and whether they hide it.
+    fn last_seen(&self, user: &str) -> Result<(u64, bool), StoreError>;
+    /// Route `user`'s presence changes to `conn`; returns the shared id.
+    fn watch(&self, user: &str, conn: ConnRef) -> Arc<str>;
+    /// Stop routing `user`'s presence changes to `conn`.
+    fn unwatch(&self, user: &str, conn: ConnRef);
+
+    /// Effect: hand a durable command to the commit pipeline, which
+    /// answers it after the commit. `Busy` when its queue is full (the
+    /// request is then answered `RATE_LIMITED` at once).
+    fn submit(&self, cmd: CommitCmd) -> Result<(), SubmitError>;
+    /// Effect: route an ephemeral notice to every live connection of
+    /// `users` (see [`Ephemeral::to_users`]).
+    fn notify_users(
+        &self,
+        users: &mut dyn Iterator<Item = &str>,
+        scratch: &mut Vec<ConnRef>,
+        frame: Bytes,
+    );
+    /// Effect: route a notice about `user` to their watchers; `frame` is
+    /// built only if someone may be watching (see
+    /// [`Ephemeral::to_watchers`]).
+    fn notify_watchers(&self, user: &str, frame: &mut dyn FnMut() -> Bytes);
+}
+
+impl NodeServices for Services {
+    #[inline]
+    fn shard_id(&self) -> u16 {
+        self.id
+    }
+
+    #[inline]
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    #[inline]
+    fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    #[inline]
+    fn authenticate(&self, token: &str) -> Result<String, AuthError> {
+        self.auth.authenticate(token)
+    }
+
+    #[inline]
+    fn home_of_user(&self, user: &str) -> Home {
+        self.ownership.home_of_user(user)
+    }
+
+    #[inline]
+    fn home_of_group(&self, id: u64) -> Home {
+        self.ownership.home_of_group(id)
+    }
+
+    #[inline]
+    fn writable(&self) -> bool {
+        self.ownership.writable()
+    }
+
+    #[inline]
+    fn redirect(&self, node: u16) -> Option<pb::Redirect> {
+        self.ownership.redirect(node)
+    }
+
+    #[inline]
+    fn count_refusal(&self, redirected: bool) {
+        let counter = if redirected {
+            &self.metrics.redirects
+        } else {
+            &self.metrics.home_unavailable
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[inline]
+    fn register(&self, user: &str, conn: ConnRef) -> Added {
+        self.registry.add(user, conn)
+    }
+
+    #[inline]
+    fn unregister(&self, user: &str, conn: ConnRef) -> bool {
+        self.registry.remove(user, conn)
+    }
+
+    #[inline]
+    fn cursor(&self, user: &str, device: &str) -> Result<u64, StoreError> {
+        self.cursors.read(user, device)
+    }
+
+    #[inline]
+    fn head(&self, user: &str) -> Result<u64, StoreError> {
+        self.store.last_seq(user)
+    }
+
+    #[inline]
+    fn first_seq(&self, user: &str) -> Result<u64, StoreError> {
+        self.store.first_seq(user)
+    }
+
+    #[inline]
+    fn inbox_epoch(&self) -> u64 {
+        self.store.inbox_epoch()
+    }
+
+    #[inline]
+    fn inbox_page(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<InboxPage, StoreError> {
+        self.store.read_inbox(user, after, limit, max_bytes)
+    }
+
+    #[inline]
+    fn is_member(&self, user: &str, group: u64) -> Result<bool, StoreError> {
+        self.store.is_member(user, group)
+    }
+
+    #[inline]
+    fn group(&self, id: u64) -> Result<Option<Arc<Group>>, StoreError> {
+        self.groups.get(id)
+    }
+
+    #[inline]
+    fn memberships_page(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StoreError> {
+        self.store.memberships_page(user, after, limit)
+    }
+
+    #[inline]
+    fn message(&self, id: u64) -> Result<Option<pb::Message>, StoreError> {
+        self.store.message(id)
+    }
+
+    #[inline]
+    fn watermarks(
+        &self,
+        conversation: &[u8],
+        users: &[&str],
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.store.watermarks_of(conversation, users)
+    }
+
+    #[inline]
+    fn is_online(&self, user: &str) -> bool {
+        self.presence.is_online(user)
+    }
+
+    #[inline]
+    fn last_seen(&self, user: &str) -> Result<(u64, bool), StoreError> {
+        self.presence.last_seen(user)
+    }
+
+    #[inline]
+    fn watch(&self, user: &str, conn: ConnRef) -> Arc<str> {
+        self.watchers.add(user, conn).user
+    }
+
+    #[inline]
+    fn unwatch(&self, user: &str, conn: ConnRef) {
+        self.watchers.remove(user, conn);
+    }
+
+    #[inline]
+    fn submit(&self, cmd: CommitCmd) -> Result<(), SubmitError> {
+        self.commit.submit(cmd)
+    }
+
+    #[inline]
+    fn notify_users(
+        &self,
+        users: &mut dyn Iterator<Item = &str>,
+        scratch: &mut Vec<ConnRef>,
+        frame: Bytes,
+    ) {
+        self.ephemeral.to_users(users, scratch, frame);
+    }
+
+    #[inline]
+    fn notify_watchers(&self, user: &str, frame: &mut dyn FnMut() -> Bytes) {
+        self.ephemeral.to_watchers(user, frame);
+    }
 }

@@ -25,20 +25,17 @@ pub enum Transport {
 
 /// What a connection carries, with the state of that protocol only.
 ///
-/// The HTTP variants fit in the bytes `Delivery` leaves before its flag,
-/// so the enum is no bigger than `Delivery` (its tag lives in the flag's
-/// spare values): an idle connection pays nothing for HTTP.
+/// An HTTP [`Exchange`] fits in the bytes `Delivery` leaves before its
+/// flag, so the enum is no bigger than `Delivery` (its tag lives in the
+/// flag's spare values): an idle connection pays nothing for HTTP. A test
+/// below holds it to that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Carries {
     /// Frames of the protocol (TCP, or WebSocket after an upgrade): where
     /// the connection stands in its user's inbox.
     Frames(Delivery),
-    /// An HTTP request being read (or answered).
-    Http,
-    /// A parked long-poll, waiting for an event of its user.
-    Poll(Poll),
-    /// An HTTP send waiting for the pipeline's answer until tick `until`.
-    Send { until: u32 },
+    /// One HTTP request and its answer.
+    Http(Exchange),
 }
 
 impl Carries {
@@ -46,7 +43,7 @@ impl Carries {
     pub fn delivery(&mut self) -> Option<&mut Delivery> {
         match self {
             Carries::Frames(d) => Some(d),
-            _ => None,
+            Carries::Http(_) => None,
         }
     }
 
@@ -54,17 +51,49 @@ impl Carries {
     pub fn lagging(&self) -> bool {
         matches!(self, Carries::Frames(d) if d.lagging())
     }
+
+    /// The HTTP exchange, for a connection on the HTTP listener that has
+    /// not upgraded to a WebSocket.
+    pub fn exchange(&self) -> Option<Exchange> {
+        match self {
+            Carries::Http(x) => Some(*x),
+            Carries::Frames(_) => None,
+        }
+    }
 }
 
-/// A parked long-poll: the page it answers with, and when it gives up.
+/// Where one HTTP exchange stands. Each connection on the HTTP listener
+/// carries one request (every answer closes the connection), and this is
+/// all the state it needs besides its buffers: it shares no field with a
+/// framed session's protocol state.
+///
+/// 16 bytes: the variants' fields are inline (not a struct of their own)
+/// so that the tag packs beside them, and a page limit is a `u16` (a Sync
+/// page holds at most `MAX_SYNC_LIMIT`, 500).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Poll {
-    /// The events after this seq…
-    pub after: u64,
-    /// …at most this many.
-    pub limit: u32,
-    /// Tick when the wait ends (with an empty page).
-    pub until: u32,
+pub enum Exchange {
+    /// The request is being read (a `GET /ws` upgrade turns the connection
+    /// into `Frames`; any other request is answered at once or waits below).
+    Reading,
+    /// A parked long-poll, waiting for an event of its user: it answers
+    /// with the page of at most `limit` events (0: the default page) after
+    /// seq `after`, or with an empty one at tick `until`.
+    Poll { after: u64, until: u32, limit: u16 },
+    /// `POST /v1/messages` handed to the pipeline, waiting for its answer
+    /// until tick `until`.
+    Send { until: u32 },
+}
+
+impl Exchange {
+    /// The tick a waiting exchange gives up at (answering with an empty
+    /// page, or with an error).
+    pub fn waiting_until(&self) -> Option<u32> {
+        match self {
+            Exchange::Reading => None,
+            Exchange::Poll { until, .. } => Some(*until),
+            Exchange::Send { until } => Some(*until),
+        }
+    }
 }
 
 /// Where a connection is in its life.
@@ -103,7 +132,6 @@ pub struct Session<'a, O: Output> {
     pub typing_refill: &'a mut u32,
     /// The slab slot's generation (names the connection in the registry).
     pub gen: u32,
-    pub transport: Transport,
     pub out: O,
 }
 
@@ -121,5 +149,19 @@ impl<O: Output> Session<'_, O> {
     /// Queue one envelope to the client.
     pub fn send_env(&mut self, env: &Envelope) {
         self.out.send_env(env);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An HTTP exchange costs a framed connection nothing.
+    #[test]
+    fn carries_is_no_bigger_than_delivery() {
+        assert_eq!(
+            std::mem::size_of::<Carries>(),
+            std::mem::size_of::<Delivery>()
+        );
     }
 }

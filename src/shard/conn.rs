@@ -24,7 +24,7 @@ use crate::bridge::ws;
 use crate::session::bucket;
 use crate::session::delivery::Delivery;
 
-pub use crate::session::state::{Carries, Phase, Poll, Transport};
+pub use crate::session::state::{Carries, Exchange, Phase, Transport};
 use crate::session::state::{Output, Session};
 
 pub struct Conn {
@@ -56,6 +56,8 @@ pub struct Conn {
     /// shard's wheel that is acted on (others are stale and skipped). For a
     /// closing connection it is the end of its grace period.
     pub timer_at: u32,
+    /// The user this connection is registered under (what `logout`
+    /// removes): a logged-in session's, or a parked long-poll's.
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
     /// The protocol's own state: inbox delivery, or an HTTP exchange.
@@ -114,7 +116,7 @@ impl Conn {
             phase: Phase::Handshake,
             transport,
             carries: match transport {
-                Transport::Http => Carries::Http,
+                Transport::Http => Carries::Http(Exchange::Reading),
                 _ => Carries::Frames(Delivery::default()),
             },
             dirty: false,
@@ -142,11 +144,7 @@ impl Conn {
     /// An HTTP request waiting for an event or an answer, and the tick it
     /// gives up at.
     pub fn http_waiting_until(&self) -> Option<u32> {
-        match self.carries {
-            Carries::Poll(p) => Some(p.until),
-            Carries::Send { until } => Some(until),
-            Carries::Frames(_) | Carries::Http => None,
-        }
+        self.carries.exchange().and_then(|x| x.waiting_until())
     }
 
     /// Answers and pushes may be routed to it: a logged-in framed
@@ -154,8 +152,10 @@ impl Conn {
     pub fn routable(&self) -> bool {
         match self.carries {
             Carries::Frames(_) => self.phase == Phase::Live,
-            Carries::Poll(_) | Carries::Send { .. } => self.phase != Phase::Closing,
-            Carries::Http => false,
+            Carries::Http(Exchange::Poll { .. } | Exchange::Send { .. }) => {
+                self.phase != Phase::Closing
+            }
+            Carries::Http(Exchange::Reading) => false,
         }
     }
 
@@ -226,7 +226,6 @@ impl Conn {
             typing_tokens,
             typing_refill,
             gen: *gen,
-            transport: *transport,
             out: ConnOut {
                 io,
                 transport: *transport,

@@ -13,7 +13,10 @@
 //! [`session::handle`](crate::session::requests::handle)
 //! (see [`input`]); take the mailbox (Acks, pushes); refill lagging
 //! connections from the store; write every connection that has output, one
-//! `write` each; fire due timers.
+//! `write` each; fire due timers. The loop's ticks (the timing wheel's
+//! unit, [`TICK_MS`]) and every instant it measures come from the node's
+//! [`Clock`](crate::clock::Clock), so a test's manual clock drives its
+//! timeouts.
 //!
 //! No client gets more than its share. Each connection is read at most
 //! [`READS_PER_TURN`] times and handled at most [`FRAMES_PER_TURN`] frames
@@ -54,12 +57,12 @@ use swiftlet_protocol::{pb, Body, Envelope, ErrorCode};
 use crate::bridge::ws;
 pub use crate::clock::{ticks, TICK_MS};
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd};
-use crate::hub::mailbox::{Reply, Sent, ShardMsg};
-use crate::hub::registry::ConnRef;
+use crate::hub::mailbox::{Answer, Reply, Sent, ShardMsg};
+use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery;
 use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
 pub use crate::session::services::{Limits, Services};
-use conn::{Carries, Conn, Phase, Transport};
+use conn::{Carries, Conn, Exchange, Phase, Transport};
 pub use input::Fatal;
 use input::Input;
 use timer::Wheel;
@@ -167,6 +170,7 @@ impl Shard {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut http_listener, HTTP_LISTENER, Interest::READABLE)?;
+        let start = ctx.clock.now();
         Ok(Shard {
             poll,
             listener: Some(listener),
@@ -182,7 +186,7 @@ impl Shard {
             wheel: Wheel::default(),
             sessions: ShardSessions::default(),
             ctx,
-            start: Instant::now(),
+            start,
             now: 0,
             accept_pending: false,
             draining: false,
@@ -199,7 +203,7 @@ impl Shard {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
-            let elapsed = self.start.elapsed();
+            let elapsed = self.ctx.clock.now().saturating_duration_since(self.start);
             let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
             let timeout = if self.catchup.is_empty() && self.pending_input.is_empty() {
                 next_tick.saturating_sub(elapsed)
@@ -213,8 +217,9 @@ impl Shard {
                 tracing::error!(shard = self.ctx.id, error = %e, "poll failed; shard stops");
                 break;
             }
-            self.now = (self.start.elapsed().as_millis() as u64 / TICK_MS) as u32;
-            let mut clock = TurnClock::start();
+            let mut clock = TurnClock::start(self.ctx.clock.clone());
+            let elapsed = clock.started().saturating_duration_since(self.start);
+            self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             let idle_poll = events.is_empty()
                 && self.mailbox.is_empty()
                 && self.catchup.is_empty()
@@ -263,12 +268,13 @@ impl Shard {
             clock.mark("catchup");
             self.flush_dirty();
             clock.mark("write");
+            let written = clock.last();
             if let Some(t) = self.delivered_since.take() {
-                let us = t.elapsed().as_micros() as u64;
+                let us = written.saturating_duration_since(t).as_micros() as u64;
                 self.ctx.metrics.push_delay_us.observe(us);
             }
             for t in self.answered.drain(..) {
-                let us = t.elapsed().as_micros() as u64;
+                let us = written.saturating_duration_since(t).as_micros() as u64;
                 self.ctx.metrics.request_us.observe(us);
             }
             self.fire_timers();
@@ -535,6 +541,12 @@ impl Shard {
             match flow {
                 Flow::Continue => {
                     if was_handshake && conn.phase == Phase::Live {
+                        // Logged in (`logout` takes it off the gauge).
+                        let gauge = match conn.transport {
+                            Transport::WebSocket => &self.ctx.metrics.ws_connections,
+                            _ => &self.ctx.metrics.tcp_connections,
+                        };
+                        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let at = now + ticks(limits.idle_timeout_ms);
                         arm(&mut self.wheel, conn, slot, now, at);
                     }
@@ -624,20 +636,23 @@ impl Shard {
                     self.delivered_since.get_or_insert(committed);
                     for Reply {
                         to,
-                        frame,
+                        answer,
                         received,
                     } in replies
                     {
                         if let Some(conn) = self.live_conn(to.slot, to.gen) {
                             if conn.transport == Transport::Http {
                                 self.answered.push(received);
-                                self.http_reply(to.slot as usize, &frame);
+                                self.http_reply(to.slot as usize, answer);
                                 continue;
                             }
                             // Queued whatever the budget: the connection's
                             // reads stop while it is over, and at most
                             // MAX_IN_FLIGHT answers are on their way.
-                            conn.send_frame(&frame);
+                            match answer {
+                                Answer::Frame(frame) => conn.send_frame(&frame),
+                                Answer::Typed(env) => conn.send_env(&env),
+                            }
                             conn.in_flight = conn.in_flight.saturating_sub(1);
                             self.answered.push(received);
                             self.mark_dirty(to.slot as usize);
@@ -653,7 +668,7 @@ impl Shard {
                         let decision = match &mut conn.carries {
                             Carries::Frames(d) => d.on_push(p.seq, room),
                             // A parked long-poll: answer with what arrived.
-                            Carries::Poll(poll) if p.seq > poll.after => {
+                            Carries::Http(Exchange::Poll { after, .. }) if p.seq > *after => {
                                 self.http_wake(p.slot as usize);
                                 continue;
                             }
@@ -1029,7 +1044,10 @@ impl Shard {
             shard: self.ctx.id,
             slot: slot as u32,
             gen: conn.gen,
-            presence: conn.transport != Transport::Http,
+            kind: match conn.transport {
+                Transport::Http => ConnKind::Http,
+                Transport::Tcp | Transport::WebSocket => ConnKind::Session,
+            },
         };
         session::unsubscribe_all(&mut conn.watching, me, &self.ctx);
         let user = conn.user.take();

@@ -3,16 +3,21 @@
 //! A shard's turn should take well under a millisecond; one that takes
 //! tens is a stall every connection of the shard feels (a slow store read, a
 //! long group commit, the thread descheduled). The clock takes a timestamp
-//! at each phase boundary (a `clock_gettime` through the vDSO, ~20 ns) so
-//! that a slow turn can say which phase was slow.
+//! at each phase boundary (from the node's [`Clock`]: with the system clock
+//! a `clock_gettime` through the vDSO, ~20 ns) so that a slow turn can say
+//! which phase was slow.
 
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use crate::clock::Clock;
 
 /// Phases a turn is split into.
 const MAX_PHASES: usize = 12;
 
 pub struct TurnClock {
+    /// The node's clock (a clone of the system clock costs nothing).
+    clock: Clock,
     started: Instant,
     last: Instant,
     phases: [(&'static str, Duration); MAX_PHASES],
@@ -20,9 +25,10 @@ pub struct TurnClock {
 }
 
 impl TurnClock {
-    pub fn start() -> Self {
-        let now = Instant::now();
+    pub fn start(clock: Clock) -> Self {
+        let now = clock.now();
         TurnClock {
+            clock,
             started: now,
             last: now,
             phases: [("", Duration::ZERO); MAX_PHASES],
@@ -32,12 +38,22 @@ impl TurnClock {
 
     /// The phase `name` ended now.
     pub fn mark(&mut self, name: &'static str) {
-        let now = Instant::now();
+        let now = self.clock.now();
         if let Some(p) = self.phases.get_mut(self.len) {
             *p = (name, now - self.last);
             self.len += 1;
         }
         self.last = now;
+    }
+
+    /// When the turn started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// When the last phase ended.
+    pub fn last(&self) -> Instant {
+        self.last
     }
 
     /// From the start to the last mark.
@@ -65,7 +81,7 @@ mod tests {
 
     #[test]
     fn phases_add_up_and_short_ones_are_left_out_of_the_report() {
-        let mut clock = TurnClock::start();
+        let mut clock = TurnClock::start(Clock::system());
         clock.mark("first");
         clock.mark("second");
         let total: Duration = clock.phases[..clock.len].iter().map(|(_, d)| *d).sum();

@@ -2,18 +2,24 @@
 //! requests answered on the connection (see `crate::bridge` for why they
 //! live on the shards). A WebSocket connection, once upgraded, runs the same
 //! session code as TCP; only the framing differs (`Conn::send_frame`).
+//!
+//! A plain HTTP connection carries one [`Exchange`] (reading the request, a
+//! parked long-poll, a send waiting for the pipeline), never a session's
+//! fields. It is named in the registry and in a send's origin as
+//! `ConnKind::Http`, so the pipeline's answer reaches it typed and is
+//! turned into JSON without being encoded and decoded on the way.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use swiftlet_protocol::{Body, ErrorCode};
 
-use super::conn::{Carries, Phase, Poll, Transport};
+use super::conn::{Carries, Exchange, Phase, Transport};
 use super::session;
 use super::{ticks, Shard};
 use crate::bridge::{http, web as assets, ws};
 use crate::commit::{CommitCmd, Op, Origin};
-use crate::hub::registry::ConnRef;
+use crate::hub::mailbox::Answer;
+use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery::Delivery;
 
 /// Longest long-poll wait, in seconds.
@@ -37,7 +43,7 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        if conn.phase != Phase::Handshake || conn.http_waiting_until().is_some() {
+        if conn.phase == Phase::Closing || conn.carries != Carries::Http(Exchange::Reading) {
             // One request per connection; anything after it is ignored.
             return;
         }
@@ -213,10 +219,11 @@ impl Shard {
             return;
         };
         let until = self.now + ticks(wait * 1000);
-        conn.carries = Carries::Poll(Poll {
+        conn.carries = Carries::Http(Exchange::Poll {
             after,
-            limit,
             until,
+            // What a page holds at most anyway.
+            limit: limit.min(session::MAX_SYNC_LIMIT) as u16,
         });
         super::arm(&mut self.wheel, conn, slot, self.now, until);
     }
@@ -226,10 +233,12 @@ impl Shard {
         let Some(conn) = self.conns.get(slot) else {
             return;
         };
-        let (Some(user), Carries::Poll(poll)) = (conn.user.clone(), conn.carries) else {
+        let (Some(user), Some(Exchange::Poll { after, limit, .. })) =
+            (conn.user.clone(), conn.carries.exchange())
+        else {
             return;
         };
-        let (after, limit) = (poll.after, poll.limit);
+        let limit = u32::from(limit);
         let answer = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(page) => http::json(200, &page),
             Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),
@@ -242,7 +251,7 @@ impl Shard {
         let Some(conn) = self.conns.get(slot) else {
             return;
         };
-        if matches!(conn.carries, Carries::Poll(_)) {
+        if matches!(conn.carries, Carries::Http(Exchange::Poll { .. })) {
             self.http_wake(slot);
         } else {
             self.http_finish(
@@ -269,7 +278,7 @@ impl Shard {
                 )
             }
         };
-        if let Some((code, why)) = session::check_send(&send, &self.ctx) {
+        if let Some((code, why)) = session::check_send(&send, &self.ctx.limits) {
             return self.http_finish(slot, http::error(code, why));
         }
         let origin = Origin {
@@ -277,7 +286,7 @@ impl Shard {
             request_id: 1,
             user: Arc::from(user),
             device: Arc::from("http"),
-            received: Instant::now(),
+            received: self.ctx.clock.now(),
             from: None,
         };
         if let Err(e) = self
@@ -294,17 +303,19 @@ impl Shard {
         // Waiting for the pipeline's answer; not in the registry, so
         // nothing is pushed to it.
         let until = self.now + idle;
-        conn.carries = Carries::Send { until };
+        conn.carries = Carries::Http(Exchange::Send { until });
         super::arm(&mut self.wheel, conn, slot, self.now, until);
     }
 
-    /// The pipeline's answer to `POST /v1/messages`, as HTTP.
-    pub(super) fn http_reply(&mut self, slot: usize, frame: &[u8]) {
-        let env = swiftlet_protocol::codec::decode_frame(frame, usize::MAX)
-            .ok()
-            .flatten()
-            .map(|(e, _)| e);
-        let answer = match env.and_then(|e| e.body) {
+    /// The pipeline's answer to `POST /v1/messages`, as HTTP. It comes
+    /// typed (the connection's `ConnKind::Http` asked for that), so nothing
+    /// is decoded here.
+    pub(super) fn http_reply(&mut self, slot: usize, answer: Answer) {
+        let body = match answer {
+            Answer::Typed(env) => env.body,
+            Answer::Frame(_) => None,
+        };
+        let answer = match body {
             Some(Body::Ack(ack)) => http::json(200, &ack),
             Some(Body::Error(e)) => http::error(
                 ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Internal),
@@ -340,7 +351,7 @@ impl Shard {
             shard: self.ctx.id,
             slot: slot as u32,
             gen: self.conns.get(slot).map_or(0, |c| c.gen),
-            presence: false,
+            kind: ConnKind::Http,
         }
     }
 }
