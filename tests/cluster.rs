@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{token, PATIENCE, SECRET};
+use common::{free_port, token, PATIENCE, SECRET};
 use swiftlet::cluster::Partition;
 use swiftlet_client::{
     pb, Client, ClientConfig, ClientError, CloseReason, Deliveries, DeliveryItem,
@@ -22,12 +22,6 @@ use swiftlet_client::{
 use swiftlet_protocol::pb::event::Kind;
 use swiftlet_protocol::ErrorCode;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")

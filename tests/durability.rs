@@ -39,12 +39,6 @@ async fn a_retry_after_restart_gets_the_same_ack_and_one_copy_is_stored() {
     assert_eq!(page.events.len(), 1);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// The real binary on `port` (protocol) and `http` (its HTTP listener: a
 /// fixed default port would be shared with, or refused by, anything else

@@ -175,12 +175,6 @@ impl Drop for Disk {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// The real server binary with its data on `disk`, logging to a file of
 /// its own (outside the disk) so the test can count the lines.

@@ -37,6 +37,15 @@ pub fn test_config(dir: &tempfile::TempDir) -> Config {
     }
 }
 
+/// A loopback port nobody listens on now (for a server started as a
+/// process, which cannot report the port it took).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 pub fn token(user: &str) -> String {
     swiftlet_protocol::token::mint(SECRET.as_bytes(), user, 3600)
 }
