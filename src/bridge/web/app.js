@@ -35,6 +35,7 @@ const S = {
   historyLoaded: false,
   typingSent: { key: null, at: 0 },
   presenceTimer: null,
+  home: null,              // cluster: {nodeId, httpAddr} a login was redirected to
 };
 window.swiftletApp = S;   // for debugging and the browser test
 
@@ -535,7 +536,11 @@ function setConnStatus({ state, retryInMs, error }) {
   s.dataset.state = state;
   let text = state;
   if (state === 'connecting') text = 'connecting…';
+  if (state === 'online' && S.home) text = `online · node ${S.home.nodeId}`;
   if (state === 'offline') text = retryInMs ? `offline, retrying in ${Math.ceil(retryInMs / 1000)} s` : 'offline';
+  if (state === 'offline' && error && error.codeName === 'HOME_UNAVAILABLE') {
+    text = `home node unavailable, retrying in ${Math.ceil((retryInMs || 0) / 1000)} s`;
+  }
   if (state === 'stopped') text = `stopped: ${error ? error.codeName : 'refused'}`;
   s.textContent = text;
   s.title = error ? error.message : state;
@@ -719,6 +724,11 @@ async function login(token) {
   client.addEventListener('typing', (e) => onTypingNotice(e.detail.notice));
   client.addEventListener('presence', (e) => onPresence(e.detail.presence));
   client.addEventListener('error', (e) => console.warn('swiftlet:', e.detail.error.message));
+  client.addEventListener('redirect', (e) => {
+    // A cluster serves each user from their home node.
+    S.home = e.detail;
+    console.info(`swiftlet: redirected to node ${e.detail.nodeId} at ${e.detail.httpAddr}`);
+  });
   client.start();
   sessionStorage.setItem('swiftlet.token', token);
 }
