@@ -148,7 +148,7 @@ fi
 
 redis_info() {
   if [ -n "$REDIS_PORT" ]; then
-    { redis-cli -p "$REDIS_PORT" INFO commandstats; redis-cli -p "$REDIS_PORT" INFO stats; } | tr -d '\r'
+    for section in commandstats stats memory; do redis-cli -p "$REDIS_PORT" INFO "$section"; done | tr -d '\r'
     # The process's CPU time (utime + stime, clock ticks): commands, parsing, I/O.
     echo "cpu_ticks:$(awk '{ print $14 + $15 }' "/proc/$REDIS_PID/stat")"
   fi
@@ -175,6 +175,10 @@ while kill -0 "$LOADGEN_PID" 2>/dev/null; do
   for i in $(seq "$NODES"); do
     echo "$i $(conns "${HTTP[$((i - 1))]}") $(rss_bytes "${NODE_PIDS[$((i - 1))]}")"
   done >>"$WORK/samples.txt"
+  # Redis's memory as "node 0".
+  if [ -n "$REDIS_PORT" ]; then
+    echo "0 0 $(redis-cli -p "$REDIS_PORT" INFO memory | tr -d '\r' | awk -F: '/^used_memory:/ { print $2 }')"
+  fi >>"$WORK/samples.txt"
   sleep 1
 done
 set +e
@@ -240,6 +244,9 @@ if b[0]:
         "command_usec_per_msg": per(net["usec"]),
         "cpu_usec_per_msg": per(net["cpu_ticks"] * 1e6 / int(hz)),
         "cpu_share_of_a_core": round(net["cpu_ticks"] / int(hz) / run_s, 3),
+        # Redis's memory after the run minus before (e.g. per-user keys of
+        # the connections an idle run still holds open).
+        "used_memory_delta_bytes": int(a[1].get("used_memory", 0)) - int(b[1].get("used_memory", 0)),
         "by_command_per_1000_msgs": {c: round(n * 1000 / d, 1) for c, n in sorted(cmds.items(), key=lambda kv: -kv[1])},
         "idle_commands_per_s": round(idle_rate, 1),
         "idle_in_bytes_per_s": round(idle_net["total_net_input_bytes"] / idle_s, 1) if idle_s > 0 else None,
@@ -247,13 +254,15 @@ if b[0]:
     }
 
 before = [int(x) for x in open(f"{work}/rss-before.txt").read().split()]
-peak = {}
+peak, redis_peak_memory = {}, 0
 for line in open(f"{work}/samples.txt"):
     parts = line.split()
     if len(parts) != 3:
         continue
     n, c, r = int(parts[0]), int(parts[1] or 0), int(parts[2] or 0)
-    if n not in peak or c >= peak[n][0]:
+    if n == 0:
+        redis_peak_memory = max(redis_peak_memory, r)
+    elif n not in peak or c >= peak[n][0]:
         peak[n] = (c, r)
 memory = []
 for n in range(1, nodes + 1):
@@ -264,6 +273,9 @@ for n in range(1, nodes + 1):
         "bytes_per_conn": round((r - rb) / c) if c else None,
     })
 
+if redis is not None:
+    # Its most memory during the run, over its memory just before.
+    redis["used_memory_peak_delta_bytes"] = redis_peak_memory - int(b[1].get("used_memory", 0))
 out = {"mode": mode, "nodes": nodes, "loadgen": lg, "redis": redis, "node_memory": memory,
        "loadavg_before": float(load0), "loadavg_after": float(load1)}
 lat = lg.get("latency_ms") or {}
