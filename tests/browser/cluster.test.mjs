@@ -7,17 +7,30 @@
 //   SWIFTLET_REMOTE_USER  a user whose home is node 2 (node 2 allows node 1's origin)
 //   CHROMIUM              the browser (default /usr/bin/chromium)
 //
+//   SWIFTLET_REDIS, SWIFTLET_REMOTE_PARTITION, SWIFTLET_BIN_DIR,
+//   SWIFTLET_NODE2_PID    to move the remote user's partition away from node 2
+//
 // The remote user's login at node 1 gets NOT_HOME; the page must open its
 // WebSocket at node 2 (redirect.http_addr), log in again and say so in its
-// status; then the two users chat both ways across the nodes. Every wait is
-// bounded; a failure exits 1 with the step name and the pages' console.
+// status; then the two users chat both ways across the nodes. Then node 2
+// is paused (SIGSTOP) until its lease lapses, the remote user's partition
+// is moved to node 1 (`cluster move-partition --force`, which waits for the
+// lapse), and node 2 resumes: it ends the page's session with NOT_HOME
+// naming node 1, and the page must follow it there and keep chatting. Every wait is bounded; a
+// failure exits 1 with the step name and the pages' console.
 
 import { chromium } from 'playwright-core';
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
 
 const BASE = (process.env.SWIFTLET_PAGE_URL || 'http://127.0.0.1:7480').replace(/\/$/, '');
 const LOCAL = process.env.SWIFTLET_LOCAL_USER;
 const REMOTE = process.env.SWIFTLET_REMOTE_USER;
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const REDIS = process.env.SWIFTLET_REDIS;
+const PARTITION = process.env.SWIFTLET_REMOTE_PARTITION;
+const BIN_DIR = process.env.SWIFTLET_BIN_DIR;
+const NODE2_PID = Number(process.env.SWIFTLET_NODE2_PID || 0);
 const WAIT = Number(process.env.SWIFTLET_WAIT_MS || 20000);
 const RUN = Date.now().toString(36);
 
@@ -97,6 +110,49 @@ async function main() {
     const reply = `and back ${RUN}`;
     await say(remote, LOCAL, reply);
     await arrived(local, REMOTE, reply);
+  });
+
+  await stepOf(`${REMOTE}'s partition moves to node 1 under the open page: it follows`, async () => {
+    if (!REDIS || !PARTITION || !BIN_DIR || !NODE2_PID) {
+      throw new Error('SWIFTLET_REDIS, SWIFTLET_REMOTE_PARTITION, SWIFTLET_BIN_DIR and SWIFTLET_NODE2_PID are required');
+    }
+    const move = ['cluster', '--redis', REDIS, 'move-partition', PARTITION, '--to', '1', '--force'];
+    process.kill(NODE2_PID, 'SIGSTOP');
+    try {
+      // A forced move is refused while the old home holds its lease.
+      const until = Date.now() + WAIT;
+      for (;;) {
+        try {
+          execFileSync(path.join(BIN_DIR, 'swiftlet'), move, { stdio: 'pipe' });
+          break;
+        } catch (e) {
+          if (Date.now() > until) throw new Error(`move-partition kept failing: ${e.stderr}`);
+          await new Promise((r) => setTimeout(r, 200));
+        }
+      }
+    } finally {
+      process.kill(NODE2_PID, 'SIGCONT');
+    }
+    // Node 2 names node 1; node 1 may not have read the new map yet and
+    // answer HOME_UNAVAILABLE, after which the page retries through its
+    // first URL, node 1 too. Either way it ends up online at node 1.
+    const node1 = new URL(BASE).host;
+    await remote.waitForFunction((host) => {
+      const c = window.swiftletApp.client;
+      return c.online && new URL(c.url).host === host;
+    }, node1, { timeout: WAIT }).catch(async (e) => {
+      const st = await remote.evaluate(() => {
+        const c = window.swiftletApp.client;
+        return `state ${c.state}, url ${c.url}, last error ${c.lastError && c.lastError.message}`;
+      });
+      throw new Error(`the page did not follow the move to node 1 (${st}): ${e.message.split('\n')[0]}`);
+    });
+    const moved = `after the move ${RUN}`;
+    await say(local, REMOTE, moved);
+    await arrived(remote, LOCAL, moved);
+    const back = `from node 1 ${RUN}`;
+    await say(remote, LOCAL, back);
+    await arrived(local, REMOTE, back);
   });
 }
 

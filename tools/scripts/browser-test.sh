@@ -12,7 +12,9 @@
 # directory, waits for /healthz, runs tests/browser/chat.test.mjs; then
 # starts a redis-server and two cluster nodes (`--cluster`, node 2 allowing
 # node 1's page origin) and runs tests/browser/cluster.test.mjs (a login
-# redirected from node 1 to node 2, then chat across them). Stops everything
+# redirected from node 1 to node 2, chat across them, then node 2 paused
+# past its lease and the user's partition moved to node 1 under the open
+# page). Stops everything
 # on exit and exits with the first failing test's status. CLUSTER=0 skips
 # the cluster part.
 #
@@ -128,8 +130,10 @@ T1="$(free_port)"; H1="$(free_port)"; T2="$(free_port)"; H2="$(free_port)"
 # Both pages load from node 1; node 2 must accept node 1's page origin.
 for i in 1 2; do
   if [ "$i" = 1 ]; then t=$T1 h=$H1; else t=$T2 h=$H2; fi
+  # A short lease: the test pauses node 2 until it lapses.
   "$BIN" serve --dev-auth --data-dir "$DATA/cluster-$i" --listen "127.0.0.1:$t" --http "127.0.0.1:$h" \
-    --cluster "$REDIS" --node-id "$i" --allow-origin "http://127.0.0.1:$H1" >"$DATA/cluster-node$i.log" 2>&1 &
+    --cluster "$REDIS" --node-id "$i" --lease-ms 3000 --allow-origin "http://127.0.0.1:$H1" \
+    >"$DATA/cluster-node$i.log" 2>&1 &
   CLUSTER_PIDS+=($!)
 done
 for h in "$H1" "$H2"; do
@@ -154,6 +158,9 @@ done
 say "cluster: redis $REDIS, node 1 http $H1, node 2 http $H2; $LOCAL_USER lives on 1, $REMOTE_USER on 2"
 export SWIFTLET_PAGE_URL="http://127.0.0.1:$H1"
 export SWIFTLET_LOCAL_USER="$LOCAL_USER" SWIFTLET_REMOTE_USER="$REMOTE_USER"
+export SWIFTLET_REDIS="$REDIS" SWIFTLET_NODE2_PID="${CLUSTER_PIDS[2]}"
+SWIFTLET_REMOTE_PARTITION="$("$BIN" cluster --redis "$REDIS" partition --user "$REMOTE_USER" | awk '{ print $3 }')"
+export SWIFTLET_REMOTE_PARTITION
 set +e
 node tests/browser/cluster.test.mjs
 status=$?

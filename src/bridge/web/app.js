@@ -35,7 +35,6 @@ const S = {
   historyLoaded: false,
   typingSent: { key: null, at: 0 },
   presenceTimer: null,
-  home: null,              // cluster: {nodeId, httpAddr} a login was redirected to
 };
 window.swiftletApp = S;   // for debugging and the browser test
 
@@ -536,7 +535,8 @@ function setConnStatus({ state, retryInMs, error }) {
   s.dataset.state = state;
   let text = state;
   if (state === 'connecting') text = 'connecting…';
-  if (state === 'online' && S.home) text = `online · node ${S.home.nodeId}`;
+  const home = S.client && S.client.home;
+  if (state === 'online' && home) text = `online · node ${home.nodeId}`;
   if (state === 'offline') text = retryInMs ? `offline, retrying in ${Math.ceil(retryInMs / 1000)} s` : 'offline';
   if (state === 'offline' && error && error.codeName === 'HOME_UNAVAILABLE') {
     text = `home node unavailable, retrying in ${Math.ceil((retryInMs || 0) / 1000)} s`;
@@ -725,8 +725,7 @@ async function login(token) {
   client.addEventListener('presence', (e) => onPresence(e.detail.presence));
   client.addEventListener('error', (e) => console.warn('swiftlet:', e.detail.error.message));
   client.addEventListener('redirect', (e) => {
-    // A cluster serves each user from their home node.
-    S.home = e.detail;
+    // A cluster serves each user from their home node (client.home).
     console.info(`swiftlet: redirected to node ${e.detail.nodeId} at ${e.detail.httpAddr}`);
   });
   client.start();

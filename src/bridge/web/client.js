@@ -28,7 +28,7 @@
 //   error.
 // - in a cluster (protocol/README.md, NOT_HOME): a login at a node that is
 //   not the user's home gets a fatal NOT_HOME Error whose redirect names
-//   the home; the client opens the same URL at redirect.httpAddr (same
+//   the home (so does a session whose partition moved away); the client opens the same URL at redirect.httpAddr (same
 //   scheme, so wss stays wss) at once and logs in again (at most
 //   MAX_REDIRECTS in a row), emitting 'redirect'. Any other failure sends
 //   the next attempt back to the first URL, the node that knows where the
@@ -237,6 +237,7 @@ export class SwiftletClient extends EventTarget {
     this.url = url;
     this.entryUrl = url;           // where a login starts again after a failure
     this.redirects = 0;            // NOT_HOME redirects followed in a row
+    this.home = null;              // {nodeId, httpAddr} a NOT_HOME sent us to; null: at the first URL
     this.token = token;
     this.deviceId = deviceId;
     this.outboxKey = outboxKey;
@@ -369,7 +370,7 @@ export class SwiftletClient extends EventTarget {
         const first = this.welcome === null;
         await this.hello();
         clearTimeout(this.stableTimer);
-        this.stableTimer = setTimeout(() => { this.attempt = 0; }, STABLE_AFTER_MS);
+        this.stableTimer = setTimeout(() => { this.attempt = 0; this.redirects = 0; }, STABLE_AFTER_MS);
         this.emit('welcome', { welcome: this.welcome, first, epochChanged: this.epochChanged });
         this.resendOutbox();
         // Stay here until the connection ends.
@@ -381,18 +382,23 @@ export class SwiftletClient extends EventTarget {
           this.setState('stopped', { error: err });
           return;
         }
-        const home = err instanceof SwiftletError && err.codeName === 'NOT_HOME' && err.redirect;
-        if (home && home.httpAddr && this.redirects < MAX_REDIRECTS && this.running) {
-          // Straight to the user's home: no backoff, the same Hello.
-          this.redirects += 1;
-          this.url = redirectedUrl(this.url, home.httpAddr);
-          this.emit('redirect', { nodeId: home.nodeId, httpAddr: home.httpAddr, url: this.url });
-          continue;
-        }
+      }
+      // NOT_HOME answers a login, or ends a session when the user's
+      // partition moved to another node: either way, straight to the home
+      // it names, no backoff, the same Hello.
+      const err = this.lastError;
+      const home = err instanceof SwiftletError && err.codeName === 'NOT_HOME' && err.redirect;
+      if (home && home.httpAddr && this.redirects < MAX_REDIRECTS && this.running) {
+        this.redirects += 1;
+        this.url = redirectedUrl(this.url, home.httpAddr);
+        this.home = { nodeId: home.nodeId, httpAddr: home.httpAddr };
+        this.emit('redirect', { nodeId: home.nodeId, httpAddr: home.httpAddr, url: this.url });
+        continue;
       }
       // Through the first node again: it knows the user's home now.
       this.redirects = 0;
       this.url = this.entryUrl;
+      this.home = null;
       if (!this.running) return;
       this.attempt += 1;
       const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this.attempt - 1, 16));
