@@ -30,27 +30,32 @@ struct Redis {
 }
 
 impl Redis {
+    /// A free port is only free until someone binds it, and other tests
+    /// start servers too: the Redis answering must be ours (its INFO names
+    /// our child's pid), else try another port.
     fn start() -> Redis {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--port", &port.to_string()])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (tools/scripts/setup.sh installs it)");
-        let deadline = Instant::now() + SETTLE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--port", &port.to_string()])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (tools/scripts/setup.sh installs it)");
+            if wait_for_own_redis(&mut child, port) {
+                return Redis {
+                    port,
+                    child,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        Redis {
-            port,
-            child,
-            _dir: dir,
-        }
+        panic!("redis-server did not start on a port of its own");
     }
 
     fn url(&self) -> String {
@@ -63,6 +68,40 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// True once `child` serves `port` (it may instead exit: the port was taken).
+fn wait_for_own_redis(child: &mut Child, port: u16) -> bool {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            // The reply is one bulk string of about 1 KiB; read until our
+            // line is in it, the peer stops, or 16 KiB.
+            let pid = format!("process_id:{}\r\n", child.id());
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            if s.write_all(b"INFO server\r\n").is_err() {
+                return false;
+            }
+            while reply.len() < 16 * 1024 {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => reply.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+                if String::from_utf8_lossy(&reply).contains(&pid) {
+                    return true;
+                }
+            }
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 struct Node {
@@ -81,6 +120,9 @@ impl Node {
             dev_auth: true,
             node_id: id,
             cluster: Some(redis.url()),
+            // A loaded test machine (the whole suite at once) can make a
+            // Redis call take longer than the default deadline of 1 s.
+            redis_timeout_ms: 3_000,
             ..swiftlet::Config::default()
         };
         Node {
@@ -114,11 +156,13 @@ impl Drop for Node {
     }
 }
 
-/// Two nodes, the map made (partitions over nodes 1 and 2), and every node
+/// The map made (partitions over nodes 1 and 2), two nodes, and every node
 /// answering logins, its own users' and (with a redirect) the other's.
 async fn cluster(redis: &Redis) -> Vec<Node> {
-    let nodes = vec![Node::start(1, redis), Node::start(2, redis)];
+    // The map first: a node then reads it whole at its first look, instead
+    // of between the chunks `init` writes it in.
     swiftlet::cluster::admin::init(&redis.url(), &[1, 2]).expect("cluster init");
+    let nodes = vec![Node::start(1, redis), Node::start(2, redis)];
     let deadline = Instant::now() + SETTLE;
     for node in &nodes {
         for user in ["settle-a", "settle-b", "settle-c", "settle-d"] {
