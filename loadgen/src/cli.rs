@@ -54,6 +54,8 @@ pub struct Args {
     pub scenario: Scenario,
 
     /// Server TCP address(es), comma-separated; connections go round-robin.
+    /// A cluster's nodes: a login at a node that is not the user's home
+    /// follows its NOT_HOME redirect.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub server: String,
 

@@ -16,6 +16,14 @@
 //! upgrade written by hand over the same socket, then one Envelope per
 //! masked binary frame; see [`crate::ws`]).
 //!
+//! A cluster node answers the Hello of a user it is not home to with a
+//! fatal `NOT_HOME` Error naming the home's addresses; [`Conn::connect`]
+//! follows it there (the TCP address, or the HTTP one for WebSocket), from
+//! the same source address, and records it in the [`Target`] so that a
+//! reconnect goes straight home. The one place every scenario logs in
+//! through, so the redirect costs no memory per connection beyond the
+//! target the task already holds.
+//!
 //! With a source address the socket gets `IP_BIND_ADDRESS_NO_PORT` before
 //! `bind`, so the kernel picks the port at `connect` by the whole 4-tuple:
 //! otherwise a bind to port 0 must find a port free on that address, and the
@@ -45,7 +53,15 @@ pub enum ConnError {
     #[error("bad frame: {0}")]
     Frame(#[from] FrameError),
     #[error("server error {code}: {message}")]
-    Server { code: i32, message: String },
+    Server {
+        code: i32,
+        message: String,
+        /// The server's hint of when to try again (HOME_UNAVAILABLE), ms.
+        retry_after_ms: u32,
+    },
+    /// NOT_HOME: the user's home node listens at this address.
+    #[error("not this user's home node; redirected to {0}")]
+    NotHome(String),
     #[error("server closed the connection")]
     Eof,
     #[error("timed out")]
@@ -66,6 +82,7 @@ impl ConnError {
             ConnError::Io(e) => format!("io_{:?}", e.kind()).to_lowercase(),
             ConnError::Frame(_) => "bad_frame".into(),
             ConnError::Server { code, .. } => swiftlet_client::code_name(*code).to_lowercase(),
+            ConnError::NotHome(_) => "not_home".into(),
             ConnError::Eof => "eof".into(),
             ConnError::Timeout => "timeout".into(),
             ConnError::Protocol(_) => "protocol".into(),
@@ -102,11 +119,25 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connect (from `target.source` if set), send Hello, wait for Welcome.
-    pub async fn connect(target: &Target, timeout: Duration) -> Result<Conn, ConnError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target))
-            .await
-            .map_err(|_| ConnError::Timeout)?
+    /// Connect (from `target.source` if set), send Hello, wait for Welcome,
+    /// following NOT_HOME redirects (at most [`MAX_REDIRECTS`]); `timeout`
+    /// bounds the whole chain. After a redirect `target.server` is the home
+    /// node's address. Returns the connection and the redirects followed.
+    pub async fn connect(target: &mut Target, timeout: Duration) -> Result<(Conn, u32), ConnError> {
+        tokio::time::timeout(timeout, async {
+            let mut hops = 0;
+            loop {
+                match Self::connect_inner(target).await {
+                    Err(ConnError::NotHome(home)) if hops < MAX_REDIRECTS => {
+                        target.server = resolve(&home).await?;
+                        hops += 1;
+                    }
+                    other => return other.map(|c| (c, hops)),
+                }
+            }
+        })
+        .await
+        .map_err(|_| ConnError::Timeout)?
     }
 
     // `..Default::default()` on protobuf literals: the protocol grows fields
@@ -138,12 +169,7 @@ impl Conn {
         let env = conn.recv().await?;
         match env.body {
             Some(Body::Welcome(w)) => conn.welcome = w,
-            Some(Body::Error(e)) => {
-                return Err(ConnError::Server {
-                    code: e.code,
-                    message: e.message,
-                })
-            }
+            Some(Body::Error(e)) => return Err(login_refused(e, target.transport)),
             other => {
                 return Err(ConnError::Protocol(format!(
                     "expected Welcome, got {other:?}"
@@ -298,6 +324,43 @@ impl Conn {
     }
 }
 
+/// Most NOT_HOME redirects one login follows, as in the client library: a
+/// node redirects a login at most once, so more means the nodes disagree
+/// (a partition moving) and the attempt should fail and be retried.
+pub const MAX_REDIRECTS: u32 = 3;
+
+/// The error for an `Error` answering the Hello: NOT_HOME with the home's
+/// address for this transport, or the server's error as it is.
+fn login_refused(e: pb::Error, transport: Transport) -> ConnError {
+    let home = e.redirect.as_ref().map(|r| match transport {
+        Transport::Tcp => &r.tcp_addr,
+        Transport::Ws => &r.http_addr,
+    });
+    match home {
+        Some(addr) if e.code == ErrorCode::NotHome as i32 && !addr.is_empty() => {
+            ConnError::NotHome(addr.clone())
+        }
+        _ => ConnError::Server {
+            code: e.code,
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        },
+    }
+}
+
+/// A redirect's `host:port`: parsed when it is an IP address (the usual
+/// case, no lookup per connection), else resolved.
+async fn resolve(addr: &str) -> Result<SocketAddr, ConnError> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(ConnError::Connect)?
+        .next()
+        .ok_or_else(|| ConnError::Protocol(format!("redirect to {addr:?}: no address")))
+}
+
 /// Open a TCP connection to `server`, from `source` if given. With a source
 /// the socket is made with socket2, gets `IP_BIND_ADDRESS_NO_PORT` (through
 /// nix: socket2 and tokio have no setter, and the crate has no unsafe code),
@@ -337,5 +400,72 @@ pub fn fatal_error(e: &pb::Error) -> Option<ConnError> {
     fatal.then(|| ConnError::Server {
         code: e.code,
         message: e.message.clone(),
+        retry_after_ms: e.retry_after_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: ErrorCode, redirect: Option<pb::Redirect>, retry_after_ms: u32) -> pb::Error {
+        pb::Error {
+            code: code as i32,
+            message: "m".into(),
+            fatal: true,
+            redirect,
+            retry_after_ms,
+        }
+    }
+
+    fn home() -> Option<pb::Redirect> {
+        Some(pb::Redirect {
+            node_id: 2,
+            tcp_addr: "127.0.0.2:7400".into(),
+            http_addr: "127.0.0.2:7480".into(),
+        })
+    }
+
+    #[test]
+    fn not_home_names_the_address_of_the_transport() {
+        let e = login_refused(refusal(ErrorCode::NotHome, home(), 0), Transport::Tcp);
+        assert!(
+            matches!(&e, ConnError::NotHome(a) if a == "127.0.0.2:7400"),
+            "{e}"
+        );
+        let e = login_refused(refusal(ErrorCode::NotHome, home(), 0), Transport::Ws);
+        assert!(
+            matches!(&e, ConnError::NotHome(a) if a == "127.0.0.2:7480"),
+            "{e}"
+        );
+        assert_eq!(e.kind(), "not_home");
+    }
+
+    #[test]
+    fn not_home_without_an_address_and_other_refusals_stay_server_errors() {
+        let e = login_refused(refusal(ErrorCode::NotHome, None, 0), Transport::Tcp);
+        assert!(matches!(e, ConnError::Server { code: 2010, .. }), "{e}");
+        let e = login_refused(
+            refusal(ErrorCode::HomeUnavailable, None, 1500),
+            Transport::Tcp,
+        );
+        assert!(
+            matches!(
+                e,
+                ConnError::Server {
+                    code: 2011,
+                    retry_after_ms: 1500,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.kind(), "home_unavailable");
+    }
+
+    #[tokio::test]
+    async fn redirect_addresses_parse_without_a_lookup() {
+        let a = resolve("127.0.0.3:9").await.expect("an IP address parses");
+        assert_eq!(a, "127.0.0.3:9".parse::<SocketAddr>().expect("addr"));
+    }
 }

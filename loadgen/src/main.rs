@@ -148,13 +148,17 @@ async fn build_ctx(args: &Args, prefix: String) -> anyhow::Result<Ctx> {
 }
 
 async fn run_scenario(mut ctx: Ctx) -> anyhow::Result<(WorkerResult, ServerMemory)> {
-    let result = match ctx.args.scenario {
+    let mut result = match ctx.args.scenario {
         Scenario::Idle => scenario::idle::run(&mut ctx).await?,
         Scenario::Chat => scenario::chat::run(&mut ctx).await?,
         Scenario::Storm => scenario::storm::run(&mut ctx).await?,
         Scenario::Offline => scenario::offline::run(&mut ctx).await?,
         Scenario::Group => scenario::group::run(&mut ctx).await?,
     };
+    result.redirects = ctx
+        .stats
+        .redirects
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mem = match ctx.coord {
         Coord::Local { mem } => mem,
         Coord::Child { .. } => ServerMemory::default(),

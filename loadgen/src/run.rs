@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::addr::Auth;
 use crate::cli::Args;
-use crate::conn::{Conn, Target};
+use crate::conn::{Conn, ConnError, Target};
 use crate::stats::{Snapshot, Stats};
 use crate::summary::{Second, ServerMemory};
 
@@ -96,31 +96,47 @@ impl Ctx {
 }
 
 /// Connect and log in with retries, holding a connect slot meanwhile.
-/// Failures are counted by kind; `None` after the last attempt.
+/// Failures are counted by kind; `None` after the last attempt. NOT_HOME
+/// redirects are followed (and counted) inside one attempt, and `target`
+/// then names the home node; a HOME_UNAVAILABLE's `retry_after_ms` is
+/// honoured before the next attempt.
 pub async fn connect(
     slots: &Semaphore,
     stats: &Stats,
-    target: &Target,
+    target: &mut Target,
     read_chunk: usize,
 ) -> Option<Conn> {
     let _permit = slots.acquire().await.ok()?;
     for attempt in 1..=CONNECT_ATTEMPTS {
         let start = Instant::now();
         match Conn::connect(target, CONNECT_TIMEOUT).await {
-            Ok(mut c) => {
+            Ok((mut c, redirects)) => {
                 stats.record_login(start.elapsed().as_micros() as u64);
+                stats.redirects.fetch_add(u64::from(redirects), Relaxed);
                 c.set_read_chunk(read_chunk);
                 return Some(c);
             }
             Err(e) => {
                 stats.error(e.kind());
                 if attempt < CONNECT_ATTEMPTS {
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                    tokio::time::sleep(retry_delay(&e, attempt)).await;
                 }
             }
         }
     }
     None
+}
+
+/// How long to wait before attempt `attempt + 1`: 100 ms per attempt so
+/// far, or the server's hint if it asked for longer.
+fn retry_delay(e: &ConnError, attempt: u32) -> Duration {
+    let ours = Duration::from_millis(100 * u64::from(attempt));
+    match e {
+        ConnError::Server { retry_after_ms, .. } => {
+            ours.max(Duration::from_millis(u64::from(*retry_after_ms)))
+        }
+        _ => ours,
+    }
 }
 
 /// Wait until `done` reaches `n` (polling; the setup phases are seconds long).
@@ -202,4 +218,26 @@ pub fn spawn_timeline(
         }
         out.into_inner().unwrap_or_default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_for_the_servers_hint_when_it_is_longer() {
+        let home_down = ConnError::Server {
+            code: 2011,
+            message: String::new(),
+            retry_after_ms: 1_000,
+        };
+        assert_eq!(retry_delay(&home_down, 1), Duration::from_millis(1_000));
+        assert_eq!(retry_delay(&ConnError::Eof, 2), Duration::from_millis(200));
+        let soon = ConnError::Server {
+            code: 2011,
+            message: String::new(),
+            retry_after_ms: 0,
+        };
+        assert_eq!(retry_delay(&soon, 3), Duration::from_millis(300));
+    }
 }

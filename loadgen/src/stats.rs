@@ -37,6 +37,8 @@ fn take(h: &Mutex<Histogram<u64>>) -> Histogram<u64> {
 pub struct Stats {
     pub open: AtomicU64,
     pub logins: AtomicU64,
+    /// NOT_HOME redirects followed by logins (a cluster's entry nodes).
+    pub redirects: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub delivered: AtomicU64,
@@ -63,6 +65,7 @@ impl Default for Stats {
         Stats {
             open: AtomicU64::new(0),
             logins: AtomicU64::new(0),
+            redirects: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             delivered: AtomicU64::new(0),

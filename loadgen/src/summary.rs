@@ -77,6 +77,9 @@ pub struct WorkerResult {
     pub logins: u64,
     /// storm: logins of the reconnect wave.
     pub relogins: u64,
+    /// NOT_HOME redirects followed (logins made at a node not the user's home).
+    #[serde(default)]
+    pub redirects: u64,
     pub sent: u64,
     pub acked: u64,
     pub delivered: u64,
@@ -122,6 +125,7 @@ impl Default for WorkerResult {
             open_at_ready: 0,
             logins: 0,
             relogins: 0,
+            redirects: 0,
             sent: 0,
             acked: 0,
             delivered: 0,
@@ -163,6 +167,7 @@ impl WorkerResult {
         self.open_at_ready += o.open_at_ready;
         self.logins += o.logins;
         self.relogins += o.relogins;
+        self.redirects += o.redirects;
         self.sent += o.sent;
         self.acked += o.acked;
         self.delivered += o.delivered;
@@ -291,6 +296,7 @@ pub fn summary(scenario: &str, params: Value, r: &WorkerResult, mem: &ServerMemo
         "connections": connected,
         "connections_target": r.connections,
         "logins": r.logins,
+        "redirects": r.redirects,
         "sent": r.sent,
         "acked": r.acked,
         "delivered": r.delivered,

@@ -9,8 +9,14 @@
 # playwright-core, which downloads no browser: never `npx playwright install`).
 # Builds the release binaries when they are missing, starts
 # `swiftlet serve --dev-auth` on free loopback ports with a throwaway data
-# directory, waits for /healthz, runs tests/browser/chat.test.mjs, stops the
-# server on exit and exits with the test's status.
+# directory, waits for /healthz, runs tests/browser/chat.test.mjs; then
+# starts a redis-server and two cluster nodes (`--cluster`, node 2 allowing
+# node 1's page origin) and runs tests/browser/cluster.test.mjs (a login
+# redirected from node 1 to node 2, chat across them, then node 2 paused
+# past its lease and the user's partition moved to node 1 under the open
+# page). Stops everything
+# on exit and exits with the first failing test's status. CLUSTER=0 skips
+# the cluster part.
 #
 # Environment: CARGO_TARGET_DIR (default ~/.cache/swiftlet/target),
 # SWIFTLET_ARTIFACTS (screenshots, default target/browser-artifacts: ignored
@@ -61,16 +67,26 @@ while [ "$HTTP_PORT" = "$TCP_PORT" ]; do HTTP_PORT="$(free_port)"; done
 DATA="$(mktemp -d "${TMPDIR:-/tmp}/swiftlet-browser.XXXXXX")"
 LOG="$DATA/server.log"
 SERVER_PID=""
+CLUSTER_PIDS=()
+
+stop() {
+  local pid=$1
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+}
 
 cleanup() {
   local rc=$?
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$SERVER_PID" 2>/dev/null || true
-  fi
-  if [ "$rc" -ne 0 ] && [ -f "$LOG" ]; then
-    say "server log (last 40 lines):"; tail -n 40 "$LOG" | sed 's/^/  /'
+  stop "$SERVER_PID"
+  # Nodes before their Redis (the first pid), so they stop quietly.
+  for ((i = ${#CLUSTER_PIDS[@]} - 1; i >= 0; i--)); do stop "${CLUSTER_PIDS[$i]}"; done
+  if [ "$rc" -ne 0 ]; then
+    for f in "$LOG" "$DATA"/cluster-*.log; do
+      [ -s "$f" ] && { say "$(basename "$f") (last 40 lines):"; tail -n 40 "$f" | sed 's/^/  /'; }
+    done
   fi
   if [ "${KEEP_DATA:-0}" = 1 ]; then say "kept $DATA"; else rm -rf "$DATA"; fi
   exit "$rc"
@@ -96,6 +112,57 @@ export SWIFTLET_TCP="127.0.0.1:$TCP_PORT"
 export SWIFTLET_BIN_DIR="$TARGET/release"
 set +e
 node tests/browser/chat.test.mjs
+status=$?
+set -e
+[ "$status" -eq 0 ] || exit "$status"
+[ "${CLUSTER:-1}" = 1 ] || exit 0
+
+# --- a cluster of two: a redirected login and chat across nodes ---------------
+command -v redis-server >/dev/null || { say "redis-server is missing (tools/scripts/setup.sh installs it)"; exit 1; }
+stop "$SERVER_PID"; SERVER_PID=""
+REDIS_PORT="$(free_port)"
+mkdir -p "$DATA/redis"
+redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --dir "$DATA/redis" \
+  >"$DATA/cluster-redis.log" 2>&1 &
+CLUSTER_PIDS+=($!)
+REDIS="redis://127.0.0.1:$REDIS_PORT"
+T1="$(free_port)"; H1="$(free_port)"; T2="$(free_port)"; H2="$(free_port)"
+# Both pages load from node 1; node 2 must accept node 1's page origin.
+for i in 1 2; do
+  if [ "$i" = 1 ]; then t=$T1 h=$H1; else t=$T2 h=$H2; fi
+  # A short lease: the test pauses node 2 until it lapses.
+  "$BIN" serve --dev-auth --data-dir "$DATA/cluster-$i" --listen "127.0.0.1:$t" --http "127.0.0.1:$h" \
+    --cluster "$REDIS" --node-id "$i" --lease-ms 3000 --allow-origin "http://127.0.0.1:$H1" \
+    >"$DATA/cluster-node$i.log" 2>&1 &
+  CLUSTER_PIDS+=($!)
+done
+for h in "$H1" "$H2"; do
+  ok=0
+  for _ in $(seq 150); do
+    if healthy "http://127.0.0.1:$h/healthz" 2>/dev/null; then ok=1; break; fi
+    sleep 0.1
+  done
+  [ "$ok" = 1 ] || { say "cluster node on $h: no /healthz within 15 s"; exit 1; }
+done
+"$BIN" cluster --redis "$REDIS" init --nodes 1,2
+# `cluster init --nodes 1,2` gives partition p to node (p mod 2) + 1.
+home_of() { "$BIN" cluster --redis "$REDIS" partition --user "$1" | awk '{ print $3 % 2 + 1 }'; }
+LOCAL_USER=""; REMOTE_USER=""
+for i in $(seq 0 40); do
+  case "$(home_of "web$i")" in
+    1) [ -n "$LOCAL_USER" ] || LOCAL_USER="web$i" ;;
+    2) [ -n "$REMOTE_USER" ] || REMOTE_USER="web$i" ;;
+  esac
+  [ -n "$LOCAL_USER" ] && [ -n "$REMOTE_USER" ] && break
+done
+say "cluster: redis $REDIS, node 1 http $H1, node 2 http $H2; $LOCAL_USER lives on 1, $REMOTE_USER on 2"
+export SWIFTLET_PAGE_URL="http://127.0.0.1:$H1"
+export SWIFTLET_LOCAL_USER="$LOCAL_USER" SWIFTLET_REMOTE_USER="$REMOTE_USER"
+export SWIFTLET_REDIS="$REDIS" SWIFTLET_NODE2_PID="${CLUSTER_PIDS[2]}"
+SWIFTLET_REMOTE_PARTITION="$("$BIN" cluster --redis "$REDIS" partition --user "$REMOTE_USER" | awk '{ print $3 }')"
+export SWIFTLET_REMOTE_PARTITION
+set +e
+node tests/browser/cluster.test.mjs
 status=$?
 set -e
 exit "$status"

@@ -60,11 +60,11 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let start = std::time::Instant::now();
     let mut tasks = Vec::with_capacity(n as usize);
     for k in range {
-        let target = ctx.target(k, &shared.names[k as usize]);
+        let mut target = ctx.target(k, &shared.names[k as usize]);
         let (slots, shared, attempted) =
             (ctx.connect_slots.clone(), shared.clone(), attempted.clone());
         tasks.push(tokio::spawn(async move {
-            let conn = connect(&slots, &shared.c.stats, &target, READ_CHUNK).await;
+            let conn = connect(&slots, &shared.c.stats, &mut target, READ_CHUNK).await;
             attempted.fetch_add(1, Relaxed);
             if let Some(conn) = conn {
                 let user = User(Session::new(k as u32, conn));

@@ -140,12 +140,12 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     for g in range.clone() {
         for j in 0..members {
             let user = g * members + j;
-            let target = ctx.target(user, &shared.user(user));
+            let mut target = ctx.target(user, &shared.user(user));
             let (slots, shared, attempted) =
                 (ctx.connect_slots.clone(), shared.clone(), attempted.clone());
             tasks.push(tokio::spawn(async move {
                 let gl = (g - shared.first_group) as usize;
-                let conn = connect(&slots, &shared.c.stats, &target, READ_CHUNK).await;
+                let conn = connect(&slots, &shared.c.stats, &mut target, READ_CHUNK).await;
                 if conn.is_some() {
                     shared.groups[gl].online.fetch_add(1, Relaxed);
                 }

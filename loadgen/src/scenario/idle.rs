@@ -26,7 +26,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n as usize);
     for k in range {
-        let target = ctx.target(k, &ctx.user("c", k));
+        let mut target = ctx.target(k, &ctx.user("c", k));
         let (stats, slots, stop, attempted) = (
             ctx.stats.clone(),
             ctx.connect_slots.clone(),
@@ -35,7 +35,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
         );
         let args = ctx.args.clone();
         tasks.push(tokio::spawn(async move {
-            let conn = connect(&slots, &stats, &target, 0).await;
+            let conn = connect(&slots, &stats, &mut target, 0).await;
             attempted.fetch_add(1, Relaxed);
             if let Some(conn) = conn {
                 hold(conn, &args, &stats, &stop).await;

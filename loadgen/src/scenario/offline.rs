@@ -98,10 +98,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for k in receivers {
-        let target = ctx.target(k, &ctx.user("r", k));
+        let mut target = ctx.target(k, &ctx.user("r", k));
         let (slots, stats, done) = (ctx.connect_slots.clone(), stats.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
-            if let Some(mut conn) = connect(&slots, &stats, &target, READ_CHUNK).await {
+            if let Some(mut conn) = connect(&slots, &stats, &mut target, READ_CHUNK).await {
                 let _open = OpenGuard::new(&stats);
                 match catch_up(&mut conn, &stats).await {
                     Ok(()) => stats.record_delivery(go.elapsed().as_micros() as u64),

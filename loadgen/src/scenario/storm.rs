@@ -31,7 +31,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(n as usize);
     for k in range {
-        let target = ctx.target(k, &ctx.user("c", k));
+        let mut target = ctx.target(k, &ctx.user("c", k));
         let stats = ctx.stats.clone();
         let slots = ctx.connect_slots.clone();
         let (go, stop) = (go.clone(), stop.clone());
@@ -39,7 +39,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
             (attempted.clone(), relogged.clone(), caught_up.clone());
         let args = ctx.args.clone();
         tasks.push(tokio::spawn(async move {
-            let first = connect(&slots, &stats, &target, 0).await;
+            let first = connect(&slots, &stats, &mut target, 0).await;
             attempted.fetch_add(1, Relaxed);
             let Some(first) = first else { return };
             // Hold the first connection until the storm starts.
@@ -47,7 +47,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
             go.cancelled().await;
             drop(first);
             drop(open);
-            let again = connect(&slots, &stats, &target, 0).await;
+            let again = connect(&slots, &stats, &mut target, 0).await;
             relogged.fetch_add(1, Relaxed);
             let Some(mut conn) = again else {
                 caught_up.fetch_add(1, Relaxed);

@@ -535,7 +535,12 @@ function setConnStatus({ state, retryInMs, error }) {
   s.dataset.state = state;
   let text = state;
   if (state === 'connecting') text = 'connecting…';
+  const home = S.client && S.client.home;
+  if (state === 'online' && home) text = `online · node ${home.nodeId}`;
   if (state === 'offline') text = retryInMs ? `offline, retrying in ${Math.ceil(retryInMs / 1000)} s` : 'offline';
+  if (state === 'offline' && error && error.codeName === 'HOME_UNAVAILABLE') {
+    text = `home node unavailable, retrying in ${Math.ceil((retryInMs || 0) / 1000)} s`;
+  }
   if (state === 'stopped') text = `stopped: ${error ? error.codeName : 'refused'}`;
   s.textContent = text;
   s.title = error ? error.message : state;
@@ -719,6 +724,10 @@ async function login(token) {
   client.addEventListener('typing', (e) => onTypingNotice(e.detail.notice));
   client.addEventListener('presence', (e) => onPresence(e.detail.presence));
   client.addEventListener('error', (e) => console.warn('swiftlet:', e.detail.error.message));
+  client.addEventListener('redirect', (e) => {
+    // A cluster serves each user from their home node (client.home).
+    console.info(`swiftlet: redirected to node ${e.detail.nodeId} at ${e.detail.httpAddr}`);
+  });
   client.start();
   sessionStorage.setItem('swiftlet.token', token);
 }

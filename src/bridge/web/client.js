@@ -26,6 +26,16 @@
 //   reconnect with exponential backoff and jitter (0.5 s doubling to 30 s,
 //   +-50 %, reset once a session stayed up 10 s), no reconnect after a 3xxx
 //   error.
+// - in a cluster (protocol/README.md, NOT_HOME): a login at a node that is
+//   not the user's home gets a fatal NOT_HOME Error whose redirect names
+//   the home (so does a session whose partition moved away); the client opens the same URL at redirect.httpAddr (same
+//   scheme, so wss stays wss) at once and logs in again (at most
+//   MAX_REDIRECTS in a row), emitting 'redirect'. Any other failure sends
+//   the next attempt back to the first URL, the node that knows where the
+//   user lives now. HOME_UNAVAILABLE (the home is down) waits at least the
+//   server's retry_after_ms, with the usual backoff. The home serves the
+//   WebSocket to a page loaded from another node only if it allows that
+//   origin (`--allow-origin`).
 // - requests carry a nonzero request_id that increases on each connection
 //   (every frame the client sends takes the next one) and are matched to
 //   responses by that id; pushes have request_id 0.
@@ -51,6 +61,7 @@ const DEFAULT_IDLE_TIMEOUT_MS = 60000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 30000;
 const STABLE_AFTER_MS = 10000;
+const MAX_REDIRECTS = 3;
 
 // ------------------------------------------------------------- 64-bit ints
 
@@ -147,6 +158,8 @@ export class SwiftletError extends Error {
     this.code = code;        // numeric ErrorCode, 0 for local failures
     this.codeName = name;    // e.g. 'RATE_LIMITED', 'CONNECTION_LOST'
     this.fatal = fatal;
+    this.redirect = null;    // NOT_HOME: {nodeId, tcpAddr, httpAddr} of the user's home
+    this.retryAfterMs = 0;   // HOME_UNAVAILABLE, UNAVAILABLE: the server's hint
   }
   /** 1xxx: the request failed; 2xxx: reconnect; 3xxx: do not reconnect. */
   get errorClass() { return Math.floor(this.code / 1000); }
@@ -209,6 +222,7 @@ export function conversationKey(conv) {
  * - 'typing'   {notice}                   a TypingNotice
  * - 'presence' {presence}                 a Presence push
  * - 'error'    {error, requestId}         an Error nobody was waiting for
+ * - 'redirect' {nodeId, httpAddr, url}    NOT_HOME: logging in again at the user's home
  */
 export class SwiftletClient extends EventTarget {
   /**
@@ -221,6 +235,9 @@ export class SwiftletClient extends EventTarget {
   constructor({ url, token, deviceId, outboxKey = null }) {
     super();
     this.url = url;
+    this.entryUrl = url;           // where a login starts again after a failure
+    this.redirects = 0;            // NOT_HOME redirects followed in a row
+    this.home = null;              // {nodeId, httpAddr} a NOT_HOME sent us to; null: at the first URL
     this.token = token;
     this.deviceId = deviceId;
     this.outboxKey = outboxKey;
@@ -353,7 +370,7 @@ export class SwiftletClient extends EventTarget {
         const first = this.welcome === null;
         await this.hello();
         clearTimeout(this.stableTimer);
-        this.stableTimer = setTimeout(() => { this.attempt = 0; }, STABLE_AFTER_MS);
+        this.stableTimer = setTimeout(() => { this.attempt = 0; this.redirects = 0; }, STABLE_AFTER_MS);
         this.emit('welcome', { welcome: this.welcome, first, epochChanged: this.epochChanged });
         this.resendOutbox();
         // Stay here until the connection ends.
@@ -366,11 +383,27 @@ export class SwiftletClient extends EventTarget {
           return;
         }
       }
+      // NOT_HOME answers a login, or ends a session when the user's
+      // partition moved to another node: either way, straight to the home
+      // it names, no backoff, the same Hello.
+      const err = this.lastError;
+      const home = err instanceof SwiftletError && err.codeName === 'NOT_HOME' && err.redirect;
+      if (home && home.httpAddr && this.redirects < MAX_REDIRECTS && this.running) {
+        this.redirects += 1;
+        this.url = redirectedUrl(this.url, home.httpAddr);
+        this.home = { nodeId: home.nodeId, httpAddr: home.httpAddr };
+        this.emit('redirect', { nodeId: home.nodeId, httpAddr: home.httpAddr, url: this.url });
+        continue;
+      }
+      // Through the first node again: it knows the user's home now.
+      this.redirects = 0;
+      this.url = this.entryUrl;
+      this.home = null;
       if (!this.running) return;
       this.attempt += 1;
       const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this.attempt - 1, 16));
       let wait = Math.round(base * (0.5 + Math.random()));
-      wait = Math.max(wait, this.holdUntil - Date.now());
+      wait = Math.max(wait, this.holdUntil - Date.now(), (this.lastError && this.lastError.retryAfterMs) || 0);
       this.setState('offline', { attempt: this.attempt, retryInMs: wait, error: this.lastError });
       await new Promise((resolve) => {
         this.wakeUp = resolve;
@@ -456,6 +489,8 @@ export class SwiftletClient extends EventTarget {
       const e = env.error;
       const name = this.schema.ErrorCode.valuesById[e.code] || `ERROR_${e.code}`;
       const err = new SwiftletError(e.code, name, e.message, e.fatal || e.code >= 2000);
+      err.redirect = e.redirect || null;
+      err.retryAfterMs = e.retryAfterMs || 0;
       if (err.fatal) this.closeError = err;
       const p = rid ? this.pending.get(rid) : undefined;
       if (p) {
@@ -753,6 +788,13 @@ export class SwiftletClient extends EventTarget {
   async setPrivacy(hideLastSeen) {
     return this.request('setPrivacy', { hideLastSeen }, 'done');
   }
+}
+
+/** `url` (ws:// or wss://) with its host:port replaced by a NOT_HOME redirect's http_addr. */
+export function redirectedUrl(url, httpAddr) {
+  const u = new URL(url);
+  u.host = httpAddr;
+  return u.toString();
 }
 
 /** The ws:// URL of this page's server. */

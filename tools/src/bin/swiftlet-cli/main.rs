@@ -28,6 +28,9 @@
 //! - `target`: `Target`, a conversation as the user names it (`bob`, `#7`).
 //! - `session`: connect, follow the deliveries and the user's lines,
 //!   reconnect with backoff.
+//! - `home`: in a cluster, where to log in (the entry address, the home
+//!   a login was redirected to), the redirect line printed once, and the
+//!   wait after `HOME_UNAVAILABLE` (pure).
 //! - `actions`: each request to the server as a task of its own, the send
 //!   with its retries.
 
@@ -38,6 +41,7 @@ use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::mpsc;
 
 mod actions;
+mod home;
 mod parse;
 mod presence;
 mod receipts;
@@ -58,7 +62,8 @@ struct Args {
     /// Your user id.
     #[arg(long)]
     user: String,
-    /// The server's TCP address.
+    /// The server's TCP address (in a cluster, any node: a login is
+    /// redirected to the user's home node).
     #[arg(long, default_value = "127.0.0.1:7400")]
     server: String,
     /// This device's id (one delivery cursor per device).

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::actions::{self, Outgoing};
+use crate::home::{self, Home};
 use crate::parse::{parse_command, Command, HELP};
 use crate::presence::PresenceState;
 use crate::receipts::{lock, render_receipt, Conversations, SharedGate};
@@ -68,12 +69,16 @@ pub async fn run(cfg: ClientConfig, lines: mpsc::Receiver<String>) -> anyhow::Re
     let mut tracker: Option<CursorTracker> = None;
     let mut state = ChatState::default();
     let mut backoff = Backoff::default();
+    let mut home = Home::new(&cfg.addr);
+    let mut cfg = cfg;
     loop {
+        cfg.addr = home.addr().to_owned();
         let (client, mut deliveries) = match Client::connect(cfg.clone()).await {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {
-                let wait = backoff.next_delay();
-                println!("cannot reach {}: {e}; retrying in {wait:.1?}", cfg.addr);
+                home.failed();
+                let (line, wait) = home::retry(&e, &cfg.addr, backoff.next_delay());
+                println!("{line}");
                 if wait_or_quit(wait, &mut inputs, &mut state).await {
                     return Ok(());
                 }
@@ -82,10 +87,13 @@ pub async fn run(cfg: ClientConfig, lines: mpsc::Receiver<String>) -> anyhow::Re
             Err(e) => return Err(e).context(format!("logging in to {}", cfg.addr)),
         };
         backoff.reset();
+        if let Some(line) = home.landed(client.addr()) {
+            println!("{line}");
+        }
         let w = client.welcome();
         println!(
             "connected to {} as {} (device {}); {} new event(s). /help for commands",
-            cfg.addr,
+            client.addr(),
             w.user_id,
             w.device_id,
             w.head_seq.saturating_sub(w.cursor)
