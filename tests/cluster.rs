@@ -22,7 +22,6 @@ use swiftlet_client::{
 use swiftlet_protocol::pb::event::Kind;
 use swiftlet_protocol::ErrorCode;
 
-
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .arg(format!("-{sig}"))

@@ -39,7 +39,6 @@ async fn a_retry_after_restart_gets_the_same_ack_and_one_copy_is_stored() {
     assert_eq!(page.events.len(), 1);
 }
 
-
 /// The real binary on `port` (protocol) and `http` (its HTTP listener: a
 /// fixed default port would be shared with, or refused by, anything else
 /// running on this machine).

@@ -175,7 +175,6 @@ impl Drop for Disk {
     }
 }
 
-
 /// The real server binary with its data on `disk`, logging to a file of
 /// its own (outside the disk) so the test can count the lines.
 struct ServerProcess {
