@@ -51,23 +51,37 @@ impl Redis {
         r
     }
 
+    /// Start redis-server on `self.port`, or on another free port if
+    /// someone took that one meanwhile: it answers PING before this
+    /// returns, and is the child this test started (not whoever else may
+    /// have been listening there).
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("redis-server must be installed (tools/scripts/setup.sh installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        for _ in 0..5 {
+            let mut child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--port")
+                .arg(self.port.to_string())
+                .arg("--dir")
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("redis-server must be installed (tools/scripts/setup.sh installs it)");
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if child.try_wait().expect("redis-server status").is_some() {
+                    break; // it could not bind: try another port
+                }
+                if redis_pings(self.port) {
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.port = free_port();
         }
+        panic!("redis-server could not bind a free port");
     }
 
     fn url(&self) -> String {
@@ -123,31 +137,52 @@ impl Node {
         n
     }
 
+    /// Start the node; if its ports were taken meanwhile (it refuses to
+    /// share them and exits), on fresh ones. It serves its own /metrics
+    /// before this returns.
     fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_swiftlet"))
-            .args(["serve", "--shards", "2", "--jwt-secret", SECRET])
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--http")
-            .arg(format!("127.0.0.1:{}", self.http))
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .arg("--cluster")
-            .arg(&self.redis)
-            .arg("--node-id")
-            .arg(self.id.to_string())
-            .arg("--lease-ms")
-            .arg(self.lease_ms.to_string())
-            .arg("--redis-timeout-ms")
-            // As long as the lease allows: on a loaded box, a short
-            // deadline fails calls that were merely slow.
-            .arg((self.lease_ms / 3).min(1_000).to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn swiftlet");
-        self.child = Some(child);
+        for _ in 0..5 {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_swiftlet"))
+                .args(["serve", "--shards", "2", "--jwt-secret", SECRET])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", self.port))
+                .arg("--http")
+                .arg(format!("127.0.0.1:{}", self.http))
+                .arg("--data-dir")
+                .arg(self.dir.path())
+                .arg("--cluster")
+                .arg(&self.redis)
+                .arg("--node-id")
+                .arg(self.id.to_string())
+                .arg("--lease-ms")
+                .arg(self.lease_ms.to_string())
+                .arg("--redis-timeout-ms")
+                // As long as the lease allows: on a loaded box, a short
+                // deadline fails calls that were merely slow.
+                .arg((self.lease_ms / 3).min(1_000).to_string())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn swiftlet");
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if child.try_wait().expect("node status").is_some() {
+                    break;
+                }
+                if try_http_get(self.http, "/metrics")
+                    .is_some_and(|m| m.contains("swiftlet_cluster_redis_up"))
+                {
+                    self.child = Some(child);
+                    return;
+                }
+                assert!(Instant::now() < deadline, "node {} did not start", self.id);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.port = free_port();
+            self.http = free_port();
+        }
+        panic!("node {} could not bind free ports", self.id);
     }
 
     fn addr(&self) -> String {
@@ -417,16 +452,32 @@ async fn chat_across_nodes_with_redirects_receipts_and_devices() {
 
 /// The body of a plain HTTP GET.
 fn http_get(port: u16, path: &str) -> String {
+    try_http_get(port, path).expect("HTTP GET")
+}
+
+fn try_http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    .expect("write");
+    .ok()?;
     let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Whether a Redis answers PING on `port`.
+fn redis_pings(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = [0u8; 7];
+    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
