@@ -841,6 +841,9 @@ async fn group_chat_across_nodes_is_written_by_the_groups_home() {
         bobs_first.as_ref(),
         "the retry's Ack is the first one"
     );
+    // Bob reads the group from his node: the read goes to its home.
+    let info = b.get_group(g).await.expect("get_group forwarded");
+    assert_eq!(info.member_count, 3);
     // Alice (the admin) adds dave, who is served by bob's node.
     a.add_members(g, &[&dave]).await.expect("add dave");
     let (d, _dd) = login(&nodes[1].addr(), &dave, "phone").await;

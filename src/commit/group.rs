@@ -413,6 +413,12 @@ impl Pipeline {
             Op::RenameGroup(req) => self.rename_group(w, o, req),
             Op::MarkRead(req) => self.mark_read(w, o, req),
             Op::SetPrivacy(req) => self.set_privacy(w, o, req),
+            Op::GetGroup(req) => {
+                let g = self.member_group(req.group_id, &o.user)?;
+                Ok(Some(Body::GroupInfo(
+                    g.info_page(&req.members_after, req.members_limit),
+                )))
+            }
         }
     }
 }

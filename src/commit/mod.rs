@@ -103,6 +103,9 @@ pub enum Op {
     RenameGroup(pb::RenameGroup),
     MarkRead(pb::MarkRead),
     SetPrivacy(pb::SetPrivacy),
+    /// A read, in the pipeline only to be forwarded to the group's home
+    /// (a cluster); a shard answers it itself when the group is local.
+    GetGroup(pb::GetGroup),
 }
 
 impl Op {
@@ -117,6 +120,7 @@ impl Op {
             Op::RenameGroup(r) => Body::RenameGroup(r),
             Op::MarkRead(r) => Body::MarkRead(r),
             Op::SetPrivacy(r) => Body::SetPrivacy(r),
+            Op::GetGroup(r) => Body::GetGroup(r),
         }
     }
 
@@ -131,6 +135,7 @@ impl Op {
             Body::RenameGroup(r) => Op::RenameGroup(r),
             Body::MarkRead(r) => Op::MarkRead(r),
             Body::SetPrivacy(r) => Op::SetPrivacy(r),
+            Body::GetGroup(r) => Op::GetGroup(r),
             _ => return None,
         })
     }
@@ -143,6 +148,7 @@ impl Op {
             Op::RemoveMembers(r) => r.group_id,
             Op::LeaveGroup(r) => r.group_id,
             Op::RenameGroup(r) => r.group_id,
+            Op::GetGroup(r) => r.group_id,
             Op::MarkRead(pb::MarkRead {
                 conversation:
                     Some(pb::Conversation {

@@ -190,7 +190,7 @@ fn group_elsewhere<O: Output, N: NodeServices>(
             conn,
             rid,
             ErrorCode::Unavailable,
-            "this group is served by another node: its reads and typing are not forwarded",
+            "this group is served by another node: its receipts and typing are not forwarded",
         )
     })
 }
@@ -279,7 +279,7 @@ pub fn handle<O: Output, N: NodeServices>(
         Body::RenameGroup(r) => submit(conn, slot, rid, Op::RenameGroup(r), node),
         Body::MarkRead(r) => submit(conn, slot, rid, Op::MarkRead(r), node),
         Body::SetPrivacy(r) => submit(conn, slot, rid, Op::SetPrivacy(r), node),
-        Body::GetGroup(r) => get_group(conn, rid, r, node),
+        Body::GetGroup(r) => get_group(conn, slot, rid, r, node),
         Body::ListGroups(r) => list_groups(conn, rid, r, node),
         Body::GetReceipts(r) => get_receipts(conn, rid, r, node),
         Body::Typing(t) => typing(conn, slot, rid, t, node, local, now),
@@ -542,6 +542,7 @@ pub fn sync_page<N: NodeServices>(
 
 fn get_group<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
+    slot: u32,
     rid: u64,
     req: pb::GetGroup,
     node: &N,
@@ -550,8 +551,10 @@ fn get_group<O: Output, N: NodeServices>(
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    if let Some(refused) = group_elsewhere(conn, rid, id, node) {
-        return refused;
+    if matches!(node.home_of_group(id), Home::Remote { .. }) {
+        // Its home holds it: the pipeline forwards the read there, and the
+        // answer comes back the same way.
+        return submit(conn, slot, rid, Op::GetGroup(req), node);
     }
     // Membership first, by one point read: a non-member loads nothing and
     // learns nothing (not even whether the group exists).
