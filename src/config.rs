@@ -1,8 +1,12 @@
 //! Server configuration: one set of documented defaults, overridden by an
 //! optional TOML file, then by environment variables, then by flags.
 //!
-//! [`Config::default`] is the single source of the defaults; README.md's
-//! configuration table mirrors it. Flags and environment variables are parsed
+//! [`Config::default`] is the single source of the defaults;
+//! [`Config::to_toml`] prints them (`swiftlet config --print-defaults`) and
+//! README.md's configuration table mirrors that (tests/config.rs checks
+//! both ways). A bad key or value is refused before anything starts, with
+//! an error naming the key ([`ConfigError::Invalid`], or toml's own error,
+//! which quotes the offending line). Flags and environment variables are parsed
 //! by clap ([`ServeArgs`]); every field there is optional so that "not given"
 //! can fall through to the file and then to the default.
 
@@ -329,7 +333,10 @@ impl Config {
         if self.max_frame < 4096 || self.max_frame > 16 << 20 {
             return bad(
                 "max_frame",
-                format!("{} is not between 4096 (4 KiB) and 16777216 (16 MiB)", self.max_frame),
+                format!(
+                    "{} is not between 4096 (4 KiB) and 16777216 (16 MiB)",
+                    self.max_frame
+                ),
             );
         }
         if self.node_id > crate::ids::MAX_NODE {
@@ -424,7 +431,11 @@ impl Config {
             ("jwt_secret", self.jwt_secret.is_none(), UNSET_JWT_SECRET),
             ("wal_dir", self.wal_dir.is_none(), "inside data_dir"),
             ("cluster", self.cluster.is_none(), "one node, no Redis"),
-            ("advertise", self.advertise.is_none(), "the listen addresses"),
+            (
+                "advertise",
+                self.advertise.is_none(),
+                "the listen addresses",
+            ),
         ];
         for (key, is_unset, meaning) in unset {
             if is_unset {
@@ -574,13 +585,96 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_bad_values_are_refused() {
-        assert!(toml::from_str::<Config>("shardz = 1").is_err());
+    fn unknown_keys_and_bad_values_are_refused_naming_the_key() {
+        let unknown = toml::from_str::<Config>("shardz = 1").expect_err("unknown key");
+        assert!(unknown.to_string().contains("shardz"), "{unknown}");
+        let mistyped = toml::from_str::<Config>("max_frame = \"big\"").expect_err("a string");
+        assert!(mistyped.to_string().contains("max_frame"), "{mistyped}");
+        let d = Config::default;
+        for (c, key) in [
+            (
+                Config {
+                    max_frame: 10,
+                    ..d()
+                },
+                "max_frame",
+            ),
+            (
+                Config {
+                    frame_timeout_ms: 5,
+                    ..d()
+                },
+                "frame_timeout_ms",
+            ),
+            (
+                Config {
+                    node_id: 1024,
+                    ..d()
+                },
+                "node_id",
+            ),
+            (
+                Config {
+                    redis_timeout_ms: 6_000,
+                    ..d()
+                },
+                "redis_timeout_ms",
+            ),
+            (
+                Config {
+                    cluster: Some("127.0.0.1:6379".into()),
+                    ..d()
+                },
+                "cluster",
+            ),
+        ] {
+            match c.validate() {
+                Err(e @ ConfigError::Invalid { key: k, .. }) => {
+                    assert_eq!(k, key);
+                    let text = e.to_string();
+                    let flag = format!("--{}", key.replace('_', "-"));
+                    let env = format!("SWIFTLET_{}", key.to_uppercase());
+                    for name in [key, &flag, &env] {
+                        assert!(text.contains(name), "{text:?} does not name {name}");
+                    }
+                }
+                other => panic!("{key}: expected Invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn to_toml_reads_back_and_never_prints_the_secret() {
         let c = Config {
-            max_frame: 10,
+            listen: "0.0.0.0:7400".parse().expect("addr"),
+            allowed_origins: vec!["https://a.example".into(), "*".into()],
+            data_dir: PathBuf::from("/var/lib/swift \"let\""),
+            jwt_secret: Some("hunter2-the-secret".into()),
+            wal_sync: WalSync::Always,
+            wal_dir: Some(PathBuf::from("/fast/wal")),
+            cluster: Some("redis://10.0.0.1:6379".into()),
+            advertise: Some("10.0.0.2:7400,10.0.0.2:7480".into()),
             ..Config::default()
         };
-        assert!(c.validate().is_err());
+        let text = c.to_toml().expect("toml");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("# jwt_secret is set"), "{text}");
+        let back: Config = toml::from_str(&text).expect("reads back");
+        assert_eq!(back.jwt_secret, None);
+        let back = Config {
+            jwt_secret: c.jwt_secret.clone(),
+            ..back
+        };
+        assert_eq!(back.to_toml().expect("toml"), text);
+        assert_eq!(back.data_dir, c.data_dir);
+        assert_eq!(back.allowed_origins, c.allowed_origins);
+
+        let d = Config::default().to_toml().expect("toml");
+        let back: Config = toml::from_str(&d).expect("defaults read back");
+        assert_eq!(back.to_toml().expect("toml"), d);
+        for key in ["jwt_secret", "wal_dir", "cluster", "advertise"] {
+            assert!(d.contains(&format!("\n# {key} is unset: ")), "{key}: {d}");
+        }
     }
 
     #[test]
