@@ -1,21 +1,29 @@
 //! Server configuration: one set of documented defaults, overridden by an
 //! optional TOML file, then by environment variables, then by flags.
 //!
-//! [`Config::default`] is the single source of the defaults; README.md's
-//! configuration table mirrors it. Flags and environment variables are parsed
+//! [`Config::default`] is the single source of the defaults;
+//! [`Config::to_toml`] prints them (`swiftlet config --print-defaults`) and
+//! README.md's configuration table mirrors that (tests/config.rs checks
+//! both ways). A bad key or value is refused before anything starts, with
+//! an error naming the key ([`ConfigError::Invalid`], or toml's own error,
+//! which quotes the offending line). Flags and environment variables are parsed
 //! by clap ([`ServeArgs`]); every field there is optional so that "not given"
 //! can fall through to the file and then to the default.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
 pub use crate::store::WalSync;
 
 /// Everything `swiftlet serve` needs to run.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// Serialized only by [`Config::to_toml`] (`swiftlet config
+/// --print-defaults`): the secret is never serialized, unset options are
+/// left out (TOML has no null), and the clock is not configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// TCP address of the protocol.
@@ -35,7 +43,9 @@ pub struct Config {
     /// who can reach the server could log in as anyone.
     pub dev_auth_public: bool,
     /// HS256 secret for login tokens. When unset, a random secret is created
-    /// in `<data_dir>/jwt.secret` and reused from there.
+    /// in `<data_dir>/jwt.secret` and reused from there. Never serialized:
+    /// a printed configuration must be safe to paste into a ticket.
+    #[serde(skip_serializing)]
     pub jwt_secret: Option<String>,
     /// Close a logged-in connection that sent nothing for this long.
     pub idle_timeout_ms: u64,
@@ -54,12 +64,14 @@ pub struct Config {
     pub push_buffer_bytes: usize,
     /// When the write-ahead log is synced to disk, which decides whether an
     /// Ack survives a power loss (see [`WalSync`]).
+    #[serde(serialize_with = "wal_sync_name")]
     pub wal_sync: WalSync,
     /// The sync period of [`WalSync::Interval`]: the most a power loss can
     /// take back of what was acknowledged.
     pub wal_sync_interval_ms: u64,
     /// Directory of RocksDB's write-ahead log, for a separate (fast) device:
     /// every Ack waits for its WAL write. Unset: inside `data_dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub wal_dir: Option<PathBuf>,
     /// This node's id (0-1023), part of every message id.
     pub node_id: u16,
@@ -69,9 +81,11 @@ pub struct Config {
     pub typing_ttl_ms: u64,
     /// Join a cluster through the Redis at this URL (`redis://host:port`).
     /// Unset: a single node, no Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     /// Where clients redirected to this node connect, as
     /// `TCP_ADDR,HTTP_ADDR`. Unset: the addresses it listens on.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
     /// How long one renewal of the node's cluster lease lasts: a node that
     /// cannot reach Redis for this long stops writing.
@@ -132,8 +146,14 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("{0}")]
-    Invalid(String),
+    /// A value the server cannot run with, named by its file key, flag and
+    /// environment variable (all three spell the same setting).
+    #[error(
+        "{key} (--{}, SWIFTLET_{}): {reason}",
+        .key.replace('_', "-"),
+        .key.to_uppercase()
+    )]
+    Invalid { key: &'static str, reason: String },
     /// Dev-auth lets any client log in as any user; on an address others
     /// can reach, that is everyone's account open to anyone.
     #[error(
@@ -305,50 +325,83 @@ impl Config {
         })
     }
 
-    /// Refuse settings the server cannot run with.
+    /// Refuse settings the server cannot run with; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        fn bad(key: &'static str, reason: String) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid { key, reason })
+        }
         if self.max_frame < 4096 || self.max_frame > 16 << 20 {
-            return bad("max_frame must be between 4 KiB and 16 MiB");
+            return bad(
+                "max_frame",
+                format!(
+                    "{} is not between 4096 (4 KiB) and 16777216 (16 MiB)",
+                    self.max_frame
+                ),
+            );
         }
         if self.node_id > crate::ids::MAX_NODE {
-            return bad("node_id must be at most 1023");
+            return bad(
+                "node_id",
+                format!("{} is above {}", self.node_id, crate::ids::MAX_NODE),
+            );
         }
-        if self.idle_timeout_ms < 100
-            || self.handshake_timeout_ms < 100
-            || self.frame_timeout_ms < 100
-        {
-            return bad("timeouts must be at least 100 ms");
+        for (key, ms) in [
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("frame_timeout_ms", self.frame_timeout_ms),
+            ("typing_ttl_ms", self.typing_ttl_ms),
+        ] {
+            if ms < 100 {
+                return bad(key, format!("{ms} is below 100 ms"));
+            }
         }
         if self.max_group_members < 2 || self.max_group_members > 100_000 {
-            return bad("max_group_members must be between 2 and 100000");
+            return bad(
+                "max_group_members",
+                format!("{} is not between 2 and 100000", self.max_group_members),
+            );
         }
         if self.max_conns_per_user == 0 {
-            return bad("max_conns_per_user must be at least 1");
-        }
-        if self.typing_ttl_ms < 100 {
-            return bad("typing_ttl_ms must be at least 100");
+            return bad("max_conns_per_user", "must be at least 1".into());
         }
         if self.push_buffer_bytes < self.max_frame {
-            return bad("push_buffer_bytes must be at least max_frame");
+            return bad(
+                "push_buffer_bytes",
+                format!(
+                    "{} is below max_frame ({}): one frame must fit",
+                    self.push_buffer_bytes, self.max_frame
+                ),
+            );
         }
         if self.wal_sync_interval_ms == 0 || self.wal_sync_interval_ms > 60_000 {
-            return bad("wal_sync_interval_ms must be between 1 and 60000");
+            return bad(
+                "wal_sync_interval_ms",
+                format!("{} is not between 1 and 60000", self.wal_sync_interval_ms),
+            );
         }
         if self.lease_ms < 1_000 || self.lease_ms > 600_000 {
-            return bad("lease_ms must be between 1000 and 600000");
+            return bad(
+                "lease_ms",
+                format!("{} is not between 1000 and 600000", self.lease_ms),
+            );
         }
         if self.redis_timeout_ms < 10 || self.redis_timeout_ms * 3 > self.lease_ms {
-            return bad("redis_timeout_ms must be at least 10 and at most a third of lease_ms");
+            return bad(
+                "redis_timeout_ms",
+                format!(
+                    "{} is not between 10 and a third of lease_ms ({})",
+                    self.redis_timeout_ms, self.lease_ms
+                ),
+            );
         }
         if let Some(url) = &self.cluster {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return bad("cluster must be a redis:// URL");
+                return bad("cluster", format!("{url:?} is not a redis:// URL"));
             }
         }
         if let Some(a) = &self.advertise {
             if a.split(',').count() != 2 || a.split(',').any(|p| p.trim().is_empty()) {
-                return bad("advertise must be TCP_ADDR,HTTP_ADDR");
+                return bad("advertise", format!("{a:?} is not TCP_ADDR,HTTP_ADDR"));
             }
         }
         if self.dev_auth && !self.dev_auth_public {
@@ -361,6 +414,41 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The configuration as a TOML file that `--config` reads back into the
+    /// same configuration (`swiftlet config --print-defaults`): every key
+    /// with a value, in the order of [`Config`]'s fields, then a comment
+    /// for each option that is unset (TOML has no null) saying what unset
+    /// means. `jwt_secret` is never printed, only whether it is set.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut out = String::from(
+            "# swiftlet's configuration: the defaults, overridden by --config,\n\
+             # SWIFTLET_* variables and flags. `swiftlet serve --config FILE` reads it back.\n",
+        );
+        out.push_str(&toml::to_string(self)?);
+        let unset = [
+            ("jwt_secret", self.jwt_secret.is_none(), UNSET_JWT_SECRET),
+            ("wal_dir", self.wal_dir.is_none(), "inside data_dir"),
+            ("cluster", self.cluster.is_none(), "one node, no Redis"),
+            (
+                "advertise",
+                self.advertise.is_none(),
+                "the listen addresses",
+            ),
+        ];
+        for (key, is_unset, meaning) in unset {
+            if is_unset {
+                out.push_str(&format!("# {key} is unset: {meaning}\n"));
+            }
+        }
+        if self.jwt_secret.is_some() {
+            out.push_str(
+                "# jwt_secret is set, and not printed: a file read back without it \
+                 uses <data_dir>/jwt.secret\n",
+            );
+        }
+        Ok(out)
     }
 
     /// Shards to run: the configured number, or one per core.
@@ -378,7 +466,10 @@ impl Config {
     pub fn resolve_secret(&self) -> Result<Vec<u8>, ConfigError> {
         if let Some(s) = &self.jwt_secret {
             if s.is_empty() {
-                return Err(ConfigError::Invalid("jwt_secret is empty".into()));
+                return Err(ConfigError::Invalid {
+                    key: "jwt_secret",
+                    reason: "is empty".into(),
+                });
             }
             return Ok(s.as_bytes().to_vec());
         }
@@ -423,6 +514,15 @@ impl Config {
     }
 }
 
+/// What an unset `jwt_secret` means (also README.md's default for it).
+const UNSET_JWT_SECRET: &str = "generated into <data_dir>/jwt.secret (mode 0600)";
+
+/// A [`WalSync`] as the name its TOML key takes (the store's type is not
+/// serializable, and needs to be only here).
+fn wal_sync_name<S: serde::Serializer>(w: &WalSync, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(w.name())
+}
+
 /// The secret in `path`, refused if anyone but its owner may read or
 /// write the file.
 fn read_secret_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -444,7 +544,10 @@ fn read_secret_file(path: &Path) -> Result<Vec<u8>, ConfigError> {
     let mut s = String::new();
     f.read_to_string(&mut s).map_err(io)?;
     match s.trim() {
-        "" => Err(ConfigError::Invalid(format!("{} is empty", path.display()))),
+        "" => Err(ConfigError::Invalid {
+            key: "jwt_secret",
+            reason: format!("unset, and {} is empty", path.display()),
+        }),
         t => Ok(t.as_bytes().to_vec()),
     }
 }
@@ -482,13 +585,96 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_bad_values_are_refused() {
-        assert!(toml::from_str::<Config>("shardz = 1").is_err());
+    fn unknown_keys_and_bad_values_are_refused_naming_the_key() {
+        let unknown = toml::from_str::<Config>("shardz = 1").expect_err("unknown key");
+        assert!(unknown.to_string().contains("shardz"), "{unknown}");
+        let mistyped = toml::from_str::<Config>("max_frame = \"big\"").expect_err("a string");
+        assert!(mistyped.to_string().contains("max_frame"), "{mistyped}");
+        let d = Config::default;
+        for (c, key) in [
+            (
+                Config {
+                    max_frame: 10,
+                    ..d()
+                },
+                "max_frame",
+            ),
+            (
+                Config {
+                    frame_timeout_ms: 5,
+                    ..d()
+                },
+                "frame_timeout_ms",
+            ),
+            (
+                Config {
+                    node_id: 1024,
+                    ..d()
+                },
+                "node_id",
+            ),
+            (
+                Config {
+                    redis_timeout_ms: 6_000,
+                    ..d()
+                },
+                "redis_timeout_ms",
+            ),
+            (
+                Config {
+                    cluster: Some("127.0.0.1:6379".into()),
+                    ..d()
+                },
+                "cluster",
+            ),
+        ] {
+            match c.validate() {
+                Err(e @ ConfigError::Invalid { key: k, .. }) => {
+                    assert_eq!(k, key);
+                    let text = e.to_string();
+                    let flag = format!("--{}", key.replace('_', "-"));
+                    let env = format!("SWIFTLET_{}", key.to_uppercase());
+                    for name in [key, &flag, &env] {
+                        assert!(text.contains(name), "{text:?} does not name {name}");
+                    }
+                }
+                other => panic!("{key}: expected Invalid, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn to_toml_reads_back_and_never_prints_the_secret() {
         let c = Config {
-            max_frame: 10,
+            listen: "0.0.0.0:7400".parse().expect("addr"),
+            allowed_origins: vec!["https://a.example".into(), "*".into()],
+            data_dir: PathBuf::from("/var/lib/swift \"let\""),
+            jwt_secret: Some("hunter2-the-secret".into()),
+            wal_sync: WalSync::Always,
+            wal_dir: Some(PathBuf::from("/fast/wal")),
+            cluster: Some("redis://10.0.0.1:6379".into()),
+            advertise: Some("10.0.0.2:7400,10.0.0.2:7480".into()),
             ..Config::default()
         };
-        assert!(c.validate().is_err());
+        let text = c.to_toml().expect("toml");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("# jwt_secret is set"), "{text}");
+        let back: Config = toml::from_str(&text).expect("reads back");
+        assert_eq!(back.jwt_secret, None);
+        let back = Config {
+            jwt_secret: c.jwt_secret.clone(),
+            ..back
+        };
+        assert_eq!(back.to_toml().expect("toml"), text);
+        assert_eq!(back.data_dir, c.data_dir);
+        assert_eq!(back.allowed_origins, c.allowed_origins);
+
+        let d = Config::default().to_toml().expect("toml");
+        let back: Config = toml::from_str(&d).expect("defaults read back");
+        assert_eq!(back.to_toml().expect("toml"), d);
+        for key in ["jwt_secret", "wal_dir", "cluster", "advertise"] {
+            assert!(d.contains(&format!("\n# {key} is unset: ")), "{key}: {d}");
+        }
     }
 
     #[test]

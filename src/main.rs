@@ -11,8 +11,24 @@ use swiftlet::config::{Config, ServeArgs};
 #[derive(Parser)]
 #[command(name = "swiftlet", version, about = "A dense, durable chat server")]
 struct Cli {
+    /// Log lines on stderr as text, or as one JSON object per line (for a
+    /// log shipper); applies to every command.
+    #[arg(
+        long,
+        global = true,
+        env = "SWIFTLET_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 // Parsed once at start: the size of the largest variant costs nothing.
@@ -36,6 +52,15 @@ enum Command {
         data_dir: Option<PathBuf>,
         #[arg(long, env = "SWIFTLET_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Show the configuration `serve` would run with, given the same flags,
+    /// environment and `--config` file.
+    Config {
+        /// Print it as TOML that `--config` reads back (the secret left out).
+        #[arg(long, required = true)]
+        print_defaults: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Manage a cluster of nodes joined through Redis.
     Cluster {
@@ -77,14 +102,25 @@ enum ClusterCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+/// Logging to stderr, filtered by `RUST_LOG` (default `info`), before any
+/// command runs so every command logs in the chosen format. JSON lines are
+/// flattened (`{"timestamp","level","message",<fields>,"target"}`), the
+/// shape log shippers index without a mapping.
+fn init_logging(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(&args),
         Command::Token {
@@ -109,6 +145,19 @@ fn main() -> anyhow::Result<()> {
             #[allow(clippy::print_stdout)]
             {
                 println!("{token}");
+            }
+            Ok(())
+        }
+        Command::Config {
+            print_defaults,
+            serve,
+        } => {
+            anyhow::ensure!(print_defaults, "nothing to do: try --print-defaults");
+            let config = Config::load(&serve).context("configuration")?;
+            // The configuration is this command's output.
+            #[allow(clippy::print_stdout)]
+            {
+                print!("{}", config.to_toml()?);
             }
             Ok(())
         }
