@@ -362,11 +362,13 @@ impl Coordinator {
         }
         self.table.set_peers(peers);
 
+        // The version is read before the map: a change made after that
+        // read (by an operator, another node, or our own restore) shows as
+        // a new version at the next tick, never hidden behind this one.
         let version = self.link.map_version()?;
         if version.is_none() || version != self.version {
             self.reconcile()?;
-            // Read again after our own restore bumped it.
-            self.version = self.link.map_version()?;
+            self.version = version;
         }
 
         let complete = (0..PARTITIONS).all(|p| self.table.get(p).is_some());

@@ -742,6 +742,27 @@ fn run(w: World, steps: Vec<Step>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(b.head_seq, w.inbox);
                 }
             }
+            // A group homed on another node is read there: the request
+            // goes to the pipeline, which forwards it (or is refused busy).
+            Req::GetGroup(g) if n.remote_groups.contains(g) => {
+                prop_assert!(one(&answers, submits), "{req:?}: {answers:?}");
+                if n.busy.get() {
+                    prop_assert_eq!(
+                        error_of(&answers[0]).map(|e| e.0),
+                        Some(ErrorCode::RateLimited)
+                    );
+                } else {
+                    prop_assert_eq!(submits, 1);
+                    let subs = n.submitted.borrow();
+                    let forwarded = matches!(
+                        subs.last(),
+                        Some(CommitCmd::Request(origin, Op::GetGroup(r)))
+                            if origin.request_id == rid && r.group_id == *g
+                    );
+                    prop_assert!(forwarded);
+                    m.submitted += 1;
+                }
+            }
             Req::GetGroup(_) | Req::ListGroups | Req::GetReceipts { .. } => {
                 prop_assert!(one(&answers, submits), "{req:?}: {answers:?}");
             }
