@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/swiftlet/target
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: setup build run test bench lint cli
+.PHONY: setup build run test bench lint cli fuzz
 
 setup:
 	@tools/scripts/setup.sh
@@ -21,12 +21,14 @@ run: build
 
 ## Every test: unit, codec, integration (real server, real RocksDB, kill -9),
 ## the loom model of flat combining (src/commit/combine.rs, a few seconds),
-## then the web page in headless Chromium (installs chromium and playwright-core if missing).
+## then the web page in headless Chromium (installs chromium and playwright-core if missing),
+## then each fuzz target for 10 s (skipped, with one line saying why, without nightly + cargo-fuzz).
 test: setup
 	cargo nextest run --release --workspace --no-fail-fast
 	cargo nextest run --release --features loom --test loom_combine
 	cargo build --release --workspace
 	tools/scripts/browser-test.sh
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-10} tools/scripts/fuzz.sh
 
 bench: setup
 	cargo bench --bench codec --bench store
@@ -34,6 +36,11 @@ bench: setup
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
+
+## Every cargo-fuzz target under fuzz/ for FUZZ_SECONDS each (default 60); needs nightly and
+## cargo-fuzz, and says so in one line (exit 0) when they are missing. make fuzz FUZZ_SECONDS=600
+fuzz: setup
+	tools/scripts/fuzz.sh
 
 ## Interactive client against a local server: make cli U=alice (add CLI_ARGS="--dev-auth" for a --dev-auth server)
 cli: build
