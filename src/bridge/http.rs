@@ -41,7 +41,10 @@ pub enum HttpError {
 pub fn parse(buf: &[u8], max_body: usize) -> Result<Option<(Request, usize)>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    // httparse sees at most MAX_HEAD bytes: a byte past the limit cannot
+    // make a head Malformed that is already too large, so the answer does
+    // not depend on how the reads split the request.
+    let head_len = match req.parse(&buf[..buf.len().min(MAX_HEAD)]) {
         // The limit holds however the head arrived: whole in one read too.
         Ok(httparse::Status::Complete(n)) if n > MAX_HEAD => return Err(HttpError::HeadTooLarge),
         Ok(httparse::Status::Complete(n)) => n,
