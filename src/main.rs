@@ -91,14 +91,18 @@ enum ClusterCommand {
         #[arg(long)]
         user: String,
     },
-    /// Give a partition whose home is down to another node (disaster recovery: --force).
+    /// Move a partition, with its users' and groups' rows, to another node, under traffic.
     MovePartition {
         partition: u16,
         #[arg(long)]
         to: u16,
-        /// Required: the old home must be down, and what only its disk held is lost to the partition's users.
-        #[arg(long, required = true)]
+        /// Disaster recovery: give the partition away although its home is down (its lease
+        /// expired); what only that home's disk held is lost to the partition's users.
+        #[arg(long)]
         force: bool,
+        /// How long to wait for a cooperative move to finish.
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
     },
 }
 
@@ -208,9 +212,18 @@ fn cluster(redis: &str, command: ClusterCommand) -> anyhow::Result<()> {
             partition,
             to,
             force,
+            wait_secs,
         } => {
-            anyhow::ensure!(force, "only --force moves exist today");
-            let epoch = admin::force_move(redis, partition, to)?;
+            let epoch = if force {
+                admin::force_move(redis, partition, to)?
+            } else {
+                admin::move_partition(
+                    redis,
+                    partition,
+                    to,
+                    std::time::Duration::from_secs(wait_secs),
+                )?
+            };
             println!("partition {partition} -> node {to} at epoch {epoch}");
         }
     }

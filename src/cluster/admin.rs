@@ -20,6 +20,18 @@ pub enum AdminError {
     NoSuchPartition(u16),
     #[error("partition {0} has no home yet: run `cluster init`")]
     NoHome(u16),
+    #[error("node {0} does not hold its lease (is it running?)")]
+    NodeDown(u16),
+    #[error("partition {0}'s home, node {1}, is down: a move needs it running (`--force` gives the partition away without its rows)")]
+    HomeDown(u16, u16),
+    #[error("a move of partition {0} is already under way")]
+    MoveUnderway(u16),
+    #[error("moving partition {0} failed: {1}")]
+    MoveFailed(u16, String),
+    #[error(
+        "partition {0} has not moved after {1:?}; the move may still finish (see `cluster status`)"
+    )]
+    MoveTimeout(u16, Duration),
 }
 
 fn link(url: &str) -> Result<Link, AdminError> {
@@ -88,6 +100,45 @@ pub fn status(url: &str) -> Result<Status, AdminError> {
         ns.backlog = l.backlog(*n)?;
     }
     Ok(st)
+}
+
+/// Move partition `p` to node `to` with its rows, under traffic (see
+/// `super::mover`): ask, then wait up to `wait` for the map to say so.
+/// Both nodes must be running. Returns the new epoch.
+pub fn move_partition(url: &str, p: u16, to: u16, wait: Duration) -> Result<u64, AdminError> {
+    if p >= PARTITIONS {
+        return Err(AdminError::NoSuchPartition(p));
+    }
+    let mut l = link(url)?;
+    let (node, epoch) = l.home_of(p)?.ok_or(AdminError::NoHome(p))?;
+    if node == to {
+        return Ok(epoch);
+    }
+    let alive: BTreeMap<u16, bool> = l.nodes()?.into_iter().map(|(n, _, a)| (n, a)).collect();
+    if !alive.get(&to).copied().unwrap_or(false) {
+        return Err(AdminError::NodeDown(to));
+    }
+    if !alive.get(&node).copied().unwrap_or(false) {
+        return Err(AdminError::HomeDown(p, node));
+    }
+    if !l.request_move(p, to)? {
+        return Err(AdminError::MoveUnderway(p));
+    }
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some((n, e)) = l.home_of(p)? {
+            if n == to && e > epoch {
+                return Ok(e);
+            }
+        }
+        if let Some(why) = l.move_failure(p)? {
+            return Err(AdminError::MoveFailed(p, why));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(AdminError::MoveTimeout(p, wait));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Give partition `p` to node `to` although its home is down (its lease

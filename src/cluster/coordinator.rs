@@ -33,7 +33,7 @@ use super::notices::{self, Notices};
 use super::redis::{Link, LinkError};
 use super::shipper::{self, Shipper};
 use super::table::{Peer, Table};
-use super::PARTITIONS;
+use super::{mover, Home, Ownership, Partition, PARTITIONS};
 use crate::commit::{CommitHandle, Routes};
 use crate::hub::mailbox::{ShardHandle, ShardMsg};
 use crate::store::cluster::EpochRecord;
@@ -111,6 +111,7 @@ impl Cluster {
     /// What the commit pipeline needs.
     pub fn routes(&self) -> Routes {
         Routes {
+            node: self.config.node_id,
             ownership: self.table.clone(),
             handoff: self.shipper.clone(),
         }
@@ -143,6 +144,8 @@ impl Cluster {
                 .spawn(move || notices::run_subscriber(n, &url, deadline, stop))?,
         );
         let coordinator = Coordinator {
+            commit: commit.clone(),
+            moving: Arc::new(AtomicBool::new(false)),
             config: self.config.clone(),
             table: self.table.clone(),
             shipper: self.shipper.clone(),
@@ -294,6 +297,9 @@ impl Drop for Cluster {
 }
 
 struct Coordinator {
+    commit: CommitHandle,
+    /// Set while a partition move's thread (this node's side) runs.
+    moving: Arc<AtomicBool>,
     config: ClusterConfig,
     table: Arc<Table>,
     shipper: Arc<Shipper>,
@@ -366,7 +372,9 @@ impl Coordinator {
         // read (by an operator, another node, or our own restore) shows as
         // a new version at the next tick, never hidden behind this one.
         let version = self.link.map_version()?;
-        if version.is_none() || version != self.version {
+        // A move changed a home here: write it back to Redis now.
+        let moved = self.table.take_changed();
+        if moved || version.is_none() || version != self.version {
             self.reconcile()?;
             self.version = version;
         }
@@ -385,6 +393,10 @@ impl Coordinator {
         } else if !self.warned_uninitialized {
             self.warned_uninitialized = true;
             tracing::warn!("the cluster map is incomplete: run `swiftlet cluster init` (writes stay refused until then)");
+        }
+
+        if complete {
+            self.moves()?;
         }
 
         for (dest, mark) in self.link.marks(self.config.node_id)? {
@@ -407,6 +419,57 @@ impl Coordinator {
         self.shipper.acked(dest)
     }
 
+    /// This node's part in the partition moves asked for (see
+    /// [`super::mover`]): one at a time, on a thread of its own.
+    fn moves(&mut self) -> Result<(), ClusterError> {
+        if self.moving.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let me = self.config.node_id;
+        for (p, to, ready) in self.link.moves()? {
+            if p >= PARTITIONS {
+                continue;
+            }
+            let partition = Partition(p);
+            let link = Link::new(&self.config.url, self.config.deadline)?;
+            match self.table.home(partition) {
+                Home::Local { .. } if to == me => {
+                    // Taken over here; the source did not get to clear it.
+                    self.link.move_done(p)?;
+                }
+                Home::Local { .. } if ready && self.table.writable() => {
+                    self.moving.store(true, Ordering::Release);
+                    let source = mover::Source {
+                        partition,
+                        to,
+                        store: self.store.clone(),
+                        commit: self.commit.clone(),
+                        table: self.table.clone(),
+                        shards: self.shards.clone(),
+                        link,
+                        running: self.moving.clone(),
+                    };
+                    tracing::info!(partition = p, to, "moving a partition");
+                    std::thread::Builder::new()
+                        .name("cluster-move".into())
+                        .spawn(move || mover::run(source))?;
+                    return Ok(());
+                }
+                Home::Remote { .. } | Home::Unknown if to == me && !ready => {
+                    self.moving.store(true, Ordering::Release);
+                    let (store, table, running) =
+                        (self.store.clone(), self.table.clone(), self.moving.clone());
+                    std::thread::Builder::new()
+                        .name("cluster-move".into())
+                        .spawn(move || mover::prepare(partition, store, table, link, running))?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Take newer homes from Redis, give Redis back what it lost.
     fn reconcile(&mut self) -> Result<(), ClusterError> {
         let me = self.config.node_id;
@@ -420,11 +483,10 @@ impl Coordinator {
             *s = true;
             match self.table.get(p) {
                 Some((n, e)) if e > epoch => {
-                    // Redis went backwards: keep ours, and give it back if
-                    // it is ours to give.
-                    if n == me {
-                        restore.push((p, n, e));
-                    }
+                    // Redis went backwards, or has not heard of a move
+                    // this node made or took part in: keep ours, and
+                    // write it back (an epoch there only ever grows).
+                    restore.push((p, n, e));
                 }
                 Some((n, e)) if e == epoch && n == node => {}
                 Some((n, e)) if e == epoch => {

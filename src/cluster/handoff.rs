@@ -4,16 +4,18 @@
 //! An outbox entry is one [`RelayEntry`]: what one group commit produced
 //! for the destination. Mostly inbox events for users whose home is there,
 //! each an encoded `pb::Event` with `seq` 0 (the destination gives it the
-//! user's next seq); also requests about groups homed there ([`Forwarded`])
-//! and the answers to requests it forwarded here ([`Answer`]): a group has
-//! one writer, its home, and the Ack of a group post means it is stored
-//! there.
+//! user's next seq); also requests about groups homed there ([`Forwarded`]),
+//! the answers to requests it forwarded here ([`Answer`]), and the rows of
+//! a partition moving there ([`Import`]). A group has one writer, its
+//! home, and the Ack of a group post means it is stored there.
 //! A message event carries the whole message, so the destination stores it
 //! as its own copy. A stream entry holds consecutive outbox entries of one
 //! source, each length-delimited, from `first` on.
 
 use bytes::{Buf, Bytes};
 use prost::Message;
+
+use crate::store::partition::Record;
 
 /// The events of one outbox entry.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -37,6 +39,56 @@ pub struct RelayEvent {
     pub request: Option<Forwarded>,
     #[prost(message, optional, tag = "4")]
     pub answer: Option<Answer>,
+    #[prost(message, optional, tag = "5")]
+    pub import: Option<Import>,
+}
+
+/// Rows of a partition moving to the destination (see
+/// [`super::mover`]), shipped in the outbox like everything else, so they
+/// arrive in order with the events that follow them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Import {
+    #[prost(uint32, tag = "1")]
+    pub partition: u32,
+    #[prost(message, repeated, tag = "2")]
+    pub rows: Vec<Row>,
+    /// Non-zero on the last entry of a move (its tail): the destination
+    /// is home to the partition from here on, at this epoch.
+    #[prost(uint64, tag = "3")]
+    pub home_epoch: u64,
+}
+
+/// One row of a partition (see [`crate::store::partition::Record`]).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Row {
+    #[prost(uint32, tag = "1")]
+    pub cf: u32,
+    #[prost(bytes = "vec", tag = "2")]
+    pub key: Vec<u8>,
+    /// Absent: the key was deleted.
+    #[prost(bytes = "vec", optional, tag = "3")]
+    pub value: Option<Vec<u8>>,
+}
+
+impl From<Record> for Row {
+    fn from(r: Record) -> Row {
+        Row {
+            cf: u32::from(r.cf),
+            key: r.key,
+            value: r.value,
+        }
+    }
+}
+
+impl Row {
+    /// The record, or None for a column family no node has.
+    pub fn into_record(self) -> Option<Record> {
+        Some(Record {
+            cf: u8::try_from(self.cf).ok()?,
+            key: self.key,
+            value: self.value,
+        })
+    }
 }
 
 /// Which connection of the source node a request came from.

@@ -30,6 +30,7 @@ pub mod applier;
 pub mod coordinator;
 pub mod handoff;
 pub mod local;
+pub mod mover;
 pub mod notices;
 pub mod redis;
 pub mod shipper;
@@ -131,6 +132,14 @@ pub trait Ownership: Send + Sync {
     fn redirect(&self, _node: u16) -> Option<pb::Redirect> {
         None
     }
+
+    /// The commit pipeline hands `partition` over (`home` is
+    /// [`Home::Remote`]) or takes it over ([`Home::Local`]) as part of a
+    /// partition move, at the batch that moves its rows; or puts back what
+    /// it said before when that batch was not written. Takes effect at
+    /// once for every caller. A single node is home to everything and
+    /// never moves a partition.
+    fn set_home(&self, _partition: Partition, _home: Home) {}
 }
 
 /// Notices that are never stored: typing and presence changes, to users

@@ -54,6 +54,13 @@ pub const NODES: &str = "swiftlet:nodes";
 const GROUP: &str = "apply";
 const CONSUMER: &str = "applier";
 
+/// Partition moves asked for: partition → destination node.
+pub const MOVES: &str = "swiftlet:moves";
+/// Destinations ready for a move: partition → destination node.
+pub const MOVES_READY: &str = "swiftlet:moves:ready";
+/// Moves that gave up: partition → why.
+pub const MOVES_FAILED: &str = "swiftlet:moves:failed";
+
 pub fn lease_key(node: u16) -> String {
     format!("swiftlet:lease:{node}")
 }
@@ -220,6 +227,18 @@ impl Link {
             .collect()
     }
 
+    /// One partition's home as Redis holds it: (node, epoch).
+    pub fn home_of(&mut self, p: u16) -> Result<Option<(u16, u64)>, LinkError> {
+        let v: Option<String> = self.query(redis::cmd("HGET").arg(MAP).arg(p))?;
+        let Some(v) = v else { return Ok(None) };
+        let bad = || LinkError::Reply(format!("map entry {p} = {v}"));
+        let (node, epoch) = v.split_once(':').ok_or_else(bad)?;
+        Ok(Some((
+            node.parse().map_err(|_| bad())?,
+            epoch.parse().map_err(|_| bad())?,
+        )))
+    }
+
     /// Write homes unless Redis holds newer epochs (see [`RESTORE`]).
     pub fn restore(&mut self, homes: &[(u16, u16, u64)]) -> Result<u64, LinkError> {
         let script = Script::new(RESTORE);
@@ -257,6 +276,59 @@ impl Link {
         v.split_once(':')
             .and_then(|(_, e)| e.parse().ok())
             .ok_or(LinkError::Reply(v))
+    }
+
+    /// Ask for partition `p` to move to node `to` (see `super::mover`);
+    /// false if a move of it is already asked for.
+    pub fn request_move(&mut self, p: u16, to: u16) -> Result<bool, LinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(MOVES_FAILED).arg(p).ignore();
+        pipe.cmd("HDEL").arg(MOVES_READY).arg(p).ignore();
+        pipe.cmd("HSETNX").arg(MOVES).arg(p).arg(to);
+        let (set,): (bool,) = self.with(Duration::ZERO, |c| Ok(pipe.query(c)?))?;
+        Ok(set)
+    }
+
+    /// The moves asked for: (partition, destination, destination ready).
+    pub fn moves(&mut self) -> Result<Vec<(u16, u16, bool)>, LinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL")
+            .arg(MOVES)
+            .cmd("HGETALL")
+            .arg(MOVES_READY);
+        type Pairs = Vec<(u16, u16)>;
+        let (asked, ready): (Pairs, Pairs) = self.with(Duration::ZERO, |c| Ok(pipe.query(c)?))?;
+        Ok(asked
+            .into_iter()
+            .map(|(p, to)| (p, to, ready.contains(&(p, to))))
+            .collect())
+    }
+
+    /// The destination of a move of `p` is ready for its copy.
+    pub fn move_ready(&mut self, p: u16, me: u16) -> Result<(), LinkError> {
+        self.query::<()>(redis::cmd("HSET").arg(MOVES_READY).arg(p).arg(me))
+    }
+
+    /// The move of `p` is done: forget the request.
+    pub fn move_done(&mut self, p: u16) -> Result<(), LinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL").arg(MOVES).arg(p).ignore();
+        pipe.cmd("HDEL").arg(MOVES_READY).arg(p).ignore();
+        self.with(Duration::ZERO, |c| Ok(pipe.query::<()>(c)?))
+    }
+
+    /// The move of `p` gave up, for `why`.
+    pub fn move_failed(&mut self, p: u16, why: &str) -> Result<(), LinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET").arg(MOVES_FAILED).arg(p).arg(why).ignore();
+        pipe.cmd("HDEL").arg(MOVES).arg(p).ignore();
+        pipe.cmd("HDEL").arg(MOVES_READY).arg(p).ignore();
+        self.with(Duration::ZERO, |c| Ok(pipe.query::<()>(c)?))
+    }
+
+    /// Why the last move of `p` gave up, if it did.
+    pub fn move_failure(&mut self, p: u16) -> Result<Option<String>, LinkError> {
+        self.query(redis::cmd("HGET").arg(MOVES_FAILED).arg(p))
     }
 
     /// Every advertised node with whether it holds its lease now.

@@ -11,7 +11,7 @@
 //! by then have been given its partitions.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
@@ -49,6 +49,9 @@ pub struct Table {
     /// Milliseconds after `base` until which this node may write.
     lease_until: AtomicU64,
     peers: RwLock<HashMap<u16, Peer>>,
+    /// Set when the pipeline changed a home (a partition move): the
+    /// coordinator then writes what this node knows back to Redis.
+    changed: AtomicBool,
 }
 
 impl Table {
@@ -60,6 +63,7 @@ impl Table {
             base: Instant::now(),
             lease_until: AtomicU64::new(0),
             peers: RwLock::new(HashMap::new()),
+            changed: AtomicBool::new(false),
         }
     }
 
@@ -79,6 +83,11 @@ impl Table {
         if let Some(h) = self.homes.get(usize::from(p)) {
             h.store(pack(node, epoch), Ordering::Release);
         }
+    }
+
+    /// Whether the pipeline changed a home since the last call.
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::AcqRel)
     }
 
     /// How many partitions each node is home to.
@@ -147,6 +156,15 @@ impl Ownership for Table {
             tcp_addr: p.tcp.clone(),
             http_addr: p.http.clone(),
         })
+    }
+
+    fn set_home(&self, partition: Partition, home: Home) {
+        match home {
+            Home::Local { epoch } => self.set(partition.0, self.me, epoch),
+            Home::Remote { node, epoch } => self.set(partition.0, node, epoch),
+            Home::Unknown => {}
+        }
+        self.changed.store(true, Ordering::Release);
     }
 }
 

@@ -40,6 +40,7 @@ use super::seqs::Heads;
 use super::{CommitCmd, Op, Origin, MAX_GROUP};
 use crate::clock::Clock;
 use crate::cluster::handoff::RelayEvent;
+use crate::cluster::{Home, Partition};
 use crate::cursors::Cursors;
 use crate::groups::GroupDirectory;
 use crate::hub::fanout::Outbox;
@@ -106,6 +107,9 @@ pub(super) struct Work {
     /// Hand-off entries applied in this group: who waits for the mark,
     /// the source, the mark before and after.
     pub(super) applied: Vec<(Sender<u64>, u16, u64, u64)>,
+    /// Partitions taken over in this group (a move's tail applied), with
+    /// the home they had before: put back if the batch is not written.
+    pub(super) taken: Vec<(Partition, Home)>,
 }
 
 /// Where a request began in its group's [`Work`]: rolling back to it takes
@@ -177,6 +181,17 @@ impl Committer for Pipeline {
     const MAX_GROUP: usize = MAX_GROUP;
 
     fn commit(&mut self, group: &mut Vec<CommitCmd>, own: Option<usize>) {
+        // A step of a partition move sits between two groups: what came
+        // before it is written first, what comes after in a later batch.
+        while let Some(i) = group.iter().position(|c| matches!(c, CommitCmd::Move(_))) {
+            let mut rest = group.split_off(i);
+            let step = rest.remove(0);
+            self.commit_group(group, own);
+            if let CommitCmd::Move(step) = step {
+                self.move_step(step);
+            }
+            *group = rest;
+        }
         self.commit_group(group, own);
     }
 }
@@ -187,6 +202,10 @@ impl Pipeline {
         for cmd in group.drain(..) {
             let sp = w.savepoint();
             match cmd {
+                CommitCmd::Move(step) => {
+                    // `commit` takes these out of the group.
+                    self.move_step(step);
+                }
                 CommitCmd::Request(origin, _) if !self.may_write_for(&origin.user) => {
                     // Fenced, or the user's partition moved away: another
                     // node may be writing for them now.
@@ -207,6 +226,7 @@ impl Pipeline {
                     entries,
                     done,
                 } => {
+                    let taken = w.taken.len();
                     let result = if self.writable() {
                         self.apply_handoff(&mut w, src, first, &entries)
                     } else {
@@ -218,6 +238,7 @@ impl Pipeline {
                         Err(e) => {
                             crate::log_every!(1000, error, error = %e, "applying a hand-off failed");
                             w.rollback(sp, &mut self.heads);
+                            self.give_back(&mut w, taken);
                             // Forwarded requests inside it took savepoints
                             // of their own: drop every cache that may hold
                             // what was rolled back.
@@ -239,6 +260,17 @@ impl Pipeline {
                     user,
                     device,
                     up_to,
+                    ..
+                } if !self.may_write_for(&user) => {
+                    // Fenced, or her partition moved away: the device
+                    // resumes from the cursor at her home (a replay of
+                    // what it acknowledged here, never a skip).
+                    self.cursors.done(&user, &device, up_to);
+                }
+                CommitCmd::Acknowledged {
+                    user,
+                    device,
+                    up_to,
                     convs,
                 } => {
                     w.writes += 1;
@@ -255,6 +287,7 @@ impl Pipeline {
                     }
                     w.cursors.push((user, device, up_to));
                 }
+                CommitCmd::LastSeen { user, .. } if !self.may_write_for(&user) => {}
                 CommitCmd::LastSeen { user, at_ms } => {
                     if let Err(e) = self.last_seen(&mut w, &user, at_ms) {
                         crate::log_every!(1000, error, error = %e, "last-seen update failed");
@@ -354,6 +387,7 @@ impl Pipeline {
             }
         }
         if !committed {
+            self.give_back(&mut w, 0);
             // The cached heads, groups and outbox seqs may be ahead of the
             // store.
             self.heads.clear();

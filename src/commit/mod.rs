@@ -42,6 +42,7 @@
 mod combine;
 mod group;
 mod groups;
+mod moves;
 mod presence;
 mod receipts;
 mod relay;
@@ -66,6 +67,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use combine::{Combiner, Wake};
 use group::Pipeline;
+pub use moves::{MoveStep, MoveStepError, IMPORT_BYTES};
 pub use receipts::{add_delivered, merge_delivered, summarize_delivered, DeliveredConv};
 pub use relay::Routes;
 use seqs::HEADS_PER_GENERATION;
@@ -189,6 +191,9 @@ pub enum CommitCmd {
         entries: Vec<bytes::Bytes>,
         done: crossbeam_channel::Sender<u64>,
     },
+    /// Cluster: a step of moving a partition to another node, committed
+    /// between two groups (see `moves.rs`).
+    Move(MoveStep),
 }
 
 /// Why a command was not accepted.

@@ -38,6 +38,8 @@ use swiftlet_protocol::{Envelope, ErrorCode};
 /// How the pipeline of a cluster node finds homes and hands events on.
 #[derive(Clone)]
 pub struct Routes {
+    /// This node's id.
+    pub node: u16,
     pub ownership: Arc<dyn Ownership>,
     pub handoff: Arc<dyn HandOff>,
 }
@@ -109,21 +111,32 @@ impl Pipeline {
         }
         let mut out = Vec::with_capacity(by_dest.len());
         for (dest, events) in by_dest {
-            let head = match self.relay.outbox_heads.get(&dest) {
-                Some(h) => *h,
-                None => self.store.outbox_head(dest)?,
-            };
-            let seq = head + 1;
             let payload = Bytes::from(RelayEntry { events }.encode_to_vec());
-            self.store.put_outbox(&mut w.batch, dest, seq, &payload);
-            self.relay.outbox_heads.insert(dest, seq);
-            out.push(OutboxEntry {
-                to: dest,
-                seq,
-                payload,
-            });
+            out.push(self.put_outbox_entry(w, dest, payload)?);
         }
         Ok(out)
+    }
+
+    /// Put `payload` into the outbox for `dest` with its next seq, in
+    /// `w`'s batch.
+    pub(super) fn put_outbox_entry(
+        &mut self,
+        w: &mut Work,
+        dest: u16,
+        payload: Bytes,
+    ) -> Result<OutboxEntry, StoreError> {
+        let head = match self.relay.outbox_heads.get(&dest) {
+            Some(h) => *h,
+            None => self.store.outbox_head(dest)?,
+        };
+        let seq = head + 1;
+        self.store.put_outbox(&mut w.batch, dest, seq, &payload);
+        self.relay.outbox_heads.insert(dest, seq);
+        Ok(OutboxEntry {
+            to: dest,
+            seq,
+            payload,
+        })
     }
 
     /// After the group's write: hand the new outbox entries on.
@@ -175,7 +188,9 @@ impl Pipeline {
             match handoff::decode(e) {
                 Ok(relay) => {
                     for ev in relay.events {
-                        if let Some(req) = ev.request {
+                        if let Some(import) = ev.import {
+                            self.apply_import(w, import)?;
+                        } else if let Some(req) = ev.request {
                             self.run_forwarded(w, src, ev.user, req);
                         } else if let Some(answer) = ev.answer {
                             deliver_answer(w, answer);
@@ -321,13 +336,17 @@ impl Pipeline {
     }
 
     /// Append one relayed event to `user`'s inbox (or hand it on, if the
-    /// user's home has moved on meanwhile).
+    /// user's home has moved on meanwhile: nothing of it is kept here).
     fn deliver_relayed(
         &mut self,
         w: &mut Work,
         user: &Arc<str>,
         event: Bytes,
     ) -> Result<(), StoreError> {
+        if let Route::Remote(dest) = self.route(user) {
+            self.relay_on(w, dest, user, &event);
+            return Ok(());
+        }
         let kind = match pb::Event::decode(event.as_ref()) {
             Ok(pb::Event { kind: Some(k), .. }) => k,
             _ => {

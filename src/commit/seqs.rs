@@ -77,15 +77,7 @@ impl Pipeline {
         sent: Option<&Arc<Sent>>,
     ) -> Result<(), StoreError> {
         if let Route::Remote(dest) = self.route(user) {
-            w.relays.push((
-                dest,
-                RelayEvent {
-                    user: user.to_string(),
-                    event: event.clone(),
-                    ..RelayEvent::default()
-                },
-            ));
-            w.writes += 1;
+            self.relay_on(w, dest, user, event);
             return Ok(());
         }
         self.store.put_inbox(&mut w.batch, user, seq, entry)?;
@@ -97,6 +89,19 @@ impl Pipeline {
             sent: sent.cloned(),
         });
         Ok(())
+    }
+
+    /// Relay `event` to `user`'s home, node `dest`, with this batch.
+    pub(super) fn relay_on(&self, w: &mut Work, dest: u16, user: &Arc<str>, event: &Bytes) {
+        w.relays.push((
+            dest,
+            RelayEvent {
+                user: user.to_string(),
+                event: event.clone(),
+                ..RelayEvent::default()
+            },
+        ));
+        w.writes += 1;
     }
 
     /// Append an inline event (group change, receipt) to each of `users`.

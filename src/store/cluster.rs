@@ -41,6 +41,15 @@ pub struct EpochRecord {
     pub epoch: u64,
 }
 
+impl EpochRecord {
+    fn encode(&self) -> [u8; 10] {
+        let mut v = [0u8; 10];
+        v[..2].copy_from_slice(&self.node.to_be_bytes());
+        v[2..].copy_from_slice(&self.epoch.to_be_bytes());
+        v
+    }
+}
+
 impl Store {
     /// Put outbox entry `seq` for node `dest` into `batch`, and record `seq`
     /// as the newest given to `dest`.
@@ -144,6 +153,12 @@ impl Store {
         })
     }
 
+    /// Record an ownership in `batch`, with what made it (a partition
+    /// handed over or taken over): the two stand or fall together.
+    pub fn put_epoch(&self, batch: &mut Batch, r: EpochRecord) {
+        batch.put(cf::CLUSTER, node_key(EPOCH, r.partition), r.encode());
+    }
+
     /// Record ownerships (synced: a node must not forget an epoch it acted
     /// on, even after a power loss).
     pub fn put_epochs(&self, records: &[EpochRecord]) -> Result<(), StoreError> {
@@ -151,10 +166,7 @@ impl Store {
         let cf = handle(&db, cf::CLUSTER)?;
         let mut wb = rocksdb::WriteBatch::default();
         for r in records {
-            let mut v = [0u8; 10];
-            v[..2].copy_from_slice(&r.node.to_be_bytes());
-            v[2..].copy_from_slice(&r.epoch.to_be_bytes());
-            wb.put_cf(cf, node_key(EPOCH, r.partition), v);
+            wb.put_cf(cf, node_key(EPOCH, r.partition), r.encode());
         }
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);

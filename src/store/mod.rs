@@ -29,6 +29,7 @@ pub mod cf;
 pub mod cluster;
 mod engine;
 pub mod keys;
+pub mod partition;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -205,6 +206,10 @@ pub struct Store {
     /// The open instance and what it takes to open it again.
     shared: Arc<engine::Shared>,
     write_opts: WriteOptions,
+    /// The partition being moved away, if any (see [`partition`]); set
+    /// only while `watching`, so a commit outside a move pays one load.
+    watch: parking_lot::Mutex<Option<partition::Watch>>,
+    watching: AtomicBool,
     /// Reads to fail once each, for tests of what a failing disk does.
     #[cfg(test)]
     faults: parking_lot::Mutex<Vec<FailRead>>,
@@ -453,6 +458,8 @@ impl Store {
             _recovery: recovery,
             shared,
             write_opts,
+            watch: parking_lot::Mutex::new(None),
+            watching: AtomicBool::new(false),
             #[cfg(test)]
             faults: parking_lot::Mutex::new(Vec::new()),
             #[cfg(test)]
@@ -559,6 +566,9 @@ impl Store {
             return Err(StoreError::ReadOnly);
         }
         let mut ops = batch.ops;
+        if self.watching.load(Ordering::Acquire) {
+            self.note_written(ops.iter().map(|op| (op.cf, op.key.as_slice())));
+        }
         ops.sort_by(|a, b| (a.cf, &a.key).cmp(&(b.cf, &b.key)));
         let mut wb = rocksdb::WriteBatch::default();
         let mut last: Option<(&'static str, &ColumnFamily)> = None;
