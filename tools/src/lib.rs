@@ -51,7 +51,7 @@ pub use cursor::{CursorTracker, Observed};
 pub use error::{code_name, ClientError, CloseReason};
 pub use features::{with_group, with_user};
 pub use reliable::{send_reliably, ReliableSender, RetryPolicy};
-pub use tls::{MaybeTls, TlsConnector, TlsError};
+pub use tls::{MaybeTls, TlsArgs, TlsConnector, TlsError};
 
 pub use swiftlet_protocol::{
     codec, pb, token, Body, Envelope, ErrorCode, FrameCodec, FrameError, DEFAULT_MAX_FRAME,

@@ -49,12 +49,46 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Connects TLS over an established stream. Cheap to clone (one `Arc`).
+/// The TLS flags of the CLI and loadgen (`#[command(flatten)]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Speak TLS to the server (it runs with --tls-cert), trusting the
+    /// system's CA store unless --ca is given.
+    #[arg(long)]
+    pub tls: bool,
+    /// Trust the PEM certificate(s) in FILE (a private CA, or the server's
+    /// self-signed certificate) instead of the system's store; implies --tls.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Check the server's certificate for NAME instead of the host dialled
+    /// (e.g. when dialling an IP address the certificate does not name);
+    /// implies --tls.
+    #[arg(long, value_name = "NAME")]
+    pub tls_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The connector these flags ask for, or `None` for plain TCP.
+    pub fn connector(&self) -> Result<Option<TlsConnector>, TlsError> {
+        if !self.tls && self.ca.is_none() && self.tls_name.is_none() {
+            return Ok(None);
+        }
+        let mut c = TlsConnector::new(self.ca.as_deref())?;
+        if let Some(name) = &self.tls_name {
+            c = c.with_server_name(name)?;
+        }
+        Ok(Some(c))
+    }
+}
+
+/// Connects TLS over an established stream. Cheap to clone (two `Arc`s).
 #[derive(Clone)]
 pub struct TlsConnector {
     inner: tokio_rustls::TlsConnector,
     /// Where the trusted certificates came from, for messages.
     trust: Arc<str>,
+    /// The name to verify instead of the host dialled.
+    name: Option<ServerName<'static>>,
 }
 
 impl std::fmt::Debug for TlsConnector {
@@ -83,7 +117,17 @@ impl TlsConnector {
         Ok(TlsConnector {
             inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
             trust: trust.into(),
+            name: None,
         })
+    }
+
+    /// Verify the server's certificate for `name` whatever host is dialled.
+    pub fn with_server_name(mut self, name: &str) -> Result<TlsConnector, TlsError> {
+        self.name = Some(
+            ServerName::try_from(name.to_owned())
+                .map_err(|_| TlsError::BadServerName(name.to_owned()))?,
+        );
+        Ok(self)
     }
 
     /// The same trust, offering ALPN `http/1.1` (for WSS and HTTPS).
@@ -93,6 +137,7 @@ impl TlsConnector {
         TlsConnector {
             inner: tokio_rustls::TlsConnector::from(Arc::new(config)),
             trust: self.trust.clone(),
+            name: self.name.clone(),
         }
     }
 
