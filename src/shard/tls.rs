@@ -18,6 +18,17 @@
 //! out into the shard's usual scratch buffer, where the framing code finds
 //! them exactly as it finds a plain connection's bytes.
 //!
+//! Measured (a counting allocator, 1,000 TLS 1.3 sessions held after their
+//! handshakes, ring): a buffered `ServerConnection` keeps 7,427 B of heap
+//! per connection, this one 3,234 B in 6 allocations: the session struct
+//! (1,144 B, most of it rustls's inline state), the traffic key schedule
+//! (640 B, kept for KeyUpdate), the two record keys (560 B each: ring's
+//! AEAD key is one size whatever the suite, so preferring ChaCha20 saves
+//! nothing) and a little more. What remains is rustls's own; the next step
+//! down would be to take the traffic secrets out of rustls after the
+//! handshake and seal records with ring directly (about 150 B a
+//! connection), at the price of owning the record layer.
+//!
 //! # Reload
 //!
 //! [`TlsConfig`] holds the current `ServerConfig` of each listener behind
