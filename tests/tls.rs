@@ -610,3 +610,61 @@ fn client_hello(tls12_only: bool) -> Vec<u8> {
     }
     out
 }
+
+/// ALPN: each port accepts its own protocol (or none), and refuses a
+/// client that offers only others in the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_names_the_port_and_a_foreign_protocol_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = make_pki(dir.path(), "a");
+    let srv = tls_server(&pki, |_| {});
+    let pem = std::fs::read(&pki.ca).expect("ca");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let handshake = |alpn: Vec<Vec<u8>>, addr: std::net::SocketAddr| {
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        config.alpn_protocols = alpn;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+            let tls = tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
+                .await
+                .expect("no hang")?;
+            Ok::<_, std::io::Error>(tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec))
+        }
+    };
+    let (tcp, http) = (srv.addr(), srv.http_addr());
+    assert_eq!(
+        handshake(vec![b"swiftlet".to_vec()], tcp)
+            .await
+            .expect("swiftlet on the TCP port"),
+        Some(b"swiftlet".to_vec())
+    );
+    assert_eq!(
+        handshake(vec![], tcp).await.expect("no ALPN is accepted"),
+        None
+    );
+    assert_eq!(
+        handshake(vec![b"h2".to_vec(), b"http/1.1".to_vec()], http)
+            .await
+            .expect("a browser's offer on the HTTP port"),
+        Some(b"http/1.1".to_vec())
+    );
+    let refused = handshake(vec![b"h2".to_vec()], tcp)
+        .await
+        .expect_err("h2 on the TCP port");
+    assert!(
+        refused.to_string().contains("NoApplicationProtocol"),
+        "{refused}"
+    );
+    assert!(handshake(vec![b"swiftlet".to_vec()], http).await.is_err());
+}
