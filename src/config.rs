@@ -92,6 +92,16 @@ pub struct Config {
     pub lease_ms: u64,
     /// The deadline of every call to Redis.
     pub redis_timeout_ms: u64,
+    /// PEM certificate chain (leaf first) served on both listeners, which
+    /// then speak only TLS (TCP+TLS, HTTPS, WSS). Read again on SIGHUP.
+    /// Unset: plain TCP and HTTP (a trusted network, or TLS terminated in
+    /// front of the node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1). Read again
+    /// on SIGHUP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     /// What the node reads the time from: the shards' loops and timers,
     /// the pipeline's timestamps and ids, fan-out and latency timing. The
     /// system clock, except in tests that start a server in-process with a
@@ -128,6 +138,8 @@ impl Default for Config {
             advertise: None,
             lease_ms: 15_000,
             redis_timeout_ms: 1_000,
+            tls_cert: None,
+            tls_key: None,
             clock: Clock::system(),
         }
     }
@@ -261,6 +273,12 @@ pub struct ServeArgs {
     /// Deadline of every Redis call in ms [default: 1000].
     #[arg(long, env = "SWIFTLET_REDIS_TIMEOUT_MS")]
     pub redis_timeout_ms: Option<u64>,
+    /// PEM certificate chain: both listeners then speak only TLS; reloaded on SIGHUP [default: plain TCP].
+    #[arg(long, env = "SWIFTLET_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert; reloaded on SIGHUP.
+    #[arg(long, env = "SWIFTLET_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Config {
@@ -303,6 +321,12 @@ impl Config {
         }
         if args.wal_dir.is_some() {
             c.wal_dir = args.wal_dir.clone();
+        }
+        if args.tls_cert.is_some() {
+            c.tls_cert = args.tls_cert.clone();
+        }
+        if args.tls_key.is_some() {
+            c.tls_key = args.tls_key.clone();
         }
         if !args.allowed_origins.is_empty() {
             c.allowed_origins = args.allowed_origins.clone();
@@ -404,6 +428,18 @@ impl Config {
                 return bad("advertise", format!("{a:?} is not TCP_ADDR,HTTP_ADDR"));
             }
         }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return bad("tls_key", "tls_cert is set: the key is needed too".into())
+            }
+            (None, Some(_)) => {
+                return bad(
+                    "tls_cert",
+                    "tls_key is set: the certificate is needed too".into(),
+                )
+            }
+            _ => {}
+        }
         if self.dev_auth && !self.dev_auth_public {
             // Unspecified (0.0.0.0, ::) is every interface, not loopback.
             if let Some(addr) = [self.listen, self.http]
@@ -435,6 +471,16 @@ impl Config {
                 "advertise",
                 self.advertise.is_none(),
                 "the listen addresses",
+            ),
+            (
+                "tls_cert",
+                self.tls_cert.is_none(),
+                "plain TCP and HTTP, no TLS",
+            ),
+            (
+                "tls_key",
+                self.tls_key.is_none(),
+                "plain TCP and HTTP, no TLS",
             ),
         ];
         for (key, is_unset, meaning) in unset {

@@ -21,7 +21,9 @@
 //! - [`shard`]: one core's event loop, the only place with sockets;
 //!   [`shard::conn`] one connection's transport state and buffers,
 //!   [`shard::input`] its input decoded one frame at a time,
-//!   [`shard::timer`] the timeout wheel.
+//!   [`shard::timer`] the timeout wheel, [`shard::tls`] the certificate
+//!   (reloaded on SIGHUP) and each connection's TLS, driven from the
+//!   shard's buffers.
 //! - [`hub`]: where the shards and the pipeline meet: [`hub::registry`]
 //!   which user is connected where (and who watches whose presence),
 //!   [`hub::mailbox`] how other threads hand a shard work, [`hub::fanout`]

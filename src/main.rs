@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use swiftlet::config::{Config, ServeArgs};
 
 #[derive(Parser)]
@@ -232,11 +232,24 @@ fn cluster(redis: &str, command: ClusterCommand) -> anyhow::Result<()> {
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args).context("configuration")?;
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .context("installing signal handlers")?;
     let server = swiftlet::start(config).context("starting the server")?;
-    if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "signal received");
+    for sig in signals.forever() {
+        if sig != SIGHUP {
+            tracing::info!(signal = sig, "signal received");
+            break;
+        }
+        // SIGHUP: new TLS connections get the certificate the files hold
+        // now; a bad file is logged and the old certificate kept.
+        match server.reload_tls() {
+            Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Ok(false) => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+            Err(e) => tracing::error!(
+                error = %anyhow::Error::from(e),
+                "SIGHUP: TLS certificate not reloaded; the old one stays in use"
+            ),
+        }
     }
     server.shutdown();
     Ok(())

@@ -43,6 +43,7 @@ use crate::hub::mailbox::{ShardHandle, ShardMsg};
 use crate::hub::registry::Registry;
 use crate::metrics::Metrics;
 use crate::session::services::{Limits, Services};
+use crate::shard::tls::{TlsConfig, TlsError};
 use crate::shard::{Shard, WAKER};
 use crate::store::{Store, StoreError, StoreOptions};
 
@@ -73,6 +74,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("joining the cluster")]
     Cluster(#[from] ClusterError),
+    #[error("loading the TLS certificate")]
+    Tls(#[from] TlsError),
 }
 
 /// A running node. Dropping it shuts it down.
@@ -86,6 +89,7 @@ pub struct Server {
     store: Arc<Store>,
     registry: Arc<Registry>,
     cluster: Option<Cluster>,
+    tls: Option<Arc<TlsConfig>>,
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<mio::net::TcpListener> {
@@ -129,6 +133,11 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     crate::alloc::configure();
     crate::alloc::disable_huge_pages();
     let secret = config.resolve_secret()?;
+    // Before anything binds: a bad certificate stops the start.
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(TlsConfig::load(cert, key)?)),
+        _ => None,
+    };
     if config.dev_auth {
         tracing::warn!("--dev-auth is on: any client may log in as any user by sending a bare user id as its token");
     }
@@ -289,7 +298,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             auth: auth.clone(),
             limits: limits.clone(),
         };
-        let shard = Shard::new(poll, listener, http_listener, mailbox, ctx)?;
+        let shard = Shard::new(poll, listener, http_listener, mailbox, ctx, tls.clone())?;
         shard_threads.push(
             std::thread::Builder::new()
                 .name(format!("swiftlet-shard-{i}"))
@@ -304,6 +313,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         wal_sync = %config.wal_sync,
         inbox_epoch = store.inbox_epoch(),
         store_writable = store.writable(),
+        tls = tls.is_some(),
         "swiftlet serving"
     );
     Ok(Server {
@@ -316,6 +326,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         store,
         registry,
         cluster,
+        tls,
     })
 }
 
@@ -328,6 +339,22 @@ impl Server {
     /// The HTTP address (WebSocket, sync, page, metrics).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Whether the listeners speak TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Read the TLS certificate and key again (SIGHUP): connections
+    /// accepted from now on get what the files hold now, established ones
+    /// keep theirs. On an error the old certificate stays in use. `Ok(false)`
+    /// when the node serves no TLS.
+    pub fn reload_tls(&self) -> Result<bool, TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
+        }
     }
 
     /// The node's metrics.

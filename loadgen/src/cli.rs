@@ -67,6 +67,9 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:7480")]
     pub http_server: String,
 
+    #[command(flatten)]
+    pub tls: swiftlet_client::TlsArgs,
+
     /// Log in with bare user ids (server started with --dev-auth).
     #[arg(long, conflicts_with = "jwt_secret")]
     pub dev_auth: bool,

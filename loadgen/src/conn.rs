@@ -40,6 +40,8 @@ use swiftlet_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use swiftlet_client::MaybeTls;
+
 use crate::cli::Transport;
 use crate::ws;
 
@@ -72,6 +74,8 @@ pub enum ConnError {
     Ws(#[from] ws::WsError),
     #[error("websocket closed by the server (code {0})")]
     WsClosed(u16),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
 }
 
 impl ConnError {
@@ -88,6 +92,7 @@ impl ConnError {
             ConnError::Protocol(_) => "protocol".into(),
             ConnError::Ws(_) => "bad_ws_frame".into(),
             ConnError::WsClosed(code) => format!("ws_close_{code}"),
+            ConnError::Tls(_) => "tls".into(),
         }
     }
 }
@@ -101,11 +106,14 @@ pub struct Target {
     pub device: String,
     /// TCP framing, or WebSocket (then `server` is the HTTP listener).
     pub transport: Transport,
+    /// TLS (`--tls`): the client library's connector, offering the ALPN
+    /// of `transport`'s port.
+    pub tls: Option<swiftlet_client::TlsConnector>,
 }
 
 /// One logged-in connection.
 pub struct Conn {
-    stream: TcpStream,
+    stream: MaybeTls<TcpStream>,
     /// WebSocket framing (`--transport ws`) instead of varint frames.
     ws: bool,
     /// A Pong is queued in `wbuf`: `recv` flushes it before reading.
@@ -146,6 +154,9 @@ impl Conn {
     async fn connect_inner(target: &Target) -> Result<Conn, ConnError> {
         let stream = open(target.server, target.source).await?;
         stream.set_nodelay(true)?;
+        let stream = MaybeTls::connect(stream, target.tls.as_ref(), &target.server.to_string())
+            .await
+            .map_err(ConnError::Tls)?;
         let mut conn = Conn {
             stream,
             ws: target.transport == Transport::Ws,

@@ -144,6 +144,10 @@ async fn build_ctx(args: &Args, prefix: String) -> anyhow::Result<Ctx> {
         stats: Arc::new(stats::Stats::default()),
         connect_slots: Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1))),
         coord,
+        tls: match (args.tls.connector()?, args.transport) {
+            (Some(c), cli::Transport::Ws) => Some(c.for_http()),
+            (c, _) => c,
+        },
     })
 }
 

@@ -49,6 +49,8 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     pub connect_slots: Arc<Semaphore>,
     pub coord: Coord,
+    /// TLS to the servers (`--tls`, `--ca`), for the transport in use.
+    pub tls: Option<swiftlet_client::TlsConnector>,
 }
 
 impl Ctx {
@@ -61,6 +63,7 @@ impl Ctx {
             token: self.auth.token(user),
             device: "d1".to_owned(),
             transport: self.args.transport,
+            tls: self.tls.clone(),
         }
     }
 

@@ -11,12 +11,50 @@ use serde_json::Value;
 struct Server {
     server: Option<swiftlet::Server>,
     _dir: tempfile::TempDir,
+    /// With TLS: the CA file loadgen is to trust.
+    ca: Option<String>,
 }
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(false)
+    }
+
+    /// A server whose listeners speak TLS, with a certificate for
+    /// 127.0.0.1 from a CA made here.
+    fn start_tls() -> Server {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mut ca = None;
+        let mut tls_files = (None, None);
+        if tls {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_key = KeyPair::generate().expect("key");
+            let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+                .expect("params")
+                .signed_by(&key, &ca_cert, &ca_key)
+                .expect("cert");
+            let (ca_path, cert_path, key_path) = (
+                dir.path().join("ca.pem"),
+                dir.path().join("cert.pem"),
+                dir.path().join("key.pem"),
+            );
+            std::fs::write(&ca_path, ca_cert.pem()).expect("write");
+            std::fs::write(&cert_path, cert.pem()).expect("write");
+            std::fs::write(&key_path, key.serialize_pem()).expect("write");
+            ca = Some(ca_path.display().to_string());
+            tls_files = (Some(cert_path), Some(key_path));
+        }
         let config = swiftlet::Config {
+            tls_cert: tls_files.0,
+            tls_key: tls_files.1,
             listen: "127.0.0.1:0".parse().expect("addr"),
             http: "127.0.0.1:0".parse().expect("addr"),
             data_dir: dir.path().to_owned(),
@@ -28,6 +66,7 @@ impl Server {
         Server {
             server: Some(server),
             _dir: dir,
+            ca,
         }
     }
 
@@ -42,6 +81,7 @@ impl Server {
             .args(["--server", &self.running().local_addr().to_string()])
             .args(["--http-server", &self.running().http_addr().to_string()])
             .arg("--dev-auth")
+            .args(self.ca.iter().flat_map(|ca| ["--ca", ca.as_str()]))
             .args(args)
             .output()
             .expect("loadgen runs");
@@ -129,4 +169,28 @@ fn paced_group_posts_over_two_workers_reach_every_other_member_once() {
         4 * count(&summary, "sent"),
         "{summary}"
     );
+}
+
+#[test]
+fn chat_over_tls_and_wss_delivers_every_message_once() {
+    let server = Server::start_tls();
+    let summary = server.loadgen(
+        "chat",
+        &["--users", "20", "--rate", "200", "--duration", "1"],
+    );
+    all_delivered_once(&summary, 1);
+    let summary = server.loadgen(
+        "chat",
+        &[
+            "--users",
+            "20",
+            "--rate",
+            "200",
+            "--duration",
+            "1",
+            "--transport",
+            "ws",
+        ],
+    );
+    all_delivered_once(&summary, 1);
 }

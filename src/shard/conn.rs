@@ -9,8 +9,14 @@
 //! `Vec`s (no heap) unless a partial frame arrived or output is waiting.
 //! Reads go through the shard's shared scratch buffer instead of one per
 //! connection.
+//!
+//! A TLS connection keeps its [`TlsSession`] in the same box as the
+//! buffers (so a plain connection's slot does not grow by a pointer it
+//! would never use), and that box then stays while the connection lives.
+//! Everything above the socket sees plaintext: [`Conn::read`] opens the
+//! records into the scratch buffer, [`Conn::flush`] seals the output.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use mio::net::TcpStream;
@@ -20,6 +26,7 @@ use swiftlet_protocol::codec::{
 };
 use swiftlet_protocol::Envelope;
 
+use super::tls::{TlsSession, TLS_HANDSHAKE_BYTE};
 use crate::bridge::ws;
 use crate::session::bucket;
 use crate::session::delivery::Delivery;
@@ -106,6 +113,27 @@ struct Buffers {
     /// Tick the partial frame at the front of `inbuf` started, while the
     /// client owes the rest of it (it has a deadline).
     partial_since: Option<u32>,
+    /// The connection's TLS, on a TLS listener: its presence keeps this box.
+    tls: Option<Box<TlsSession>>,
+}
+
+/// What one read of a connection gave (see [`Conn::read`]).
+#[derive(Debug)]
+pub enum Received {
+    /// The peer closed (or reset) the connection.
+    Eof,
+    /// `plain` bytes of input are at the front of the scratch buffer
+    /// (possibly none, e.g. a TLS handshake record). `full`: the read
+    /// filled the room it had, so the socket may hold more.
+    Data {
+        plain: usize,
+        full: bool,
+        peer_closed: bool,
+    },
+    /// The first bytes on a TLS listener are not a TLS handshake.
+    NotTls,
+    /// The TLS layer refused the input; its alert (if any) is queued.
+    TlsFailed(rustls::Error),
 }
 
 impl Conn {
@@ -235,10 +263,21 @@ impl Conn {
 
     /// A closing connection's write side is shut once its last bytes are
     /// out (a FIN after the answer, never instead of it).
+    /// On TLS, close_notify goes first, so the client can tell the end
+    /// from a cut.
     pub fn shutdown_when_flushed(&mut self) {
-        if self.phase == Phase::Closing && self.out_len() == 0 {
-            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        if self.phase != Phase::Closing || self.out_len() != 0 {
+            return;
         }
+        if let Some(tls) = self.io.as_mut().and_then(|b| b.tls.as_mut()) {
+            if tls.established() && !tls.close_sent() {
+                tls.queue_close_notify();
+                if !matches!(self.flush(), Ok(true)) {
+                    return;
+                }
+            }
+        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
 
     /// Pending output, created on first use.
@@ -246,9 +285,12 @@ impl Conn {
         &mut self.io.get_or_insert_with(Box::default).outbuf
     }
 
-    /// Bytes of output waiting for the socket.
+    /// Bytes of output waiting for the socket (on TLS, plaintext not yet
+    /// sealed and records not yet written).
     pub fn out_len(&self) -> usize {
-        self.io.as_ref().map_or(0, |b| b.outbuf.len())
+        self.io.as_ref().map_or(0, |b| {
+            b.outbuf.len() + b.tls.as_ref().map_or(0, |t| t.tx().len())
+        })
     }
 
     /// Drop input not yet handled, keeping the output (a shutdown still
@@ -257,9 +299,19 @@ impl Conn {
         drop(self.take_input());
     }
 
-    /// Drop pending output and any partial input (the connection is closing).
+    /// Drop pending output and any partial input (the connection is
+    /// closing). A TLS connection keeps its session, and the records
+    /// already sealed: one may be half written, and cutting it would make
+    /// everything after it unreadable.
     pub fn discard_buffers(&mut self) {
-        self.io = None;
+        match self.io.as_mut() {
+            Some(b) if b.tls.is_some() => {
+                b.inbuf = Vec::new();
+                b.outbuf = Vec::new();
+                b.partial_since = None;
+            }
+            _ => self.io = None,
+        }
     }
 
     /// Input kept from earlier reads (empty if none): an HTTP request
@@ -326,9 +378,9 @@ impl Conn {
 
     /// Memory the connection's buffers hold (what its budget counts).
     pub fn load(&self) -> usize {
-        self.io
-            .as_ref()
-            .map_or(0, |b| b.inbuf.capacity() + b.outbuf.len())
+        self.io.as_ref().map_or(0, |b| {
+            b.inbuf.capacity() + b.outbuf.len() + b.tls.as_ref().map_or(0, |t| t.buffered())
+        })
     }
 
     /// When the partial frame the client owes started, if it owes one.
@@ -349,32 +401,130 @@ impl Conn {
         if self
             .io
             .as_ref()
-            .is_some_and(|b| b.inbuf.capacity() == 0 && b.outbuf.is_empty())
+            .is_some_and(|b| b.inbuf.capacity() == 0 && b.outbuf.is_empty() && b.tls.is_none())
         {
             self.io = None;
         }
     }
 
+    /// Serve this connection over TLS with `session` (just accepted).
+    pub fn set_tls(&mut self, session: Box<TlsSession>) {
+        self.io.get_or_insert_with(Box::default).tls = Some(session);
+    }
+
+    /// Accepted on a TLS listener.
+    pub fn is_tls(&self) -> bool {
+        self.io.as_ref().is_some_and(|b| b.tls.is_some())
+    }
+
+    /// The TLS session, on a TLS connection.
+    pub fn tls(&self) -> Option<&TlsSession> {
+        self.io.as_ref().and_then(|b| b.tls.as_deref())
+    }
+
+    /// Stop speaking TLS on a connection that never did (its first bytes
+    /// were not TLS), to tell it so in plaintext before closing.
+    pub fn drop_tls(&mut self) {
+        if let Some(b) = self.io.as_mut() {
+            b.tls = None;
+        }
+        self.release_if_empty();
+    }
+
+    /// Read the socket once. A plain connection's bytes land in `scratch`;
+    /// a TLS connection's ciphertext (after any partial record kept from
+    /// before) lands in `cipher`, and what it opens to in `scratch`. A
+    /// closing connection's input is only discarded (it is read for its
+    /// EOF), so it is not opened either.
+    pub fn read(&mut self, scratch: &mut [u8], cipher: &mut [u8]) -> io::Result<Received> {
+        let closing = self.phase == Phase::Closing;
+        let Some(tls) = self
+            .io
+            .as_mut()
+            .and_then(|b| b.tls.as_mut())
+            .filter(|_| !closing)
+        else {
+            return Ok(match self.stream.read(scratch)? {
+                0 => Received::Eof,
+                n => Received::Data {
+                    plain: n,
+                    full: n == scratch.len(),
+                    peer_closed: false,
+                },
+            });
+        };
+        let kept = tls.take_rx();
+        // Plaintext is never longer than its records, so ciphertext is
+        // read into no more room than the plaintext buffer has; a kept
+        // partial record (at most one record) is far shorter than either.
+        let room = cipher.len().min(scratch.len());
+        if kept.len() >= room {
+            return Ok(Received::TlsFailed(rustls::Error::General(
+                "a partial record larger than the read buffer".into(),
+            )));
+        }
+        cipher[..kept.len()].copy_from_slice(&kept);
+        let at = kept.len();
+        drop(kept);
+        let n = match self.stream.read(&mut cipher[at..room]) {
+            Ok(0) => return Ok(Received::Eof),
+            Ok(n) => n,
+            Err(e) => {
+                // Keep the partial record for the next read.
+                if at > 0 {
+                    tls.restore_rx(&cipher[..at]);
+                }
+                return Err(e);
+            }
+        };
+        if !tls.started() {
+            if cipher[0] != TLS_HANDSHAKE_BYTE {
+                return Ok(Received::NotTls);
+            }
+            tls.mark_started();
+        }
+        let full = at + n == room;
+        Ok(match tls.open(&mut cipher[..at + n], scratch) {
+            Ok(opened) => Received::Data {
+                plain: opened.plain,
+                full,
+                peer_closed: opened.peer_closed,
+            },
+            Err(e) => {
+                tls.queue_alert();
+                Received::TlsFailed(e)
+            }
+        })
+    }
+
     /// Write as much pending output as the socket takes. Ok(true) when all of
-    /// it went; the buffer's memory is then released.
+    /// it went; the buffer's memory is then released. A TLS connection's
+    /// output is sealed into records first; before its handshake is
+    /// complete it can carry none (an error).
     pub fn flush(&mut self) -> io::Result<bool> {
         let Some(bufs) = self.io.as_mut() else {
             return Ok(true);
         };
+        if let Some(tls) = bufs.tls.as_mut() {
+            if !bufs.outbuf.is_empty() {
+                match tls.seal(&bufs.outbuf) {
+                    Ok(true) => bufs.outbuf = Vec::new(),
+                    Ok(false) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::NotConnected,
+                            "output before the TLS handshake completed",
+                        ))
+                    }
+                    Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                }
+            }
+            let result = write_all_nonblocking(&mut self.stream, tls.tx());
+            let (written, result) = result;
+            tls.consume_tx(written);
+            return result;
+        }
         let out = &mut bufs.outbuf;
-        let mut written = 0;
-        let result = loop {
-            if written == out.len() {
-                break Ok(true);
-            }
-            match self.stream.write(&out[written..]) {
-                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => break Err(e),
-            }
-        };
+        let (written, result) = write_all_nonblocking(&mut self.stream, out);
         if written > 0 {
             if written == out.len() {
                 *out = Vec::new();
@@ -385,6 +535,25 @@ impl Conn {
         self.release_if_empty();
         result
     }
+}
+
+/// Write `out` until done or the socket would block: the bytes written,
+/// and Ok(true) when that was all of them.
+fn write_all_nonblocking(stream: &mut TcpStream, out: &[u8]) -> (usize, io::Result<bool>) {
+    let mut written = 0;
+    let result = loop {
+        if written == out.len() {
+            break Ok(true);
+        }
+        match stream.write(&out[written..]) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    (written, result)
 }
 
 #[cfg(test)]

@@ -41,10 +41,11 @@
 pub mod conn;
 pub mod input;
 pub mod timer;
+pub mod tls;
 mod turn;
 mod web;
 
-use std::io::{self, Read};
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,10 +63,11 @@ use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery;
 use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
 pub use crate::session::services::{Limits, Services};
-use conn::{Carries, Conn, Exchange, Phase, Transport};
+use conn::{Carries, Conn, Exchange, Phase, Received, Transport};
 pub use input::Fatal;
 use input::Input;
 use timer::Wheel;
+use tls::TlsConfig;
 use turn::TurnClock;
 
 pub const LISTENER: Token = Token(usize::MAX);
@@ -127,6 +129,11 @@ pub struct Shard {
     conns: Slab<Conn>,
     next_gen: u32,
     scratch: Box<[u8]>,
+    /// With `--tls-cert`: both listeners speak TLS, with this certificate.
+    tls: Option<Arc<TlsConfig>>,
+    /// Where a TLS connection's ciphertext is read (its plaintext goes to
+    /// `scratch`); empty without TLS.
+    cipher: Box<[u8]>,
     /// Connections with input left for a later turn (their share was
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
@@ -165,6 +172,7 @@ impl Shard {
         mut http_listener: TcpListener,
         mailbox: Receiver<ShardMsg>,
         ctx: Services,
+        tls: Option<Arc<TlsConfig>>,
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -179,6 +187,11 @@ impl Shard {
             conns: Slab::new(),
             next_gen: 0,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            cipher: match tls {
+                Some(_) => vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+                None => Box::default(),
+            },
+            tls,
             pending_input: Vec::new(),
             dirty: Vec::new(),
             catchup: Vec::new(),
@@ -314,6 +327,16 @@ impl Shard {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "set_nodelay failed");
                     }
+                    let session = match &self.tls {
+                        None => None,
+                        Some(tls) => match tls.session(transport == Transport::Http) {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                crate::log_every!(60_000, error, error = %e, "starting a TLS session failed; connection refused");
+                                continue;
+                            }
+                        },
+                    };
                     let entry = self.conns.vacant_entry();
                     let slot = entry.key();
                     if let Err(e) = self.poll.registry().register(
@@ -327,6 +350,9 @@ impl Shard {
                     self.next_gen = self.next_gen.wrapping_add(1);
                     let gen = self.next_gen;
                     let conn = entry.insert(Conn::new(stream, gen, self.now, transport));
+                    if let Some(session) = session {
+                        conn.set_tls(session);
+                    }
                     let at = self.now + ticks(self.ctx.limits.handshake_timeout_ms);
                     arm(&mut self.wheel, conn, slot, self.now, at);
                 }
@@ -393,12 +419,25 @@ impl Shard {
                 return;
             }
             reads_left -= 1;
-            let n = match conn.stream.read(&mut self.scratch) {
-                Ok(0) => {
+            let (n, full, peer_closed) = match conn.read(&mut self.scratch, &mut self.cipher) {
+                Ok(Received::Eof) => {
                     self.drop_conn(slot);
                     return;
                 }
-                Ok(n) => n,
+                Ok(Received::Data {
+                    plain,
+                    full,
+                    peer_closed,
+                }) => (plain, full, peer_closed),
+                Ok(Received::NotTls) => {
+                    self.refuse_plaintext(slot);
+                    return;
+                }
+                Ok(Received::TlsFailed(e)) => {
+                    crate::log_every!(10_000, debug, shard = self.ctx.id, error = %e, "TLS refused a connection's input");
+                    self.close_tls_failed(slot);
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => {
@@ -406,12 +445,19 @@ impl Shard {
                     return;
                 }
             };
-            let short = n < self.scratch.len() && !conn.peer_closed;
+            let short = !full && !conn.peer_closed;
+            if conn.out_len() > 0 && !conn.dirty {
+                // TLS handshake records to send.
+                conn.dirty = true;
+                self.dirty.push(slot);
+            }
             match (conn.phase, conn.transport) {
                 // Discarded: a closing connection is read only for its EOF
                 // (within the same share per turn: a peer that keeps
                 // sending cannot hold the shard through its grace period).
                 (Phase::Closing, _) => {}
+                // Only TLS records that carried no data (the handshake).
+                _ if n == 0 => {}
                 (_, Transport::Http) => {
                     // A request may span many reads. An upgrade turns the
                     // connection into a WebSocket, whose first frames may
@@ -429,6 +475,12 @@ impl Shard {
                         return;
                     }
                 },
+            }
+            if peer_closed {
+                // TLS close_notify: the peer sends nothing more, as with a
+                // FIN on a plain connection.
+                self.drop_conn(slot);
+                return;
             }
             if short {
                 return;
@@ -1131,6 +1183,45 @@ impl Shard {
             return;
         }
         arm_grace(&mut self.wheel, conn, slot, now);
+    }
+
+    /// The first bytes on a TLS listener were not TLS: say so in
+    /// plaintext, in the framing the client is speaking (an Error frame on
+    /// the protocol port, a 400 on the HTTP port), then close.
+    fn refuse_plaintext(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.drop_tls();
+        crate::log_every!(
+            10_000,
+            debug,
+            shard = self.ctx.id,
+            "plaintext on a TLS listener refused"
+        );
+        if conn.transport == Transport::Http {
+            let answer = crate::bridge::http::error(
+                ErrorCode::InvalidRequest,
+                "this port speaks HTTPS: use https:// (or wss://)",
+            );
+            self.http_finish(slot, answer);
+        } else {
+            self.close_with(
+                slot,
+                0,
+                ErrorCode::ProtocolViolation,
+                "this port speaks TLS: connect with TLS",
+                None,
+                None,
+            );
+        }
+    }
+
+    /// TLS refused the connection's input (a bad record, a failed
+    /// handshake, an alert from the peer): send the alert rustls queued,
+    /// if any, and close. No Error frame: the session cannot carry one.
+    fn close_tls_failed(&mut self, slot: usize) {
+        self.close_with(slot, 0, ErrorCode::Unspecified, "TLS error", None, None);
     }
 
     fn drop_conn(&mut self, slot: usize) {

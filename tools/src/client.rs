@@ -46,7 +46,7 @@ use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use rand::RngCore;
 use swiftlet_protocol::{pb, Body, Envelope, ErrorCode, FrameCodec, FrameError, PROTOCOL_VERSION};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, CloseReason};
+use crate::tls::MaybeTls;
 
 /// Capacity of the queue in front of the writer task. Bounded so a stalled
 /// socket pushes back on callers instead of growing memory.
@@ -303,8 +304,8 @@ impl std::fmt::Debug for Deliveries {
     }
 }
 
-type Reader = FramedRead<OwnedReadHalf, FrameCodec>;
-type Writer = FramedWrite<OwnedWriteHalf, FrameCodec>;
+type Reader = FramedRead<ReadHalf<MaybeTls<TcpStream>>, FrameCodec>;
+type Writer = FramedWrite<WriteHalf<MaybeTls<TcpStream>>, FrameCodec>;
 
 impl Client {
     /// Connect, log in, and start the connection's tasks. A fatal `Error`
@@ -506,7 +507,10 @@ async fn handshake(cfg: &ClientConfig, addr: &str) -> Result<Login, ClientError>
     let stream = TcpStream::connect(addr).await?;
     // Chat frames are small and latency-bound; Nagle would hold them back.
     stream.set_nodelay(true)?;
-    let (read, write) = stream.into_split();
+    let stream = MaybeTls::connect(stream, cfg.tls.as_ref(), addr)
+        .await
+        .map_err(ClientError::from_handshake)?;
+    let (read, write) = tokio::io::split(stream);
     let mut reader = FramedRead::new(read, FrameCodec::new(cfg.max_frame));
     let mut writer = FramedWrite::new(write, FrameCodec::new(cfg.max_frame));
 

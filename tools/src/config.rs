@@ -40,9 +40,18 @@ pub struct ClientConfig {
     ///
     /// [`Deliveries`]: crate::Deliveries
     pub delivery_buffer: usize,
+    /// Speak TLS to the server, trusting what this connector trusts (the
+    /// server runs with `--tls-cert`). `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsConnector>,
 }
 
 impl ClientConfig {
+    /// The same, over TLS through `tls`.
+    pub fn with_tls(mut self, tls: crate::tls::TlsConnector) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// A config with the default limits and timeouts.
     pub fn new(
         addr: impl Into<String>,
@@ -57,6 +66,7 @@ impl ClientConfig {
             heartbeat: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             delivery_buffer: DEFAULT_DELIVERY_BUFFER,
+            tls: None,
         }
     }
 }

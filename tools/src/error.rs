@@ -91,6 +91,12 @@ pub enum ClientError {
     /// The request would exceed the server's `max_frame_bytes`; it was not sent.
     #[error("frame of {len} bytes exceeds the server's limit of {max}")]
     TooLarge { len: usize, max: usize },
+    /// The TLS handshake failed: the server's certificate is not trusted
+    /// or not for this host, the server does not speak TLS on this port,
+    /// or they share no protocol version, suite or ALPN. Not retryable as
+    /// is: the trust (`--ca`), the address or the port must change.
+    #[error("TLS handshake: {0}")]
+    Tls(String),
     /// A reliable send ran out of time; `last` is the final attempt's error.
     #[error("gave up after {attempts} attempts: {last}")]
     GaveUp {
@@ -109,6 +115,19 @@ impl From<FrameError> for ClientError {
 }
 
 impl ClientError {
+    /// An error of connecting TLS: a refusal by TLS itself (carried inside
+    /// the I/O error) is [`ClientError::Tls`], anything else stays I/O.
+    pub fn from_handshake(e: std::io::Error) -> ClientError {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(ToString::to_string);
+        match tls {
+            Some(why) => ClientError::Tls(why),
+            None => ClientError::Io(e),
+        }
+    }
+
     /// The server's error code, if this is a server error (or a disconnect
     /// caused by a fatal server error).
     pub fn code(&self) -> Option<i32> {
@@ -132,6 +151,7 @@ impl ClientError {
                     || *code == ErrorCode::StoreUnavailable as i32
             }
             ClientError::Protocol(_)
+            | ClientError::Tls(_)
             | ClientError::TooLarge { .. }
             | ClientError::GaveUp { .. } => false,
         }

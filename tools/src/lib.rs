@@ -28,6 +28,8 @@
 //!   the server's inbox epoch changes.
 //! - [`backoff`]: jittered exponential backoff for reconnect loops.
 //! - [`config`]: [`ClientConfig`] and its defaults.
+//! - [`tls`]: [`TlsConnector`], the TLS set-up the CLI and loadgen share
+//!   (`--tls`, `--ca FILE`), and [`MaybeTls`], a plain or TLS stream.
 //! - [`error`]: [`ClientError`], [`CloseReason`], and which errors to retry.
 //!
 //! The protocol crate is re-exported ([`pb`], [`Envelope`], [`Body`],
@@ -40,6 +42,7 @@ pub mod cursor;
 pub mod error;
 pub mod features;
 pub mod reliable;
+pub mod tls;
 
 pub use backoff::Backoff;
 pub use client::{new_client_msg_id, Client, Deliveries, DeliveryItem};
@@ -48,6 +51,7 @@ pub use cursor::{CursorTracker, Observed};
 pub use error::{code_name, ClientError, CloseReason};
 pub use features::{with_group, with_user};
 pub use reliable::{send_reliably, ReliableSender, RetryPolicy};
+pub use tls::{MaybeTls, TlsArgs, TlsConnector, TlsError};
 
 pub use swiftlet_protocol::{
     codec, pb, token, Body, Envelope, ErrorCode, FrameCodec, FrameError, DEFAULT_MAX_FRAME,

@@ -40,7 +40,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     for j in 0..senders {
         let user = ctx.user("s", u64::from(ctx.worker_index) * 1_000_000 + j);
         let server = ctx.servers[(j as usize) % ctx.servers.len()].to_string();
-        let cfg = ClientConfig::new(server, ctx.auth.token(&user), "d1");
+        let mut cfg = ClientConfig::new(server, ctx.auth.token(&user), "d1");
+        // The senders use the TCP port (the TCP connector, whatever the
+        // transport of the measured connections).
+        cfg.tls = ctx.args.tls.connector()?;
         let names: Vec<(u64, String)> = (j..m_count)
             .step_by(senders as usize)
             .map(|i| {

@@ -78,6 +78,8 @@ struct Args {
     /// The server runs with --dev-auth: log in with the bare user id.
     #[arg(long)]
     dev_auth: bool,
+    #[command(flatten)]
+    tls: swiftlet_client::TlsArgs,
 }
 
 impl Args {
@@ -116,7 +118,8 @@ async fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let cfg = ClientConfig::new(&args.server, args.login_token()?, &args.device);
+    let mut cfg = ClientConfig::new(&args.server, args.login_token()?, &args.device);
+    cfg.tls = args.tls.connector()?;
     session::run(cfg, stdin_lines()).await
 }
 
