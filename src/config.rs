@@ -949,7 +949,13 @@ mod tests {
             ..Config::default()
         };
         assert!(
-            matches!(tiny.validate(), Err(ConfigError::Invalid { key: "inbox_max_age", .. })),
+            matches!(
+                tiny.validate(),
+                Err(ConfigError::Invalid {
+                    key: "inbox_max_age",
+                    ..
+                })
+            ),
             "{:?}",
             tiny.validate()
         );

@@ -156,7 +156,10 @@ async fn a_trim_under_traffic_leaves_a_gap_marker_and_then_everything_after_it_o
     // The phone is told where its gap is, then gets the rest once, in order.
     let (phone, mut pd) = srv.connect("bob", "phone").await;
     let w = phone.welcome().clone();
-    assert_eq!((w.cursor, w.first_available_seq, w.head_seq), (created, first, head));
+    assert_eq!(
+        (w.cursor, w.first_available_seq, w.head_seq),
+        (created, first, head)
+    );
     match next_item(&mut pd).await {
         DeliveryItem::Gap(g) => {
             assert_eq!(
@@ -271,7 +274,10 @@ async fn events_past_the_max_age_go_the_head_stays_and_dedup_records_expire() {
     // A device that never connected is told of the six it will not get.
     let (fresh, mut fd) = srv.connect("bob", "fresh").await;
     assert_eq!(fresh.welcome().first_available_seq, 7);
-    assert_eq!(next_item(&mut fd).await, DeliveryItem::Gap(Gap { from: 1, to: 6 }));
+    assert_eq!(
+        next_item(&mut fd).await,
+        DeliveryItem::Gap(Gap { from: 1, to: 6 })
+    );
     assert_eq!(next_message(&mut fd).await.1.body, "new 0".as_bytes());
     assert_eq!(next_message(&mut fd).await.1.body, "new 1".as_bytes());
     assert_no_more(&fresh, &mut fd).await;
@@ -282,10 +288,17 @@ async fn events_past_the_max_age_go_the_head_stays_and_dedup_records_expire() {
         .send_with_id("first-send", "bob", "text/plain", "old 0")
         .await
         .expect("retry");
-    assert_eq!(retry.server_msg_id, first_ack.server_msg_id, "kept until compacted");
+    assert_eq!(
+        retry.server_msg_id, first_ack.server_msg_id,
+        "kept until compacted"
+    );
     let before = store.count_dedup().expect("count");
     store.compact().expect("compact");
-    assert_eq!(store.count_dedup().expect("count"), before - 5, "the old sends' records");
+    assert_eq!(
+        store.count_dedup().expect("count"),
+        before - 5,
+        "the old sends' records"
+    );
     let late = alice
         .send_with_id("first-send", "bob", "text/plain", "old 0")
         .await

@@ -873,98 +873,95 @@ fn read_inbox_at(
     max_bytes: usize,
 ) -> Result<InboxPage, StoreError> {
     let ro_of = || at.map_or_else(ReadOptions::default, |f| f());
-    {
-        let prefix = keys::user_prefix(user);
-        let mut upper = prefix.clone();
-        // Past every `user ‖ 0x00 ‖ seq` key, before the next user's keys.
-        upper.extend_from_slice(&[0xff; 9]);
-        let mut ro = ro_of();
-        ro.set_iterate_upper_bound(upper);
-        let start = keys::inbox_key(user, after.saturating_add(1));
-        let iter = db.iterator_cf_opt(
-            handle(&db, cf::INBOX)?,
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        );
+    let prefix = keys::user_prefix(user);
+    let mut upper = prefix.clone();
+    // Past every `user ‖ 0x00 ‖ seq` key, before the next user's keys.
+    upper.extend_from_slice(&[0xff; 9]);
+    let mut ro = ro_of();
+    ro.set_iterate_upper_bound(upper);
+    let start = keys::inbox_key(user, after.saturating_add(1));
+    let iter = db.iterator_cf_opt(
+        handle(db, cf::INBOX)?,
+        ro,
+        IteratorMode::From(&start, Direction::Forward),
+    );
 
-        let mut slots = Vec::new();
-        let mut has_more = false;
-        for item in iter {
-            let (k, v) = item?;
-            if slots.len() >= limit {
-                has_more = true;
-                break;
-            }
-            slots.push((
-                keys::seq_of_inbox_key(&prefix, &k)?,
-                InboxEntry::decode(&v)?,
-            ));
+    let mut slots = Vec::new();
+    let mut has_more = false;
+    for item in iter {
+        let (k, v) = item?;
+        if slots.len() >= limit {
+            has_more = true;
+            break;
         }
-
-        let messages_cf = handle(&db, cf::MESSAGES)?;
-        let ids: Vec<_> = slots
-            .iter()
-            .filter_map(|(_, e)| match e {
-                InboxEntry::Message(id) => Some((messages_cf, id.to_be_bytes())),
-                InboxEntry::Inline(_) => None,
-            })
-            .collect();
-        let mut values = db.multi_get_cf_opt(ids, &ro_of()).into_iter();
-        let mut page = InboxPage {
-            events: Vec::with_capacity(slots.len()),
-            has_more,
-            ..InboxPage::default()
-        };
-        let mut bytes = 0usize;
-        for (seq, entry) in slots {
-            let (raw, what) = match entry {
-                InboxEntry::Message(id) => {
-                    let raw = values
-                        .next()
-                        .ok_or_else(|| {
-                            StoreError::Corrupt("multi_get returned too few values".into())
-                        })??
-                        .ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "inbox of {user} references missing message {id}"
-                            ))
-                        })?;
-                    (raw, Some(id))
-                }
-                InboxEntry::Inline(raw) => (raw, None),
-            };
-            // 16 bytes covers the Event wrapper around each message (tags, seq).
-            let cost = raw.len() + 16;
-            if !page.events.is_empty() && bytes + cost > max_bytes {
-                page.has_more = true;
-                break;
-            }
-            bytes += cost;
-            let event = match what {
-                Some(id) => {
-                    let msg = pb::Message::decode(raw.as_slice())
-                        .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
-                    pb::Event {
-                        seq,
-                        kind: Some(pb::event::Kind::Message(msg)),
-                    }
-                }
-                None => {
-                    let mut ev = pb::Event::decode(raw.as_slice()).map_err(|e| {
-                        StoreError::Corrupt(format!("inline event at {user}/{seq}: {e}"))
-                    })?;
-                    ev.seq = seq;
-                    ev
-                }
-            };
-            page.events.push(event);
-        }
-        Ok(page)
+        slots.push((
+            keys::seq_of_inbox_key(&prefix, &k)?,
+            InboxEntry::decode(&v)?,
+        ));
     }
+
+    let messages_cf = handle(db, cf::MESSAGES)?;
+    let ids: Vec<_> = slots
+        .iter()
+        .filter_map(|(_, e)| match e {
+            InboxEntry::Message(id) => Some((messages_cf, id.to_be_bytes())),
+            InboxEntry::Inline(_) => None,
+        })
+        .collect();
+    let mut values = db.multi_get_cf_opt(ids, &ro_of()).into_iter();
+    let mut page = InboxPage {
+        events: Vec::with_capacity(slots.len()),
+        has_more,
+        ..InboxPage::default()
+    };
+    let mut bytes = 0usize;
+    for (seq, entry) in slots {
+        let (raw, what) = match entry {
+            InboxEntry::Message(id) => {
+                let raw = values
+                    .next()
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("multi_get returned too few values".into())
+                    })??
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "inbox of {user} references missing message {id}"
+                        ))
+                    })?;
+                (raw, Some(id))
+            }
+            InboxEntry::Inline(raw) => (raw, None),
+        };
+        // 16 bytes covers the Event wrapper around each message (tags, seq).
+        let cost = raw.len() + 16;
+        if !page.events.is_empty() && bytes + cost > max_bytes {
+            page.has_more = true;
+            break;
+        }
+        bytes += cost;
+        let event = match what {
+            Some(id) => {
+                let msg = pb::Message::decode(raw.as_slice())
+                    .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
+                pb::Event {
+                    seq,
+                    kind: Some(pb::event::Kind::Message(msg)),
+                }
+            }
+            None => {
+                let mut ev = pb::Event::decode(raw.as_slice()).map_err(|e| {
+                    StoreError::Corrupt(format!("inline event at {user}/{seq}: {e}"))
+                })?;
+                ev.seq = seq;
+                ev
+            }
+        };
+        page.events.push(event);
+    }
+    Ok(page)
 }
 
 impl Store {
-
     /// Put an inline event (group change, receipt) into an inbox slot.
     pub fn put_inbox_event(
         &self,

@@ -114,7 +114,7 @@ impl Policy {
     /// Whether the append of `seq` should wake the trimmer for its inbox.
     #[inline]
     pub fn due(&self, seq: u64) -> bool {
-        self.keep > 0 && seq > self.keep && (seq - self.keep) % self.step() == 0
+        self.keep > 0 && seq > self.keep && (seq - self.keep).is_multiple_of(self.step())
     }
 
     /// How often the trimmer sweeps every inbox: a tenth of `max_age`
@@ -338,7 +338,11 @@ fn trim_batch(shared: &Shared, user: &str) -> Result<(TrimReport, bool), StoreEr
     };
 
     let mut wb = rocksdb::WriteBatch::default();
-    wb.delete_range_cf(inbox, keys::inbox_key(user, 0), keys::inbox_key(user, floor));
+    wb.delete_range_cf(
+        inbox,
+        keys::inbox_key(user, 0),
+        keys::inbox_key(user, floor),
+    );
     refs.sort_unstable();
     let mut released: Vec<(u64, i64)> = Vec::new();
     for id in refs {
@@ -511,13 +515,21 @@ mod tests {
         let events = (1..=10).map(|s| (s, None));
         assert_eq!(w.floor(events), Some(8));
         // Fewer than keep: nothing goes.
-        assert_eq!(policy(30, 0).walk(10, 0).floor((1..=10).map(|s| (s, None))), None);
+        assert_eq!(
+            policy(30, 0).walk(10, 0).floor((1..=10).map(|s| (s, None))),
+            None
+        );
         // Everything aged out: all but the head goes.
         let w = policy(0, 60).walk(10, 1_000_000);
         assert_eq!(w.floor((1..=10).map(|s| (s, Some(0)))), Some(10));
         // Keep everything.
         assert!(!policy(0, 0).trims());
-        assert_eq!(policy(0, 0).walk(10, 1 << 40).floor((1..=10).map(|s| (s, Some(0)))), None);
+        assert_eq!(
+            policy(0, 0)
+                .walk(10, 1 << 40)
+                .floor((1..=10).map(|s| (s, Some(0)))),
+            None
+        );
     }
 
     #[test]
@@ -525,7 +537,14 @@ mod tests {
         let w = policy(0, 60).walk(6, 100_000);
         // Cutoff 40_000: seq 3 is young, seq 4 old again (another node's
         // clock): 4 stays until 3 goes.
-        let events = [(1, Some(1)), (2, Some(39_999)), (3, Some(40_000)), (4, Some(5)), (5, None), (6, Some(0))];
+        let events = [
+            (1, Some(1)),
+            (2, Some(39_999)),
+            (3, Some(40_000)),
+            (4, Some(5)),
+            (5, None),
+            (6, Some(0)),
+        ];
         assert_eq!(w.floor(events), Some(3));
         // An event without a time stops an age trim.
         assert_eq!(w.floor([(1, None), (2, Some(1))]), None);
