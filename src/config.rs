@@ -102,6 +102,15 @@ pub struct Config {
     /// on SIGHUP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// The newest events kept per inbox; 0 keeps every event (see
+    /// `crate::store::retention`).
+    pub inbox_keep: u64,
+    /// Inbox events older than this go (the newest of an inbox stays);
+    /// 0 keeps events whatever their age.
+    pub inbox_max_age: Span,
+    /// A retry of a send with the same client_msg_id is answered with the
+    /// first Ack for at least this long after it; 0: forever.
+    pub dedup_window: Span,
     /// What the node reads the time from: the shards' loops and timers,
     /// the pipeline's timestamps and ids, fan-out and latency timing. The
     /// system clock, except in tests that start a server in-process with a
@@ -140,6 +149,15 @@ impl Default for Config {
             redis_timeout_ms: 1_000,
             tls_cert: None,
             tls_key: None,
+            // A week of a heavy user's traffic, ~2 MB of references and
+            // messages at most: what a phone offline for a month finds.
+            inbox_keep: 10_000,
+            // What the large messengers hold an undelivered message for.
+            inbox_max_age: Span::days(30),
+            // Far past any client's retry deadline (the client library's
+            // is 60 s; a phone's outbox retries when it is back online),
+            // and a day of records, not the whole history.
+            dedup_window: Span::days(1),
             clock: Clock::system(),
         }
     }
@@ -279,6 +297,15 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert; reloaded on SIGHUP.
     #[arg(long, env = "SWIFTLET_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Newest events kept per inbox; 0 keeps all [default: 10000].
+    #[arg(long, env = "SWIFTLET_INBOX_KEEP")]
+    pub inbox_keep: Option<u64>,
+    /// Inbox events older than this go, e.g. 30d, 12h, 90m; 0 keeps them [default: 30d].
+    #[arg(long, env = "SWIFTLET_INBOX_MAX_AGE", value_name = "DURATION")]
+    pub inbox_max_age: Option<Span>,
+    /// How long a send's retry is still answered with its first Ack; 0 forever [default: 1d].
+    #[arg(long, env = "SWIFTLET_DEDUP_WINDOW", value_name = "DURATION")]
+    pub dedup_window: Option<Span>,
 }
 
 impl Config {
@@ -308,7 +335,10 @@ impl Config {
             max_group_members,
             typing_ttl_ms,
             lease_ms,
-            redis_timeout_ms
+            redis_timeout_ms,
+            inbox_keep,
+            inbox_max_age,
+            dedup_window
         );
         if args.cluster.is_some() {
             c.cluster = args.cluster.clone();
@@ -417,6 +447,14 @@ impl Config {
                     self.redis_timeout_ms, self.lease_ms
                 ),
             );
+        }
+        for (key, span) in [
+            ("inbox_max_age", self.inbox_max_age),
+            ("dedup_window", self.dedup_window),
+        ] {
+            if !span.0.is_zero() && span.0 < std::time::Duration::from_secs(1) {
+                return bad(key, format!("{span} is below 1s (0 means no limit)"));
+            }
         }
         if let Some(url) = &self.cluster {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -557,6 +595,89 @@ impl Config {
             }
             other => other,
         }
+    }
+}
+
+impl Config {
+    /// What the store keeps (see `crate::store::retention`).
+    pub fn retention(&self) -> crate::store::RetentionPolicy {
+        crate::store::RetentionPolicy {
+            keep: self.inbox_keep,
+            max_age: self.inbox_max_age.0,
+            dedup_window: self.dedup_window.0,
+        }
+    }
+}
+
+/// A duration as operators write it: a whole number and a unit, `ms`, `s`,
+/// `m`, `h` or `d` (`30d`, `12h`, `1500ms`), or `0` for "no limit". Written
+/// back in the largest unit that divides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Span(pub std::time::Duration);
+
+impl Span {
+    pub const fn days(n: u64) -> Span {
+        Span(std::time::Duration::from_secs(n * 86_400))
+    }
+}
+
+const SPAN_UNITS: [(&str, u64); 5] = [
+    ("d", 86_400_000),
+    ("h", 3_600_000),
+    ("m", 60_000),
+    ("s", 1_000),
+    ("ms", 1),
+];
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Span, String> {
+        let t = text.trim();
+        if t == "0" {
+            return Ok(Span(std::time::Duration::ZERO));
+        }
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (n, unit) = t.split_at(digits);
+        let bad = || format!("{text:?} is not a duration like 30d, 12h, 90m, 45s, 500ms or 0");
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let ms = SPAN_UNITS
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, ms)| *ms)
+            .ok_or_else(bad)?;
+        let ms = n.checked_mul(ms).ok_or_else(bad)?;
+        Ok(Span(std::time::Duration::from_millis(ms)))
+    }
+}
+
+impl TryFrom<String> for Span {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Span, String> {
+        s.parse()
+    }
+}
+
+impl From<Span> for String {
+    fn from(s: Span) -> String {
+        s.to_string()
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX);
+        if ms == 0 {
+            return f.write_str("0");
+        }
+        let (unit, per) = SPAN_UNITS
+            .iter()
+            .find(|(_, per)| ms % per == 0)
+            .copied()
+            .unwrap_or(("ms", 1));
+        write!(f, "{}{unit}", ms / per)
     }
 }
 
@@ -843,5 +964,46 @@ mod tests {
         })
         .expect("load");
         assert_eq!((c.wal_sync, c.wal_sync_interval_ms), (WalSync::Off, 20));
+    }
+
+    #[test]
+    fn retention_spans_parse_print_back_and_zero_keeps_everything() {
+        use std::time::Duration;
+        for (text, d, shown) in [
+            ("30d", Duration::from_secs(30 * 86_400), "30d"),
+            ("48h", Duration::from_secs(48 * 3600), "2d"),
+            ("90m", Duration::from_secs(5400), "90m"),
+            ("1500ms", Duration::from_millis(1500), "1500ms"),
+            ("0", Duration::ZERO, "0"),
+        ] {
+            let span: Span = text.parse().expect(text);
+            assert_eq!(span.0, d, "{text}");
+            assert_eq!(span.to_string(), shown);
+        }
+        for bad in ["", "30", "d", "3w", "-1d", "1.5h", "99999999999999999999d"] {
+            assert!(bad.parse::<Span>().is_err(), "{bad:?}");
+        }
+        let c: Config =
+            toml::from_str("inbox_keep = 0\ninbox_max_age = \"0\"\ndedup_window = \"12h\"")
+                .expect("parse");
+        let p = c.retention();
+        assert!(!p.trims(), "0 and 0 keep everything");
+        assert_eq!(p.dedup_window, Duration::from_secs(12 * 3600));
+        assert!(toml::from_str::<Config>("inbox_max_age = \"soon\"").is_err());
+        let tiny = Config {
+            inbox_max_age: Span(Duration::from_millis(10)),
+            ..Config::default()
+        };
+        assert!(
+            matches!(
+                tiny.validate(),
+                Err(ConfigError::Invalid {
+                    key: "inbox_max_age",
+                    ..
+                })
+            ),
+            "{:?}",
+            tiny.validate()
+        );
     }
 }

@@ -108,6 +108,7 @@ fn all_kinds() -> Vec<Envelope> {
                 server_version: "0.1.0".into(),
                 server_time_ms: T_2025,
                 inbox_epoch: 0x5eed_e90c,
+                first_available_seq: 40,
             }),
         ),
         Envelope::error(3, ErrorCode::BodyTooLarge, "body over 64512 bytes", false),

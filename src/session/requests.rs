@@ -359,9 +359,16 @@ fn login<O: Output, N: NodeServices>(
             ),
         );
     }
-    let (cursor, head) = match (node.cursor(&user, &hello.device_id), node.head(&user)) {
-        (Ok(c), Ok(h)) => (c, h),
-        (Err(e), _) | (_, Err(e)) => {
+    // The oldest seq after the head: a trim between the two reads moves
+    // it on, never past the head (which retention always keeps).
+    let bounds = (
+        node.cursor(&user, &hello.device_id),
+        node.head(&user),
+        node.first_seq(&user),
+    );
+    let (cursor, head, first_available) = match bounds {
+        (Ok(c), Ok(h), Ok(f)) => (c, h, f),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             crate::log_every!(1000, error, error = %e, "reading a cursor at login failed");
             node.unregister(&user, me);
             return Flow::Close(rid, ErrorCode::Internal, "storage error".into());
@@ -381,6 +388,7 @@ fn login<O: Output, N: NodeServices>(
                 server_version: env!("CARGO_PKG_VERSION").into(),
                 server_time_ms: node.clock().now_ms(),
                 inbox_epoch: node.inbox_epoch(),
+                first_available_seq: first_available,
             }),
         ),
     );
@@ -530,12 +538,14 @@ pub fn sync_page<N: NodeServices>(
         n => n.min(MAX_SYNC_LIMIT),
     } as usize;
     let max_bytes = node.limits().max_frame.saturating_sub(FRAME_OVERHEAD);
+    // Page, head and first available seq from one snapshot: the gap a
+    // client computes from them is exactly what retention removed.
     let page = node.inbox_page(user, after, limit, max_bytes)?;
     Ok(pb::SyncBatch {
         events: page.events,
         has_more: page.has_more,
-        head_seq: node.head(user)?,
-        first_available_seq: node.first_seq(user)?,
+        head_seq: page.head,
+        first_available_seq: page.first_available,
         inbox_epoch: node.inbox_epoch(),
     })
 }

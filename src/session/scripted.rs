@@ -311,6 +311,8 @@ impl NodeServices for ScriptedNode {
         Ok(InboxPage {
             events,
             has_more: rest.next().is_some(),
+            first_available: all.first().map_or(0, |e| e.seq),
+            head: all.last().map_or(0, |e| e.seq),
         })
     }
 

@@ -120,7 +120,8 @@ pub trait NodeServices {
     /// The store's inbox epoch (see the wire spec, section 8).
     fn inbox_epoch(&self) -> u64;
     /// Up to `limit` events of `user`'s inbox after `after`, in at most
-    /// about `max_bytes`.
+    /// about `max_bytes`, with the inbox's oldest and newest seqs as of
+    /// the same read.
     fn inbox_page(
         &self,
         user: &str,
@@ -267,7 +268,7 @@ impl NodeServices for Services {
         limit: usize,
         max_bytes: usize,
     ) -> Result<InboxPage, StoreError> {
-        self.store.read_inbox(user, after, limit, max_bytes)
+        self.store.sync_inbox(user, after, limit, max_bytes)
     }
 
     #[inline]

@@ -12,8 +12,14 @@ pub const MESSAGES: &str = "messages";
 /// The offline queue and the sync log are the same thing.
 pub const INBOX: &str = "inbox";
 /// `user ‖ 0x00 ‖ client_msg_id` → encoded `pb::Ack`: the answer every retry of
-/// that send gets, kept so idempotency survives restarts.
+/// that send gets, kept so idempotency survives restarts, for the dedup
+/// window (a compaction filter drops older ones: see [`super::retention`]).
 pub const DEDUP: &str = "dedup";
+/// `msg_id: u64 BE` → `count: i64 BE`, merged: how many inbox entries
+/// reference the message. Each reference written merges +1, each one
+/// trimmed −1; the trimmer deletes the message when it reaches 0 (see
+/// [`super::retention`]). A message without one predates the counts.
+pub const REFS: &str = "refs";
 /// `user ‖ 0x00 ‖ device` → `seq: u64 BE`, the highest inbox seq the device
 /// acknowledged.
 pub const CURSORS: &str = "cursors";
@@ -47,10 +53,11 @@ pub const META: &str = "meta";
 pub const CLUSTER: &str = "cluster";
 
 /// Every column family the store opens.
-pub const ALL_CFS: [&str; 11] = [
+pub const ALL_CFS: [&str; 12] = [
     MESSAGES,
     INBOX,
     DEDUP,
+    REFS,
     CURSORS,
     GROUPS,
     MEMBERSHIPS,

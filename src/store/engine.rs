@@ -53,7 +53,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Options, DB};
 
+use super::retention::{self, Policy};
 use super::{cf, StoreError, StoreOptions, WalSync};
+use crate::clock::Clock;
 use crate::metrics::StoreHealth;
 
 /// The first retry after a failed commit.
@@ -128,6 +130,7 @@ impl Recipe {
                 name,
                 cf::MESSAGES
                     | cf::DEDUP
+                    | cf::REFS
                     | cf::CURSORS
                     | cf::STATUS
                     | cf::GROUPS
@@ -146,6 +149,18 @@ impl Recipe {
                 o.set_memtable_whole_key_filtering(true);
             }
             o.set_block_based_table_factory(&bbo);
+            match name {
+                cf::REFS => o.set_merge_operator_associative("swiftlet-refs", retention::add_refs),
+                cf::DEDUP if !self.opts.retention.dedup_window.is_zero() => o
+                    .set_compaction_filter(
+                        "swiftlet-dedup-window",
+                        retention::dedup_filter(
+                            self.opts.retention.dedup_window,
+                            self.opts.clock.clone(),
+                        ),
+                    ),
+                _ => {}
+            }
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_write_buffer_size(self.opts.write_buffer_bytes);
             o
@@ -240,6 +255,16 @@ pub(super) struct Shared {
     swap: Mutex<()>,
     wake: crossbeam_channel::Sender<()>,
     health: Arc<StoreHealth>,
+    /// What inboxes keep (see [`retention`]).
+    pub(super) policy: Policy,
+    /// Where retention reads the time.
+    pub(super) clock: Clock,
+    /// Held for reading by every commit while it writes, and for writing by
+    /// the trimmer while it reads and writes reference counts, and by a
+    /// clean shutdown (see [`retention`]).
+    pub(super) gc: RwLock<()>,
+    /// Held by whoever trims an inbox.
+    pub(super) trim: Mutex<()>,
 }
 
 impl Shared {
@@ -255,6 +280,7 @@ impl Shared {
         let writable = engine.writable;
         refusing.store(!writable, Ordering::SeqCst);
         let health = Arc::new(StoreHealth::default());
+        let (policy, clock) = (recipe.opts.retention, recipe.opts.clock.clone());
         let shared = Arc::new(Shared {
             engine: RwLock::new(Arc::new(engine)),
             recipe,
@@ -265,6 +291,10 @@ impl Shared {
             swap: Mutex::new(()),
             wake,
             health,
+            policy,
+            clock,
+            gc: RwLock::new(()),
+            trim: Mutex::new(()),
         });
         if !writable {
             shared.begin_outage();

@@ -30,6 +30,7 @@ pub mod cluster;
 mod engine;
 pub mod keys;
 pub mod partition;
+pub mod retention;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -41,8 +42,10 @@ use prost::Message as _;
 use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, WriteOptions, DB};
 use swiftlet_protocol::pb;
 
+use crate::clock::Clock;
 use crate::metrics::StoreHealth;
 use keys::{InboxEntry, RunState};
+pub use retention::{Policy as RetentionPolicy, TrimReport};
 
 /// A storage failure. Engine errors are mapped here, in one place.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +183,11 @@ pub struct StoreOptions {
     /// Recorded in the database (see [`WAL_DIR_MARKER`]) and checked on
     /// every open.
     pub wal_dir: Option<std::path::PathBuf>,
+    /// What each inbox keeps and how long dedup records last (see
+    /// [`retention`]); the default keeps everything.
+    pub retention: retention::Policy,
+    /// Where retention and the dedup window read the time.
+    pub clock: Clock,
 }
 
 /// The file in the database directory that records where its write-ahead
@@ -194,6 +202,8 @@ impl Default for StoreOptions {
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 16 << 20,
             wal_dir: None,
+            retention: retention::Policy::default(),
+            clock: Clock::system(),
         }
     }
 }
@@ -201,8 +211,13 @@ impl Default for StoreOptions {
 /// The embedded database.
 pub struct Store {
     /// Declared first, so it stops before the engine closes (see
+    /// [`retention`]).
+    _trimmer: retention::Trimmer,
+    /// Declared early, so it stops before the engine closes (see
     /// [`engine`]).
     _recovery: engine::Recovery,
+    /// Inboxes for the trimmer to look at (see [`retention`]).
+    notes: retention::Notes,
     /// The open instance and what it takes to open it again.
     shared: Arc<engine::Shared>,
     write_opts: WriteOptions,
@@ -242,13 +257,23 @@ pub enum FailRead {
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<BatchOp>,
+    /// The last reference count added ([`Batch::add_ref`]): where in `ops`
+    /// and for which message, so the references a message gets from
+    /// consecutive inbox entries become one write.
+    last_ref: Option<(usize, u64)>,
 }
 
 struct BatchOp {
     cf: &'static str,
     key: Vec<u8>,
-    /// `None`: delete the key.
-    value: Option<Vec<u8>>,
+    value: OpValue,
+}
+
+enum OpValue {
+    Put(Vec<u8>),
+    Delete,
+    /// A reference-count delta ([`cf::REFS`]'s merge operator).
+    AddRefs(i64),
 }
 
 impl Batch {
@@ -256,7 +281,7 @@ impl Batch {
         self.ops.push(BatchOp {
             cf,
             key: key.into(),
-            value: Some(value.into()),
+            value: OpValue::Put(value.into()),
         });
     }
 
@@ -264,7 +289,40 @@ impl Batch {
         self.ops.push(BatchOp {
             cf,
             key: key.into(),
-            value: None,
+            value: OpValue::Delete,
+        });
+    }
+
+    /// One more inbox entry references message `id`.
+    fn add_ref(&mut self, id: u64) {
+        if let Some((i, last)) = self.last_ref {
+            if last == id {
+                if let Some(BatchOp {
+                    value: OpValue::AddRefs(n),
+                    ..
+                }) = self.ops.get_mut(i)
+                {
+                    *n += 1;
+                    return;
+                }
+            }
+        }
+        self.last_ref = Some((self.ops.len(), id));
+        self.ops.push(BatchOp {
+            cf: cf::REFS,
+            key: id.to_be_bytes().to_vec(),
+            value: OpValue::AddRefs(1),
+        });
+    }
+
+    /// Add `n` (which may be negative) to message `id`'s reference count:
+    /// rows that name it arriving or leaving outside [`Store::put_inbox`]
+    /// (a partition moving in or out, see [`partition`]).
+    fn add_refs(&mut self, id: u64, n: i64) {
+        self.ops.push(BatchOp {
+            cf: cf::REFS,
+            key: id.to_be_bytes().to_vec(),
+            value: OpValue::AddRefs(n),
         });
     }
 
@@ -277,6 +335,9 @@ impl Batch {
     /// `crate::txn`).
     pub(crate) fn truncate(&mut self, len: usize) {
         self.ops.truncate(len);
+        if self.last_ref.is_some_and(|(i, _)| i >= len) {
+            self.last_ref = None;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -290,6 +351,11 @@ pub struct InboxPage {
     pub events: Vec<pb::Event>,
     /// True when the page stopped at `limit` or `max_bytes`, not at the end.
     pub has_more: bool,
+    /// The oldest seq the inbox holds (0: none), as of the page's read
+    /// ([`Store::sync_inbox`] only; 0 from [`Store::read_inbox`]).
+    pub first_available: u64,
+    /// The newest seq (0: none), likewise.
+    pub head: u64,
 }
 
 /// Where the write-ahead log of the database at `db` goes, checked against
@@ -452,10 +518,19 @@ impl Store {
                 path: path.display().to_string(),
                 source,
             })?;
+        let (notes, noted) = crossbeam_channel::bounded(retention::NOTES);
+        let trimmer =
+            retention::Trimmer::start(shared.clone(), noted).map_err(|source| StoreError::Io {
+                what: "starting the retention thread for",
+                path: path.display().to_string(),
+                source,
+            })?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.wal_sync == WalSync::Always);
         Ok(Store {
+            _trimmer: trimmer,
             _recovery: recovery,
+            notes,
             shared,
             write_opts,
             watch: parking_lot::Mutex::new(None),
@@ -534,7 +609,11 @@ impl Store {
     pub fn mark_clean_shutdown(&self) -> Result<(), StoreError> {
         // No engine is swapped in from here on.
         let _swapping = self.shared.swap_lock();
-        self.shared.closed.store(true, Ordering::SeqCst);
+        {
+            // No trim is half done: its batch is in, or it will see `closed`.
+            let _gc = self.shared.gc.write();
+            self.shared.closed.store(true, Ordering::SeqCst);
+        }
         let db = self.db();
         if !db.writable {
             return Err(StoreError::ReadOnly);
@@ -582,11 +661,18 @@ impl Store {
                 }
             };
             match &op.value {
-                Some(v) => wb.put_cf(cf, &op.key, v),
-                None => wb.delete_cf(cf, &op.key),
+                OpValue::Put(v) => wb.put_cf(cf, &op.key, v),
+                OpValue::Delete => wb.delete_cf(cf, &op.key),
+                OpValue::AddRefs(n) => wb.merge_cf(cf, &op.key, n.to_be_bytes()),
             }
         }
-        match db.write_opt(wb, &self.write_opts) {
+        // Never while the trimmer decides on reference counts (see
+        // `retention`); uncontended otherwise.
+        let written = {
+            let _gc = self.shared.gc.read();
+            db.write_opt(wb, &self.write_opts)
+        };
+        match written {
             Ok(()) => {
                 self.shared.write_succeeded();
                 Ok(())
@@ -618,6 +704,13 @@ impl Store {
         entry: InboxEntry,
     ) -> Result<(), StoreError> {
         batch.put(cf::INBOX, keys::inbox_key(user, seq), entry.encode());
+        if let InboxEntry::Message(id) = entry {
+            batch.add_ref(id);
+        }
+        if self.shared.policy.due(seq) {
+            // Full: the next sweep trims this inbox.
+            let _ = self.notes.try_send(Arc::from(user));
+        }
         Ok(())
     }
 
@@ -719,93 +812,177 @@ impl Store {
         max_bytes: usize,
     ) -> Result<InboxPage, StoreError> {
         let db = self.db();
-        let prefix = keys::user_prefix(user);
-        let mut upper = prefix.clone();
-        // Past every `user ‖ 0x00 ‖ seq` key, before the next user's keys.
-        upper.extend_from_slice(&[0xff; 9]);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(upper);
-        let start = keys::inbox_key(user, after.saturating_add(1));
-        let iter = db.iterator_cf_opt(
-            handle(&db, cf::INBOX)?,
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        );
+        read_inbox_at(&db, None, user, after, limit, max_bytes)
+    }
 
-        let mut slots = Vec::new();
-        let mut has_more = false;
-        for item in iter {
-            let (k, v) = item?;
-            if slots.len() >= limit {
-                has_more = true;
-                break;
-            }
-            slots.push((
-                keys::seq_of_inbox_key(&prefix, &k)?,
-                InboxEntry::decode(&v)?,
-            ));
-        }
-
-        let messages_cf = handle(&db, cf::MESSAGES)?;
-        let ids: Vec<_> = slots
-            .iter()
-            .filter_map(|(_, e)| match e {
-                InboxEntry::Message(id) => Some((messages_cf, id.to_be_bytes())),
-                InboxEntry::Inline(_) => None,
-            })
-            .collect();
-        let mut values = db.multi_get_cf(ids).into_iter();
-        let mut page = InboxPage {
-            events: Vec::with_capacity(slots.len()),
-            has_more,
+    /// [`Store::read_inbox`], with the inbox's oldest and newest seqs, all
+    /// read from one snapshot: the page and its bounds agree even while
+    /// the trimmer and the pipeline change the inbox (a Sync reports the
+    /// gap retention made exactly, never one its own page fills).
+    pub fn sync_inbox(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<InboxPage, StoreError> {
+        let db = self.db();
+        let snapshot = db.snapshot();
+        let at = || {
+            let mut ro = ReadOptions::default();
+            ro.set_snapshot(&snapshot);
+            ro
         };
-        let mut bytes = 0usize;
-        for (seq, entry) in slots {
-            let (raw, what) = match entry {
-                InboxEntry::Message(id) => {
-                    let raw = values
-                        .next()
-                        .ok_or_else(|| {
-                            StoreError::Corrupt("multi_get returned too few values".into())
-                        })??
-                        .ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "inbox of {user} references missing message {id}"
-                            ))
-                        })?;
-                    (raw, Some(id))
-                }
-                InboxEntry::Inline(raw) => (raw, None),
-            };
-            // 16 bytes covers the Event wrapper around each message (tags, seq).
-            let cost = raw.len() + 16;
-            if !page.events.is_empty() && bytes + cost > max_bytes {
-                page.has_more = true;
-                break;
-            }
-            bytes += cost;
-            let event = match what {
-                Some(id) => {
-                    let msg = pb::Message::decode(raw.as_slice())
-                        .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
-                    pb::Event {
-                        seq,
-                        kind: Some(pb::event::Kind::Message(msg)),
-                    }
-                }
-                None => {
-                    let mut ev = pb::Event::decode(raw.as_slice()).map_err(|e| {
-                        StoreError::Corrupt(format!("inline event at {user}/{seq}: {e}"))
-                    })?;
-                    ev.seq = seq;
-                    ev
-                }
-            };
-            page.events.push(event);
-        }
+        let mut page = read_inbox_at(&db, Some(&at), user, after, limit, max_bytes)?;
+        let inbox = handle(&db, cf::INBOX)?;
+        let prefix = keys::user_prefix(user);
+        let mut it = db.raw_iterator_cf_opt(inbox, at());
+        it.seek(&prefix);
+        it.status()?;
+        page.first_available = match it.key() {
+            Some(k) if k.starts_with(&prefix) => keys::seq_of_inbox_key(&prefix, k)?,
+            _ => 0,
+        };
+        it.seek_for_prev(keys::inbox_key(user, u64::MAX));
+        it.status()?;
+        page.head = match it.key() {
+            Some(k) if k.starts_with(&prefix) => keys::seq_of_inbox_key(&prefix, k)?,
+            _ => 0,
+        };
         Ok(page)
     }
 
+    /// Trim every inbox by the retention policy now, on this thread, and
+    /// reclaim the messages no inbox references any more (the trimmer
+    /// thread does the same on its own schedule).
+    pub fn trim_now(&self) -> Result<TrimReport, StoreError> {
+        retention::sweep(&self.shared)
+    }
+
+    /// Compact every column family now: what retention removed, and dedup
+    /// records past their window, leave the disk.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        let db = self.db();
+        for name in cf::ALL_CFS {
+            db.compact_range_cf(handle(&db, name)?, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
+    }
+
+    /// How many dedup records are stored (a scan: for tests and tools).
+    pub fn count_dedup(&self) -> Result<u64, StoreError> {
+        let db = self.db();
+        let mut n = 0;
+        for item in db.iterator_cf(handle(&db, cf::DEDUP)?, IteratorMode::Start) {
+            item?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// Read options for one read of a snapshot (`None`: the latest state).
+type At<'a> = Option<&'a dyn Fn() -> ReadOptions>;
+
+/// [`Store::read_inbox`] on `db`, at a snapshot or not.
+fn read_inbox_at(
+    db: &engine::Engine,
+    at: At<'_>,
+    user: &str,
+    after: u64,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<InboxPage, StoreError> {
+    let ro_of = || at.map_or_else(ReadOptions::default, |f| f());
+    let prefix = keys::user_prefix(user);
+    let mut upper = prefix.clone();
+    // Past every `user ‖ 0x00 ‖ seq` key, before the next user's keys.
+    upper.extend_from_slice(&[0xff; 9]);
+    let mut ro = ro_of();
+    ro.set_iterate_upper_bound(upper);
+    let start = keys::inbox_key(user, after.saturating_add(1));
+    let iter = db.iterator_cf_opt(
+        handle(db, cf::INBOX)?,
+        ro,
+        IteratorMode::From(&start, Direction::Forward),
+    );
+
+    let mut slots = Vec::new();
+    let mut has_more = false;
+    for item in iter {
+        let (k, v) = item?;
+        if slots.len() >= limit {
+            has_more = true;
+            break;
+        }
+        slots.push((
+            keys::seq_of_inbox_key(&prefix, &k)?,
+            InboxEntry::decode(&v)?,
+        ));
+    }
+
+    let messages_cf = handle(db, cf::MESSAGES)?;
+    let ids: Vec<_> = slots
+        .iter()
+        .filter_map(|(_, e)| match e {
+            InboxEntry::Message(id) => Some((messages_cf, id.to_be_bytes())),
+            InboxEntry::Inline(_) => None,
+        })
+        .collect();
+    let mut values = db.multi_get_cf_opt(ids, &ro_of()).into_iter();
+    let mut page = InboxPage {
+        events: Vec::with_capacity(slots.len()),
+        has_more,
+        ..InboxPage::default()
+    };
+    let mut bytes = 0usize;
+    for (seq, entry) in slots {
+        let (raw, what) = match entry {
+            InboxEntry::Message(id) => {
+                let raw = values
+                    .next()
+                    .ok_or_else(|| {
+                        StoreError::Corrupt("multi_get returned too few values".into())
+                    })??
+                    .ok_or_else(|| {
+                        StoreError::Corrupt(format!(
+                            "inbox of {user} references missing message {id}"
+                        ))
+                    })?;
+                (raw, Some(id))
+            }
+            InboxEntry::Inline(raw) => (raw, None),
+        };
+        // 16 bytes covers the Event wrapper around each message (tags, seq).
+        let cost = raw.len() + 16;
+        if !page.events.is_empty() && bytes + cost > max_bytes {
+            page.has_more = true;
+            break;
+        }
+        bytes += cost;
+        let event = match what {
+            Some(id) => {
+                let msg = pb::Message::decode(raw.as_slice())
+                    .map_err(|e| StoreError::Corrupt(format!("message {id}: {e}")))?;
+                pb::Event {
+                    seq,
+                    kind: Some(pb::event::Kind::Message(msg)),
+                }
+            }
+            None => {
+                let mut ev = pb::Event::decode(raw.as_slice()).map_err(|e| {
+                    StoreError::Corrupt(format!("inline event at {user}/{seq}: {e}"))
+                })?;
+                ev.seq = seq;
+                ev
+            }
+        };
+        page.events.push(event);
+    }
+    Ok(page)
+}
+
+impl Store {
     /// Put an inline event (group change, receipt) into an inbox slot.
     pub fn put_inbox_event(
         &self,

@@ -30,7 +30,10 @@
 //! own row where it is the authority (a copy never overwrites the
 //! original); a node drops related rows whose authority it is not home to.
 //! Messages are never dropped here: one stored message may be named by
-//! inboxes of many partitions.
+//! inboxes of many partitions. Their reference counts (see
+//! [`super::retention`]) follow the inbox rows that arrive and leave; a
+//! message whose count a departure brings to zero stays stored (the
+//! trimmer deletes only what its own trims release).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -343,11 +346,32 @@ impl Store {
                 bad.cf
             )));
         }
+        let db = self.db();
+        let inbox = handle(&db, cf::INBOX)?;
         let mut n = 0;
         for r in rows {
             let name = MOVABLE[usize::from(r.cf)];
             if owners(r.cf, &r.key).is_some_and(|o| local(o.authority)) {
                 continue;
+            }
+            if r.cf == INBOX {
+                // The reference counts follow the inbox rows (see
+                // `super::retention`).
+                let before = db
+                    .get_cf(inbox, &r.key)?
+                    .and_then(|v| named_message(INBOX, &r.key, &v));
+                let after = r
+                    .value
+                    .as_ref()
+                    .and_then(|v| named_message(INBOX, &r.key, v));
+                if before != after {
+                    if let Some(id) = before {
+                        batch.add_refs(id, -1);
+                    }
+                    if let Some(id) = after {
+                        batch.add_refs(id, 1);
+                    }
+                }
             }
             match r.value {
                 Some(v) => batch.put(name, r.key, v),
@@ -373,11 +397,14 @@ impl Store {
         let mut batch = Batch::default();
         for (i, name) in MOVABLE.iter().enumerate().skip(1) {
             for item in db.iterator_cf(handle(&db, name)?, IteratorMode::Start) {
-                let (k, _) = item?;
+                let (k, v) = item?;
                 let Some(o) = owners(i as u8, &k) else {
                     continue;
                 };
                 if o.related(p) && !local(o.authority) && !o.also.is_some_and(&local) {
+                    if let Some(id) = named_message(i as u8, &k, &v).filter(|_| i as u8 == INBOX) {
+                        batch.add_refs(id, -1);
+                    }
                     batch.delete(name, k.into_vec());
                     n += 1;
                     if batch.len() >= 10_000 {

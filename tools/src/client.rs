@@ -86,9 +86,63 @@ pub enum DeliveryItem {
     /// A watched user came online or went offline (see
     /// [`Client::subscribe_presence`]).
     Presence(pb::Presence),
+    /// Retention removed events this device had not acknowledged: they are
+    /// gone for good and the next [`DeliveryItem::Event`] is the first one
+    /// after them. Show it ("N older messages are no longer available");
+    /// acknowledging the next event covers the gap too.
+    Gap(Gap),
     /// The connection ended; no more events follow. `Server { .. }` carries a
     /// fatal error from the server.
     Closed(CloseReason),
+}
+
+/// Inbox events `from..=to` were removed by retention before this device
+/// fetched them (protocol/README.md, section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl Gap {
+    /// The gap between a device's position `after` (its cursor, or the last
+    /// seq it received) and the oldest seq the server still holds, if any.
+    /// `first_available` 0 means the server holds nothing, so everything
+    /// after `after` up to `head` is gone.
+    pub fn between(after: u64, first_available: u64, head: u64) -> Option<Gap> {
+        match first_available {
+            0 if head > after => Some(Gap {
+                from: after + 1,
+                to: head,
+            }),
+            f if f > after.saturating_add(1) => Some(Gap {
+                from: after + 1,
+                to: f - 1,
+            }),
+            _ => None,
+        }
+    }
+
+    /// How many events are gone.
+    pub fn count(&self) -> u64 {
+        self.to - self.from + 1
+    }
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.count();
+        let (noun, verb) = if n == 1 {
+            ("message is", "was")
+        } else {
+            ("messages are", "were")
+        };
+        write!(
+            f,
+            "{n} older {noun} no longer available (events {}..{} {verb} removed by retention)",
+            self.from, self.to
+        )
+    }
 }
 
 type Reply = Result<Body, ClientError>;
@@ -329,7 +383,12 @@ impl Client {
             server_max_frame: welcome.max_frame_bytes as usize,
         });
 
-        tokio::spawn(run_reader(shared.clone(), reader, deliver_tx));
+        tokio::spawn(run_reader(
+            shared.clone(),
+            reader,
+            deliver_tx,
+            welcome.cursor,
+        ));
         let writer_task = tokio::spawn(run_writer(shared.clone(), write_rx, writer));
         let period = cfg.heartbeat.or_else(|| {
             (welcome.idle_timeout_ms > 0)
@@ -551,9 +610,10 @@ async fn run_reader(
     shared: Arc<Shared>,
     mut frames: Reader,
     deliveries: mpsc::Sender<DeliveryItem>,
+    cursor: u64,
 ) {
     let reason = tokio::select! {
-        reason = read_loop(&shared, &mut frames, &deliveries) => reason,
+        reason = read_loop(&shared, &mut frames, &deliveries, cursor) => reason,
         _ = shared.shutdown.cancelled() => CloseReason::Local,
     };
     if reason != CloseReason::Local {
@@ -568,8 +628,13 @@ async fn read_loop(
     shared: &Shared,
     frames: &mut Reader,
     deliveries: &mpsc::Sender<DeliveryItem>,
+    cursor: u64,
 ) -> CloseReason {
     let mut deliveries_open = true;
+    // The last seq delivered on this connection (delivery resumes after the
+    // cursor). Within a connection seqs come gap-free and in order, except
+    // where retention removed events: a jump is exactly that gap.
+    let mut last = cursor;
     loop {
         let env = match frames.next().await {
             None => return CloseReason::Eof,
@@ -583,6 +648,16 @@ async fn read_loop(
                     tracing::warn!("Deliver without an event");
                     continue;
                 };
+                let gap = (event.seq > last.saturating_add(1)).then(|| Gap {
+                    from: last + 1,
+                    to: event.seq - 1,
+                });
+                last = last.max(event.seq);
+                if let Some(gap) = gap {
+                    if deliveries_open && deliveries.send(DeliveryItem::Gap(gap)).await.is_err() {
+                        deliveries_open = false;
+                    }
+                }
                 // A dropped Deliveries means "discard"; keep serving responses.
                 if deliveries_open && deliveries.send(DeliveryItem::Event(event)).await.is_err() {
                     deliveries_open = false;

@@ -45,7 +45,7 @@ pub mod reliable;
 pub mod tls;
 
 pub use backoff::Backoff;
-pub use client::{new_client_msg_id, Client, Deliveries, DeliveryItem};
+pub use client::{new_client_msg_id, Client, Deliveries, DeliveryItem, Gap};
 pub use config::{ClientConfig, DEFAULT_DELIVERY_BUFFER, DEFAULT_REQUEST_TIMEOUT};
 pub use cursor::{CursorTracker, Observed};
 pub use error::{code_name, ClientError, CloseReason};

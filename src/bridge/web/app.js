@@ -719,6 +719,7 @@ async function login(token) {
   });
   client.addEventListener('welcome', (e) => onWelcome(e.detail));
   client.addEventListener('event', (e) => onInboxEvent(e.detail.event));
+  client.addEventListener('gap', (e) => onGap(e.detail));
   client.addEventListener('ack', (e) => onAck(e.detail));
   client.addEventListener('sendfailed', (e) => onSendFailed(e.detail));
   client.addEventListener('typing', (e) => onTypingNotice(e.detail.notice));
@@ -753,9 +754,9 @@ async function onWelcome({ welcome, first }) {
   if (!S.historyLoaded) {
     // History up to the cursor; everything after it arrives as Delivers.
     try {
-      const gap = await S.client.syncRange(0n, welcome.cursor);
+      // A gap it finds comes as a 'gap' event (onGap).
+      await S.client.syncRange(0n, welcome.cursor);
       S.historyLoaded = true;
-      if (gap) console.info(`events ${gap.gapFrom}..${gap.gapTo} were removed by retention`);
     } catch (e) {
       console.warn('history sync failed; will retry on the next login', e);
     }
@@ -764,6 +765,15 @@ async function onWelcome({ welcome, first }) {
   subscribePresence();
   scheduleMarkRead();
   scheduleRender();
+}
+
+/** Retention removed events this device never got: say so, never silently. */
+function onGap({ text }) {
+  const box = $('#retention-notice');
+  const line = document.createElement('p');
+  line.textContent = text;
+  box.appendChild(line);
+  box.hidden = false;
 }
 
 function logout() {

@@ -217,6 +217,9 @@ export function conversationKey(conv) {
  * - 'welcome'  {welcome, first, epochChanged}  after each successful login
  *                                        (epochChanged: seqs seen before were forgotten)
  * - 'event'    {event, source}            each inbox Event once ('deliver' | 'sync')
+ * - 'gap'      {from, to, count, text, source}  retention removed events from..to (strings)
+ *                                        before this device fetched them: show `text`
+ *                                        ("N older messages are no longer available")
  * - 'ack'      {clientMsgId, serverMsgId, timestampMs, entry}
  * - 'sendfailed' {clientMsgId, error, entry}   a send refused for good
  * - 'typing'   {notice}                   a TypingNotice
@@ -254,6 +257,7 @@ export class SwiftletClient extends EventTarget {
     this.seen = new Set();         // seqs processed (sync and deliver may overlap), this inbox epoch
     this.epochChanged = false;     // the last Welcome's inbox epoch differed from the one before
     this.ackUpTo = 0n;             // highest seq delivered on this connection, to ack
+    this.delivered = 0n;           // last seq delivered on this connection (from the cursor): a jump is a retention gap
     this.ackTimer = null;
     this.acked = 0n;
     this.running = false;
@@ -307,6 +311,7 @@ export class SwiftletClient extends EventTarget {
       serverVersion: r.serverVersion,
       serverTimeMs: u64s(r.serverTimeMs),
       inboxEpoch: u64s(r.inboxEpoch),
+      firstAvailableSeq: u64s(r.firstAvailableSeq),
     };
     this.epochChanged = this.welcome !== null && this.welcome.inboxEpoch !== w.inboxEpoch;
     if (this.epochChanged) {
@@ -316,6 +321,7 @@ export class SwiftletClient extends EventTarget {
     this.welcome = w;
     this.user = w.userId;
     this.acked = u64(w.cursor);
+    this.delivered = u64(w.cursor);
     this.setState('online');
     this.startHeartbeat();
     return w;
@@ -526,10 +532,22 @@ export class SwiftletClient extends EventTarget {
   onDeliver(event) {
     if (!event) return;
     const seq = u64(event.seq);
+    // Within a connection seqs come gap-free from the cursor on, except
+    // where retention removed events (protocol/README.md section 7).
+    if (seq > this.delivered + 1n) this.emitGap(this.delivered + 1n, seq - 1n, 'deliver');
+    if (seq > this.delivered) this.delivered = seq;
     this.processEvent(event, 'deliver');
     // Acknowledge after processing (listeners ran synchronously above).
     if (seq > this.ackUpTo) this.ackUpTo = seq;
     if (!this.ackTimer) this.ackTimer = setTimeout(() => this.flushAck(), 0);
+  }
+
+  /** Tell the listeners retention removed events from..to (bigints). */
+  emitGap(from, to, source) {
+    const count = to - from + 1n;
+    const text = `${count} older ${count === 1n ? 'message is' : 'messages are'} no longer available`
+      + ` (events ${from}..${to} ${count === 1n ? 'was' : 'were'} removed by retention)`;
+    this.emit('gap', { from: from.toString(), to: to.toString(), count: count.toString(), text, source });
   }
 
   /** Hand an event to the listeners once (by seq). */
@@ -698,8 +716,15 @@ export class SwiftletClient extends EventTarget {
       if (stop !== null && cur >= stop) break;
       const page = await this.sync(cur, limit);
       const first = u64(page.firstAvailableSeq);
-      if (!gap && first > cur + 1n) gap = { gapFrom: (cur + 1n).toString(), gapTo: (first - 1n).toString() };
-      if (!gap && first === 0n && u64(page.headSeq) > cur) gap = { gapFrom: (cur + 1n).toString(), gapTo: page.headSeq };
+      let to = null;
+      if (first > cur + 1n) to = first - 1n;
+      else if (first === 0n && u64(page.headSeq) > cur) to = u64(page.headSeq);
+      // Past `upTo` it is the deliveries' gap, reported by them.
+      if (to !== null && stop !== null && to > stop) to = stop;
+      if (!gap && to !== null && to > cur) {
+        gap = { gapFrom: (cur + 1n).toString(), gapTo: to.toString() };
+        this.emitGap(cur + 1n, to, 'sync');
+      }
       for (const ev of page.events) {
         const seq = u64(ev.seq);
         if (stop !== null && seq > stop) return gap;

@@ -9,6 +9,7 @@
 //! Times are shown in UTC (no time-zone database here).
 
 use swiftlet_client::pb::{self, event::Kind, GroupEventKind, GroupRole, ReceiptKind};
+use swiftlet_client::Gap;
 
 use crate::target::Target;
 
@@ -259,12 +260,8 @@ pub fn receipt_list(group: u64, l: &pb::ReceiptList) -> String {
 /// and what retention removed or a next page holds.
 pub fn sync_listing(me: &str, after: u64, batch: &pb::SyncBatch) -> Vec<String> {
     let mut lines = Vec::new();
-    if batch.first_available_seq > after + 1 {
-        lines.push(format!(
-            "(events {}..{} were removed by retention)",
-            after + 1,
-            batch.first_available_seq - 1
-        ));
+    if let Some(gap) = Gap::between(after, batch.first_available_seq, batch.head_seq) {
+        lines.push(format!("({gap})"));
     }
     if batch.events.is_empty() {
         lines.push(format!(
@@ -537,6 +534,14 @@ pub(crate) mod tests {
             sync_listing("bob", 4, &batch(vec![], false, 1)),
             vec!["(nothing after 4; newest is 9)".to_owned()]
         );
+        assert_eq!(
+            sync_listing("bob", 7, &batch(vec![], false, 0)),
+            vec![
+                "(2 older messages are no longer available (events 8..9 were removed by retention))"
+                    .to_owned(),
+                "(nothing after 7; newest is 9)".to_owned()
+            ]
+        );
         let events = vec![
             pb::Event {
                 seq: 5,
@@ -547,7 +552,8 @@ pub(crate) mod tests {
         assert_eq!(
             sync_listing("bob", 2, &batch(events, true, 5)),
             vec![
-                "(events 3..4 were removed by retention)".to_owned(),
+                "(2 older messages are no longer available (events 3..4 were removed by retention))"
+                    .to_owned(),
                 "     5 [12:01:05] alice: hi".to_owned(),
                 "     6 [event 6] (a kind this client does not show)".to_owned(),
                 "(more: /sync 6)".to_owned(),

@@ -96,7 +96,9 @@ pub async fn run(cfg: ClientConfig, lines: mpsc::Receiver<String>) -> anyhow::Re
             client.addr(),
             w.user_id,
             w.device_id,
-            w.head_seq.saturating_sub(w.cursor)
+            // Those retention removed are not new events: the Gap says so.
+            w.head_seq
+                .saturating_sub(w.cursor.max(w.first_available_seq.saturating_sub(1)))
         );
         let t = follow_welcome(&mut tracker, w);
         // Subscriptions (and a typing indicator) die with a connection.
@@ -199,6 +201,11 @@ async fn on_delivery(
             }
         }
         Some(DeliveryItem::Presence(p)) => println!("{}", render_presence(&p)),
+        Some(DeliveryItem::Gap(gap)) => {
+            println!("({gap})");
+            // Gone for good: nothing to wait for below the next event.
+            tracker.skip_to(gap.to);
+        }
         Some(DeliveryItem::Closed(reason)) => {
             println!("connection lost: {reason}");
             if !reason.may_reconnect() {
