@@ -7,7 +7,7 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/swiftlet/target
 BIN := $(CARGO_TARGET_DIR)/release
 
-.PHONY: setup build run test bench lint cli fuzz
+.PHONY: setup build run test bench lint cli fuzz dist
 
 setup:
 	@tools/scripts/setup.sh
@@ -29,6 +29,10 @@ test: setup
 	cargo build --release --workspace
 	tools/scripts/browser-test.sh
 	FUZZ_SECONDS=$${FUZZ_SECONDS:-10} tools/scripts/fuzz.sh
+
+## The lean release in dist/: stripped binaries (debug info split into *.debug), the systemd unit, kernel settings.
+dist: setup
+	tools/scripts/dist.sh
 
 bench: setup
 	cargo bench --bench codec --bench store

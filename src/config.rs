@@ -57,6 +57,15 @@ pub struct Config {
     /// Most connections one user may hold at once (devices, WebSockets,
     /// parked long-polls): every push to the user goes to each of them.
     pub max_conns_per_user: usize,
+    /// Most connections the node holds, of every transport, logged in or
+    /// not; one past it is refused at accept. 0: the process's open-file
+    /// limit less 1,024 (kept for RocksDB, listeners and links), so the
+    /// node refuses cleanly before it runs out of files.
+    pub max_connections: usize,
+    /// Most connections from one source address; 0: no cap. Off by
+    /// default: carrier-grade NAT puts thousands of phones behind one
+    /// address.
+    pub max_conns_per_ip: usize,
     /// Largest accepted frame, in bytes.
     pub max_frame: usize,
     /// Stop live pushes to a connection once this many bytes wait to be sent
@@ -135,6 +144,8 @@ impl Default for Config {
             handshake_timeout_ms: 10_000,
             frame_timeout_ms: 15_000,
             max_conns_per_user: 32,
+            max_connections: 0,
+            max_conns_per_ip: 0,
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
             wal_sync: WalSync::Interval,
@@ -247,6 +258,12 @@ pub struct ServeArgs {
     /// Most connections per user [default: 32].
     #[arg(long, env = "SWIFTLET_MAX_CONNS_PER_USER")]
     pub max_conns_per_user: Option<usize>,
+    /// Most connections the node holds; 0: the open-file limit less 1024 [default: 0].
+    #[arg(long, env = "SWIFTLET_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most connections from one source address; 0: no cap [default: 0].
+    #[arg(long, env = "SWIFTLET_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<usize>,
     /// Largest accepted frame in bytes [default: 65536].
     #[arg(long, env = "SWIFTLET_MAX_FRAME")]
     pub max_frame: Option<usize>,
@@ -327,6 +344,8 @@ impl Config {
             handshake_timeout_ms,
             frame_timeout_ms,
             max_conns_per_user,
+            max_connections,
+            max_conns_per_ip,
             max_frame,
             push_buffer_bytes,
             wal_sync,

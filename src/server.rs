@@ -275,6 +275,16 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         typing_ttl_ms: config.typing_ttl_ms,
         allowed_origins: config.allowed_origins.clone(),
     };
+    let max_connections = match config.max_connections {
+        0 => crate::shard::admission::open_file_limit()
+            .saturating_sub(crate::shard::admission::FILES_KEPT)
+            .max(1),
+        n => n,
+    };
+    let admission = Arc::new(crate::shard::admission::Admission::new(
+        max_connections,
+        config.max_conns_per_ip,
+    ));
     let mut shard_threads = Vec::with_capacity(n);
     for (i, (((poll, listener), http_listener), mailbox)) in polls
         .into_iter()
@@ -300,7 +310,15 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             auth: auth.clone(),
             limits: limits.clone(),
         };
-        let shard = Shard::new(poll, listener, http_listener, mailbox, ctx, tls.clone())?;
+        let shard = Shard::new(
+            poll,
+            listener,
+            http_listener,
+            mailbox,
+            ctx,
+            tls.clone(),
+            admission.clone(),
+        )?;
         shard_threads.push(
             std::thread::Builder::new()
                 .name(format!("swiftlet-shard-{i}"))
@@ -316,6 +334,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         inbox_epoch = store.inbox_epoch(),
         store_writable = store.writable(),
         tls = tls.is_some(),
+        max_connections,
         "swiftlet serving"
     );
     Ok(Server {

@@ -1,6 +1,7 @@
 //! Limits on what one client may make the server do, each answered with a
-//! typed error: connections per user, presence subscriptions, what a
-//! non-member learns of a group, and the long-poll's place in presence.
+//! typed error: connections per user, per node and per source address,
+//! presence subscriptions, what a non-member learns of a group, and the
+//! long-poll's place in presence.
 
 mod common;
 
@@ -173,4 +174,81 @@ async fn a_long_poll_is_not_presence() {
     )
     .await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+/// A connection past `max_connections` is refused at accept in its own
+/// protocol (TCP: a fatal TOO_MANY_CONNECTIONS; HTTP: 503), the node keeps
+/// accepting, and a place freed is taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_refuses_connections_past_its_cap_and_keeps_accepting() {
+    // One shard: connections are accepted in the order they were made.
+    let srv = TestServer::start_with(|c| {
+        c.shards = 1;
+        c.max_connections = 3;
+    });
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(Raw::connect(srv.addr()).await);
+    }
+    let mut refused = Raw::connect(srv.addr()).await;
+    assert_eq!(refused.expect_fatal().await, ErrorCode::TooManyConnections);
+    let (status, body) = http(srv.http_addr(), "GET", "/health", &[], b"").await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    // The ones held are served.
+    held[0].hello(1, &token("kim")).await;
+    assert!(matches!(
+        held[0].recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    // A freed place comes back (once the server has seen the close).
+    drop(held.pop());
+    let mut tries = 0;
+    loop {
+        let mut next = Raw::connect(srv.addr()).await;
+        next.hello(1, &token("lee")).await;
+        match next.recv().await.and_then(|e| e.body) {
+            Some(Body::Welcome(_)) => break,
+            Some(Body::Error(e)) if e.code == ErrorCode::TooManyConnections as i32 => {
+                tries += 1;
+                assert!(tries < 200, "the freed place never came back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// With `max_conns_per_ip`, one source address is capped and another is
+/// not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share() {
+    let srv = TestServer::start_with(|c| {
+        c.shards = 1;
+        c.max_conns_per_ip = 2;
+    });
+    let from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().expect("ip");
+        let addr = srv.addr();
+        async move {
+            let s = tokio::net::TcpSocket::new_v4().expect("socket");
+            s.bind(std::net::SocketAddr::new(ip, 0)).expect("bind");
+            let stream = s.connect(addr).await.expect("connect");
+            Raw {
+                framed: tokio_util::codec::Framed::new(
+                    stream,
+                    swiftlet_protocol::FrameCodec::default(),
+                ),
+            }
+        }
+    };
+    let _a = from("127.0.0.1").await;
+    let _b = from("127.0.0.1").await;
+    let mut third = from("127.0.0.1").await;
+    assert_eq!(third.expect_fatal().await, ErrorCode::TooManyConnections);
+    let mut other = from("127.0.0.2").await;
+    other.hello(1, &token("max")).await;
+    assert!(matches!(
+        other.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
 }

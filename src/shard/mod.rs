@@ -38,6 +38,7 @@
 //! connection is *lagging*. Because the commit pipeline pushes only what is
 //! already durable, the store always has everything a push refers to.
 
+pub mod admission;
 pub mod conn;
 pub mod input;
 pub mod timer;
@@ -45,7 +46,9 @@ pub mod tls;
 mod turn;
 mod web;
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +66,7 @@ use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery;
 use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
 pub use crate::session::services::{Limits, Services};
+use admission::{Admission, Refusal};
 use conn::{Carries, Conn, Exchange, Phase, Received, Transport};
 pub use input::Fatal;
 use input::Input;
@@ -147,6 +151,10 @@ pub struct Shard {
     now: u32,
     /// Listener hit an error (e.g. out of file descriptors): retry each tick.
     accept_pending: bool,
+    /// The node's connection caps, shared with the other shards.
+    admission: Arc<Admission>,
+    /// Each connection's source address, when addresses are counted.
+    addresses: HashMap<usize, IpAddr>,
     /// Shutdown: requests are no longer read.
     draining: bool,
     /// Shutdown: exit once every connection is gone, or at this tick.
@@ -173,6 +181,7 @@ impl Shard {
         mailbox: Receiver<ShardMsg>,
         ctx: Services,
         tls: Option<Arc<TlsConfig>>,
+        admission: Arc<Admission>,
     ) -> io::Result<Self> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -202,6 +211,8 @@ impl Shard {
             start,
             now: 0,
             accept_pending: false,
+            admission,
+            addresses: HashMap::new(),
             draining: false,
             exit_at: None,
             busy: false,
@@ -323,7 +334,11 @@ impl Shard {
         };
         loop {
             match listener.accept() {
-                Ok((mut stream, _peer)) => {
+                Ok((mut stream, peer)) => {
+                    if let Err(why) = self.admission.admit(peer.ip()) {
+                        self.refuse(&mut stream, transport, why);
+                        continue;
+                    }
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "set_nodelay failed");
                     }
@@ -333,6 +348,9 @@ impl Shard {
                             Ok(s) => Some(s),
                             Err(e) => {
                                 crate::log_every!(60_000, error, error = %e, "starting a TLS session failed; connection refused");
+                                self.admission.release(
+                                    Some(peer.ip()).filter(|_| self.admission.counts_addresses()),
+                                );
                                 continue;
                             }
                         },
@@ -345,7 +363,12 @@ impl Shard {
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
                         crate::log_every!(1000, warn, error = %e, "registering a connection failed");
+                        self.admission
+                            .release(Some(peer.ip()).filter(|_| self.admission.counts_addresses()));
                         continue;
+                    }
+                    if self.admission.counts_addresses() {
+                        self.addresses.insert(slot, peer.ip());
                     }
                     self.next_gen = self.next_gen.wrapping_add(1);
                     let gen = self.next_gen;
@@ -368,6 +391,46 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Answer a connection past a cap (see [`admission`]) in its own
+    /// protocol, at most once and without waiting, and close it.
+    fn refuse(&self, stream: &mut mio::net::TcpStream, transport: Transport, why: Refusal) {
+        use std::io::Write as _;
+        crate::log_every!(10_000, warn, shard = self.ctx.id, reason = ?why, held = self.admission.held(), "connection refused: at the connection cap");
+        let text = match why {
+            Refusal::Full => "the server holds as many connections as it may; retry later",
+            Refusal::PerAddress => "too many connections from this address; retry later",
+        };
+        let bytes: Vec<u8> = match (&self.tls, transport) {
+            (Some(_), _) => return,
+            (None, Transport::Http) => format!(
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                text.len()
+            )
+            .into_bytes(),
+            (None, _) => swiftlet_protocol::codec::frame_bytes(&Envelope::error(
+                0,
+                ErrorCode::TooManyConnections,
+                text,
+                true,
+            ))
+            .to_vec(),
+        };
+        // What the client sent already (an HTTP request, a Hello) is read
+        // and dropped first: closing with unread input would reset the
+        // connection, and the reset can overtake the answer.
+        let mut sink = [0u8; 2048];
+        for _ in 0..2 {
+            match std::io::Read::read(stream, &mut sink) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        // A fresh socket's send buffer takes this whole; if not, the
+        // client sees the close alone.
+        let _ = stream.write(&bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 
     fn mark_dirty(&mut self, slot: usize) {
@@ -1232,5 +1295,6 @@ impl Shard {
         self.sessions.unacked.forget(slot as u32);
         let mut conn = self.conns.remove(slot);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.admission.release(self.addresses.remove(&slot));
     }
 }
