@@ -6,8 +6,9 @@
 //! with redirects followed, receipts and several devices; a `kill -9` of
 //! the recipients' home loses nothing and the senders keep getting Acks;
 //! Redis killed and restarted empty, or paused, loses nothing and stalls
-//! nothing on a node; an owner paused past its lease cannot write; a
-//! partition moved under traffic loses and duplicates nothing.
+//! nothing on a node, even when it lost the map before some nodes had
+//! read it; an owner paused past its lease cannot write; a partition moved
+//! under traffic loses and duplicates nothing.
 
 mod common;
 
@@ -161,7 +162,11 @@ impl Node {
                 // As long as the lease allows: on a loaded box, a short
                 // deadline fails calls that were merely slow.
                 .arg((self.lease_ms / 3).min(1_000).to_string())
-                .env("RUST_LOG", "warn")
+                // NODE_LOG=info (or debug) to see the nodes' own logs.
+                .env(
+                    "RUST_LOG",
+                    std::env::var("NODE_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -622,6 +627,26 @@ async fn redis_restarted_empty_or_paused_loses_and_stalls_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Redis lost the map before some nodes had ever read it: the node that
+/// had read it gives back every home it knows, not only its own, so the
+/// others' users are not left without a home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_lost_before_other_nodes_read_it_is_restored_whole() {
+    let mut redis = Redis::start();
+    let node1 = Node::start(1, &redis, 15_000);
+    cluster_cmd(&redis, &["init", "--nodes", "1,2,3"]);
+    // Node 1 has read and recorded the map once one of its users is served.
+    let ann = user_on("ann", 1);
+    let (_a, _ad) = login(&node1.addr(), &ann, "phone").await;
+    redis.kill_and_restart_empty();
+    // Nodes 2 and 3 join with nothing recorded.
+    let node2 = Node::start(2, &redis, 15_000);
+    let _node3 = Node::start(3, &redis, 15_000);
+    let bob = user_on("bob", 2);
+    let (b, _bd) = login(&node1.addr(), &bob, "phone").await;
+    assert_eq!(b.addr(), node2.addr(), "sent to his home, node 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

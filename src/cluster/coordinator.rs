@@ -8,8 +8,8 @@
 //! 2. reads the map's version, and the map when it changed; takes every
 //!    partition's home at an epoch newer than the one recorded (recording
 //!    it in RocksDB, synced, before acting on it) and ignores older ones;
-//!    writes back the partitions this node is home to when Redis lost them
-//!    or holds them at an older epoch (Redis restarted empty);
+//!    writes back every home it knows that Redis lost or holds at an older
+//!    epoch (Redis restarted empty; a move this node took part in);
 //! 3. only then extends the lease in the [`Table`], to the time the renewal
 //!    was *sent* plus nine tenths of the lease: so the node stops writing
 //!    before Redis can let its lease expire, and after a lapse it writes
@@ -508,12 +508,15 @@ impl Coordinator {
                 }),
             }
         }
+        // Partitions Redis lost: give back every home this node knows, not
+        // only its own. A node that had not yet read the map when Redis
+        // lost it knows nothing to give back, and its partitions would
+        // stay without a home; an epoch in Redis only ever grows, so the
+        // newest any node knows wins whoever writes first.
         for (p, was) in seen.iter().enumerate() {
             if !was {
                 if let Some((n, e)) = self.table.get(p as u16) {
-                    if n == me {
-                        restore.push((p as u16, n, e));
-                    }
+                    restore.push((p as u16, n, e));
                 }
             }
         }
@@ -545,7 +548,7 @@ impl Coordinator {
             tracing::info!(
                 partitions = restore.len(),
                 changed = n,
-                "restored this node's partitions in redis"
+                "gave redis back the homes it lost or held at older epochs"
             );
         }
         Ok(())

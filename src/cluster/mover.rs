@@ -157,10 +157,12 @@ fn copy_and_hand_over(s: &Source) -> Result<u64, MoveFailed> {
         Home::Local { epoch } => epoch + 1,
         _ => return Err(MoveStepError::NotHome(p.0).into()),
     };
+    let started = std::time::Instant::now();
     step(&s.commit, |done| MoveStep::Watch { partition: p, done })?;
-    let mut chunks = 0usize;
+    let (mut chunks, mut rows_copied) = (0usize, 0usize);
     s.store.partition_rows(p, IMPORT_BYTES, |rows| {
         chunks += 1;
+        rows_copied += rows.len();
         step(&s.commit, |done| MoveStep::Copy {
             partition: p,
             to: s.to,
@@ -168,17 +170,21 @@ fn copy_and_hand_over(s: &Source) -> Result<u64, MoveFailed> {
             done,
         })
     })?;
-    tracing::info!(
-        partition = p.0,
-        chunks,
-        "partition copied; freezing it for its tail"
-    );
+    let copied = started.elapsed();
     step(&s.commit, |done| MoveStep::Finish {
         partition: p,
         to: s.to,
         epoch,
         done,
     })?;
+    tracing::info!(
+        partition = p.0,
+        rows = rows_copied,
+        chunks,
+        copy_ms = copied.as_millis() as u64,
+        freeze_ms = (started.elapsed() - copied).as_millis() as u64,
+        "partition copied, then frozen for its tail"
+    );
     // The hand-over is in the WAL; sync it before anyone acts on it.
     s.store.put_epochs(&[EpochRecord {
         partition: p.0,
