@@ -47,6 +47,11 @@ pub struct Config {
     /// a printed configuration must be safe to paste into a ticket.
     #[serde(skip_serializing)]
     pub jwt_secret: Option<String>,
+    /// Bearer token of the operator's API (`/admin/v1/...` on the HTTP
+    /// port, `swiftlet admin`). Unset: the API is off. Never serialized,
+    /// like the JWT secret.
+    #[serde(skip_serializing)]
+    pub admin_token: Option<String>,
     /// Close a logged-in connection that sent nothing for this long.
     pub idle_timeout_ms: u64,
     /// Close a connection that has not sent Hello within this long.
@@ -140,6 +145,7 @@ impl Default for Config {
             dev_auth: false,
             dev_auth_public: false,
             jwt_secret: None,
+            admin_token: None,
             idle_timeout_ms: 60_000,
             handshake_timeout_ms: 10_000,
             frame_timeout_ms: 15_000,
@@ -246,6 +252,9 @@ pub struct ServeArgs {
     /// HS256 secret for login tokens [default: generated into <data-dir>/jwt.secret].
     #[arg(long, env = "SWIFTLET_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Bearer token of the operator's API (/admin/v1/..., `swiftlet admin`), at least 16 bytes [default: unset, the API is off].
+    #[arg(long, env = "SWIFTLET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Idle timeout in milliseconds [default: 60000].
     #[arg(long, env = "SWIFTLET_IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
@@ -368,6 +377,9 @@ impl Config {
         if args.jwt_secret.is_some() {
             c.jwt_secret = args.jwt_secret.clone();
         }
+        if args.admin_token.is_some() {
+            c.admin_token = args.admin_token.clone();
+        }
         if args.wal_dir.is_some() {
             c.wal_dir = args.wal_dir.clone();
         }
@@ -411,6 +423,23 @@ impl Config {
                     self.max_frame
                 ),
             );
+        }
+        if let Some(t) = &self.admin_token {
+            if t.len() < 16 {
+                return bad(
+                    "admin_token",
+                    format!(
+                        "is {} bytes: use at least 16 (e.g. `openssl rand -hex 32`)",
+                        t.len()
+                    ),
+                );
+            }
+            if t.bytes().any(|b| !b.is_ascii_graphic()) {
+                return bad(
+                    "admin_token",
+                    "must be printable ASCII without spaces (it travels in an HTTP header)".into(),
+                );
+            }
         }
         if self.node_id > crate::ids::MAX_NODE {
             return bad(
@@ -522,6 +551,11 @@ impl Config {
         out.push_str(&toml::to_string(self)?);
         let unset = [
             ("jwt_secret", self.jwt_secret.is_none(), UNSET_JWT_SECRET),
+            (
+                "admin_token",
+                self.admin_token.is_none(),
+                "the admin API is off",
+            ),
             ("wal_dir", self.wal_dir.is_none(), "inside data_dir"),
             ("cluster", self.cluster.is_none(), "one node, no Redis"),
             (
@@ -549,6 +583,12 @@ impl Config {
             out.push_str(
                 "# jwt_secret is set, and not printed: a file read back without it \
                  uses <data_dir>/jwt.secret\n",
+            );
+        }
+        if self.admin_token.is_some() {
+            out.push_str(
+                "# admin_token is set, and not printed: a file read back without it \
+                 has the admin API off\n",
             );
         }
         Ok(out)

@@ -43,6 +43,9 @@
 //! - [`groups`]: group membership, cached for the pipeline and the shards.
 //! - [`generations`]: the two-generation bound on the pipeline's caches.
 //! - [`store`]: RocksDB, the only module that knows it.
+//! - [`admin`]: the operator's API on the HTTP port (stats, a user's devices
+//!   and inbox, disconnect, token revocation, online backup, compaction) and
+//!   the `swiftlet admin` commands.
 //! - [`alloc`]: mimalloc, and returning an idle shard's free pages.
 //! - [`auth`]: tokens to user ids; id shapes.
 //! - [`ids`]: time-ordered 64-bit message ids.
@@ -53,6 +56,7 @@
 //!   bridge record into; `/metrics` renders them.
 //! - [`config`]: defaults, TOML file, environment, flags.
 
+pub mod admin;
 pub mod alloc;
 pub mod auth;
 pub mod bridge;

@@ -62,6 +62,21 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Operate a running node through its HTTP port (needs its admin token),
+    /// or restore a backup into a stopped node's data directory.
+    Admin {
+        /// The node's HTTP address.
+        #[arg(long, env = "SWIFTLET_HTTP", default_value = "127.0.0.1:7480")]
+        http: String,
+        /// The node's admin token.
+        #[arg(long, env = "SWIFTLET_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// How long to wait for the answer (a backup or compaction of a large store takes minutes).
+        #[arg(long, default_value_t = 3600)]
+        timeout_secs: u64,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Manage a cluster of nodes joined through Redis.
     Cluster {
         /// The cluster's Redis.
@@ -73,6 +88,45 @@ enum Command {
         redis: String,
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// The node's figures: connections, logins, store, RocksDB, open files.
+    Stats,
+    /// A user's devices and cursors, inbox head, first available seq and size, groups, connections.
+    User { user: String },
+    /// Close a user's connections (or one device's) with DISCONNECTED.
+    Disconnect {
+        user: String,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Refuse the user's tokens issued before a time (TOKEN_REVOKED), closing
+    /// the connections that logged in with one.
+    Revoke {
+        user: String,
+        /// Seconds since the Unix epoch [default: now].
+        #[arg(long)]
+        before: Option<u64>,
+    },
+    /// Write an online backup into DIR (absolute, new, on the node's machine):
+    /// a data directory a server can start on.
+    Backup { dir: PathBuf },
+    /// Compact every column family now.
+    Compact,
+    /// Put a backup in place as a STOPPED node's data (no server needed).
+    Restore {
+        /// The directory `admin backup` wrote.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory of the node to restore.
+        #[arg(long, env = "SWIFTLET_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Replace a database that is there (it is kept as db.before-restore-<time>).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -166,7 +220,83 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { redis, command } => cluster(&redis, command),
+        Command::Admin {
+            http,
+            admin_token,
+            timeout_secs,
+            command,
+        } => admin(&http, admin_token, timeout_secs, command),
     }
+}
+
+/// `swiftlet admin ...`: the node's JSON answer is the command's output.
+#[allow(clippy::print_stdout)]
+fn admin(
+    http: &str,
+    token: Option<String>,
+    timeout_secs: u64,
+    command: AdminCommand,
+) -> anyhow::Result<()> {
+    use swiftlet::admin::{client, restore};
+    let (method, path, body) = match command {
+        AdminCommand::Restore {
+            from,
+            data_dir,
+            force,
+        } => {
+            let done = restore::restore(&from, &data_dir, force)?;
+            println!("restored {} into {}", from.display(), data_dir.join("db").display());
+            if let Some(kept) = done.kept {
+                println!("the database that was there is kept in {}", kept.display());
+            }
+            if done.secret_copied {
+                println!("copied the backup's jwt.secret");
+            }
+            return Ok(());
+        }
+        AdminCommand::Stats => ("GET", "/admin/v1/stats".to_owned(), None),
+        AdminCommand::User { user } => ("GET", format!("/admin/v1/users/{user}"), None),
+        AdminCommand::Disconnect { user, device } => {
+            let q = device.map(|d| format!("?device={d}")).unwrap_or_default();
+            ("POST", format!("/admin/v1/users/{user}/disconnect{q}"), None)
+        }
+        AdminCommand::Revoke { user, before } => {
+            let q = before.map(|b| format!("?before={b}")).unwrap_or_default();
+            ("POST", format!("/admin/v1/users/{user}/revoke{q}"), None)
+        }
+        AdminCommand::Backup { dir } => {
+            let dir = if dir.is_absolute() {
+                dir
+            } else {
+                std::env::current_dir()?.join(dir)
+            };
+            (
+                "POST",
+                "/admin/v1/backup".to_owned(),
+                Some(serde_json::json!({ "dir": dir })),
+            )
+        }
+        AdminCommand::Compact => ("POST", "/admin/v1/compact".to_owned(), None),
+    };
+    // Ids go in the path: refuse what would need escaping there.
+    for part in path.split(['/', '?', '=']) {
+        anyhow::ensure!(
+            part.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b)),
+            "ids are 1-64 bytes of [A-Za-z0-9._@-]: {part:?}"
+        );
+    }
+    let token = token.context("the admin token: give --admin-token or set SWIFTLET_ADMIN_TOKEN")?;
+    let answer = client::call(
+        http,
+        &token,
+        method,
+        &path,
+        body.as_ref(),
+        std::time::Duration::from_secs(timeout_secs),
+    )?;
+    println!("{answer}");
+    Ok(())
 }
 
 /// `swiftlet cluster ...`: the answers are the command's output.

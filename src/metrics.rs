@@ -1,10 +1,19 @@
-//! Process metrics in Prometheus text format: connections by transport,
-//! messages in and out, acks, fan-out sizes, request, store write and push
-//! latency, whether the store takes writes, RSS.
+//! Process metrics in Prometheus text format: connections by transport
+//! and shard, logins and refused logins by reason, messages in and out,
+//! acks, fan-out sizes, request, store write and push latency, whether the
+//! store takes writes, RocksDB's own figures, open files, RSS.
 //!
 //! Plain atomics updated where the events happen (the shards, the commit
 //! pipeline, the store), so recording costs one relaxed add and `GET
 //! /metrics` reads a consistent-enough snapshot without stopping anyone.
+//! Figures that cost something to gather (RocksDB's properties and
+//! tickers, the count of open files) are read while rendering, on scrape
+//! only.
+//!
+//! Hand-written rather than the `prometheus-client` crate: its histogram
+//! takes a mutex on every observation and its labelled families a read
+//! lock and a hash lookup per use, where recording here is one relaxed
+//! add with no lock; the exposition itself is a few dozen lines.
 //!
 //! It sits at the top of the crate because the shards, the commit pipeline,
 //! the store and the bridge all record into it; it must never import any of
@@ -13,6 +22,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
+
+use swiftlet_protocol::ErrorCode;
 
 /// Upper bounds of the fan-out histogram (recipients per message).
 const FANOUT_BUCKETS: [u64; 8] = [1, 2, 5, 10, 50, 100, 1000, 10_000];
@@ -98,12 +109,40 @@ impl Default for StoreHealth {
     }
 }
 
+/// Why a login was refused, as the `reason` label of
+/// `swiftlet_login_failures_total`: every code a Hello can be refused
+/// with, and `other` for any code added later.
+const LOGIN_FAILURES: [(ErrorCode, &str); 9] = [
+    (ErrorCode::AuthFailed, "auth_failed"),
+    (ErrorCode::TokenExpired, "token_expired"),
+    (ErrorCode::TokenRevoked, "token_revoked"),
+    (ErrorCode::UnsupportedVersion, "unsupported_version"),
+    (ErrorCode::InvalidDevice, "invalid_device"),
+    (ErrorCode::TooManyConnections, "too_many_connections"),
+    (ErrorCode::NotHome, "not_home"),
+    (ErrorCode::HomeUnavailable, "home_unavailable"),
+    (ErrorCode::Internal, "internal"),
+];
+
+/// One shard's logged-in connections, by transport.
+#[derive(Default)]
+pub struct ShardConns {
+    pub tcp: AtomicI64,
+    pub websocket: AtomicI64,
+}
+
 /// Everything `/metrics` reports.
 pub struct Metrics {
     /// The store's, shared with it (see `Store::health`).
     pub store: Arc<StoreHealth>,
     pub tcp_connections: AtomicI64,
     pub ws_connections: AtomicI64,
+    /// The same, per shard (indexed by shard id; see [`Metrics::with_shards`]).
+    pub shard_conns: Box<[ShardConns]>,
+    /// Hellos answered with a Welcome.
+    pub logins: AtomicU64,
+    /// Hellos refused, by [`LOGIN_FAILURES`] reason (and `other` last).
+    pub login_failures: [AtomicU64; LOGIN_FAILURES.len() + 1],
     pub http_requests: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
@@ -126,6 +165,9 @@ pub struct Metrics {
     /// A cluster node's own figures (the Redis link, the hand-off), set
     /// once when the node joins; nothing on a single node.
     pub cluster: OnceLock<Render>,
+    /// The storage engine's own figures (RocksDB properties and tickers),
+    /// set once by the server: read on scrape only.
+    pub engine: OnceLock<Render>,
 }
 
 /// Writes more of the exposition (a part another module owns).
@@ -137,6 +179,9 @@ impl Default for Metrics {
             store: Arc::new(StoreHealth::default()),
             tcp_connections: AtomicI64::new(0),
             ws_connections: AtomicI64::new(0),
+            shard_conns: Box::default(),
+            logins: AtomicU64::new(0),
+            login_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             http_requests: AtomicU64::new(0),
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
@@ -148,8 +193,27 @@ impl Default for Metrics {
             redirects: AtomicU64::new(0),
             home_unavailable: AtomicU64::new(0),
             cluster: OnceLock::new(),
+            engine: OnceLock::new(),
         }
     }
+}
+
+/// Files this process has open, from /proc (0 where unavailable).
+pub fn open_files() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
+/// The soft limit on open files, from /proc (0 where unavailable).
+pub fn max_open_files() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Resident set size of this process, from /proc (0 where unavailable).
@@ -165,9 +229,45 @@ pub fn rss_bytes() -> u64 {
 }
 
 impl Metrics {
+    /// Metrics of a node with `shards` shards.
+    pub fn with_shards(shards: usize) -> Self {
+        Metrics {
+            shard_conns: (0..shards).map(|_| ShardConns::default()).collect(),
+            ..Metrics::default()
+        }
+    }
+
+    /// A session logged in (`delta` 1) or ended (-1) on `shard`: the
+    /// total by transport and the shard's own.
+    pub fn connection(&self, shard: u16, websocket: bool, delta: i64) {
+        let (total, mine) = match (websocket, self.shard_conns.get(usize::from(shard))) {
+            (false, s) => (&self.tcp_connections, s.map(|s| &s.tcp)),
+            (true, s) => (&self.ws_connections, s.map(|s| &s.websocket)),
+        };
+        total.fetch_add(delta, Relaxed);
+        if let Some(g) = mine {
+            g.fetch_add(delta, Relaxed);
+        }
+    }
+
+    /// A Hello answered: `Ok` with a Welcome, or refused with a code.
+    pub fn count_login(&self, outcome: Result<(), ErrorCode>) {
+        let counter = match outcome {
+            Ok(()) => &self.logins,
+            Err(code) => {
+                let i = LOGIN_FAILURES
+                    .iter()
+                    .position(|(c, _)| *c == code)
+                    .unwrap_or(LOGIN_FAILURES.len());
+                &self.login_failures[i]
+            }
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut out = String::with_capacity(8192);
         let _ = writeln!(
             out,
             "# HELP swiftlet_connections Logged-in connections by transport.\n# TYPE swiftlet_connections gauge\n\
@@ -175,6 +275,36 @@ impl Metrics {
             self.tcp_connections.load(Relaxed),
             self.ws_connections.load(Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP swiftlet_shard_connections Logged-in connections by shard and transport.\n\
+             # TYPE swiftlet_shard_connections gauge"
+        );
+        for (i, s) in self.shard_conns.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "swiftlet_shard_connections{{shard=\"{i}\",transport=\"tcp\"}} {}\n\
+                 swiftlet_shard_connections{{shard=\"{i}\",transport=\"websocket\"}} {}",
+                s.tcp.load(Relaxed),
+                s.websocket.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP swiftlet_logins_total Hellos answered with a Welcome.\n# TYPE swiftlet_logins_total counter\n\
+             swiftlet_logins_total {}\n\
+             # HELP swiftlet_login_failures_total Hellos refused, by reason (the error code's name).\n\
+             # TYPE swiftlet_login_failures_total counter",
+            self.logins.load(Relaxed)
+        );
+        let reasons = LOGIN_FAILURES.iter().map(|(_, r)| *r).chain(["other"]);
+        for (reason, n) in reasons.zip(&self.login_failures) {
+            let _ = writeln!(
+                out,
+                "swiftlet_login_failures_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         for (name, help, v) in [
             (
                 "swiftlet_http_requests_total",
@@ -263,10 +393,20 @@ impl Metrics {
             }
             cluster(&mut out);
         }
+        if let Some(engine) = self.engine.get() {
+            engine(&mut out);
+        }
         let _ = writeln!(
             out,
             "# HELP swiftlet_resident_memory_bytes Resident set size.\n# TYPE swiftlet_resident_memory_bytes gauge\nswiftlet_resident_memory_bytes {}",
             rss_bytes()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP swiftlet_open_files Open file descriptors (sockets included).\n# TYPE swiftlet_open_files gauge\nswiftlet_open_files {}\n\
+             # HELP swiftlet_max_open_files The process's limit on open file descriptors.\n# TYPE swiftlet_max_open_files gauge\nswiftlet_max_open_files {}",
+            open_files(),
+            max_open_files()
         );
         out
     }
@@ -295,6 +435,14 @@ mod tests {
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.0015\"} 1"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.002\"} 1"));
         assert!(text.contains("swiftlet_push_delay_seconds_bucket{le=\"0.00005\"} 0"));
+        m.count_login(Ok(()));
+        m.count_login(Err(ErrorCode::TokenRevoked));
+        m.count_login(Err(ErrorCode::Unspecified));
+        let text = m.render();
+        assert!(text.contains("\nswiftlet_logins_total 1\n"));
+        assert!(text.contains("swiftlet_login_failures_total{reason=\"token_revoked\"} 1\n"));
+        assert!(text.contains("swiftlet_login_failures_total{reason=\"other\"} 1\n"));
+        assert!(text.contains("swiftlet_login_failures_total{reason=\"auth_failed\"} 0\n"));
         m.request_us.observe(700);
         let text = m.render();
         assert!(text.contains("swiftlet_request_seconds_bucket{le=\"0.0005\"} 0"));

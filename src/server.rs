@@ -30,7 +30,8 @@ use std::time::Duration;
 use mio::Poll;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::auth::Authenticator;
+use crate::admin;
+use crate::auth::{Authenticator, Revocations};
 use crate::cluster::coordinator::{Cluster, ClusterConfig, ClusterError};
 use crate::cluster::local::{LocalEphemeral, LocalOwnership, LocalPresence};
 use crate::cluster::notices::Notices;
@@ -85,6 +86,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     shards: Vec<ShardHandle>,
     shard_threads: Vec<JoinHandle<()>>,
+    /// The operator's API (see `crate::admin`), when it is on.
+    admin_thread: Option<JoinHandle<()>>,
     commit: Option<CommitHandle>,
     store: Arc<Store>,
     registry: Arc<Registry>,
@@ -124,6 +127,39 @@ fn refuse_if_served(addr: SocketAddr) -> Result<(), ServerError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(ServerError::AddrInUse { addr }),
         Err(e) => Err(bind(e)),
+    }
+}
+
+/// RocksDB's figures in the exposition (read on scrape: see
+/// [`Store::engine_figures`]).
+fn render_engine(store: &Store, out: &mut String) {
+    use std::fmt::Write as _;
+    let f = store.engine_figures();
+    let ratio = match f.block_cache_hits + f.block_cache_misses {
+        0 => 0.0,
+        n => f.block_cache_hits as f64 / n as f64,
+    };
+    let gauges: [(&str, &str, f64); 9] = [
+        ("swiftlet_rocksdb_memtable_bytes", "Bytes in RocksDB memtables.", f.memtable_bytes as f64),
+        ("swiftlet_rocksdb_pending_compaction_bytes", "Bytes RocksDB estimates compaction must rewrite.", f.pending_compaction_bytes as f64),
+        ("swiftlet_rocksdb_running_compactions", "RocksDB compactions running.", f.running_compactions as f64),
+        ("swiftlet_rocksdb_sst_bytes", "Size of RocksDB's live SST files.", f.sst_bytes as f64),
+        ("swiftlet_rocksdb_estimated_keys", "Keys RocksDB estimates it holds.", f.estimated_keys as f64),
+        ("swiftlet_rocksdb_writes_stopped", "1 while RocksDB stops writes.", f.writes_stopped as f64),
+        ("swiftlet_rocksdb_delayed_write_rate_bytes", "The rate RocksDB slows writes to (0: not slowed).", f.delayed_write_rate as f64),
+        ("swiftlet_rocksdb_block_cache_bytes", "Bytes in the block cache.", f.block_cache_bytes as f64),
+        ("swiftlet_rocksdb_block_cache_hit_ratio", "Block cache hits over lookups since the store opened.", ratio),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    let counters: [(&str, &str, f64); 3] = [
+        ("swiftlet_rocksdb_stall_seconds_total", "Time RocksDB held writes back (slowed or stopped).", f.stall_micros as f64 / 1e6),
+        ("swiftlet_rocksdb_block_cache_hits_total", "Block cache hits.", f.block_cache_hits as f64),
+        ("swiftlet_rocksdb_block_cache_misses_total", "Block cache misses.", f.block_cache_misses as f64),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
 }
 
@@ -178,8 +214,14 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     let (http_listeners, http_addr) = bind_all(config.http)?;
     let metrics = Arc::new(Metrics {
         store: store.health(),
-        ..Metrics::default()
+        ..Metrics::with_shards(n)
     });
+    {
+        let store = store.clone();
+        let _ = metrics
+            .engine
+            .set(Box::new(move |out: &mut String| render_engine(&store, out)));
+    }
     let cursors = Arc::new(Cursors::new(store.clone()));
 
     let mut polls = Vec::with_capacity(n);
@@ -264,7 +306,21 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             (notices.clone(), notices)
         }
     };
-    let auth = Authenticator::new(secret, config.dev_auth);
+    let revocations = Arc::new(Revocations::from_entries(store.revocations()?));
+    let auth = Authenticator::new(secret, config.dev_auth, revocations.clone());
+    let (gate, admin_thread) = admin::start(
+        config.admin_token.as_deref(),
+        admin::Node {
+            store: store.clone(),
+            registry: registry.clone(),
+            shards: shard_handles.clone(),
+            metrics: metrics.clone(),
+            cursors: cursors.clone(),
+            revocations,
+            data_dir: config.data_dir.clone(),
+            node_id: config.node_id,
+        },
+    )?;
     let limits = Limits {
         max_frame: config.max_frame,
         push_buffer_bytes: config.push_buffer_bytes,
@@ -309,6 +365,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             commit: commit.clone(),
             auth: auth.clone(),
             limits: limits.clone(),
+            admin: gate.clone(),
         };
         let shard = Shard::new(
             poll,
@@ -325,6 +382,8 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
                 .spawn(move || shard.run())?,
         );
     }
+    // The shards hold the only gates now: the admin thread ends after them.
+    drop(gate);
     tracing::info!(
         %addr,
         %http_addr,
@@ -335,6 +394,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         store_writable = store.writable(),
         tls = tls.is_some(),
         max_connections,
+        admin_api = admin_thread.is_some(),
         "swiftlet serving"
     );
     Ok(Server {
@@ -343,6 +403,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         metrics,
         shards: handles,
         shard_threads,
+        admin_thread,
         commit: Some(commit),
         store,
         registry,
@@ -428,6 +489,11 @@ impl Server {
             s.send(ShardMsg::Close);
         }
         for t in self.shard_threads.drain(..) {
+            let _ = t.join();
+        }
+        // Its gates went with the shards: it ends after the request it is
+        // serving (a backup finishes; its answer has nowhere to go).
+        if let Some(t) = self.admin_thread.take() {
             let _ = t.join();
         }
         // Whatever the shards queued on their way out (last-seen times).

@@ -100,6 +100,44 @@ pub enum ShardMsg {
     /// connection of a user this node is no longer home to, telling it
     /// where to go (`NOT_HOME`).
     Rehome,
+    /// The operator's API (`crate::admin`) looks at, or closes, some of
+    /// one user's connections on this shard.
+    Sessions(SessionsOf),
+    /// The answer to an HTTP request that waited for another thread (an
+    /// admin request): write it and close, if the connection still waits.
+    HttpAnswer { to: ConnRef, answer: Vec<u8> },
+}
+
+/// Some connections of one user, and what to do with them (see
+/// [`ShardMsg::Sessions`]). A connection that is not `user`'s any more (its
+/// slot was reused) is left alone.
+pub struct SessionsOf {
+    pub user: Arc<str>,
+    /// (slot, generation) of the user's connections on this shard, from
+    /// the registry.
+    pub targets: Vec<(u32, u32)>,
+    /// Only this device's sessions (parked HTTP polls have no device).
+    pub device: Option<Arc<str>>,
+    /// Only sessions whose token was issued before this (seconds since
+    /// the Unix epoch); parked HTTP polls are left out.
+    pub issued_before: Option<u64>,
+    /// Close the matching connections with this code and reason.
+    pub close: Option<(swiftlet_protocol::ErrorCode, String)>,
+    /// Gets what matched.
+    pub done: Sender<Vec<SessionInfo>>,
+}
+
+/// One connection as [`ShardMsg::Sessions`] reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub shard: u16,
+    /// `tcp`, `websocket`, or `http` (a parked long-poll).
+    pub transport: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The `iat` of the token it logged in with (0 for a poll, and for a
+    /// token without one).
+    pub token_issued_at: u32,
 }
 
 /// Ephemeral messages that may wait in one shard's mailbox; more are

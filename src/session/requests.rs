@@ -304,6 +304,22 @@ fn login<O: Output, N: NodeServices>(
     hello: pb::Hello,
     node: &N,
 ) -> Flow {
+    let flow = try_login(conn, slot, rid, hello, node);
+    node.count_login(match &flow {
+        Flow::Continue => Ok(()),
+        Flow::Close(_, code, _) => Err(*code),
+        Flow::Refuse(_, e) => Err(e.code()),
+    });
+    flow
+}
+
+fn try_login<O: Output, N: NodeServices>(
+    conn: &mut Session<'_, O>,
+    slot: u32,
+    rid: u64,
+    hello: pb::Hello,
+    node: &N,
+) -> Flow {
     if hello.protocol_version != PROTOCOL_VERSION {
         return Flow::Close(
             rid,
@@ -328,8 +344,8 @@ fn login<O: Output, N: NodeServices>(
             "device_id \"http\" is reserved for messages sent over HTTP".into(),
         );
     }
-    let user = match node.authenticate(&hello.token) {
-        Ok(u) => u,
+    let (user, issued_at) = match node.authenticate(&hello.token) {
+        Ok(id) => (id.user, id.issued_at),
         Err(e) => return Flow::Close(rid, e.code, e.reason),
     };
     // A single node is home to everyone; in a cluster a user is served
@@ -397,6 +413,8 @@ fn login<O: Output, N: NodeServices>(
     }
     *conn.user = Some(user);
     *conn.device = Some(Arc::from(hello.device_id));
+    // Seconds until 2106; a later iat is kept as the latest we can hold.
+    *conn.token_iat = u32::try_from(issued_at).unwrap_or(u32::MAX);
     *conn.phase = Phase::Live;
     // The backlog is sent by the shard's catch-up.
     *conn.carries = Carries::Frames(Delivery::login(cursor, head));

@@ -23,7 +23,7 @@ use super::bucket;
 use super::delivery::Delivery;
 use super::services::{Limits, NodeServices};
 use super::state::{Carries, Output, Phase, Session};
-use crate::auth::AuthError;
+use crate::auth::{AuthError, Identity};
 use crate::clock::{Clock, ManualClock};
 use crate::cluster::Home;
 use crate::commit::{CommitCmd, SubmitError};
@@ -214,9 +214,14 @@ impl NodeServices for ScriptedNode {
         &self.clock
     }
 
-    fn authenticate(&self, token: &str) -> Result<String, AuthError> {
+    fn count_login(&self, _outcome: Result<(), ErrorCode>) {}
+
+    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         if let Some(u) = token.strip_prefix("tok:") {
-            return Ok(u.to_owned());
+            return Ok(Identity {
+                user: u.to_owned(),
+                issued_at: 0,
+            });
         }
         let code = if token.starts_with("old:") {
             ErrorCode::TokenExpired
@@ -413,6 +418,7 @@ pub struct TestConn {
     pub phase: Phase,
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
+    pub token_iat: u32,
     pub carries: Carries,
     /// Boxed as the shard's `Conn` keeps it (one pointer when empty).
     #[allow(clippy::box_collection)]
@@ -442,6 +448,7 @@ impl TestConn {
             phase: Phase::Handshake,
             user: None,
             device: None,
+            token_iat: 0,
             carries: Carries::Frames(Delivery::default()),
             watching: None,
             in_flight: 0,
@@ -467,6 +474,7 @@ impl TestConn {
             phase: &mut self.phase,
             user: &mut self.user,
             device: &mut self.device,
+            token_iat: &mut self.token_iat,
             carries: &mut self.carries,
             watching: &mut self.watching,
             in_flight: &mut self.in_flight,

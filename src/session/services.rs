@@ -24,9 +24,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use swiftlet_protocol::pb;
+use swiftlet_protocol::{pb, ErrorCode};
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Identity};
 use crate::clock::Clock;
 use crate::cluster::{Ephemeral, Home, Ownership, Presence};
 use crate::commit::{CommitCmd, CommitHandle, SubmitError};
@@ -77,6 +77,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Device cursors acknowledged and not yet written.
     pub cursors: Arc<Cursors>,
+    /// The operator's API: its token, and its thread.
+    pub admin: crate::admin::Gate,
 }
 
 /// What request handling needs from its node, and nothing more.
@@ -92,8 +94,11 @@ pub trait NodeServices {
     /// Where the protocol reads the time.
     fn clock(&self) -> &Clock;
 
-    /// The user a Hello's token proves.
-    fn authenticate(&self, token: &str) -> Result<String, AuthError>;
+    /// Who a Hello's token proves, and when it was issued.
+    fn authenticate(&self, token: &str) -> Result<Identity, AuthError>;
+    /// Count a login's outcome: `Ok` for a Welcome, else the code it was
+    /// refused with (`swiftlet_logins_total`, `swiftlet_login_failures_total`).
+    fn count_login(&self, outcome: Result<(), ErrorCode>);
     /// The node that is home to `user` (asked once per login).
     fn home_of_user(&self, user: &str) -> Home;
     /// The node that is home to group `id`.
@@ -196,8 +201,13 @@ impl NodeServices for Services {
     }
 
     #[inline]
-    fn authenticate(&self, token: &str) -> Result<String, AuthError> {
-        self.auth.authenticate(token)
+    fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        self.auth.identify(token)
+    }
+
+    #[inline]
+    fn count_login(&self, outcome: Result<(), ErrorCode>) {
+        self.metrics.count_login(outcome);
     }
 
     #[inline]

@@ -82,6 +82,9 @@ pub enum Exchange {
     /// `POST /v1/messages` handed to the pipeline, waiting for its answer
     /// until tick `until`.
     Send { until: u32 },
+    /// An operator's request handed to the admin thread (`crate::admin`),
+    /// waiting for its answer until tick `until`.
+    Admin { until: u32 },
 }
 
 impl Exchange {
@@ -91,7 +94,7 @@ impl Exchange {
         match self {
             Exchange::Reading => None,
             Exchange::Poll { until, .. } => Some(*until),
-            Exchange::Send { until } => Some(*until),
+            Exchange::Send { until } | Exchange::Admin { until } => Some(*until),
         }
     }
 }
@@ -121,6 +124,9 @@ pub struct Session<'a, O: Output> {
     pub phase: &'a mut Phase,
     pub user: &'a mut Option<Arc<str>>,
     pub device: &'a mut Option<Arc<str>>,
+    /// The `iat` of the token the session logged in with (seconds), for
+    /// closing it when its user's tokens are revoked (`crate::admin`).
+    pub token_iat: &'a mut u32,
     pub carries: &'a mut Carries,
     /// Users whose presence this connection watches.
     pub watching: &'a mut Option<Box<Vec<Arc<str>>>>,

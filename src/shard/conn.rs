@@ -67,6 +67,9 @@ pub struct Conn {
     /// removes): a logged-in session's, or a parked long-poll's.
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
+    /// The `iat` (seconds) of the token this session logged in with: an
+    /// operator's revocation closes the sessions whose token is older.
+    pub token_iat: u32,
     /// The protocol's own state: inbox delivery, or an HTTP exchange.
     pub carries: Carries,
     /// Typing frames this connection may still send (a token bucket).
@@ -157,6 +160,7 @@ impl Conn {
             timer_at: 0,
             user: None,
             device: None,
+            token_iat: 0,
             typing_tokens: bucket::BURST,
             typing_refill: now,
             watching: None,
@@ -183,7 +187,7 @@ impl Conn {
             Carries::Http(Exchange::Poll { .. } | Exchange::Send { .. }) => {
                 self.phase != Phase::Closing
             }
-            Carries::Http(Exchange::Reading) => false,
+            Carries::Http(Exchange::Reading | Exchange::Admin { .. }) => false,
         }
     }
 
@@ -234,6 +238,7 @@ impl Conn {
             phase,
             user,
             device,
+            token_iat,
             carries,
             watching,
             in_flight,
@@ -248,6 +253,7 @@ impl Conn {
             phase,
             user,
             device,
+            token_iat,
             carries,
             watching,
             in_flight,

@@ -657,11 +657,8 @@ impl Shard {
                 Flow::Continue => {
                     if was_handshake && conn.phase == Phase::Live {
                         // Logged in (`logout` takes it off the gauge).
-                        let gauge = match conn.transport {
-                            Transport::WebSocket => &self.ctx.metrics.ws_connections,
-                            _ => &self.ctx.metrics.tcp_connections,
-                        };
-                        gauge.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let ws = conn.transport == Transport::WebSocket;
+                        self.ctx.metrics.connection(self.ctx.id, ws, 1);
                         let at = now + ticks(limits.idle_timeout_ms);
                         arm(&mut self.wheel, conn, slot, now, at);
                     }
@@ -835,6 +832,17 @@ impl Shard {
                     self.draining = true;
                     let _ = done.send(());
                 }
+                ShardMsg::Sessions(q) => self.sessions_of(q),
+                ShardMsg::HttpAnswer { to, answer } => {
+                    let waiting = self.conns.get(to.slot as usize).is_some_and(|c| {
+                        c.gen == to.gen
+                            && c.phase != Phase::Closing
+                            && matches!(c.carries, Carries::Http(Exchange::Admin { .. }))
+                    });
+                    if waiting {
+                        self.http_finish(to.slot as usize, answer);
+                    }
+                }
                 ShardMsg::Rehome => {
                     let moved: Vec<(usize, pb::Error)> = self
                         .conns
@@ -866,6 +874,52 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// The operator's look at (and maybe close of) one user's connections
+    /// here (see [`ShardMsg::Sessions`]).
+    fn sessions_of(&mut self, q: crate::hub::mailbox::SessionsOf) {
+        use crate::hub::mailbox::SessionInfo;
+        let mut found = Vec::new();
+        for (slot, gen) in q.targets {
+            let Some(conn) = self.conns.get(slot as usize) else {
+                continue;
+            };
+            if conn.gen != gen
+                || conn.phase == Phase::Closing
+                || conn.user.as_deref() != Some(&*q.user)
+            {
+                continue;
+            }
+            let poll = conn.transport == Transport::Http;
+            if q.device.is_some() && (poll || conn.device != q.device) {
+                continue;
+            }
+            if q.issued_before
+                .is_some_and(|before| poll || u64::from(conn.token_iat) >= before)
+            {
+                continue;
+            }
+            found.push(SessionInfo {
+                shard: self.ctx.id,
+                transport: match conn.transport {
+                    Transport::Tcp => "tcp",
+                    Transport::WebSocket => "websocket",
+                    Transport::Http => "http",
+                },
+                device: conn.device.as_deref().map(str::to_owned),
+                token_issued_at: conn.token_iat,
+            });
+            if let Some((code, why)) = &q.close {
+                if poll {
+                    let answer = crate::bridge::http::error(*code, why);
+                    self.http_finish(slot as usize, answer);
+                } else {
+                    self.close_with(slot as usize, 0, *code, why, None, None);
+                }
+            }
+        }
+        let _ = q.done.send(found);
     }
 
     fn live_conn(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
@@ -1169,13 +1223,10 @@ impl Shard {
         let transport = conn.transport;
         self.stop_typing((me.slot, me.gen));
         let Some(user) = user else { return };
-        let gauge = match transport {
-            Transport::Tcp => Some(&self.ctx.metrics.tcp_connections),
-            Transport::WebSocket => Some(&self.ctx.metrics.ws_connections),
-            Transport::Http => None,
-        };
-        if let Some(g) = gauge {
-            g.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        match transport {
+            Transport::Tcp => self.ctx.metrics.connection(self.ctx.id, false, -1),
+            Transport::WebSocket => self.ctx.metrics.connection(self.ctx.id, true, -1),
+            Transport::Http => {}
         }
         if self.ctx.registry.remove(&user, me) {
             let at_ms = self.ctx.clock.now_ms();

@@ -88,6 +88,7 @@ impl Shard {
                     http::response(200, "text/plain; version=0.0.4", text.as_bytes()),
                 );
             }
+            (_, path) if path.starts_with(crate::admin::PREFIX) => self.http_admin(slot, req),
             ("GET", "/v1/sync") => self.http_sync(slot, &req),
             ("POST", "/v1/messages") => self.http_send(slot, &req),
             ("GET", path) => match assets::asset(path) {
@@ -102,6 +103,27 @@ impl Shard {
             ),
             _ => self.http_finish(slot, http::error(ErrorCode::NotFound, "no such page")),
         }
+    }
+
+    /// An operator's request: checked here, answered by the admin thread
+    /// (see `crate::admin`), which may take minutes (a backup).
+    fn http_admin(&mut self, slot: usize, req: http::Request) {
+        if let Err(answer) = self.ctx.admin.check(&req) {
+            return self.http_finish(slot, answer);
+        }
+        let reply = self.conn_ref(slot);
+        if let Err(answer) = self.ctx.admin.submit(crate::admin::Job {
+            request: req,
+            reply,
+        }) {
+            return self.http_finish(slot, answer);
+        }
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let until = self.now + ticks(crate::admin::WAIT_MS);
+        conn.carries = Carries::Http(Exchange::Admin { until });
+        super::arm(&mut self.wheel, conn, slot, self.now, until);
     }
 
     fn upgrade(&mut self, slot: usize, req: &http::Request, rest: Vec<u8>) {
@@ -253,6 +275,14 @@ impl Shard {
         };
         if matches!(conn.carries, Carries::Http(Exchange::Poll { .. })) {
             self.http_wake(slot);
+        } else if matches!(conn.carries, Carries::Http(Exchange::Admin { .. })) {
+            self.http_finish(
+                slot,
+                http::error(
+                    ErrorCode::Unavailable,
+                    "the admin request did not finish in time; it may still complete",
+                ),
+            );
         } else {
             self.http_finish(
                 slot,

@@ -41,6 +41,12 @@ pub const GROUP_LOG: &str = "group_log";
 /// Written on disconnect and on a privacy change, never per presence change.
 pub const PRESENCE: &str = "presence";
 
+/// `user` → `before: u64 BE`, seconds since the Unix epoch: the user's
+/// tokens issued before it are refused (`swiftlet admin revoke`; see
+/// `crate::auth::Revocations`, which holds them in memory). Written by the
+/// admin API only, read once at start.
+pub const REVOKED: &str = "revoked";
+
 /// Small records about the database itself, one per fixed key (see
 /// [`super::keys::META_INBOX_EPOCH`] and [`super::keys::META_RUN`]). Written
 /// at open and at a clean shutdown, never on the hot path.
@@ -53,7 +59,7 @@ pub const META: &str = "meta";
 pub const CLUSTER: &str = "cluster";
 
 /// Every column family the store opens.
-pub const ALL_CFS: [&str; 12] = [
+pub const ALL_CFS: [&str; 13] = [
     MESSAGES,
     INBOX,
     DEDUP,
@@ -66,4 +72,5 @@ pub const ALL_CFS: [&str; 12] = [
     PRESENCE,
     META,
     CLUSTER,
+    REVOKED,
 ];

@@ -75,6 +75,9 @@ pub(super) struct Engine {
     pub(super) writable: bool,
     /// The [`WalSync::Interval`] thread; it stops when the engine drops.
     _syncer: Option<WalSyncer>,
+    /// The options it was opened with, which hold its statistics (the
+    /// tickers `/metrics` reads on scrape: see `Store::engine_figures`).
+    pub(super) options: Options,
 }
 
 impl std::ops::Deref for Engine {
@@ -120,6 +123,11 @@ impl Recipe {
         if let Some(dir) = &self.wal_dir {
             o.set_wal_dir(dir);
         }
+        // Tickers only (per-core counters, no timers or histograms): the
+        // block cache hits and misses and the write stall time `/metrics`
+        // reports, read on scrape.
+        o.enable_statistics();
+        o.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
         Ok(o)
     }
 
@@ -179,8 +187,9 @@ impl Recipe {
         epoch: Option<u64>,
         refusing: &Arc<AtomicBool>,
     ) -> Result<(Engine, u64), StoreError> {
+        let options = self.db_options()?;
         let db = Arc::new(DB::open_cf_descriptors(
-            &self.db_options()?,
+            &options,
             &self.path,
             self.families(),
         )?);
@@ -205,6 +214,7 @@ impl Recipe {
                 db,
                 writable: true,
                 _syncer: syncer,
+                options,
             },
             epoch,
         ))
@@ -213,16 +223,13 @@ impl Recipe {
     /// Open read-only: the WAL is replayed into memory, nothing is written,
     /// so this works on a full disk, and beside a writable instance.
     pub(super) fn open_read_only(&self) -> Result<Engine, StoreError> {
-        let db = DB::open_cf_descriptors_read_only(
-            &self.db_options()?,
-            &self.path,
-            self.families(),
-            false,
-        )?;
+        let options = self.db_options()?;
+        let db = DB::open_cf_descriptors_read_only(&options, &self.path, self.families(), false)?;
         Ok(Engine {
             db: Arc::new(db),
             writable: false,
             _syncer: None,
+            options,
         })
     }
 }

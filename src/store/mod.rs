@@ -29,6 +29,7 @@ pub mod cf;
 pub mod cluster;
 mod engine;
 pub mod keys;
+pub mod ops;
 pub mod partition;
 pub mod retention;
 
