@@ -154,7 +154,7 @@ pub fn json(status: u16, body: &impl serde::Serialize) -> Vec<u8> {
 /// The HTTP status that goes with a protocol error code.
 pub fn status_of(code: ErrorCode) -> u16 {
     match code {
-        ErrorCode::AuthFailed | ErrorCode::TokenExpired => 401,
+        ErrorCode::AuthFailed | ErrorCode::TokenExpired | ErrorCode::TokenRevoked => 401,
         ErrorCode::Forbidden => 403,
         ErrorCode::NotFound => 404,
         ErrorCode::BodyTooLarge | ErrorCode::FrameTooLarge => 413,

@@ -67,9 +67,6 @@ pub struct Conn {
     /// removes): a logged-in session's, or a parked long-poll's.
     pub user: Option<Arc<str>>,
     pub device: Option<Arc<str>>,
-    /// The `iat` (seconds) of the token this session logged in with: an
-    /// operator's revocation closes the sessions whose token is older.
-    pub token_iat: u32,
     /// The protocol's own state: inbox delivery, or an HTTP exchange.
     pub carries: Carries,
     /// Typing frames this connection may still send (a token bucket).
@@ -160,7 +157,6 @@ impl Conn {
             timer_at: 0,
             user: None,
             device: None,
-            token_iat: 0,
             typing_tokens: bucket::BURST,
             typing_refill: now,
             watching: None,
@@ -233,12 +229,13 @@ impl Conn {
 
     /// The connection's protocol state, for the request code: a view of
     /// this slot's fields, with the output buffer as where answers go.
-    pub fn session(&mut self) -> Session<'_, ConnOut<'_>> {
+    /// `token_iat` gets the `iat` of a login's token: the shard keeps it
+    /// beside the slab (`Shard::token_iats`), not in this struct.
+    pub fn session<'a>(&'a mut self, token_iat: &'a mut u32) -> Session<'a, ConnOut<'a>> {
         let Conn {
             phase,
             user,
             device,
-            token_iat,
             carries,
             watching,
             in_flight,
