@@ -245,7 +245,11 @@ fn admin(
             force,
         } => {
             let done = restore::restore(&from, &data_dir, force)?;
-            println!("restored {} into {}", from.display(), data_dir.join("db").display());
+            println!(
+                "restored {} into {}",
+                from.display(),
+                data_dir.join("db").display()
+            );
             if let Some(kept) = done.kept {
                 println!("the database that was there is kept in {}", kept.display());
             }
@@ -258,7 +262,11 @@ fn admin(
         AdminCommand::User { user } => ("GET", format!("/admin/v1/users/{user}"), None),
         AdminCommand::Disconnect { user, device } => {
             let q = device.map(|d| format!("?device={d}")).unwrap_or_default();
-            ("POST", format!("/admin/v1/users/{user}/disconnect{q}"), None)
+            (
+                "POST",
+                format!("/admin/v1/users/{user}/disconnect{q}"),
+                None,
+            )
         }
         AdminCommand::Revoke { user, before } => {
             let q = before.map(|b| format!("?before={b}")).unwrap_or_default();

@@ -140,26 +140,77 @@ fn render_engine(store: &Store, out: &mut String) {
         n => f.block_cache_hits as f64 / n as f64,
     };
     let gauges: [(&str, &str, f64); 9] = [
-        ("swiftlet_rocksdb_memtable_bytes", "Bytes in RocksDB memtables.", f.memtable_bytes as f64),
-        ("swiftlet_rocksdb_pending_compaction_bytes", "Bytes RocksDB estimates compaction must rewrite.", f.pending_compaction_bytes as f64),
-        ("swiftlet_rocksdb_running_compactions", "RocksDB compactions running.", f.running_compactions as f64),
-        ("swiftlet_rocksdb_sst_bytes", "Size of RocksDB's live SST files.", f.sst_bytes as f64),
-        ("swiftlet_rocksdb_estimated_keys", "Keys RocksDB estimates it holds.", f.estimated_keys as f64),
-        ("swiftlet_rocksdb_writes_stopped", "1 while RocksDB stops writes.", f.writes_stopped as f64),
-        ("swiftlet_rocksdb_delayed_write_rate_bytes", "The rate RocksDB slows writes to (0: not slowed).", f.delayed_write_rate as f64),
-        ("swiftlet_rocksdb_block_cache_bytes", "Bytes in the block cache.", f.block_cache_bytes as f64),
-        ("swiftlet_rocksdb_block_cache_hit_ratio", "Block cache hits over lookups since the store opened.", ratio),
+        (
+            "swiftlet_rocksdb_memtable_bytes",
+            "Bytes in RocksDB memtables.",
+            f.memtable_bytes as f64,
+        ),
+        (
+            "swiftlet_rocksdb_pending_compaction_bytes",
+            "Bytes RocksDB estimates compaction must rewrite.",
+            f.pending_compaction_bytes as f64,
+        ),
+        (
+            "swiftlet_rocksdb_running_compactions",
+            "RocksDB compactions running.",
+            f.running_compactions as f64,
+        ),
+        (
+            "swiftlet_rocksdb_sst_bytes",
+            "Size of RocksDB's live SST files.",
+            f.sst_bytes as f64,
+        ),
+        (
+            "swiftlet_rocksdb_estimated_keys",
+            "Keys RocksDB estimates it holds.",
+            f.estimated_keys as f64,
+        ),
+        (
+            "swiftlet_rocksdb_writes_stopped",
+            "1 while RocksDB stops writes.",
+            f.writes_stopped as f64,
+        ),
+        (
+            "swiftlet_rocksdb_delayed_write_rate_bytes",
+            "The rate RocksDB slows writes to (0: not slowed).",
+            f.delayed_write_rate as f64,
+        ),
+        (
+            "swiftlet_rocksdb_block_cache_bytes",
+            "Bytes in the block cache.",
+            f.block_cache_bytes as f64,
+        ),
+        (
+            "swiftlet_rocksdb_block_cache_hit_ratio",
+            "Block cache hits over lookups since the store opened.",
+            ratio,
+        ),
     ];
     for (name, help, v) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     let counters: [(&str, &str, f64); 3] = [
-        ("swiftlet_rocksdb_stall_seconds_total", "Time RocksDB held writes back (slowed or stopped).", f.stall_micros as f64 / 1e6),
-        ("swiftlet_rocksdb_block_cache_hits_total", "Block cache hits.", f.block_cache_hits as f64),
-        ("swiftlet_rocksdb_block_cache_misses_total", "Block cache misses.", f.block_cache_misses as f64),
+        (
+            "swiftlet_rocksdb_stall_seconds_total",
+            "Time RocksDB held writes back (slowed or stopped).",
+            f.stall_micros as f64 / 1e6,
+        ),
+        (
+            "swiftlet_rocksdb_block_cache_hits_total",
+            "Block cache hits.",
+            f.block_cache_hits as f64,
+        ),
+        (
+            "swiftlet_rocksdb_block_cache_misses_total",
+            "Block cache misses.",
+            f.block_cache_misses as f64,
+        ),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
     }
 }
 

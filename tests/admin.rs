@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use swiftlet_client::{pb, CloseReason, Client, ClientConfig, Deliveries};
+use swiftlet_client::{pb, Client, ClientConfig, CloseReason, Deliveries};
 use swiftlet_protocol::ErrorCode;
 
 const ADMIN: &str = "admin-token-for-the-tests-0123";
@@ -19,9 +19,21 @@ fn with_admin() -> TestServer {
     TestServer::start_with(|c| c.admin_token = Some(ADMIN.into()))
 }
 
-async fn admin(server: &TestServer, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+async fn admin(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, serde_json::Value) {
     let auth = format!("Bearer {ADMIN}");
-    let (status, body) = http(server.http_addr(), method, path, &[("Authorization", &auth)], body).await;
+    let (status, body) = http(
+        server.http_addr(),
+        method,
+        path,
+        &[("Authorization", &auth)],
+        body,
+    )
+    .await;
     let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     (status, json)
 }
@@ -48,16 +60,17 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
-async fn login(server: &TestServer, token: String, device: &str) -> Result<(Client, Deliveries), swiftlet_client::ClientError> {
+async fn login(
+    server: &TestServer,
+    token: String,
+    device: &str,
+) -> Result<(Client, Deliveries), swiftlet_client::ClientError> {
     Client::connect(ClientConfig::new(server.addr().to_string(), token, device)).await
 }
 
 /// Wait for the server to close `client`; the code of its fatal Error.
 async fn closed_with(client: &Client, d: &mut Deliveries) -> i32 {
-    let ended = tokio::time::timeout(PATIENCE, async {
-        while d.next().await.is_some() {}
-    })
-    .await;
+    let ended = tokio::time::timeout(PATIENCE, async { while d.next().await.is_some() {} }).await;
     assert!(ended.is_ok(), "the connection was not closed");
     match client.closed() {
         Some(CloseReason::Server { code, .. }) => code,
@@ -68,18 +81,39 @@ async fn closed_with(client: &Client, d: &mut Deliveries) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_is_refused_without_the_right_token() {
     let off = TestServer::start();
-    let (status, body) = http(off.http_addr(), "GET", "/admin/v1/stats", &[("Authorization", &format!("Bearer {ADMIN}"))], b"").await;
+    let (status, body) = http(
+        off.http_addr(),
+        "GET",
+        "/admin/v1/stats",
+        &[("Authorization", &format!("Bearer {ADMIN}"))],
+        b"",
+    )
+    .await;
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
 
     let server = with_admin();
     let (status, _) = http(server.http_addr(), "GET", "/admin/v1/stats", &[], b"").await;
     assert_eq!(status, 401);
-    let (status, body) = http(server.http_addr(), "POST", "/admin/v1/compact", &[("Authorization", "Bearer admin-token-for-the-tests-0124")], b"").await;
+    let (status, body) = http(
+        server.http_addr(),
+        "POST",
+        "/admin/v1/compact",
+        &[("Authorization", "Bearer admin-token-for-the-tests-0124")],
+        b"",
+    )
+    .await;
     assert_eq!(status, 401);
     let error: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(error["error"], "AUTH_FAILED");
     // A user's login token is not an admin token.
-    let (status, _) = http(server.http_addr(), "GET", "/admin/v1/stats", &[("Authorization", &format!("Bearer {}", token("alice")))], b"").await;
+    let (status, _) = http(
+        server.http_addr(),
+        "GET",
+        "/admin/v1/stats",
+        &[("Authorization", &format!("Bearer {}", token("alice")))],
+        b"",
+    )
+    .await;
     assert_eq!(status, 401);
 
     let (_alice, _d) = server.connect("alice", "phone").await;
@@ -88,8 +122,16 @@ async fn the_admin_api_is_refused_without_the_right_token() {
     assert_eq!(stats["connections"]["tcp"], 1);
     assert_eq!(stats["online_users"], 1);
     assert_eq!(admin(&server, "GET", "/admin/v1/nothing", b"").await.0, 404);
-    assert_eq!(admin(&server, "DELETE", "/admin/v1/stats", b"").await.0, 405);
-    assert_eq!(admin(&server, "GET", "/admin/v1/users/not%20an%20id", b"").await.0, 400);
+    assert_eq!(
+        admin(&server, "DELETE", "/admin/v1/stats", b"").await.0,
+        405
+    );
+    assert_eq!(
+        admin(&server, "GET", "/admin/v1/users/not%20an%20id", b"")
+            .await
+            .0,
+        400
+    );
     let (status, _) = admin(&server, "POST", "/admin/v1/compact", b"").await;
     assert_eq!(status, 200);
 }
@@ -100,7 +142,9 @@ async fn disconnect_closes_one_device_or_all_of_a_user() {
     let (phone, mut phone_d) = server.connect("alice", "phone").await;
     let (laptop, mut laptop_d) = server.connect("alice", "laptop").await;
     let (bob, _bob_d) = server.connect("bob", "b1").await;
-    bob.send("alice", "text/plain", b"hi".to_vec()).await.expect("ack");
+    bob.send("alice", "text/plain", b"hi".to_vec())
+        .await
+        .expect("ack");
     next_message(&mut phone_d).await;
     next_message(&mut laptop_d).await;
     phone.ack_delivery(1).await.expect("ack delivery");
@@ -117,7 +161,10 @@ async fn disconnect_closes_one_device_or_all_of_a_user() {
         .iter()
         .map(|c| c["device"].as_str().expect("device").to_owned())
         .collect();
-    assert_eq!(devices, BTreeSet::from(["laptop".to_owned(), "phone".to_owned()]));
+    assert_eq!(
+        devices,
+        BTreeSet::from(["laptop".to_owned(), "phone".to_owned()])
+    );
     let phone_cursor = user["devices"]
         .as_array()
         .expect("devices")
@@ -126,14 +173,26 @@ async fn disconnect_closes_one_device_or_all_of_a_user() {
         .map(|d| d["cursor"].clone());
     assert_eq!(phone_cursor, Some(serde_json::json!(1)), "{user}");
 
-    let (status, answer) = admin(&server, "POST", "/admin/v1/users/alice/disconnect?device=phone", b"").await;
+    let (status, answer) = admin(
+        &server,
+        "POST",
+        "/admin/v1/users/alice/disconnect?device=phone",
+        b"",
+    )
+    .await;
     assert_eq!((status, &answer["closed"]), (200, &serde_json::json!(1)));
-    assert_eq!(closed_with(&phone, &mut phone_d).await, ErrorCode::Disconnected as i32);
+    assert_eq!(
+        closed_with(&phone, &mut phone_d).await,
+        ErrorCode::Disconnected as i32
+    );
     laptop.ping().await.expect("the other device stays");
 
     let (status, answer) = admin(&server, "POST", "/admin/v1/users/alice/disconnect", b"").await;
     assert_eq!((status, &answer["closed"]), (200, &serde_json::json!(1)));
-    assert_eq!(closed_with(&laptop, &mut laptop_d).await, ErrorCode::Disconnected as i32);
+    assert_eq!(
+        closed_with(&laptop, &mut laptop_d).await,
+        ErrorCode::Disconnected as i32
+    );
     bob.ping().await.expect("other users stay");
     // Disconnecting is not a ban: the device logs in again.
     let (again, _d) = server.connect("alice", "phone").await;
@@ -148,20 +207,41 @@ async fn revoked_tokens_are_refused_and_their_sessions_closed_across_restarts() 
     let fresh = token_issued_at("alice", now - 10);
     let (old_client, mut old_d) = login(&server, old.clone(), "old").await.expect("login");
     let (fresh_client, _fresh_d) = login(&server, fresh.clone(), "fresh").await.expect("login");
-    let (bob, _bob_d) = login(&server, token_issued_at("bob", now - 100), "b").await.expect("login");
+    let (bob, _bob_d) = login(&server, token_issued_at("bob", now - 100), "b")
+        .await
+        .expect("login");
 
     let before = now - 50;
-    let (status, answer) = admin(&server, "POST", &format!("/admin/v1/users/alice/revoke?before={before}"), b"").await;
+    let (status, answer) = admin(
+        &server,
+        "POST",
+        &format!("/admin/v1/users/alice/revoke?before={before}"),
+        b"",
+    )
+    .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["closed"], 1);
-    assert_eq!(closed_with(&old_client, &mut old_d).await, ErrorCode::TokenRevoked as i32);
-    fresh_client.ping().await.expect("a newer token's session stays");
+    assert_eq!(
+        closed_with(&old_client, &mut old_d).await,
+        ErrorCode::TokenRevoked as i32
+    );
+    fresh_client
+        .ping()
+        .await
+        .expect("a newer token's session stays");
     bob.ping().await.expect("other users stay");
 
     let refused = login(&server, old.clone(), "old").await.map(|_| ());
     assert_eq!(code_of(refused), ErrorCode::TokenRevoked);
     // Over HTTP too.
-    let (status, body) = http(server.http_addr(), "GET", "/v1/sync", &[("Authorization", &format!("Bearer {old}"))], b"").await;
+    let (status, body) = http(
+        server.http_addr(),
+        "GET",
+        "/v1/sync",
+        &[("Authorization", &format!("Bearer {old}"))],
+        b"",
+    )
+    .await;
     assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
 
     // Durable: a restart still refuses it, and still takes the newer one.
@@ -169,7 +249,9 @@ async fn revoked_tokens_are_refused_and_their_sessions_closed_across_restarts() 
     server.restart();
     let refused = login(&server, old, "old").await.map(|_| ());
     assert_eq!(code_of(refused), ErrorCode::TokenRevoked);
-    let (c, _d) = login(&server, fresh, "fresh").await.expect("the newer token logs in");
+    let (c, _d) = login(&server, fresh, "fresh")
+        .await
+        .expect("the newer token logs in");
     c.ping().await.expect("ping");
     let (_, user) = admin(&server, "GET", "/admin/v1/users/alice", b"").await;
     assert_eq!(user["tokens_revoked_before"], before);
@@ -212,7 +294,12 @@ async fn a_backup_under_traffic_restores_everything_acknowledged_before_it() {
     let (status, answer) = admin(&server, "POST", "/admin/v1/backup", body.as_bytes()).await;
     assert_eq!(status, 200, "{answer}");
     // The same place twice is refused.
-    assert_eq!(admin(&server, "POST", "/admin/v1/backup", body.as_bytes()).await.0, 400);
+    assert_eq!(
+        admin(&server, "POST", "/admin/v1/backup", body.as_bytes())
+            .await
+            .0,
+        400
+    );
     while acked.lock().len() < before.len() + 50 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
@@ -229,14 +316,22 @@ async fn a_backup_under_traffic_restores_everything_acknowledged_before_it() {
         .arg(restored.path())
         .output()
         .expect("run swiftlet admin restore");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for data_dir in [dir.clone(), restored.path().to_owned()] {
         let mut config = test_config(&backup);
         config.data_dir = data_dir;
         let copy = swiftlet::start(config).expect("a server starts on the backup");
-        let (bob, _d) = Client::connect(ClientConfig::new(copy.local_addr().to_string(), token("bob"), "b"))
-            .await
-            .expect("login");
+        let (bob, _d) = Client::connect(ClientConfig::new(
+            copy.local_addr().to_string(),
+            token("bob"),
+            "b",
+        ))
+        .await
+        .expect("login");
         let mut have = BTreeSet::new();
         let mut after = 0;
         loop {
@@ -252,7 +347,11 @@ async fn a_backup_under_traffic_restores_everything_acknowledged_before_it() {
             }
         }
         let missing: Vec<&u64> = before.iter().filter(|id| !have.contains(id)).collect();
-        assert!(missing.is_empty(), "{} acknowledged before the backup are missing", missing.len());
+        assert!(
+            missing.is_empty(),
+            "{} acknowledged before the backup are missing",
+            missing.len()
+        );
         bob.close().await;
         tokio::task::block_in_place(|| copy.shutdown());
     }

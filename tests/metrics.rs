@@ -78,20 +78,50 @@ async fn metrics_after_traffic_parse_and_count_what_happened() {
     ]);
     for s in &m.samples {
         if let Some(t) = types.get(s.metric.as_str()) {
-            let ok = matches!((t, &s.value), (&"counter", Value::Counter(_)) | (&"gauge", Value::Gauge(_)));
+            let ok = matches!(
+                (t, &s.value),
+                (&"counter", Value::Counter(_)) | (&"gauge", Value::Gauge(_))
+            );
             assert!(ok, "{} has the wrong type: {:?}", s.metric, s.value);
         }
     }
     assert_eq!(sum(&m, "swiftlet_logins_total", &[]), 2.0);
-    assert_eq!(sum(&m, "swiftlet_login_failures_total", &[("reason", "auth_failed")]), 1.0);
-    assert_eq!(sum(&m, "swiftlet_login_failures_total", &[("reason", "token_expired")]), 1.0);
-    assert_eq!(sum(&m, "swiftlet_login_failures_total", &[("reason", "token_revoked")]), 0.0);
+    assert_eq!(
+        sum(
+            &m,
+            "swiftlet_login_failures_total",
+            &[("reason", "auth_failed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "swiftlet_login_failures_total",
+            &[("reason", "token_expired")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "swiftlet_login_failures_total",
+            &[("reason", "token_revoked")]
+        ),
+        0.0
+    );
     assert_eq!(sum(&m, "swiftlet_messages_in_total", &[]), 5.0);
     assert_eq!(sum(&m, "swiftlet_acks_total", &[]), 5.0);
     assert!(sum(&m, "swiftlet_messages_out_total", &[]) >= 5.0);
     // By transport, and the same split by shard.
-    assert_eq!(sum(&m, "swiftlet_connections", &[("transport", "tcp")]), 2.0);
-    assert_eq!(sum(&m, "swiftlet_shard_connections", &[("transport", "tcp")]), 2.0);
+    assert_eq!(
+        sum(&m, "swiftlet_connections", &[("transport", "tcp")]),
+        2.0
+    );
+    assert_eq!(
+        sum(&m, "swiftlet_shard_connections", &[("transport", "tcp")]),
+        2.0
+    );
     let shards: std::collections::BTreeSet<&str> = m
         .samples
         .iter()
@@ -136,6 +166,8 @@ async fn metrics_after_traffic_parse_and_count_what_happened() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     };
-    let logins = tokio::time::timeout(PATIENCE, settled).await.expect("gauges settle");
+    let logins = tokio::time::timeout(PATIENCE, settled)
+        .await
+        .expect("gauges settle");
     assert_eq!(logins, 3.0);
 }

@@ -130,10 +130,7 @@ pub struct Node {
 
 /// Start the admin thread when `token` is set; the gate the shards use.
 /// The thread ends once every gate (every shard) is gone.
-pub fn start(
-    token: Option<&str>,
-    node: Node,
-) -> std::io::Result<(Gate, Option<JoinHandle<()>>)> {
+pub fn start(token: Option<&str>, node: Node) -> std::io::Result<(Gate, Option<JoinHandle<()>>)> {
     let Some(token) = token else {
         return Ok((Gate::off(), None));
     };
@@ -481,14 +478,26 @@ mod tests {
             r.err()
                 .map(|b| String::from_utf8_lossy(&b[9..12]).into_owned())
         };
-        assert_eq!(status(Gate::off().check(&request(Some("Bearer x")))), Some("403".into()));
+        assert_eq!(
+            status(Gate::off().check(&request(Some("Bearer x")))),
+            Some("403".into())
+        );
         let gate = Gate {
             token: Some(digest(b"correct horse battery")),
             jobs: None,
         };
         assert_eq!(status(gate.check(&request(None))), Some("401".into()));
-        assert_eq!(status(gate.check(&request(Some("Bearer correct horse")))), Some("401".into()));
-        assert_eq!(status(gate.check(&request(Some("Basic correct horse battery")))), Some("401".into()));
-        assert_eq!(status(gate.check(&request(Some("Bearer correct horse battery")))), None);
+        assert_eq!(
+            status(gate.check(&request(Some("Bearer correct horse")))),
+            Some("401".into())
+        );
+        assert_eq!(
+            status(gate.check(&request(Some("Basic correct horse battery")))),
+            Some("401".into())
+        );
+        assert_eq!(
+            status(gate.check(&request(Some("Bearer correct horse battery")))),
+            None
+        );
     }
 }

@@ -19,7 +19,9 @@ use crate::store::{Store, StoreOptions};
 /// Why a restore was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("{0} holds no backup (no db/CURRENT): give the directory `swiftlet admin backup` wrote")]
+    #[error(
+        "{0} holds no backup (no db/CURRENT): give the directory `swiftlet admin backup` wrote"
+    )]
     NotABackup(PathBuf),
     #[error("{0} already holds a database: stop its server, then restore with --force (it is kept as db.before-restore-<time>)")]
     TargetExists(PathBuf),
@@ -87,8 +89,8 @@ pub fn restore(from: &Path, data_dir: &Path, force: bool) -> Result<Restored, Re
     let synced = std::fs::File::open(&target).and_then(|d| d.sync_all());
     synced.map_err(io("syncing", &target))?;
     // Open once: a copy that does not open is reported now, not at start.
-    let store =
-        Store::open(&target, &StoreOptions::default()).map_err(|e| RestoreError::Open(e.to_string()))?;
+    let store = Store::open(&target, &StoreOptions::default())
+        .map_err(|e| RestoreError::Open(e.to_string()))?;
     store
         .mark_clean_shutdown()
         .map_err(|e| RestoreError::Open(e.to_string()))?;

@@ -170,7 +170,11 @@ impl Store {
             return Err(StoreError::ReadOnly);
         }
         let mut wb = rocksdb::WriteBatch::default();
-        wb.put_cf(handle(&db, cf::REVOKED)?, user.as_bytes(), before.to_be_bytes());
+        wb.put_cf(
+            handle(&db, cf::REVOKED)?,
+            user.as_bytes(),
+            before.to_be_bytes(),
+        );
         db.write_opt(wb, &super::synced())?;
         Ok(())
     }
@@ -199,7 +203,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db"), &StoreOptions::default()).expect("open");
         let mut b = store.batch();
-        store.put_cursor(&mut b, "alice", "phone", 7).expect("cursor");
+        store
+            .put_cursor(&mut b, "alice", "phone", 7)
+            .expect("cursor");
         store.commit(b).expect("commit");
         store.put_revocation("alice", 1234).expect("revoke");
         let backup = dir.path().join("backup");
@@ -212,10 +218,16 @@ mod tests {
         let copy = Store::open(&backup, &StoreOptions::default()).expect("open the checkpoint");
         let devices = copy.device_cursors("alice").expect("devices");
         assert_eq!(
-            devices.iter().map(|d| (d.device.as_str(), d.cursor)).collect::<Vec<_>>(),
+            devices
+                .iter()
+                .map(|d| (d.device.as_str(), d.cursor))
+                .collect::<Vec<_>>(),
             [("phone", 7)]
         );
-        assert_eq!(copy.revocations().expect("read"), [("alice".to_owned(), 1234)]);
+        assert_eq!(
+            copy.revocations().expect("read"),
+            [("alice".to_owned(), 1234)]
+        );
         assert_eq!(copy.inbox_len("alice").expect("len"), 0);
     }
 }
