@@ -14,6 +14,11 @@
 //!   per group commit costs a lone sender (N = 1) and a group (N = 64).
 //!   The other shapes run in the default mode.
 //!
+//! - `statistics/on|off/N`: `durable_send/group/N` with RocksDB's tickers
+//!   on (as the server runs, for `/metrics`) and off: what recording them
+//!   costs the write path. The two stores are measured turn about, several
+//!   rounds, so a noisy machine affects both alike.
+//!
 //! The shapes run in one process so their ratios survive a noisy machine.
 
 use std::sync::Arc;
@@ -175,5 +180,38 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_sends, wal_sync, fan_out);
+fn statistics(c: &mut Criterion) {
+    let mut group = c.benchmark_group("statistics");
+    let mut stores: Vec<(&str, Bench)> = [("on", true), ("off", false)]
+        .into_iter()
+        .map(|(name, statistics)| {
+            let b = Bench::with(StoreOptions {
+                statistics,
+                ..StoreOptions::default()
+            });
+            (name, b)
+        })
+        .collect();
+    let size = 64usize;
+    group.throughput(Throughput::Elements(size as u64));
+    for round in 0..3 {
+        for (name, b) in &mut stores {
+            group.bench_function(
+                BenchmarkId::new(format!("{name}/round{round}"), size),
+                |bench| {
+                    bench.iter(|| {
+                        for _ in 0..size {
+                            let to = format!("user{}", b.n % 1000);
+                            b.send(to, 0);
+                        }
+                        b.pipeline.flush();
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, durable_sends, wal_sync, fan_out, statistics);
 criterion_main!(benches);

@@ -126,8 +126,10 @@ impl Recipe {
         // Tickers only (per-core counters, no timers or histograms): the
         // block cache hits and misses and the write stall time `/metrics`
         // reports, read on scrape.
-        o.enable_statistics();
-        o.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
+        if self.opts.statistics {
+            o.enable_statistics();
+            o.set_statistics_level(rocksdb::statistics::StatsLevel::ExceptHistogramOrTimers);
+        }
         Ok(o)
     }
 

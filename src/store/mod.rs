@@ -189,6 +189,11 @@ pub struct StoreOptions {
     pub retention: retention::Policy,
     /// Where retention and the dedup window read the time.
     pub clock: Clock,
+    /// RocksDB statistics (tickers only: block cache hits and misses,
+    /// write stall time), which `/metrics` reads on scrape. On in the
+    /// server; off only to measure what they cost (benches/store.rs,
+    /// `statistics/...`).
+    pub statistics: bool,
 }
 
 /// The file in the database directory that records where its write-ahead
@@ -205,6 +210,7 @@ impl Default for StoreOptions {
             wal_dir: None,
             retention: retention::Policy::default(),
             clock: Clock::system(),
+            statistics: true,
         }
     }
 }
