@@ -878,9 +878,14 @@ impl Store {
 
     /// How many dedup records are stored (a scan: for tests and tools).
     pub fn count_dedup(&self) -> Result<u64, StoreError> {
+        self.count_rows(cf::DEDUP)
+    }
+
+    /// How many rows column family `name` holds (an exact count by a scan).
+    fn count_rows(&self, name: &'static str) -> Result<u64, StoreError> {
         let db = self.db();
         let mut n = 0;
-        for item in db.iterator_cf(handle(&db, cf::DEDUP)?, IteratorMode::Start) {
+        for item in db.iterator_cf(handle(&db, name)?, IteratorMode::Start) {
             item?;
             n += 1;
         }
@@ -1259,13 +1264,7 @@ impl Store {
     /// How many messages are stored (exact count by a scan: for tests and
     /// tools, not for hot paths).
     pub fn count_messages(&self) -> Result<u64, StoreError> {
-        let db = self.db();
-        let mut n = 0;
-        for item in db.iterator_cf(handle(&db, cf::MESSAGES)?, IteratorMode::Start) {
-            item?;
-            n += 1;
-        }
-        Ok(n)
+        self.count_rows(cf::MESSAGES)
     }
 }
 
