@@ -274,6 +274,9 @@ impl Pipeline {
                     convs,
                 } => {
                     w.writes += 1;
+                    self.metrics
+                        .cursors_written
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = self.store.put_cursor(&mut w.batch, &user, &device, up_to) {
                         crate::log_every!(1000, error, error = %e, "cursor update failed");
                     }
@@ -315,7 +318,13 @@ impl Pipeline {
                 w.writes == 0
                     || {
                         let started = self.clock.now();
+                        let rows = w.batch.len() as u64;
                         let result = self.store.commit(std::mem::take(&mut w.batch));
+                        if result.is_ok() {
+                            self.metrics
+                                .store_rows
+                                .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+                        }
                         self.metrics.commit_us.observe(
                             self.clock
                                 .now()

@@ -1024,6 +1024,10 @@ impl Shard {
             return;
         }
         let mut cursors = std::mem::take(&mut self.sessions.cursors);
+        self.ctx.metrics.delivery_acks.fetch_add(
+            cursors.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // Several acknowledgements of one device this turn: one range.
         cursors.sort_by(|a, b| (&a.user, &a.device, a.up_to).cmp(&(&b.user, &b.device, b.up_to)));
         let mut merged: Vec<Acked> = Vec::with_capacity(cursors.len());
