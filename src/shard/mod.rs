@@ -1014,12 +1014,21 @@ impl Shard {
         self.catchup = list;
     }
 
-    /// Hand the device cursors acknowledged this turn (one per device) to
-    /// the pipeline, which writes each with the delivered receipts it
-    /// implies. Runs before the turn's output is flushed, and each cursor is
-    /// pending in [`Cursors`] from then until written, so after an answer
-    /// the client sees past its DeliveryAck, its next login has the cursor.
+    /// Record the device cursors acknowledged this turn (one per device),
+    /// with the delivered receipts they imply, in [`Cursors`], where logins
+    /// read them at once and the pipeline writes them in bulk (see
+    /// `crate::cursors`); and ask for a group commit when some are due and
+    /// none would come otherwise.
     fn write_cursors(&mut self) {
+        let now = self.ctx.clock.now();
+        if self.ctx.cursors.wants_commit(now) {
+            // A full queue means a group commit is coming anyway, and it
+            // takes what is due.
+            let _ = self
+                .ctx
+                .commit
+                .submit(CommitCmd::WriteCursors { all: false });
+        }
         if self.sessions.cursors.is_empty() {
             return;
         }
@@ -1051,7 +1060,7 @@ impl Shard {
             // If the shard no longer holds what the range was, the receipts
             // come from the store; if that read fails they are skipped (the
             // next acknowledgement in the same conversation moves the
-            // watermark past them), but the cursor is still written.
+            // watermark past them), but the cursor is still recorded.
             let convs = match a.delivered {
                 Some(convs) => convs,
                 None => summarize_delivered(&self.ctx.store, &a.user, a.after, a.up_to)
@@ -1060,17 +1069,9 @@ impl Shard {
                         Vec::new()
                     }),
             };
-            self.ctx.cursors.begin(&a.user, &a.device, a.up_to);
-            let cmd = CommitCmd::Acknowledged {
-                user: a.user,
-                device: a.device,
-                up_to: a.up_to,
-                convs,
-            };
-            // When the queue is full this commits from it to make room: an
-            // acknowledgement is not dropped, and a shard busy committing
-            // stops reading, which pushes back on its clients.
-            self.ctx.commit.submit_waiting(cmd);
+            self.ctx
+                .cursors
+                .acknowledge(&a.user, &a.device, a.up_to, convs, now);
         }
         self.sessions.cursors = cursors;
     }
