@@ -207,7 +207,8 @@ impl Cursors {
             TAKE_PER_GROUP.max(backlog / 4)
         };
         let mut out: Vec<Due> = Vec::new();
-        let due = |at: &Instant, delay: Duration| all || now.saturating_duration_since(*at) >= delay;
+        let due =
+            |at: &Instant, delay: Duration| all || now.saturating_duration_since(*at) >= delay;
         // Cursors first (with the receipts of their users), then receipts.
         while out.len() < max {
             match inner.lazy.front() {

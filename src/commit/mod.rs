@@ -228,7 +228,8 @@ impl CommitHandle {
     /// shards, and every cursor and receipt acknowledged so far is written
     /// (graceful shutdown, benches, tests).
     pub fn flush(&self) {
-        self.combiner.submit_waiting(CommitCmd::WriteCursors { all: true });
+        self.combiner
+            .submit_waiting(CommitCmd::WriteCursors { all: true });
         self.combiner.flush();
     }
 }

@@ -785,13 +785,18 @@ impl Shard {
                         }
                     }
                     let high = self.ctx.limits.push_buffer_bytes;
+                    let me = self.ctx.id;
                     for p in pushes {
                         let Some(conn) = self.live_conn(p.slot, p.gen) else {
                             continue;
                         };
                         let room = conn.load() < high;
+                        let own =
+                            p.sent.as_ref().and_then(|s| s.origin).is_some_and(|o| {
+                                o.shard == me && o.slot == p.slot && o.gen == p.gen
+                            });
                         let decision = match &mut conn.carries {
-                            Carries::Frames(d) => d.on_push(p.seq, room),
+                            Carries::Frames(d) => d.on_push(p.seq, room, own),
                             // A parked long-poll: answer with what arrived.
                             Carries::Http(Exchange::Poll { after, .. }) if p.seq > *after => {
                                 self.http_wake(p.slot as usize);
@@ -810,6 +815,22 @@ impl Shard {
                                     .messages_out
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 self.mark_dirty(p.slot as usize);
+                            }
+                            delivery::Push::Own { acked } => {
+                                // Acknowledged for the device: its own
+                                // message tells it nothing new (no receipt).
+                                if let (Some((after, up_to)), Some(user), Some(device)) =
+                                    (acked, conn.user.clone(), conn.device.clone())
+                                {
+                                    self.sessions.cursors.push(Acked {
+                                        user,
+                                        device,
+                                        after,
+                                        up_to,
+                                        delivered: Some(Vec::new()),
+                                        own: true,
+                                    });
+                                }
                             }
                             delivery::Push::StartCatchUp => self.catchup.push(p.slot as usize),
                             delivery::Push::Duplicate | delivery::Push::Skip => {}
@@ -973,6 +994,7 @@ impl Shard {
                                     id: m.id,
                                     from: Arc::from(m.from_user.as_str()),
                                     group_id: m.group_id,
+                                    origin: None,
                                 };
                                 self.sessions.unacked.record(
                                     slot as u32,
@@ -1034,7 +1056,7 @@ impl Shard {
         }
         let mut cursors = std::mem::take(&mut self.sessions.cursors);
         self.ctx.metrics.delivery_acks.fetch_add(
-            cursors.len() as u64,
+            cursors.iter().filter(|c| !c.own).count() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
         // Several acknowledgements of one device this turn: one range.

@@ -577,6 +577,7 @@ async fn handshake(cfg: &ClientConfig, addr: &str) -> Result<Login, ClientError>
         protocol_version: PROTOCOL_VERSION,
         token: cfg.token.clone(),
         device_id: cfg.device_id.clone(),
+        skip_own_sends: cfg.skip_own_sends,
     };
     writer
         .send(Envelope::new(HELLO_REQUEST_ID, Body::Hello(hello)))
