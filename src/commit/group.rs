@@ -323,6 +323,12 @@ impl Pipeline {
         // Written, or lost with the batch (logged above): those cursors are
         // written with a later batch; until then their devices' logins read
         // them from `Cursors`.
+        if committed {
+            let cursors: usize = due.iter().map(|d| d.cursors.len()).sum();
+            self.metrics
+                .cursors_written
+                .fetch_add(cursors as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         self.cursors.done(due, committed, self.clock.now());
         if committed {
             let acks = w
@@ -388,9 +394,6 @@ impl Pipeline {
         for d in &mut due {
             for (device, up_to) in &d.cursors {
                 w.writes += 1;
-                self.metrics
-                    .cursors_written
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = self.store.put_cursor(&mut w.batch, &d.user, device, *up_to) {
                     crate::log_every!(1000, error, error = %e, "cursor update failed");
                 }
