@@ -195,10 +195,21 @@ impl Cursors {
     /// Take what is due at `now` (everything, with `all`): for a bounded
     /// number of users, their receipts, and their cursors when those are
     /// due. The caller writes them in one batch and then calls
-    /// [`Cursors::done`] with them.
+    /// [`Cursors::done`] with them. Unless `all`, a lock held by a shard
+    /// recording an acknowledgement is not waited for (the committer would
+    /// hold up every request of its group, and that shard may have been
+    /// descheduled on a busy machine): nothing is taken this time, and a
+    /// shard asks again for a commit.
     pub fn take(&self, now: Instant, all: bool) -> Vec<Due> {
         self.requested.store(false, Ordering::Relaxed);
-        let mut inner = self.inner.lock();
+        let inner = if all {
+            Some(self.inner.lock())
+        } else {
+            self.inner.try_lock()
+        };
+        let Some(mut inner) = inner else {
+            return Vec::new();
+        };
         let inner = &mut *inner;
         let backlog = inner.lazy.len();
         let max = if all {

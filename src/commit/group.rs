@@ -320,16 +320,6 @@ impl Pipeline {
                     }
             }
         };
-        // Written, or lost with the batch (logged above): those cursors are
-        // written with a later batch; until then their devices' logins read
-        // them from `Cursors`.
-        if committed {
-            let cursors: usize = due.iter().map(|d| d.cursors.len()).sum();
-            self.metrics
-                .cursors_written
-                .fetch_add(cursors as u64, std::sync::atomic::Ordering::Relaxed);
-        }
-        self.cursors.done(due, committed, self.clock.now());
         if committed {
             let acks = w
                 .answers
@@ -381,6 +371,16 @@ impl Pipeline {
         self.heads.rotate_if_full();
         self.groups.rotate_if_full();
         self.outbox.dispatch(own);
+        // The cursors were written, or lost with the batch (logged above:
+        // then a later batch writes them). After the answers and pushes
+        // are on their way: until `done`, logins read them from `Cursors`.
+        if committed {
+            let cursors: usize = due.iter().map(|d| d.cursors.len()).sum();
+            self.metrics
+                .cursors_written
+                .fetch_add(cursors as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.cursors.done(due, committed, self.clock.now());
     }
 
     /// Put the cursors and delivered receipts [`Cursors`] has due (all of
