@@ -47,7 +47,7 @@
 //!   cost nothing here.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +111,11 @@ pub struct Cursors {
     /// A shard asked for a group commit to write what is due, and the
     /// pipeline has not taken it yet (so the other shards need not ask).
     requested: AtomicBool,
+    /// When the oldest entry of either queue is due, in microseconds after
+    /// `base` (`u64::MAX`: nothing queued). Changed under the lock, read
+    /// without it: the shards look at it every turn.
+    next_due: AtomicU64,
+    base: Instant,
 }
 
 impl Cursors {
@@ -119,7 +124,27 @@ impl Cursors {
             store,
             inner: Mutex::new(Inner::default()),
             requested: AtomicBool::new(false),
+            next_due: AtomicU64::new(u64::MAX),
+            base: Instant::now(),
         }
+    }
+
+    /// `t` in microseconds after `base`.
+    fn micros(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.base).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Set [`Cursors::next_due`] from the fronts of the queues (under the
+    /// lock).
+    fn reset_next_due(&self, inner: &Inner) {
+        let fast = inner.fast.front().map(|(at, _)| *at + RECEIPT_DELAY);
+        let lazy = inner.lazy.front().map(|(at, _)| *at + CURSOR_DELAY);
+        let due = match (fast, lazy) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.next_due
+            .store(due.map_or(u64::MAX, |d| self.micros(d)), Ordering::Relaxed);
     }
 
     /// The device's cursor: the pending one if any (it is newer), else the
@@ -167,10 +192,14 @@ impl Cursors {
         if !u.in_lazy {
             u.in_lazy = true;
             inner.lazy.push_back((now, user.clone()));
+            self.next_due
+                .fetch_min(self.micros(now + CURSOR_DELAY), Ordering::Relaxed);
         }
         if direct && !u.in_fast {
             u.in_fast = true;
             inner.fast.push_back((now, user.clone()));
+            self.next_due
+                .fetch_min(self.micros(now + RECEIPT_DELAY), Ordering::Relaxed);
         }
     }
 
@@ -178,18 +207,12 @@ impl Cursors {
     /// it yet: the caller then asks for one (and this returns false to the
     /// others until the pipeline has taken what is due).
     pub fn wants_commit(&self, now: Instant) -> bool {
-        if self.requested.load(Ordering::Relaxed) {
+        if self.requested.load(Ordering::Relaxed)
+            || self.micros(now) < self.next_due.load(Ordering::Relaxed)
+        {
             return false;
         }
-        let due = {
-            let inner = self.inner.lock();
-            let since = |q: &VecDeque<(Instant, Arc<str>)>, delay: Duration| {
-                q.front()
-                    .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= delay)
-            };
-            since(&inner.fast, RECEIPT_DELAY) || since(&inner.lazy, CURSOR_DELAY)
-        };
-        due && !self.requested.swap(true, Ordering::Relaxed)
+        !self.requested.swap(true, Ordering::Relaxed)
     }
 
     /// Take what is due at `now` (everything, with `all`): for a bounded
@@ -266,6 +289,7 @@ impl Cursors {
                 user,
             });
         }
+        self.reset_next_due(inner);
         out
     }
 
@@ -296,6 +320,9 @@ impl Cursors {
             if u.devices.is_empty() && u.convs.is_empty() && !u.in_lazy {
                 inner.users.remove(&t.user);
             }
+        }
+        if !written {
+            self.reset_next_due(inner);
         }
     }
 
