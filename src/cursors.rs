@@ -64,7 +64,7 @@ pub const RECEIPT_DELAY: Duration = Duration::from_millis(50);
 /// with the device's next acknowledgements.
 pub const CURSOR_DELAY: Duration = Duration::from_millis(1000);
 /// Users whose due cursors and receipts one group commit takes, at least.
-pub const TAKE_PER_GROUP: usize = 256;
+pub const TAKE_PER_GROUP: usize = 64;
 
 /// What the pipeline writes for one user: its devices' cursors (possibly
 /// none: only receipts were due) and its delivered receipts.
@@ -238,7 +238,7 @@ impl Cursors {
         let max = if all {
             usize::MAX
         } else {
-            TAKE_PER_GROUP.max(backlog / 4)
+            TAKE_PER_GROUP.max(backlog / 16)
         };
         let mut out: Vec<Due> = Vec::new();
         let due =
