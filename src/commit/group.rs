@@ -390,7 +390,18 @@ impl Pipeline {
     /// fail: those are skipped (the next acknowledgement in a conversation
     /// moves its watermark past them), not half written.
     fn write_cursors(&mut self, w: &mut Work, all: bool) -> Vec<Due> {
-        let mut due = self.cursors.take(self.clock.now(), all);
+        let now = self.clock.now();
+        let (mut due, elsewhere): (Vec<Due>, Vec<Due>) = self
+            .cursors
+            .take(now, all)
+            .into_iter()
+            .partition(|d| self.may_write_for(&d.user));
+        // Fenced, or the user's partition moved away: forgotten here, the
+        // device resumes from the cursor at the user's home (a replay of
+        // what it acknowledged here, never a skip).
+        if !elsewhere.is_empty() {
+            self.cursors.done(elsewhere, true, now);
+        }
         for d in &mut due {
             for (device, up_to) in &d.cursors {
                 w.writes += 1;
