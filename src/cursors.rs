@@ -161,6 +161,21 @@ impl Cursors {
         Ok(pending.map_or(stored, |p| p.max(stored)))
     }
 
+    /// The devices of `user` with a cursor acknowledged and not yet
+    /// written, and that cursor (for listings that read the store too).
+    pub fn pending(&self, user: &str) -> Vec<(Arc<str>, u64)> {
+        self.inner
+            .lock()
+            .users
+            .get(user)
+            .map_or_else(Vec::new, |u| {
+                u.devices
+                    .iter()
+                    .map(|d| (d.device.clone(), d.acked))
+                    .collect()
+            })
+    }
+
     /// `device` of `user` acknowledged its inbox up to `up_to`, which
     /// covers `convs` (see [`crate::commit::summarize_delivered`]).
     pub fn acknowledge(
@@ -328,7 +343,7 @@ impl Cursors {
 
     /// How many users have something pending.
     #[cfg(test)]
-    fn pending(&self) -> usize {
+    fn pending_users(&self) -> usize {
         self.inner.lock().users.len()
     }
 }
@@ -415,7 +430,7 @@ mod tests {
         assert_eq!(store.cursor("amy", "phone").expect("read"), 5);
         assert_eq!(cursors.read("amy", "phone").expect("read"), 7);
         write(&store, &cursors, cursors.take(later, true), later);
-        assert_eq!(cursors.pending(), 0, "written and forgotten");
+        assert_eq!(cursors.pending_users(), 0, "written and forgotten");
         assert_eq!(cursors.read("amy", "phone").expect("read"), 7);
     }
 
@@ -432,7 +447,7 @@ mod tests {
         let taken = cursors.take(t0 + CURSOR_DELAY, false);
         assert_eq!(taken[0].cursors, vec![(phone, 5)]);
         write(&store, &cursors, taken, t0);
-        assert_eq!(cursors.pending(), 0);
+        assert_eq!(cursors.pending_users(), 0);
         assert_eq!(store.cursor("amy", "phone").expect("read"), 5);
     }
 
@@ -461,7 +476,7 @@ mod tests {
         assert_eq!(c, vec![(phone, 3), (tablet, 2)]);
         assert!(taken[0].convs.is_empty());
         write(&store, &cursors, taken, t0);
-        assert_eq!(cursors.pending(), 0);
+        assert_eq!(cursors.pending_users(), 0);
     }
 
     #[test]
@@ -485,7 +500,7 @@ mod tests {
             write(&store, &cursors, taken, later);
         }
         assert_eq!(groups, 3);
-        assert_eq!(cursors.pending(), 0);
+        assert_eq!(cursors.pending_users(), 0);
         assert_eq!(store.cursor("u7", "phone").expect("read"), 1);
     }
 }
