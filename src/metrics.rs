@@ -147,6 +147,12 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub acks: AtomicU64,
+    /// Rows (puts and deletes) in group commits that were written.
+    pub store_rows: AtomicU64,
+    /// DeliveryAcks that moved a cursor.
+    pub delivery_acks: AtomicU64,
+    /// Device cursors written to the store.
+    pub cursors_written: AtomicU64,
     pub fanout: Histogram<8>,
     pub commit_us: Histogram<10>,
     /// From a group commit's durable write to a shard having written that
@@ -186,6 +192,9 @@ impl Default for Metrics {
             messages_in: AtomicU64::new(0),
             messages_out: AtomicU64::new(0),
             acks: AtomicU64::new(0),
+            store_rows: AtomicU64::new(0),
+            delivery_acks: AtomicU64::new(0),
+            cursors_written: AtomicU64::new(0),
             fanout: Histogram::new(FANOUT_BUCKETS),
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
@@ -325,6 +334,21 @@ impl Metrics {
                 "swiftlet_acks_total",
                 "Acks sent after durable writes.",
                 &self.acks,
+            ),
+            (
+                "swiftlet_store_rows_total",
+                "Rows (puts and deletes) in group commits that were written.",
+                &self.store_rows,
+            ),
+            (
+                "swiftlet_delivery_acks_total",
+                "DeliveryAcks that moved a device cursor.",
+                &self.delivery_acks,
+            ),
+            (
+                "swiftlet_cursors_written_total",
+                "Device cursors written to the store.",
+                &self.cursors_written,
             ),
             (
                 "swiftlet_store_write_failures_total",

@@ -162,6 +162,7 @@ async fn login_raw(srv: &TestServer, user: &str, ws: bool) -> TcpStream {
             protocol_version: 1,
             token: token(user),
             device_id: "abuser".into(),
+            skip_own_sends: false,
         }),
     );
     let mut s;

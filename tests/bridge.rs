@@ -61,6 +61,7 @@ async fn ws_login(ws: &mut Ws, user: &str) -> pb::Welcome {
                 protocol_version: 1,
                 token: token(user),
                 device_id: "browser".into(),
+                skip_own_sends: false,
             }),
         ),
     )

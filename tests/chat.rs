@@ -207,3 +207,66 @@ async fn request_errors_are_typed_and_keep_the_connection() {
     // Still logged in and working.
     alice.send("bob", "text/plain", "fine").await.expect("ack");
 }
+
+/// A connection that asks not to be pushed its own sends (protocol section
+/// 7, "Own sends") learns their seqs from the Acks; its user's other devices
+/// still get them, what others send is pushed to it as before, and its
+/// cursor moves past its own sends by itself, so they never come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_skips_its_own_sends_gets_their_seqs_in_the_acks_and_never_sees_them() {
+    let srv = TestServer::start();
+    let skip_own = || {
+        let mut c =
+            swiftlet_client::ClientConfig::new(srv.addr().to_string(), token("alice"), "phone");
+        c.skip_own_sends = true;
+        c
+    };
+    let (phone, mut phone_rx) = swiftlet_client::Client::connect(skip_own())
+        .await
+        .expect("login");
+    let (_laptop, mut laptop_rx) = srv.connect("alice", "laptop").await;
+    let (bob, mut bob_rx) = srv.connect("bob", "phone").await;
+
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        let ack = phone
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+        seqs.push(ack.seq);
+    }
+    assert_eq!(seqs, vec![1, 2, 3], "their places in alice's inbox");
+    for expected in 1..=3 {
+        assert_eq!(next_message(&mut laptop_rx).await.0, expected);
+        assert_eq!(next_message(&mut bob_rx).await.0, expected);
+    }
+    assert_no_more(&phone, &mut phone_rx).await;
+
+    // What others send still comes, after the skipped seqs.
+    bob.send("alice", "text/plain", "hi").await.expect("ack");
+    let (seq, m) = next_message(&mut phone_rx).await;
+    assert_eq!((seq, m.from_user.as_str()), (4, "bob"));
+    phone.ack_delivery(4).await.expect("ack delivery");
+    phone.ping().await.expect("ping");
+    phone.close().await;
+
+    let (phone, _phone_rx) = swiftlet_client::Client::connect(skip_own())
+        .await
+        .expect("login");
+    assert_eq!(phone.welcome().cursor, 4);
+    // Everything written to it is acknowledged: its next own send is
+    // acknowledged for it at once.
+    let ack = phone.send("bob", "text/plain", "m3").await.expect("ack");
+    assert_eq!(ack.seq, 5);
+    phone.ping().await.expect("ping");
+    phone.close().await;
+    let (phone, mut phone_rx2) = swiftlet_client::Client::connect(skip_own())
+        .await
+        .expect("login");
+    assert_eq!(
+        phone.welcome().cursor,
+        5,
+        "its own send is behind its cursor"
+    );
+    assert_no_more(&phone, &mut phone_rx2).await;
+}

@@ -285,3 +285,96 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The server's counter `name` from its /metrics page.
+async fn counter(http_addr: std::net::SocketAddr, name: &str) -> u64 {
+    let (status, body) = http(http_addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).expect("utf-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Acknowledged cursors are coalesced in memory and written in bulk (see
+/// `crate::cursors`): after a `kill -9` a device may see again events it
+/// acknowledged, but its cursor never passes what it acknowledged and it
+/// is sent every event after it (a replay, never a skip); a cursor the
+/// server reports written survives a `kill -9`; a clean shutdown writes
+/// every pending one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_after_acknowledgements_replays_but_never_skips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (port, http) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{port}");
+    let http_addr: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().expect("addr");
+    let mut server = KillOnDrop(spawn_server(port, http, dir.path(), &[]));
+    let respawn = |server: &mut KillOnDrop| {
+        server.0 = spawn_server(port, http, dir.path(), &[]);
+    };
+    let n = 20;
+    let (alice, _arx) = connect_when_up(&addr, "alice", "phone").await;
+    for i in 0..n {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    alice.close().await;
+
+    // Bob receives all, acknowledges up to `acked`, and the server dies
+    // before or after the cursor was written.
+    let (bob, mut rx) = connect_when_up(&addr, "bob", "phone").await;
+    for expected in 1..=n {
+        assert_eq!(next_message(&mut rx).await.0, expected);
+    }
+    let acked = 12;
+    bob.ack_delivery(5).await.expect("ack delivery");
+    bob.ack_delivery(acked).await.expect("ack delivery");
+    bob.ping()
+        .await
+        .expect("ping orders the acks before the kill");
+    kill_9(&mut server.0);
+    respawn(&mut server);
+    let (bob, mut rx) = connect_when_up(&addr, "bob", "phone").await;
+    let cursor = bob.welcome().cursor;
+    assert!(
+        cursor <= acked,
+        "cursor {cursor} passed the acknowledged {acked}"
+    );
+    for expected in cursor + 1..=n {
+        assert_eq!(next_message(&mut rx).await.0, expected, "no skip");
+    }
+
+    // Once the server says it wrote the cursor, a kill -9 keeps it.
+    let written = counter(http_addr, "swiftlet_cursors_written_total").await;
+    bob.ack_delivery(15).await.expect("ack delivery");
+    bob.ping().await.expect("ping");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while counter(http_addr, "swiftlet_cursors_written_total").await == written {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cursor was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill_9(&mut server.0);
+    respawn(&mut server);
+    let (bob, mut rx) = connect_when_up(&addr, "bob", "phone").await;
+    assert_eq!(bob.welcome().cursor, 15);
+    for expected in 16..=n {
+        assert_eq!(next_message(&mut rx).await.0, expected);
+    }
+
+    // A clean shutdown writes what is pending, however recent.
+    bob.ack_delivery(18).await.expect("ack delivery");
+    bob.ping().await.expect("ping");
+    terminate(&mut server.0);
+    respawn(&mut server);
+    let (bob, mut rx) = connect_when_up(&addr, "bob", "phone").await;
+    assert_eq!(bob.welcome().cursor, 18);
+    for expected in 19..=n {
+        assert_eq!(next_message(&mut rx).await.0, expected);
+    }
+    assert_no_more(&bob, &mut rx).await;
+}

@@ -20,6 +20,7 @@ async fn raw_login(srv: &TestServer, user: &str, device: &str, rid: u64) -> (Raw
             protocol_version: 1,
             token: token(user),
             device_id: device.into(),
+            skip_own_sends: false,
         }),
     ))
     .await;
@@ -99,6 +100,7 @@ async fn hello_errors_answer_the_hello_and_bad_devices_are_permanent() {
                 protocol_version: version,
                 token: token_of,
                 device_id: device.into(),
+                skip_own_sends: false,
             }),
         ))
         .await;

@@ -190,6 +190,7 @@ async fn chat_over_wss_and_https() {
             protocol_version: swiftlet_client::PROTOCOL_VERSION,
             token: token("carol"),
             device_id: "browser".into(),
+            skip_own_sends: false,
         }),
     );
     ws.send(WsMessage::Binary(hello.encode_to_vec()))

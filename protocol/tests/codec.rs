@@ -29,6 +29,7 @@ fn hello() -> Envelope {
             protocol_version: 1,
             token: "alice".into(),
             device_id: "phone".into(),
+            skip_own_sends: false,
         }),
     )
 }
@@ -53,6 +54,7 @@ fn ack() -> Envelope {
             client_msg_id: "m1".into(),
             server_msg_id: msg_id(T_2025, 1, 0),
             timestamp_ms: T_2025,
+            seq: 1,
         }),
     )
 }
@@ -517,7 +519,7 @@ fn readme_worked_example_bytes() {
         (
             "ack",
             ack(),
-            "1a 08 02 aa 01 15 0a 02 6d 31 10 80 a0 80 80 a0 bc cd eb 01 18 80 f8 a5 f9 c1 32",
+            "1c 08 02 aa 01 17 0a 02 6d 31 10 80 a0 80 80 a0 bc cd eb 01 18 80 f8 a5 f9 c1 32 20 01",
         ),
         (
             "deliver",

@@ -39,6 +39,7 @@ fn body() -> impl Strategy<Value = Body> {
                 protocol_version,
                 token,
                 device_id,
+                skip_own_sends: false,
             })
         }),
         (

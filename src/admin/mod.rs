@@ -279,15 +279,25 @@ impl Node {
             return bad("not a valid user id");
         }
         let read = || -> Result<serde_json::Value, crate::store::StoreError> {
-            let devices: Vec<serde_json::Value> = self
+            // Acknowledgements not yet written count (`crate::cursors`
+            // writes them up to a second later), also of a device whose
+            // first cursor is not written yet.
+            let mut cursors: Vec<(String, u64)> = self
                 .store
                 .device_cursors(user)?
                 .into_iter()
-                .map(|d| {
-                    // Acknowledgements not yet written count.
-                    let cursor = self.cursors.read(user, &d.device).unwrap_or(d.cursor);
-                    serde_json::json!({"device": d.device, "cursor": cursor})
-                })
+                .map(|d| (d.device, d.cursor))
+                .collect();
+            for (device, acked) in self.cursors.pending(user) {
+                match cursors.iter_mut().find(|(d, _)| **d == *device) {
+                    Some((_, c)) => *c = (*c).max(acked),
+                    None => cursors.push((device.to_string(), acked)),
+                }
+            }
+            cursors.sort();
+            let devices: Vec<serde_json::Value> = cursors
+                .into_iter()
+                .map(|(device, cursor)| serde_json::json!({"device": device, "cursor": cursor}))
                 .collect();
             let (last_seen_ms, hides_last_seen) = self.store.presence(user)?;
             Ok(serde_json::json!({

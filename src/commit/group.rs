@@ -41,7 +41,7 @@ use super::{CommitCmd, Op, Origin, MAX_GROUP};
 use crate::clock::Clock;
 use crate::cluster::handoff::RelayEvent;
 use crate::cluster::{Home, Partition};
-use crate::cursors::Cursors;
+use crate::cursors::{Cursors, Due};
 use crate::groups::GroupDirectory;
 use crate::hub::fanout::Outbox;
 use crate::hub::mailbox::Sent;
@@ -100,8 +100,6 @@ pub(super) struct Work {
     pub(super) marks_undo: Undo<(Vec<u8>, Arc<str>), (u64, u64)>,
     /// Seqs reserved in [`Pipeline::heads`] by the running request.
     pub(super) heads_undo: Undo<Arc<str>, u64>,
-    /// Device cursors in this group's batch, pending in [`Cursors`].
-    pub(super) cursors: Vec<(Arc<str>, Arc<str>, u64)>,
     /// What goes to other nodes with this batch: (node, what).
     pub(super) relays: Vec<(u16, RelayEvent)>,
     /// Hand-off entries applied in this group: who waits for the mark,
@@ -199,6 +197,7 @@ impl Committer for Pipeline {
 impl Pipeline {
     fn commit_group(&mut self, group: &mut Vec<CommitCmd>, own: Option<usize>) {
         let mut w = Work::default();
+        let mut write_all_cursors = false;
         for cmd in group.drain(..) {
             let sp = w.savepoint();
             match cmd {
@@ -256,37 +255,7 @@ impl Pipeline {
                     Some(home) => self.forward(&mut w, &origin, op, home),
                     None => self.run_request(&mut w, sp, &origin, op),
                 },
-                CommitCmd::Acknowledged {
-                    user,
-                    device,
-                    up_to,
-                    ..
-                } if !self.may_write_for(&user) => {
-                    // Fenced, or her partition moved away: the device
-                    // resumes from the cursor at her home (a replay of
-                    // what it acknowledged here, never a skip).
-                    self.cursors.done(&user, &device, up_to);
-                }
-                CommitCmd::Acknowledged {
-                    user,
-                    device,
-                    up_to,
-                    convs,
-                } => {
-                    w.writes += 1;
-                    if let Err(e) = self.store.put_cursor(&mut w.batch, &user, &device, up_to) {
-                        crate::log_every!(1000, error, error = %e, "cursor update failed");
-                    }
-                    // The cursor stands when the receipts fail: they are
-                    // skipped (the next acknowledgement in a conversation
-                    // moves its watermark past them), not half written.
-                    let receipts = w.savepoint();
-                    if let Err(e) = self.delivered(&mut w, &user, convs) {
-                        crate::log_every!(1000, error, error = %e, "delivered receipts failed");
-                        w.rollback(receipts, &mut self.heads);
-                    }
-                    w.cursors.push((user, device, up_to));
-                }
+                CommitCmd::WriteCursors { all } => write_all_cursors |= all,
                 CommitCmd::LastSeen { user, .. } if !self.may_write_for(&user) => {}
                 CommitCmd::LastSeen { user, at_ms } => {
                     if let Err(e) = self.last_seen(&mut w, &user, at_ms) {
@@ -296,6 +265,10 @@ impl Pipeline {
                 }
             }
         }
+
+        // The acknowledgements that are due (see `crate::cursors`), in the
+        // same batch.
+        let due = self.write_cursors(&mut w, write_all_cursors);
 
         // Events for other nodes' users go into the outbox in this batch,
         // so their Acks cover them too.
@@ -315,7 +288,13 @@ impl Pipeline {
                 w.writes == 0
                     || {
                         let started = self.clock.now();
+                        let rows = w.batch.len() as u64;
                         let result = self.store.commit(std::mem::take(&mut w.batch));
+                        if result.is_ok() {
+                            self.metrics
+                                .store_rows
+                                .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+                        }
                         self.metrics.commit_us.observe(
                             self.clock
                                 .now()
@@ -341,11 +320,6 @@ impl Pipeline {
                     }
             }
         };
-        // Written, or lost with the batch (logged above; those devices
-        // resume from their stored cursors and see a few events again).
-        for (user, device, up_to) in w.cursors.drain(..) {
-            self.cursors.done(&user, &device, up_to);
-        }
         if committed {
             let acks = w
                 .answers
@@ -397,6 +371,55 @@ impl Pipeline {
         self.heads.rotate_if_full();
         self.groups.rotate_if_full();
         self.outbox.dispatch(own);
+        // The cursors were written, or lost with the batch (logged above:
+        // then a later batch writes them). After the answers and pushes
+        // are on their way: until `done`, logins read them from `Cursors`.
+        if committed {
+            let cursors: usize = due.iter().map(|d| d.cursors.len()).sum();
+            self.metrics
+                .cursors_written
+                .fetch_add(cursors as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.cursors.done(due, committed, self.clock.now());
+    }
+
+    /// Put the cursors and delivered receipts [`Cursors`] has due (all of
+    /// them with `all`) into this group's batch; returns them for
+    /// [`Cursors::done`]. A user's receipts go in before its cursors'
+    /// group is written, never after. The cursors stand when the receipts
+    /// fail: those are skipped (the next acknowledgement in a conversation
+    /// moves its watermark past them), not half written.
+    fn write_cursors(&mut self, w: &mut Work, all: bool) -> Vec<Due> {
+        let now = self.clock.now();
+        let (mut due, elsewhere): (Vec<Due>, Vec<Due>) = self
+            .cursors
+            .take(now, all)
+            .into_iter()
+            .partition(|d| self.may_write_for(&d.user));
+        // Fenced, or the user's partition moved away: forgotten here, the
+        // device resumes from the cursor at the user's home (a replay of
+        // what it acknowledged here, never a skip).
+        if !elsewhere.is_empty() {
+            self.cursors.done(elsewhere, true, now);
+        }
+        for d in &mut due {
+            for (device, up_to) in &d.cursors {
+                w.writes += 1;
+                if let Err(e) = self.store.put_cursor(&mut w.batch, &d.user, device, *up_to) {
+                    crate::log_every!(1000, error, error = %e, "cursor update failed");
+                }
+            }
+            let convs = std::mem::take(&mut d.convs);
+            if convs.is_empty() {
+                continue;
+            }
+            let receipts = w.savepoint();
+            if let Err(e) = self.delivered(w, &d.user, convs) {
+                crate::log_every!(1000, error, error = %e, "delivered receipts failed");
+                w.rollback(receipts, &mut self.heads);
+            }
+        }
+        due
     }
 
     /// Apply one request from its savepoint `sp`, and answer it: after the
@@ -475,6 +498,7 @@ mod tests {
     struct Harness {
         store: Arc<Store>,
         pipeline: CommitHandle,
+        cursors: Arc<Cursors>,
         mailbox: Receiver<ShardMsg>,
         shard: ShardHandle,
         restarts: u16,
@@ -497,10 +521,12 @@ mod tests {
             let waker = mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker");
             let (tx, mailbox) = crossbeam_channel::unbounded();
             let shard = ShardHandle::new(tx, Arc::new(waker));
-            let pipeline = Self::pipeline(&store, &shard, 0, clock.clone());
+            let cursors = Arc::new(Cursors::new(store.clone()));
+            let pipeline = Self::pipeline(&store, &cursors, &shard, 0, clock.clone());
             Harness {
                 store,
                 pipeline,
+                cursors,
                 mailbox,
                 shard,
                 restarts: 0,
@@ -513,6 +539,7 @@ mod tests {
 
         fn pipeline(
             store: &Arc<Store>,
+            cursors: &Arc<Cursors>,
             shard: &ShardHandle,
             node_id: u16,
             clock: Clock,
@@ -523,7 +550,7 @@ mod tests {
                 Arc::new(GroupDirectory::new(store.clone())),
                 vec![shard.clone()],
                 Arc::new(Metrics::default()),
-                Arc::new(Cursors::new(store.clone())),
+                cursors.clone(),
                 PipelineConfig {
                     node_id,
                     queue: MAX_GROUP,
@@ -541,8 +568,14 @@ mod tests {
             // millisecond would repeat the old one's message ids (a real
             // restart takes longer than that).
             self.restarts += 1;
-            self.pipeline =
-                Self::pipeline(&self.store, &self.shard, self.restarts, self.clock.clone());
+            self.cursors = Arc::new(Cursors::new(self.store.clone()));
+            self.pipeline = Self::pipeline(
+                &self.store,
+                &self.cursors,
+                &self.shard,
+                self.restarts,
+                self.clock.clone(),
+            );
         }
 
         /// Queue a request; it is committed, with everything queued after
@@ -763,12 +796,13 @@ mod tests {
         // Alice's receipt is put, then carol's fails.
         h.restart();
         h.store.fail_next(FailRead::LastSeq("carol".into()));
-        h.submit(CommitCmd::Acknowledged {
-            user: Arc::from("bob"),
-            device: Arc::from("phone"),
-            up_to: 2,
+        h.cursors.acknowledge(
+            &Arc::from("bob"),
+            &Arc::from("phone"),
+            2,
             convs,
-        });
+            Instant::now(),
+        );
         h.commit();
         assert_eq!(h.store.cursor("bob", "phone").expect("read"), 2);
         for (peer, id) in ["alice", "carol"].into_iter().zip(ids) {

@@ -168,16 +168,11 @@ impl Op {
 pub enum CommitCmd {
     /// A client request; answered to `origin.reply` after the commit.
     Request(Origin, Op),
-    /// A device of `user` acknowledged its inbox up to `up_to`: write its
-    /// cursor (pending in [`Cursors`] until then), and the delivered
-    /// receipts of `convs`, the conversations that covers (summarized by the
-    /// shard, from what it sent or with [`summarize_delivered`]).
-    Acknowledged {
-        user: Arc<str>,
-        device: Arc<str>,
-        up_to: u64,
-        convs: Vec<DeliveredConv>,
-    },
+    /// Write the acknowledged cursors and delivered receipts that are due
+    /// in [`Cursors`] (all of them with `all`). Every group commit takes
+    /// what is due anyway; a shard sends this when something is due and no
+    /// commit would otherwise come.
+    WriteCursors { all: bool },
     /// The user's last connection closed.
     LastSeen { user: Arc<str>, at_ms: u64 },
     /// Cluster: outbox entries `first, first + 1, ...` of node `src`
@@ -230,8 +225,11 @@ impl CommitHandle {
     }
 
     /// Block until everything queued so far is committed and handed to the
-    /// shards (graceful shutdown, benches, tests).
+    /// shards, and every cursor and receipt acknowledged so far is written
+    /// (graceful shutdown, benches, tests).
     pub fn flush(&self) {
+        self.combiner
+            .submit_waiting(CommitCmd::WriteCursors { all: true });
         self.combiner.flush();
     }
 }

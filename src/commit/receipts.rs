@@ -6,7 +6,9 @@
 //! the shards summarize what a device acknowledged per conversation
 //! ([`add_delivered`], [`merge_delivered`], from what they sent it, or
 //! [`summarize_delivered`] from the store), outside the pipeline's lock;
-//! the pipeline only raises the watermarks and appends the events. A
+//! [`crate::cursors`] coalesces them per user and conversation until they
+//! are due, and the pipeline only raises the watermarks and appends the
+//! events, one per conversation for everything coalesced. A
 //! watermark only grows, which filters out what another device of the same
 //! user already acknowledged. In a group, delivered is a watermark only
 //! (the sender asks with GetReceipts); read is also an event.

@@ -362,6 +362,7 @@ impl Pipeline {
                     id: m.id,
                     from: Arc::from(m.from_user.as_str()),
                     group_id: m.group_id,
+                    origin: None,
                 });
                 let conv = keys::conversation_of(m.group_id, user, &m.from_user);
                 w.written_undo.set(&mut w.written, m.id, conv);

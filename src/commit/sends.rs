@@ -74,10 +74,18 @@ impl Pipeline {
             body: send.body,
             group_id: send.group_id,
         };
+        // The sender's own seq, for its Ack: a connection that passes over
+        // its own messages learns their place from it.
+        let own_seq = recipients
+            .iter()
+            .zip(&seqs)
+            .find(|(u, _)| **u == o.user)
+            .map_or(0, |(_, s)| *s);
         let ack = pb::Ack {
             client_msg_id: msg.client_msg_id.clone(),
             server_msg_id: id,
             timestamp_ms: now,
+            seq: own_seq,
         };
         self.store.put_message(&mut w.batch, &msg)?;
         self.metrics
@@ -88,6 +96,7 @@ impl Pipeline {
             id,
             from: o.user.clone(),
             group_id: msg.group_id,
+            origin: o.from.is_none().then_some(o.reply),
         });
         let event = encode_event(Kind::Message(msg));
         for (u, seq) in recipients.iter().zip(seqs) {

@@ -53,6 +53,9 @@ pub struct Sent {
     pub from: Arc<str>,
     /// 0 for a direct message.
     pub group_id: u64,
+    /// The connection that sent it, when it is on this node: one that asked
+    /// (`Hello.skip_own_sends`) is not pushed its own message.
+    pub origin: Option<ConnRef>,
 }
 
 /// An answer to one request, with when the shard read that request (the

@@ -279,6 +279,7 @@ fn envelope(rid: u64, req: &Req, me: Option<&str>) -> Envelope {
                 Device::Invalid => "no spaces allowed".into(),
                 Device::Http => requests::HTTP_DEVICE.into(),
             },
+            skip_own_sends: false,
         }),
         Req::Ping(nonce) => Body::Ping(pb::Ping { nonce }),
         Req::Send { valid, to_group } => Body::Send(pb::Send {
@@ -430,7 +431,7 @@ fn run(w: World, steps: Vec<Step>) -> Result<(), TestCaseError> {
                             }
                             None => {
                                 let next = d.next_seq();
-                                d.on_push(next, true);
+                                d.on_push(next, true, false);
                             }
                         }
                     }

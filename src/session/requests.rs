@@ -169,6 +169,9 @@ pub struct Acked {
     /// The delivered receipts it implies, when the shard still held what
     /// the range was (else they are read from the store).
     pub delivered: Option<Vec<DeliveredConv>>,
+    /// Not a DeliveryAck: the connection's own message, passed over and
+    /// acknowledged for the device (see `session::delivery`).
+    pub own: bool,
 }
 
 /// Append `env` to the connection's output.
@@ -417,7 +420,7 @@ fn try_login<O: Output, N: NodeServices>(
     *conn.token_iat = u32::try_from(issued_at).unwrap_or(u32::MAX);
     *conn.phase = Phase::Live;
     // The backlog is sent by the shard's catch-up.
-    *conn.carries = Carries::Frames(Delivery::login(cursor, head));
+    *conn.carries = Carries::Frames(Delivery::login(cursor, head, hello.skip_own_sends));
     Flow::Continue
 }
 
@@ -522,6 +525,7 @@ fn delivery_ack<O: Output>(
         after,
         up_to,
         delivered,
+        own: false,
     });
     Flow::Continue
 }

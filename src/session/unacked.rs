@@ -101,6 +101,7 @@ mod tests {
             id,
             from: Arc::from("alice"),
             group_id: 0,
+            origin: None,
         })
     }
 

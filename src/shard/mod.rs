@@ -785,13 +785,18 @@ impl Shard {
                         }
                     }
                     let high = self.ctx.limits.push_buffer_bytes;
+                    let me = self.ctx.id;
                     for p in pushes {
                         let Some(conn) = self.live_conn(p.slot, p.gen) else {
                             continue;
                         };
                         let room = conn.load() < high;
+                        let own =
+                            p.sent.as_ref().and_then(|s| s.origin).is_some_and(|o| {
+                                o.shard == me && o.slot == p.slot && o.gen == p.gen
+                            });
                         let decision = match &mut conn.carries {
-                            Carries::Frames(d) => d.on_push(p.seq, room),
+                            Carries::Frames(d) => d.on_push(p.seq, room, own),
                             // A parked long-poll: answer with what arrived.
                             Carries::Http(Exchange::Poll { after, .. }) if p.seq > *after => {
                                 self.http_wake(p.slot as usize);
@@ -810,6 +815,22 @@ impl Shard {
                                     .messages_out
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 self.mark_dirty(p.slot as usize);
+                            }
+                            delivery::Push::Own { acked } => {
+                                // Acknowledged for the device: its own
+                                // message tells it nothing new (no receipt).
+                                if let (Some((after, up_to)), Some(user), Some(device)) =
+                                    (acked, conn.user.clone(), conn.device.clone())
+                                {
+                                    self.sessions.cursors.push(Acked {
+                                        user,
+                                        device,
+                                        after,
+                                        up_to,
+                                        delivered: Some(Vec::new()),
+                                        own: true,
+                                    });
+                                }
                             }
                             delivery::Push::StartCatchUp => self.catchup.push(p.slot as usize),
                             delivery::Push::Duplicate | delivery::Push::Skip => {}
@@ -973,6 +994,7 @@ impl Shard {
                                     id: m.id,
                                     from: Arc::from(m.from_user.as_str()),
                                     group_id: m.group_id,
+                                    origin: None,
                                 };
                                 self.sessions.unacked.record(
                                     slot as u32,
@@ -1014,16 +1036,29 @@ impl Shard {
         self.catchup = list;
     }
 
-    /// Hand the device cursors acknowledged this turn (one per device) to
-    /// the pipeline, which writes each with the delivered receipts it
-    /// implies. Runs before the turn's output is flushed, and each cursor is
-    /// pending in [`Cursors`] from then until written, so after an answer
-    /// the client sees past its DeliveryAck, its next login has the cursor.
+    /// Record the device cursors acknowledged this turn (one per device),
+    /// with the delivered receipts they imply, in [`Cursors`], where logins
+    /// read them at once and the pipeline writes them in bulk (see
+    /// `crate::cursors`); and ask for a group commit when some are due and
+    /// none would come otherwise.
     fn write_cursors(&mut self) {
+        let now = self.ctx.clock.now();
+        if self.ctx.cursors.wants_commit(now) {
+            // A full queue means a group commit is coming anyway, and it
+            // takes what is due.
+            let _ = self
+                .ctx
+                .commit
+                .submit(CommitCmd::WriteCursors { all: false });
+        }
         if self.sessions.cursors.is_empty() {
             return;
         }
         let mut cursors = std::mem::take(&mut self.sessions.cursors);
+        self.ctx.metrics.delivery_acks.fetch_add(
+            cursors.iter().filter(|c| !c.own).count() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         // Several acknowledgements of one device this turn: one range.
         cursors.sort_by(|a, b| (&a.user, &a.device, a.up_to).cmp(&(&b.user, &b.device, b.up_to)));
         let mut merged: Vec<Acked> = Vec::with_capacity(cursors.len());
@@ -1047,7 +1082,7 @@ impl Shard {
             // If the shard no longer holds what the range was, the receipts
             // come from the store; if that read fails they are skipped (the
             // next acknowledgement in the same conversation moves the
-            // watermark past them), but the cursor is still written.
+            // watermark past them), but the cursor is still recorded.
             let convs = match a.delivered {
                 Some(convs) => convs,
                 None => summarize_delivered(&self.ctx.store, &a.user, a.after, a.up_to)
@@ -1056,17 +1091,9 @@ impl Shard {
                         Vec::new()
                     }),
             };
-            self.ctx.cursors.begin(&a.user, &a.device, a.up_to);
-            let cmd = CommitCmd::Acknowledged {
-                user: a.user,
-                device: a.device,
-                up_to: a.up_to,
-                convs,
-            };
-            // When the queue is full this commits from it to make room: an
-            // acknowledgement is not dropped, and a shard busy committing
-            // stops reading, which pushes back on its clients.
-            self.ctx.commit.submit_waiting(cmd);
+            self.ctx
+                .cursors
+                .acknowledge(&a.user, &a.device, a.up_to, convs, now);
         }
         self.sessions.cursors = cursors;
     }

@@ -574,6 +574,7 @@ mod tests {
                 client_msg_id: "c".into(),
                 server_msg_id: 1,
                 timestamp_ms: t,
+                seq: 0,
             }
             .encode_to_vec()
         };

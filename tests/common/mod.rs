@@ -208,6 +208,7 @@ impl Raw {
                 protocol_version: version,
                 token: token.into(),
                 device_id: "raw".into(),
+                skip_own_sends: false,
             }),
         ))
         .await;

@@ -577,6 +577,7 @@ async fn handshake(cfg: &ClientConfig, addr: &str) -> Result<Login, ClientError>
         protocol_version: PROTOCOL_VERSION,
         token: cfg.token.clone(),
         device_id: cfg.device_id.clone(),
+        skip_own_sends: cfg.skip_own_sends,
     };
     writer
         .send(Envelope::new(HELLO_REQUEST_ID, Body::Hello(hello)))
@@ -635,6 +636,10 @@ async fn read_loop(
     // cursor). Within a connection seqs come gap-free and in order, except
     // where retention removed events: a jump is exactly that gap.
     let mut last = cursor;
+    // Seqs of this connection's own messages not delivered yet, from their
+    // Acks: a server that skips own sends (`skip_own_sends`) jumps over
+    // them, and such a jump is no gap.
+    let mut own: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
     loop {
         let env = match frames.next().await {
             None => return CloseReason::Eof,
@@ -648,11 +653,22 @@ async fn read_loop(
                     tracing::warn!("Deliver without an event");
                     continue;
                 };
-                let gap = (event.seq > last.saturating_add(1)).then(|| Gap {
-                    from: last + 1,
-                    to: event.seq - 1,
-                });
+                let gap = (event.seq > last.saturating_add(1))
+                    .then(|| {
+                        // Own seqs at either end of the jump are no gap
+                        // (the loops are bounded by what `own` holds).
+                        let (mut from, mut to) = (last + 1, event.seq - 1);
+                        while from <= to && own.contains(&from) {
+                            from += 1;
+                        }
+                        while to >= from && own.contains(&to) {
+                            to -= 1;
+                        }
+                        (from <= to).then_some(Gap { from, to })
+                    })
+                    .flatten();
                 last = last.max(event.seq);
+                own = own.split_off(&(last + 1));
                 if let Some(gap) = gap {
                     if deliveries_open && deliveries.send(DeliveryItem::Gap(gap)).await.is_err() {
                         deliveries_open = false;
@@ -695,7 +711,14 @@ async fn read_loop(
                     message: e.message,
                 }),
             ),
-            Some(body) => shared.complete(env.request_id, Ok(body)),
+            Some(body) => {
+                if let Body::Ack(ack) = &body {
+                    if ack.seq > last {
+                        own.insert(ack.seq);
+                    }
+                }
+                shared.complete(env.request_id, Ok(body))
+            }
             // A body this version does not know (a newer server): skip it.
             None => tracing::debug!(request_id = env.request_id, "unknown frame body"),
         }

@@ -43,6 +43,12 @@ pub struct ClientConfig {
     /// Speak TLS to the server, trusting what this connector trusts (the
     /// server runs with `--tls-cert`). `None`: plain TCP.
     pub tls: Option<crate::tls::TlsConnector>,
+    /// Ask the server not to push this connection's own messages back to it
+    /// (`Hello.skip_own_sends`, protocol section 7, "Own sends"): each
+    /// `Ack` then carries the message's seq in the sender's inbox instead
+    /// ([`Ack::seq`](swiftlet_protocol::pb::Ack)). Off by default: a
+    /// client that shows its sends from the inbox wants them pushed.
+    pub skip_own_sends: bool,
 }
 
 impl ClientConfig {
@@ -67,6 +73,7 @@ impl ClientConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             delivery_buffer: DEFAULT_DELIVERY_BUFFER,
             tls: None,
+            skip_own_sends: false,
         }
     }
 }

@@ -64,6 +64,7 @@ fn ack(request_id: u64, send: &pb::Send, server_msg_id: u64) -> Envelope {
             client_msg_id: send.client_msg_id.clone(),
             server_msg_id,
             timestamp_ms: 1,
+            seq: 0,
         }),
     )
 }
