@@ -171,6 +171,10 @@ fn copy_and_hand_over(s: &Source) -> Result<u64, MoveFailed> {
         })
     })?;
     let copied = started.elapsed();
+    // Cursors and receipts acknowledged but still only in memory are
+    // written now, so the tail carries them (one acknowledged after this
+    // is dropped at the hand-over: a replay at the new home, never a skip).
+    s.commit.flush();
     step(&s.commit, |done| MoveStep::Finish {
         partition: p,
         to: s.to,
