@@ -35,9 +35,8 @@ use super::group::{Pipeline, Work};
 use crate::cluster::handoff::{Import, RelayEntry, RelayEvent, Row};
 use crate::cluster::{Home, OutboxEntry, Partition};
 use crate::store::cluster::EpochRecord;
-use crate::store::keys;
 use crate::store::partition::{MoveError, Record};
-use crate::store::{cf, StoreError};
+use crate::store::StoreError;
 
 /// Rows one outbox entry of a move carries at most, in bytes (beyond its
 /// first row): well under what one Redis stream entry takes.
@@ -245,22 +244,10 @@ impl Pipeline {
             .collect();
         // Inbox heads of users whose rows arrive in this batch: later
         // events of this group take the seqs after them.
-        let mut heads: Vec<(Arc<str>, u64)> = Vec::new();
-        let inbox = cf::INBOX;
-        for r in &rows {
-            if crate::store::partition::MOVABLE.get(usize::from(r.cf)) == Some(&inbox)
-                && r.value.is_some()
-            {
-                let user_len = r.key.iter().position(|b| *b == 0).unwrap_or(r.key.len());
-                let prefix = &r.key[..(user_len + 1).min(r.key.len())];
-                if let (Ok(user), Ok(seq)) = (
-                    std::str::from_utf8(&r.key[..user_len]),
-                    keys::seq_of_inbox_key(prefix, &r.key),
-                ) {
-                    heads.push((Arc::from(user), seq));
-                }
-            }
-        }
+        let heads: Vec<(Arc<str>, u64)> = rows
+            .iter()
+            .filter_map(|r| r.inbox_slot().map(|(u, seq)| (Arc::from(u), seq)))
+            .collect();
         let own = |q: Partition| matches!(routes.ownership.home(q), Home::Local { .. });
         let n = self.store.put_rows(&mut w.batch, rows, own)?;
         w.writes += n.max(1);

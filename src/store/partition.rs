@@ -40,7 +40,7 @@ use std::sync::atomic::Ordering;
 
 use rocksdb::IteratorMode;
 
-use super::keys::InboxEntry;
+use super::keys::{self, InboxEntry};
 use super::{cf, handle, Batch, Store, StoreError};
 use crate::cluster::Partition;
 
@@ -73,6 +73,18 @@ pub struct Record {
 impl Record {
     fn weight(&self) -> usize {
         16 + self.key.len() + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+impl Record {
+    /// The user and seq of an inbox row that puts an entry (not a delete).
+    pub fn inbox_slot(&self) -> Option<(&str, u64)> {
+        if self.cf != INBOX || self.value.is_none() {
+            return None;
+        }
+        let user = user_of(&self.key)?;
+        let seq = keys::seq_of_inbox_key(&self.key[..=user.len()], &self.key).ok()?;
+        Some((user, seq))
     }
 }
 
@@ -423,7 +435,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::keys;
     use crate::store::StoreOptions;
 
     fn idx(name: &str) -> u8 {
