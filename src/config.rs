@@ -71,6 +71,10 @@ pub struct Config {
     /// default: carrier-grade NAT puts thousands of phones behind one
     /// address.
     pub max_conns_per_ip: usize,
+    /// Frames one connection may send per second, in a token bucket that
+    /// holds one second's worth and gets a tenth back every 100 ms; a
+    /// connection over it is not read until it refills. 0: no limit.
+    pub max_frames_per_sec: u32,
     /// Largest accepted frame, in bytes.
     pub max_frame: usize,
     /// Stop live pushes to a connection once this many bytes wait to be sent
@@ -152,6 +156,7 @@ impl Default for Config {
             max_conns_per_user: 32,
             max_connections: 0,
             max_conns_per_ip: 0,
+            max_frames_per_sec: 20_000,
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
             wal_sync: WalSync::Interval,
@@ -273,6 +278,9 @@ pub struct ServeArgs {
     /// Most connections from one source address; 0: no cap [default: 0].
     #[arg(long, env = "SWIFTLET_MAX_CONNS_PER_IP")]
     pub max_conns_per_ip: Option<usize>,
+    /// Frames per second per connection (a token bucket of one second); 0: no limit [default: 20000].
+    #[arg(long, env = "SWIFTLET_MAX_FRAMES_PER_SEC")]
+    pub max_frames_per_sec: Option<u32>,
     /// Largest accepted frame in bytes [default: 65536].
     #[arg(long, env = "SWIFTLET_MAX_FRAME")]
     pub max_frame: Option<usize>,
@@ -355,6 +363,7 @@ impl Config {
             max_conns_per_user,
             max_connections,
             max_conns_per_ip,
+            max_frames_per_sec,
             max_frame,
             push_buffer_bytes,
             wal_sync,
@@ -461,6 +470,15 @@ impl Config {
             return bad(
                 "max_group_members",
                 format!("{} is not between 2 and 100000", self.max_group_members),
+            );
+        }
+        if self.max_frames_per_sec != 0 && !(10..=65_535).contains(&self.max_frames_per_sec) {
+            return bad(
+                "max_frames_per_sec",
+                format!(
+                    "{} is not 0 (no limit) or between 10 and 65535",
+                    self.max_frames_per_sec
+                ),
             );
         }
         if self.max_conns_per_user == 0 {

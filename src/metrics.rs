@@ -153,6 +153,9 @@ pub struct Metrics {
     pub delivery_acks: AtomicU64,
     /// Device cursors written to the store.
     pub cursors_written: AtomicU64,
+    /// Times a connection's frame bucket ran dry and its input was held
+    /// back until the next refill (`--max-frames-per-sec`).
+    pub throttled: AtomicU64,
     pub fanout: Histogram<8>,
     pub commit_us: Histogram<10>,
     /// From a group commit's durable write to a shard having written that
@@ -195,6 +198,7 @@ impl Default for Metrics {
             store_rows: AtomicU64::new(0),
             delivery_acks: AtomicU64::new(0),
             cursors_written: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             fanout: Histogram::new(FANOUT_BUCKETS),
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
@@ -349,6 +353,11 @@ impl Metrics {
                 "swiftlet_cursors_written_total",
                 "Device cursors written to the store.",
                 &self.cursors_written,
+            ),
+            (
+                "swiftlet_throttled_total",
+                "Times a connection sent frames faster than --max-frames-per-sec and was not read until its bucket refilled.",
+                &self.throttled,
             ),
             (
                 "swiftlet_store_write_failures_total",

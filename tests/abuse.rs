@@ -313,9 +313,13 @@ fn abused_server() -> TestServer {
     // One shard, so eve shares it with everyone; a short idle timeout, so
     // the slow-consumer close comes within the test (the client library
     // pings at a third of it).
+    // No frame rate: these tests are about the output budget, and a
+    // client held to --max-frames-per-sec fills it too slowly to be
+    // closed within the test (tests/limits.rs tests the rate).
     TestServer::start_with(|c| {
         c.shards = 1;
         c.idle_timeout_ms = 3000;
+        c.max_frames_per_sec = 0;
     })
 }
 

@@ -213,6 +213,7 @@ fn limits(max_conns: usize) -> Limits {
         handshake_timeout_ms: 10_000,
         frame_timeout_ms: 15_000,
         max_conns_per_user: max_conns,
+        frames: crate::session::bucket::FrameRate::OFF,
         typing_ttl_ms: 6_000,
         allowed_origins: Vec::new(),
     }
@@ -460,6 +461,7 @@ fn run(w: World, steps: Vec<Step>) -> Result<(), TestCaseError> {
         );
         let env = envelope(rid, &req, user.as_deref());
         let slot = conn.slot;
+        conn.refill(now);
         let flow = requests::handle(&mut conn.session(), slot, env, &n, &mut local, now);
         let answers: Vec<Envelope> = conn.out[out0..].to_vec();
         let submits = n.submitted.borrow().len() - sub0;
@@ -853,6 +855,7 @@ fn typing_floods_are_cut_to_the_bucket_under_a_manual_clock() {
         let now = (n.clock().now().duration_since(start).as_millis() as u64 / TICK_MS) as u32;
         let before = n.notices.borrow().len();
         let env = envelope(i + 2, &typing, Some("alice"));
+        conn.refill(now);
         requests::handle(&mut conn.session(), 0, env, &n, &mut local, now);
         routed.push((now, n.notices.borrow().len() - before));
         n.manual.advance(Duration::from_millis(10));

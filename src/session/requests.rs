@@ -286,7 +286,7 @@ pub fn handle<O: Output, N: NodeServices>(
         Body::ListGroups(r) => list_groups(conn, rid, r, node),
         Body::GetReceipts(r) => get_receipts(conn, rid, r, node),
         Body::Typing(t) => typing(conn, slot, rid, t, node, local, now),
-        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, node, now),
+        Body::SubscribePresence(s) => subscribe_presence(conn, slot, rid, s.users, node),
         _ => request_error(conn, rid, ErrorCode::InvalidRequest, "not a client request"),
     }
 }
@@ -741,7 +741,7 @@ fn typing<O: Output, N: NodeServices>(
     let Some(user) = conn.user.clone() else {
         return Flow::Continue;
     };
-    if !conn.take_typing_tokens(now, 1) {
+    if !conn.take_typing_tokens(1) {
         return request_error(
             conn,
             rid,
@@ -932,7 +932,6 @@ fn subscribe_presence<O: Output, N: NodeServices>(
     rid: u64,
     users: Vec<String>,
     node: &N,
-    now: u32,
 ) -> Flow {
     if users.len() > MAX_PRESENCE_SUBSCRIPTIONS {
         return request_error(
@@ -950,7 +949,7 @@ fn subscribe_presence<O: Output, N: NodeServices>(
             "not a valid user id",
         );
     }
-    if !conn.take_typing_tokens(now, PRESENCE_TOKENS) {
+    if !conn.take_typing_tokens(PRESENCE_TOKENS) {
         return request_error(
             conn,
             rid,

@@ -425,7 +425,8 @@ pub struct TestConn {
     pub watching: Option<Box<Vec<Arc<str>>>>,
     pub in_flight: u8,
     pub typing_tokens: u8,
-    pub typing_refill: u32,
+    /// Tick the typing bucket was refilled to (see [`TestConn::refill`]).
+    pub refilled: u32,
     /// Every envelope queued to the client, in order.
     pub out: Vec<Envelope>,
 }
@@ -452,8 +453,8 @@ impl TestConn {
             carries: Carries::Frames(Delivery::default()),
             watching: None,
             in_flight: 0,
-            typing_tokens: bucket::BURST,
-            typing_refill: now,
+            typing_tokens: bucket::TYPING_FULL,
+            refilled: now,
             out: Vec::new(),
         }
     }
@@ -468,6 +469,18 @@ impl TestConn {
         }
     }
 
+    /// Refill the typing bucket to tick `now`, as the shard does before it
+    /// handles a connection's input (frames are not limited here).
+    pub fn refill(&mut self, now: u32) {
+        bucket::refill(
+            &mut self.typing_tokens,
+            &mut 0,
+            &mut self.refilled,
+            now,
+            bucket::FrameRate::OFF,
+        );
+    }
+
     /// The view request handling is given (as `Conn::session` builds it).
     pub fn session(&mut self) -> Session<'_, Recorder<'_>> {
         Session {
@@ -479,7 +492,6 @@ impl TestConn {
             watching: &mut self.watching,
             in_flight: &mut self.in_flight,
             typing_tokens: &mut self.typing_tokens,
-            typing_refill: &mut self.typing_refill,
             gen: self.gen,
             out: Recorder(&mut self.out),
         }

@@ -46,6 +46,8 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// A started frame must be complete within this long.
     pub frame_timeout_ms: u64,
+    /// Frames one connection may send, as its bucket's size and refill.
+    pub frames: crate::session::bucket::FrameRate,
     /// Most connections (of any transport) one user may hold.
     pub max_conns_per_user: usize,
     pub typing_ttl_ms: u64,

@@ -132,10 +132,9 @@ pub struct Session<'a, O: Output> {
     pub watching: &'a mut Option<Box<Vec<Arc<str>>>>,
     /// Requests handed to the pipeline and not yet answered.
     pub in_flight: &'a mut u8,
-    /// The typing and presence bucket (see [`bucket`]): tokens left, and
-    /// the tick refills were counted to.
+    /// The typing and presence bucket (see [`bucket`]), in units; the
+    /// shard refilled it before handing over the frame.
     pub typing_tokens: &'a mut u8,
-    pub typing_refill: &'a mut u32,
     /// The slab slot's generation (names the connection in the registry).
     pub gen: u32,
     pub out: O,
@@ -148,8 +147,8 @@ impl<O: Output> Session<'_, O> {
     }
 
     /// Take `n` tokens of the typing and presence bucket (see [`bucket`]).
-    pub fn take_typing_tokens(&mut self, now: u32, n: u8) -> bool {
-        bucket::take(self.typing_tokens, self.typing_refill, now, n)
+    pub fn take_typing_tokens(&mut self, n: u8) -> bool {
+        bucket::take_typing(self.typing_tokens, n)
     }
 
     /// Queue one envelope to the client.

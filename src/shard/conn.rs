@@ -28,7 +28,7 @@ use swiftlet_protocol::Envelope;
 
 use super::tls::{TlsSession, TLS_HANDSHAKE_BYTE};
 use crate::bridge::ws;
-use crate::session::bucket;
+use crate::session::bucket::{self, FrameRate};
 use crate::session::delivery::Delivery;
 
 pub use crate::session::state::{Carries, Exchange, Phase, Transport};
@@ -41,16 +41,9 @@ pub struct Conn {
     pub gen: u32,
     pub phase: Phase,
     pub transport: Transport,
-    /// Already in the shard's list of connections to flush this turn.
-    pub dirty: bool,
-    /// Input is not read or handled: the output is over budget, or too
-    /// many requests wait for the pipeline. Cleared when that passes.
-    pub paused: bool,
-    /// The peer closed its side: read to the end, not just to a short read.
-    pub peer_closed: bool,
-    /// The output is at or over half the budget: the client is behind, and
-    /// has been since `last_tx`.
-    pub behind: bool,
+    /// Four yes/no states in one byte (see [`Flags`]): the byte that
+    /// three separate `bool`s would take beyond it is the frame bucket's.
+    flags: Flags,
     /// Requests handed to the commit pipeline and not yet answered (at
     /// most `MAX_IN_FLIGHT`).
     pub in_flight: u8,
@@ -69,16 +62,48 @@ pub struct Conn {
     pub device: Option<Arc<str>>,
     /// The protocol's own state: inbox delivery, or an HTTP exchange.
     pub carries: Carries,
-    /// Typing frames this connection may still send (a token bucket).
+    /// Typing and presence units left (see [`bucket`]).
     pub typing_tokens: u8,
-    /// Tick the bucket was last refilled.
-    pub typing_refill: u32,
+    /// Frames this connection may still send before the next refill (see
+    /// [`bucket`]; unused while frames are not limited).
+    pub frame_tokens: u16,
+    /// Tick both buckets were refilled to.
+    pub refilled: u32,
     /// Users whose presence this connection subscribed to (boxed: most
     /// connections have none, and then this costs one pointer).
     pub watching: Option<Box<Vec<Arc<str>>>>,
     /// Buffers, only while one holds something: an idle connection pays
     /// one null pointer for both.
     io: Option<Box<Buffers>>,
+}
+
+/// A connection's yes/no states, one bit each.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flags(u8);
+
+impl Flags {
+    /// Already in the shard's list of connections to flush this turn.
+    const DIRTY: u8 = 1;
+    /// Input is not read or handled: the output is over budget, or too
+    /// many requests wait for the pipeline. Cleared when that passes.
+    const PAUSED: u8 = 2;
+    /// The peer closed its side: read to the end, not just to a short read.
+    const PEER_CLOSED: u8 = 4;
+    /// The output is at or over half the budget: the client is behind, and
+    /// has been since `last_tx`.
+    const BEHIND: u8 = 8;
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u8, on: bool) {
+        if on {
+            self.0 |= bit;
+        } else {
+            self.0 &= !bit;
+        }
+    }
 }
 
 /// A connection's output buffer, as a session's [`Output`]: envelopes
@@ -137,7 +162,15 @@ pub enum Received {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, gen: u32, now: u32, transport: Transport) -> Self {
+    /// A connection accepted at tick `now`, with full buckets (`frames`:
+    /// the node's frame rate).
+    pub fn new(
+        stream: TcpStream,
+        gen: u32,
+        now: u32,
+        transport: Transport,
+        frames: FrameRate,
+    ) -> Self {
         Conn {
             stream,
             gen,
@@ -147,21 +180,68 @@ impl Conn {
                 Transport::Http => Carries::Http(Exchange::Reading),
                 _ => Carries::Frames(Delivery::default()),
             },
-            dirty: false,
-            paused: false,
-            peer_closed: false,
-            behind: false,
+            flags: Flags::default(),
             in_flight: 0,
             last_rx: now,
             last_tx: now,
             timer_at: 0,
             user: None,
             device: None,
-            typing_tokens: bucket::BURST,
-            typing_refill: now,
+            typing_tokens: bucket::TYPING_FULL,
+            frame_tokens: frames.full(),
+            refilled: now,
             watching: None,
             io: None,
         }
+    }
+
+    /// In the shard's list of connections to flush this turn.
+    pub fn dirty(&self) -> bool {
+        self.flags.has(Flags::DIRTY)
+    }
+
+    pub fn set_dirty(&mut self, on: bool) {
+        self.flags.set(Flags::DIRTY, on);
+    }
+
+    /// Input is not read or handled until the shard resumes it (output over
+    /// budget, or too many requests in flight).
+    pub fn paused(&self) -> bool {
+        self.flags.has(Flags::PAUSED)
+    }
+
+    pub fn set_paused(&mut self, on: bool) {
+        self.flags.set(Flags::PAUSED, on);
+    }
+
+    /// The peer closed its side: read to the end, not just to a short read.
+    pub fn peer_closed(&self) -> bool {
+        self.flags.has(Flags::PEER_CLOSED)
+    }
+
+    pub fn set_peer_closed(&mut self) {
+        self.flags.set(Flags::PEER_CLOSED, true);
+    }
+
+    /// The output is at or over half the budget, since `last_tx`.
+    pub fn behind(&self) -> bool {
+        self.flags.has(Flags::BEHIND)
+    }
+
+    pub fn set_behind(&mut self, on: bool) {
+        self.flags.set(Flags::BEHIND, on);
+    }
+
+    /// Refill both of the connection's buckets to tick `now` (see
+    /// [`bucket`]); the shard does this before it handles the input.
+    pub fn refill(&mut self, now: u32, frames: FrameRate) {
+        bucket::refill(
+            &mut self.typing_tokens,
+            &mut self.frame_tokens,
+            &mut self.refilled,
+            now,
+            frames,
+        );
     }
 
     /// Catching up from the store (a framed connection that is lagging).
@@ -240,7 +320,6 @@ impl Conn {
             watching,
             in_flight,
             typing_tokens,
-            typing_refill,
             gen,
             transport,
             io,
@@ -255,7 +334,6 @@ impl Conn {
             watching,
             in_flight,
             typing_tokens,
-            typing_refill,
             gen: *gen,
             out: ConnOut {
                 io,
@@ -570,7 +648,10 @@ mod tests {
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (ours, _) = listener.accept().expect("accept");
         let stream = TcpStream::from_std(ours);
-        (Conn::new(stream, 1, 0, Transport::Tcp), peer)
+        (
+            Conn::new(stream, 1, 0, Transport::Tcp, FrameRate::OFF),
+            peer,
+        )
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //!
 //! No client gets more than its share. Each connection is read at most
 //! [`READS_PER_TURN`] times and handled at most [`FRAMES_PER_TURN`] frames
-//! per turn (the rest waits, as bytes, for the next turn). Its memory is
+//! per turn (the rest waits, as bytes, for the next turn), and at most its
+//! frame bucket's worth per 100 ms tick (`--max-frames-per-sec`: an empty
+//! bucket holds the connection back until the next tick, see
+//! [`session::bucket`](crate::session::bucket)). Its memory is
 //! one budget, `push_buffer_bytes`: at or above it the connection is
 //! *paused* (nothing more is read or handled, so no answer is produced)
 //! until its output drains below half, and live pushes stop (it catches up
@@ -105,6 +108,9 @@ enum Stop {
     Paused,
     /// The turn's share of frames is spent; more next turn.
     TurnSpent,
+    /// The connection's frame bucket is empty: more once it refills, at
+    /// the next tick.
+    Throttled,
     /// The connection closed.
     Closed,
 }
@@ -146,6 +152,11 @@ pub struct Shard {
     /// Connections with input left for a later turn (their share was
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
+    /// Connections whose frame bucket ran dry this tick: read again at the
+    /// next, when it has refilled.
+    throttled: Vec<usize>,
+    /// The tick `throttled` was filled in.
+    throttled_at: u32,
     dirty: Vec<usize>,
     catchup: Vec<usize>,
     due: Vec<(u32, u32)>,
@@ -208,6 +219,8 @@ impl Shard {
             },
             tls,
             pending_input: Vec::new(),
+            throttled: Vec::new(),
+            throttled_at: 0,
             dirty: Vec::new(),
             catchup: Vec::new(),
             due: Vec::new(),
@@ -267,6 +280,11 @@ impl Shard {
                 self.last_collect = self.now;
             }
             clock.mark("collect");
+            if self.now > self.throttled_at {
+                // A new tick: the held-back connections have frames again.
+                self.throttled_at = self.now;
+                self.pending_input.append(&mut self.throttled);
+            }
             for slot in std::mem::take(&mut self.pending_input) {
                 self.pump(slot);
             }
@@ -378,7 +396,13 @@ impl Shard {
                     }
                     self.next_gen = self.next_gen.wrapping_add(1);
                     let gen = self.next_gen;
-                    let conn = entry.insert(Conn::new(stream, gen, self.now, transport));
+                    let conn = entry.insert(Conn::new(
+                        stream,
+                        gen,
+                        self.now,
+                        transport,
+                        self.ctx.limits.frames,
+                    ));
                     if let Some(session) = session {
                         conn.set_tls(session);
                     }
@@ -441,8 +465,8 @@ impl Shard {
 
     fn mark_dirty(&mut self, slot: usize) {
         if let Some(conn) = self.conns.get_mut(slot) {
-            if !conn.dirty {
-                conn.dirty = true;
+            if !conn.dirty() {
+                conn.set_dirty(true);
                 self.dirty.push(slot);
             }
         }
@@ -451,7 +475,9 @@ impl Shard {
     /// The readiness of `slot`'s socket changed: read and handle its input.
     fn on_readable(&mut self, slot: usize, closed: bool) {
         if let Some(conn) = self.conns.get_mut(slot) {
-            conn.peer_closed |= closed;
+            if closed {
+                conn.set_peer_closed();
+            }
         }
         self.pump(slot);
     }
@@ -514,10 +540,10 @@ impl Shard {
                     return;
                 }
             };
-            let short = !full && !conn.peer_closed;
-            if conn.out_len() > 0 && !conn.dirty {
+            let short = !full && !conn.peer_closed();
+            if conn.out_len() > 0 && !conn.dirty() {
                 // TLS handshake records to send.
-                conn.dirty = true;
+                conn.set_dirty(true);
                 self.dirty.push(slot);
             }
             match (conn.phase, conn.transport) {
@@ -543,6 +569,10 @@ impl Shard {
                         self.pending_input.push(slot);
                         return;
                     }
+                    Stop::Throttled => {
+                        self.throttled.push(slot);
+                        return;
+                    }
                 },
             }
             if peer_closed {
@@ -566,7 +596,7 @@ impl Shard {
         if conn.transport == Transport::Http || conn.phase == Phase::Closing {
             return true;
         }
-        if conn.paused {
+        if conn.paused() {
             return false;
         }
         if conn.partial().is_empty() {
@@ -577,6 +607,10 @@ impl Shard {
             Stop::Paused | Stop::Closed => false,
             Stop::TurnSpent => {
                 self.pending_input.push(slot);
+                false
+            }
+            Stop::Throttled => {
+                self.throttled.push(slot);
                 false
             }
         }
@@ -595,6 +629,7 @@ impl Shard {
         };
         let now = self.now;
         let limits = &self.ctx.limits;
+        conn.refill(now, limits.frames);
         let was_partial = conn.partial_since();
         let mut held = conn.take_input();
         let from_scratch = held.is_empty();
@@ -618,12 +653,20 @@ impl Shard {
             if conn.out_len() >= limits.push_buffer_bytes
                 || usize::from(conn.in_flight) >= MAX_IN_FLIGHT
             {
-                conn.paused = true;
+                conn.set_paused(true);
                 stop = Stop::Paused;
                 break;
             }
             if *frames_left == 0 {
                 stop = Stop::TurnSpent;
+                break;
+            }
+            if limits.frames.on() && conn.frame_tokens == 0 {
+                self.ctx
+                    .metrics
+                    .throttled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stop = Stop::Throttled;
                 break;
             }
             let (input, used) = match input::next(conn.transport, &data[pos..], limits.max_frame) {
@@ -636,6 +679,8 @@ impl Shard {
             };
             pos += used;
             *frames_left -= 1;
+            // Every unit counts, WebSocket control frames too.
+            conn.frame_tokens = conn.frame_tokens.saturating_sub(1);
             handled = true;
             let env = match input {
                 // Only a complete frame is activity (on WebSocket, a
@@ -744,8 +789,9 @@ impl Shard {
     fn resume(&mut self, slot: usize) {
         let low = self.ctx.limits.push_buffer_bytes / 2;
         if let Some(conn) = self.conns.get_mut(slot) {
-            if conn.paused && conn.out_len() < low && usize::from(conn.in_flight) < MAX_IN_FLIGHT {
-                conn.paused = false;
+            if conn.paused() && conn.out_len() < low && usize::from(conn.in_flight) < MAX_IN_FLIGHT
+            {
+                conn.set_paused(false);
                 self.pending_input.push(slot);
             }
         }
@@ -1107,7 +1153,7 @@ impl Shard {
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
-            conn.dirty = false;
+            conn.set_dirty(false);
             match conn.flush() {
                 Ok(_) => {
                     conn.shutdown_when_flushed();
@@ -1115,11 +1161,11 @@ impl Shard {
                     // client is behind. It has `idle` to catch up; progress
                     // alone (a byte a second) is not enough.
                     let behind = conn.out_len() >= low && conn.phase == Phase::Live;
-                    if behind && !conn.behind {
+                    if behind && !conn.behind() {
                         conn.last_tx = now;
                         arm(&mut self.wheel, conn, slot, now, now + idle);
                     }
-                    conn.behind = behind;
+                    conn.set_behind(behind);
                     if conn.lagging() && conn.out_len() < low && conn.phase == Phase::Live {
                         self.catchup.push(slot);
                     }
@@ -1178,7 +1224,7 @@ impl Shard {
                         "nothing received within the idle timeout",
                     ),
                     (
-                        if conn.behind {
+                        if conn.behind() {
                             conn.last_tx + idle
                         } else {
                             u32::MAX
@@ -1308,8 +1354,8 @@ impl Shard {
             return;
         };
         conn.phase = Phase::Closing;
-        conn.paused = false;
-        conn.behind = false;
+        conn.set_paused(false);
+        conn.set_behind(false);
 
         // Output not yet sent is abandoned (everything durable is resent
         // from the store on the next login), and its memory returned now;
