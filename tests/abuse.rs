@@ -426,3 +426,87 @@ fn base64_of(bytes: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
+
+/// The server frames (opcode, payload) after the `101` head in `bytes`.
+fn server_ws_frames(bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let head = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP head");
+    assert!(bytes.starts_with(b"HTTP/1.1 101"), "not upgraded");
+    let mut rest = &bytes[head + 4..];
+    let mut out = Vec::new();
+    while rest.len() >= 2 {
+        let (len, at) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => panic!("the server never sends a frame over 64 KiB here"),
+            n => (usize::from(n), 2),
+        };
+        out.push((rest[0] & 0x0f, rest[at..at + len].to_vec()));
+        rest = &rest[at + len..];
+    }
+    out
+}
+
+/// A length the client claims is never reserved: a WebSocket frame header
+/// announcing 2^62 bytes (right behind the upgrade, or later) once made the
+/// server reserve that much after refusing it, which aborted the process.
+/// Found by tools/src/bin/swiftlet-hostile. The same for the largest TCP
+/// length varint (2^35 - 1), before and after the Hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_length_is_never_reserved() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let mut huge = vec![0x82u8, 0x80 | 127];
+    huge.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    huge.extend_from_slice(&[1, 2, 3, 4]);
+    for behind_upgrade in [true, false] {
+        let mut s = TcpStream::connect(srv.http_addr()).await.expect("connect");
+        let mut bytes = ws_upgrade(srv.http_addr());
+        let mut answer = Vec::new();
+        if !behind_upgrade {
+            s.write_all(&bytes).await.expect("upgrade");
+            bytes.clear();
+            let mut buf = vec![0u8; 1024];
+            let n = s.read(&mut buf).await.expect("101");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        bytes.extend_from_slice(&huge);
+        s.write_all(&bytes).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match tokio::time::timeout(PATIENCE, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => panic!("the server did not close within {PATIENCE:?}"),
+            }
+        }
+        let frames = server_ws_frames(&answer);
+        let (op, payload) = frames.first().expect("the Error message");
+        assert_eq!(*op, 0x2);
+        let env = <Envelope as prost::Message>::decode(payload.as_slice()).expect("Envelope");
+        assert!(
+            matches!(env.body, Some(Body::Error(ref e)) if e.code == ErrorCode::FrameTooLarge as i32),
+            "{env:?}"
+        );
+        let (op, payload) = frames.last().expect("the close frame");
+        assert_eq!(*op, 0x8);
+        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1009);
+        alice.ping().await.expect("the server lives");
+    }
+    let mut longest = Vec::new();
+    prost::encoding::encode_varint((1u64 << 35) - 1, &mut longest);
+    for after_hello in [false, true] {
+        let mut raw = Raw::connect(srv.addr()).await;
+        if after_hello {
+            raw.hello(1, &token("eve")).await;
+            assert!(matches!(
+                raw.recv().await.and_then(|e| e.body),
+                Some(Body::Welcome(_))
+            ));
+        }
+        raw.send_bytes(&longest).await;
+        assert_eq!(raw.expect_fatal().await, ErrorCode::FrameTooLarge);
+        alice.ping().await.expect("the server lives");
+    }
+}

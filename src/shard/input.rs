@@ -129,24 +129,28 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
     Ok(Some((input, used)))
 }
 
-/// The whole size of the frame that starts `partial`, when its head says:
-/// the input buffer is sized once for it instead of doubling as its bytes
-/// trickle in. Sizes come from heads already checked against the maximum
-/// (a larger one ended the connection), so this never reserves more.
-pub fn frame_size(transport: Transport, partial: &[u8]) -> Option<usize> {
+/// The whole size of the frame that starts `partial`, when its head says
+/// so and the frame is within `max`: the input buffer is sized once for it
+/// instead of doubling as its bytes trickle in. A head claiming more than
+/// `max` gives `None`: it may not have been checked yet (the loop stops
+/// before a frame when the connection is paused or its turn is spent, and
+/// after a fatal error the rest is kept too), and a client must never make
+/// the server reserve what it claims (a WebSocket length of 2^62 did,
+/// and aborted the process).
+pub fn frame_size(transport: Transport, partial: &[u8], max: usize) -> Option<usize> {
     match transport {
-        Transport::Tcp => match decode_head(partial, usize::MAX) {
+        Transport::Tcp => match decode_head(partial, max) {
             Ok(Some((len, head))) => Some(head + len),
             _ => None,
         },
-        Transport::WebSocket => ws_frame_size(partial),
+        Transport::WebSocket => ws_frame_size(partial, max),
         Transport::Http => None,
     }
 }
 
 /// A client WebSocket frame's size from its header: 2 bytes, the extended
-/// length, the 4-byte mask, the payload.
-fn ws_frame_size(partial: &[u8]) -> Option<usize> {
+/// length, the 4-byte mask, the payload (`None` over `max`).
+fn ws_frame_size(partial: &[u8], max: usize) -> Option<usize> {
     let b1 = *partial.get(1)?;
     let (len, head) = match b1 & 0x7F {
         126 => (
@@ -159,7 +163,8 @@ fn ws_frame_size(partial: &[u8]) -> Option<usize> {
         }
         n => (u64::from(n), 2),
     };
-    usize::try_from(len).ok()?.checked_add(head + 4)
+    let len = usize::try_from(len).ok().filter(|l| *l <= max)?;
+    len.checked_add(head + 4)
 }
 
 #[cfg(test)]
@@ -200,13 +205,38 @@ mod tests {
         assert!(next(Transport::Tcp, &bytes[..3], 1024)
             .expect("valid so far")
             .is_none());
-        assert_eq!(frame_size(Transport::Tcp, &bytes[..1]), Some(bytes.len()));
+        assert_eq!(
+            frame_size(Transport::Tcp, &bytes[..1], 65_536),
+            Some(bytes.len())
+        );
         let mut big = Vec::new();
         prost::encoding::encode_varint(60_000, &mut big);
-        assert_eq!(frame_size(Transport::Tcp, &big), Some(60_000 + big.len()));
+        assert_eq!(
+            frame_size(Transport::Tcp, &big, 65_536),
+            Some(60_000 + big.len())
+        );
         // WebSocket: header 4 (126 + u16 length) + mask 4 + payload.
         let ws = [0x82u8, 0x80 | 126, 0xEA, 0x60];
-        assert_eq!(frame_size(Transport::WebSocket, &ws), Some(60_000 + 8));
-        assert_eq!(frame_size(Transport::WebSocket, &ws[..3]), None);
+        assert_eq!(
+            frame_size(Transport::WebSocket, &ws, 65_536),
+            Some(60_000 + 8)
+        );
+        assert_eq!(frame_size(Transport::WebSocket, &ws[..3], 65_536), None);
+    }
+
+    #[test]
+    fn a_head_over_the_maximum_sizes_nothing() {
+        let mut big = Vec::new();
+        prost::encoding::encode_varint(60_000, &mut big);
+        assert_eq!(frame_size(Transport::Tcp, &big, 59_999), None);
+        let mut huge = Vec::new();
+        prost::encoding::encode_varint((1u64 << 35) - 1, &mut huge);
+        assert_eq!(frame_size(Transport::Tcp, &huge, 65_536), None);
+        // A 64-bit WebSocket length of 2^62: once reserved whole.
+        let mut ws = vec![0x82u8, 0x80 | 127];
+        ws.extend_from_slice(&(1u64 << 62).to_be_bytes());
+        assert_eq!(frame_size(Transport::WebSocket, &ws, 65_536), None);
+        let ws = [0x82u8, 0x80 | 126, 0xEA, 0x60];
+        assert_eq!(frame_size(Transport::WebSocket, &ws, 59_999), None);
     }
 }

@@ -748,7 +748,7 @@ impl Shard {
             }
         }
         let rest = &data[pos..];
-        let size = input::frame_size(conn.transport, rest);
+        let size = input::frame_size(conn.transport, rest, limits.max_frame);
         let rest = if from_scratch {
             rest.to_vec()
         } else {

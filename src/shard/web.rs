@@ -146,6 +146,15 @@ impl Shard {
             return;
         };
         conn.out().extend_from_slice(&http::upgrade(&key));
+        // The 101 goes out now, before any frame that came behind the
+        // request is handled: a fatal error in one discards the output not
+        // yet written, and the client must still get the 101 before the
+        // Error message and close frame (otherwise it reads them as a
+        // broken HTTP answer). A fresh socket takes these ~130 bytes at
+        // once (on TLS they are sealed, and sealed records are kept); an
+        // error here shows again at the next write, which drops the
+        // connection.
+        let _ = conn.flush();
         conn.transport = Transport::WebSocket;
         conn.carries = Carries::Frames(Delivery::default());
         // Frames the client sent right behind its request: the connection's
