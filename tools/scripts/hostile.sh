@@ -10,7 +10,8 @@
 # swiftlet-hostile) SERVER_ARGS (extra flags for the server) NICE (19: the
 # hostile tool runs at the lowest priority, so on this 2-core box it takes
 # the CPU the server and loadgen leave; its own CPU is reported)
-# OUT (a directory for every log, JSON and sample; default a temp dir).
+# OUT (a directory for every log, JSON and sample; default a temp dir)
+# ONLY (base or hostile: run only that kind, e.g. to try one abuse alone).
 set -euo pipefail
 PAIRS=${1:-3}
 RATE=${RATE:-2000}
@@ -145,8 +146,8 @@ PY
 }
 
 for n in $(seq 1 "$PAIRS"); do
-  run base "$n" | tee -a "$OUT/runs.jsonl"
-  run hostile "$n" | tee -a "$OUT/runs.jsonl"
+  [ "${ONLY:-}" = hostile ] || run base "$n" | tee -a "$OUT/runs.jsonl"
+  [ "${ONLY:-}" = base ] || run hostile "$n" | tee -a "$OUT/runs.jsonl"
 done
 python3 - "$OUT/runs.jsonl" <<'PY'
 import json, sys
