@@ -510,3 +510,49 @@ async fn a_claimed_length_is_never_reserved() {
         alice.ping().await.expect("the server lives");
     }
 }
+
+/// CPU time of this process (the server included), in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    // Fields after the command name (which ends at the last ')'): utime
+    // and stime are the 14th and 15th of the line, the 12th and 13th here.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// A closing connection whose client neither reads nor closes costs no
+/// CPU while it waits out its grace period: its write side is shut once.
+/// Each `shutdown` wakes the socket's waiters, a new edge-triggered event
+/// for the shard, whose flush shut it again: one such connection kept its
+/// shard spinning for the whole grace period (swiftlet-hostile's flood
+/// took both cores that way). The manual clock holds the grace period
+/// open; the process may use a third of a core over a second (a spinning
+/// shard takes all of one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_connection_costs_no_cpu_while_it_waits() {
+    let clock = swiftlet::clock::ManualClock::new(1_800_000_000_000);
+    let srv = TestServer::start_with(|c| {
+        c.clock = clock.clock();
+        c.shards = 1;
+    });
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(Raw::connect(srv.addr()).await);
+    }
+    // Past the handshake timeout: each is told so and left Closing, its
+    // grace period frozen with the clock.
+    clock.advance(Duration::from_millis(10_500));
+    for raw in &mut silent {
+        assert_eq!(raw.expect_fatal().await, ErrorCode::HandshakeTimeout);
+    }
+    let hz = 100; // USER_HZ on Linux
+    let before = cpu_ticks();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks() - before;
+    assert!(
+        used < hz / 3,
+        "{used} ticks of CPU in a second with only closing connections held"
+    );
+    drop(silent);
+}

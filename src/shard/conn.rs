@@ -92,6 +92,13 @@ impl Flags {
     /// The output is at or over half the budget: the client is behind, and
     /// has been since `last_tx`.
     const BEHIND: u8 = 8;
+    /// The write side is shut (a closing connection's FIN is out). Shut
+    /// once only: every `shutdown` wakes the socket's waiters, so each one
+    /// is a new edge-triggered event for the shard, whose flush would shut
+    /// it again: a closing connection whose peer had not closed yet kept
+    /// its shard spinning for the whole grace period (found with
+    /// swiftlet-hostile: a flood of connections took both cores).
+    const WRITE_SHUT: u8 = 16;
 
     fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
@@ -347,7 +354,8 @@ impl Conn {
     /// On TLS, close_notify goes first, so the client can tell the end
     /// from a cut.
     pub fn shutdown_when_flushed(&mut self) {
-        if self.phase != Phase::Closing || self.out_len() != 0 {
+        if self.phase != Phase::Closing || self.out_len() != 0 || self.flags.has(Flags::WRITE_SHUT)
+        {
             return;
         }
         if let Some(tls) = self.io.as_mut().and_then(|b| b.tls.as_mut()) {
@@ -359,6 +367,7 @@ impl Conn {
             }
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        self.flags.set(Flags::WRITE_SHUT, true);
     }
 
     /// Pending output, created on first use.
