@@ -71,6 +71,11 @@ pub struct Config {
     /// default: carrier-grade NAT puts thousands of phones behind one
     /// address.
     pub max_conns_per_ip: usize,
+    /// Connections refused (past `max_connections` or `max_conns_per_ip`)
+    /// per second at most; past it the node accepts nothing until its next
+    /// 100 ms tick, and connection attempts wait in the kernel's listen
+    /// backlog. 0: no limit.
+    pub max_refusals_per_sec: u32,
     /// Frames one connection may send per second, in a token bucket that
     /// holds one second's worth and gets a tenth back every 100 ms; a
     /// connection over it is not read until it refills. 0: no limit.
@@ -156,6 +161,7 @@ impl Default for Config {
             max_conns_per_user: 32,
             max_connections: 0,
             max_conns_per_ip: 0,
+            max_refusals_per_sec: 1000,
             max_frames_per_sec: 20_000,
             max_frame: swiftlet_protocol::DEFAULT_MAX_FRAME,
             push_buffer_bytes: 256 * 1024,
@@ -278,6 +284,9 @@ pub struct ServeArgs {
     /// Most connections from one source address; 0: no cap [default: 0].
     #[arg(long, env = "SWIFTLET_MAX_CONNS_PER_IP")]
     pub max_conns_per_ip: Option<usize>,
+    /// Connections refused at the caps per second at most; past it nothing is accepted until the next 100 ms; 0: no limit [default: 1000].
+    #[arg(long, env = "SWIFTLET_MAX_REFUSALS_PER_SEC")]
+    pub max_refusals_per_sec: Option<u32>,
     /// Frames per second per connection (a token bucket of one second); 0: no limit [default: 20000].
     #[arg(long, env = "SWIFTLET_MAX_FRAMES_PER_SEC")]
     pub max_frames_per_sec: Option<u32>,
@@ -363,6 +372,7 @@ impl Config {
             max_conns_per_user,
             max_connections,
             max_conns_per_ip,
+            max_refusals_per_sec,
             max_frames_per_sec,
             max_frame,
             push_buffer_bytes,

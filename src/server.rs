@@ -395,6 +395,11 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
     let admission = Arc::new(crate::shard::admission::Admission::new(
         max_connections,
         config.max_conns_per_ip,
+        crate::shard::admission::RefusalBudget::per_shard(
+            config.max_refusals_per_sec,
+            n,
+            crate::clock::TICK_MS,
+        ),
     ));
     let mut shard_threads = Vec::with_capacity(n);
     for (i, (((poll, listener), http_listener), mailbox)) in polls

@@ -255,6 +255,72 @@ async fn one_address_holds_at_most_its_share() {
     ));
 }
 
+/// Past a cap, a shard refuses at most its share of
+/// `--max-refusals-per-sec` per 100 ms tick, then accepts nothing until the
+/// next: a client refused and reconnecting at once, forever, cannot keep
+/// the node busy refusing it. The manual clock decides the ticks; the
+/// connections past the budget wait in the listen backlog, and each tick
+/// answers one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_past_the_cap_are_answered_at_the_configured_rate() {
+    use tokio::io::AsyncReadExt;
+    let clock = swiftlet::clock::ManualClock::new(1_800_000_000_000);
+    let srv = TestServer::start_with(|c| {
+        c.clock = clock.clock();
+        c.shards = 1;
+        c.max_connections = 1;
+        // One refusal per tick for the one shard.
+        c.max_refusals_per_sec = 10;
+    });
+    let mut held = Raw::connect(srv.addr()).await;
+    held.hello(1, &token("kim")).await;
+    assert!(matches!(
+        held.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(Raw::connect(srv.addr()).await);
+    }
+    for tick in 0..3 {
+        // One of them is answered this tick, whichever the kernel queued
+        // first; the others hear nothing until the clock moves.
+        let mut answered = None;
+        while answered.is_none() {
+            for (i, raw) in waiting.iter_mut().enumerate() {
+                let mut byte = [0u8; 1];
+                let s = raw.framed.get_mut();
+                if let Ok(r) =
+                    tokio::time::timeout(Duration::from_millis(50), s.peek(&mut byte)).await
+                {
+                    assert!(matches!(r, Ok(n) if n > 0), "closed without an answer");
+                    answered = Some(i);
+                    break;
+                }
+            }
+        }
+        let mut refused = waiting.remove(answered.unwrap_or_default());
+        assert_eq!(refused.expect_fatal().await, ErrorCode::TooManyConnections);
+        for raw in &mut waiting {
+            let mut byte = [0u8; 1];
+            let quiet = tokio::time::timeout(
+                Duration::from_millis(300),
+                raw.framed.get_mut().read(&mut byte),
+            )
+            .await;
+            assert!(quiet.is_err(), "tick {tick}: a second refusal in one tick");
+        }
+        clock.advance(Duration::from_millis(100));
+    }
+    // The one held is served throughout.
+    held.send(Envelope::new(2, Body::Ping(pb::Ping { nonce: 7 })))
+        .await;
+    assert!(matches!(
+        held.recv().await.and_then(|e| e.body),
+        Some(Body::Pong(_))
+    ));
+}
+
 /// A connection that sends frames faster than `--max-frames-per-sec` is
 /// read no faster: its bucket holds one second's frames and gets a tenth
 /// back each 100 ms tick, and what waits is handled later, none of it lost.

@@ -9,6 +9,14 @@
 //! speak in). So a flood past the cap costs one accept and one write per
 //! connection, and the node keeps accepting: the cap sits below the
 //! process's file limit, so `EMFILE` is not how the node learns it is full.
+//!
+//! That cost is still the server's, and a client refused at the cap may
+//! reconnect at once, forever: each shard answers at most
+//! [`RefusalBudget`]'s share of `--max-refusals-per-sec` per tick, then
+//! accepts nothing more until the next tick. What comes meanwhile waits in
+//! the kernel's listen backlog (once that is full, the kernel leaves the
+//! flooders' handshakes unanswered and their clients back off), so a flood
+//! past the cap takes a bounded share of the node's CPU, not all of it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,17 +41,22 @@ pub enum Refusal {
 pub struct Admission {
     max: usize,
     per_ip_max: usize,
+    /// Each shard's [`RefusalBudget`] per tick (0: no limit).
+    refusals_per_tick: u32,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
 }
 
 impl Admission {
     /// Caps of `max` connections in all and `per_ip_max` per source
-    /// address (0: no cap per address).
-    pub fn new(max: usize, per_ip_max: usize) -> Admission {
+    /// address (0: no cap per address); each shard refuses at most
+    /// `refusals_per_tick` connections a tick (0: no limit; see
+    /// [`RefusalBudget::per_shard`]).
+    pub fn new(max: usize, per_ip_max: usize, refusals_per_tick: u32) -> Admission {
         Admission {
             max,
             per_ip_max,
+            refusals_per_tick,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         }
@@ -93,6 +106,62 @@ impl Admission {
     pub fn held(&self) -> usize {
         self.total.load(Ordering::Acquire)
     }
+
+    /// A shard's budget of refusals (see [`RefusalBudget`]).
+    pub fn refusal_budget(&self) -> RefusalBudget {
+        RefusalBudget::new(self.refusals_per_tick)
+    }
+}
+
+/// One shard's refusals per tick of its loop: while some are left it
+/// accepts (and refuses past a cap); once they are spent it accepts nothing
+/// until the next tick. Driven by tick numbers, so it needs no clock.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusalBudget {
+    per_tick: u32,
+    left: u32,
+    tick: u32,
+}
+
+impl RefusalBudget {
+    /// `per_tick` refusals a tick (0: no limit).
+    pub fn new(per_tick: u32) -> RefusalBudget {
+        RefusalBudget {
+            per_tick,
+            left: per_tick,
+            tick: 0,
+        }
+    }
+
+    /// Each of `shards` shards' share of `per_sec` refusals a second, per
+    /// tick of `tick_ms`, rounded up and at least 1 (0 stays 0: no limit).
+    pub fn per_shard(per_sec: u32, shards: usize, tick_ms: u64) -> u32 {
+        if per_sec == 0 {
+            return 0;
+        }
+        let per_tick = u64::from(per_sec) * tick_ms;
+        let div = 1000 * shards.max(1) as u64;
+        u32::try_from(per_tick.div_ceil(div))
+            .unwrap_or(u32::MAX)
+            .max(1)
+    }
+
+    /// Whether the shard may accept at tick `now` (a new tick refills).
+    pub fn open(&mut self, now: u32) -> bool {
+        if self.per_tick == 0 {
+            return true;
+        }
+        if now != self.tick {
+            self.tick = now;
+            self.left = self.per_tick;
+        }
+        self.left > 0
+    }
+
+    /// One connection refused.
+    pub fn spend(&mut self) {
+        self.left = self.left.saturating_sub(1);
+    }
 }
 
 /// The open-file limit of this process (its soft `RLIMIT_NOFILE`, from
@@ -118,7 +187,7 @@ mod tests {
 
     #[test]
     fn caps_in_all_and_per_address_and_places_come_back() {
-        let a = Admission::new(3, 2);
+        let a = Admission::new(3, 2, 0);
         let x = IpAddr::from([10, 0, 0, 1]);
         let y = IpAddr::from([10, 0, 0, 2]);
         assert_eq!(a.admit(x), Ok(()));
@@ -134,6 +203,29 @@ mod tests {
         a.release(Some(x));
         assert_eq!(a.held(), 0);
         assert!(a.per_ip.lock().is_empty(), "no address lingers");
+    }
+
+    #[test]
+    fn refusals_are_counted_per_tick() {
+        assert_eq!(RefusalBudget::per_shard(1000, 2, 100), 50);
+        assert_eq!(RefusalBudget::per_shard(10, 4, 100), 1);
+        assert_eq!(RefusalBudget::per_shard(0, 2, 100), 0);
+        let mut b = RefusalBudget::new(2);
+        assert!(b.open(0));
+        b.spend();
+        assert!(b.open(0));
+        b.spend();
+        assert!(!b.open(0), "spent for this tick");
+        assert!(b.open(1), "a new tick refills");
+        b.spend();
+        b.spend();
+        b.spend();
+        assert!(!b.open(1));
+        let mut off = RefusalBudget::new(0);
+        for _ in 0..1000 {
+            off.spend();
+        }
+        assert!(off.open(0), "0 is no limit");
     }
 
     #[test]

@@ -69,7 +69,7 @@ use crate::hub::registry::{ConnKind, ConnRef};
 use crate::session::delivery;
 use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
 pub use crate::session::services::{Limits, Services};
-use admission::{Admission, Refusal};
+use admission::{Admission, Refusal, RefusalBudget};
 use conn::{Carries, Conn, Exchange, Phase, Received, Transport};
 pub use input::Fatal;
 use input::Input;
@@ -165,8 +165,11 @@ pub struct Shard {
     ctx: Services,
     start: Instant,
     now: u32,
-    /// Listener hit an error (e.g. out of file descriptors): retry each tick.
+    /// Listener hit an error (e.g. out of file descriptors), or this tick's
+    /// refusals are spent: accept again next turn (each turn checks).
     accept_pending: bool,
+    /// Refusals this shard may still answer this tick (see [`admission`]).
+    refusals: RefusalBudget,
     /// The node's connection caps, shared with the other shards.
     admission: Arc<Admission>,
     /// Each connection's source address, when addresses are counted.
@@ -230,6 +233,7 @@ impl Shard {
             start,
             now: 0,
             accept_pending: false,
+            refusals: admission.refusal_budget(),
             admission,
             addresses: HashMap::new(),
             draining: false,
@@ -356,11 +360,21 @@ impl Shard {
         let Some(listener) = listener else {
             return;
         };
+        if !self.refusals.open(self.now) {
+            // Refused enough this tick: what comes waits in the backlog.
+            self.accept_pending = true;
+            return;
+        }
         loop {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
                     if let Err(why) = self.admission.admit(peer.ip()) {
                         self.refuse(&mut stream, transport, why);
+                        self.refusals.spend();
+                        if !self.refusals.open(self.now) {
+                            self.accept_pending = true;
+                            return;
+                        }
                         continue;
                     }
                     if let Err(e) = stream.set_nodelay(true) {
