@@ -65,7 +65,10 @@ async fn staller(
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         match decode_frame(&buf, usize::MAX) {
-            Ok(Some((env, _))) => {
+            Ok(Some((env, used))) => {
+                // What came behind the Welcome (the backlog's first pushes)
+                // stays in `buf`, read on at the stop.
+                buf.advance(used);
                 match env.body {
                     Some(Body::Welcome(_)) => report.count(KIND, "logins", 1),
                     other => {
@@ -137,7 +140,7 @@ async fn staller(
     // The stop: read what the server queued, for at most 5 s (once it is
     // read on, a staller's whole backlog follows, and the fast senders
     // filled it), to its end or until it goes quiet.
-    let mut buf = BytesMut::with_capacity(256 * 1024);
+    buf.reserve(256 * 1024);
     let (mut frames, mut bytes, mut fatal) = (0u64, 0u64, None);
     let until = tokio::time::Instant::now() + Duration::from_secs(5);
     let end = loop {
@@ -161,6 +164,10 @@ async fn staller(
     };
     report.count(KIND, "answer frames read at the stop", frames);
     report.count(KIND, "answer bytes read at the stop", bytes);
+    if decode_frame(&buf, usize::MAX).is_err() {
+        report.answer(KIND, "undecodable answer", false);
+        return;
+    }
     let (answer, allowed) = match (fatal, end) {
         (None, "open at the stop (paused)") => (end.to_owned(), true),
         (Some("SLOW_CONSUMER"), "closed") => ("SLOW_CONSUMER".to_owned(), true),
