@@ -127,6 +127,18 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
 
+    /// Coordinate agents (`loadgen agent --listen ADDR`, on this or other
+    /// machines) at these addresses, comma-separated: each runs a share of
+    /// the scenario and sends back its result, merged into one summary.
+    #[arg(long)]
+    pub agents: Option<String>,
+
+    /// Start N local agents (`loadgen agent` on 127.0.0.1, port chosen by
+    /// the kernel) and coordinate them over TCP like `--agents`; with
+    /// `--source`, agent i takes every N-th source address from the i-th.
+    #[arg(long, default_value_t = 0)]
+    pub spawn_agents: u32,
+
     /// Runtime worker threads of each loadgen process (default: one per
     /// core). 1 runs everything on one thread.
     #[arg(long)]
@@ -195,10 +207,30 @@ impl Args {
             "rate": self.rate,
             "body_bytes": self.body_bytes,
             "workers": self.workers,
+            "agents": self.agents,
+            "spawn_agents": self.spawn_agents,
             "threads": self.threads,
             "source": self.source,
             "concurrency": self.concurrency,
             "server_pid": self.server_pid,
         })
     }
+}
+
+/// `loadgen agent`: run shares of scenarios for coordinators that connect.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "loadgen agent", version)]
+pub struct AgentArgs {
+    /// Where to wait for coordinators (`--agents` of a loadgen run).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: String,
+
+    /// This machine's source addresses, replacing the coordinator's
+    /// `--source` (same syntax).
+    #[arg(long)]
+    pub source: Option<String>,
+
+    /// Serve one coordinator, then exit (what `--spawn-agents` starts).
+    #[arg(long)]
+    pub once: bool,
 }

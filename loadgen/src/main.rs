@@ -10,12 +10,15 @@
 //! - [`ws`]: hand-rolled WebSocket framing for `--transport ws`.
 //! - [`scenario`]: idle, chat, group, storm, offline.
 //! - [`run`]: the per-process context, barrier, progress and timeline.
-//! - [`parent`]: `--workers`: child processes and merging their results.
+//! - [`parent`]: the coordinator of `--workers` (child processes) and
+//!   `--agents`/`--spawn-agents` (over TCP), merging their results;
+//!   [`agent`]: `loadgen agent`, which runs shares for a coordinator.
 //! - [`stats`], [`summary`]: counters, histograms, the JSON summary.
 //! - [`body`]: the message body header; [`procmem`]: server memory from
 //!   /proc; [`plot`]: the SVG latency chart.
 
 mod addr;
+mod agent;
 mod body;
 mod cli;
 mod conn;
@@ -47,8 +50,23 @@ use crate::summary::{ServerMemory, WorkerResult};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
+        let a = cli::AgentArgs::parse_from(std::env::args_os().skip(1));
+        return block_on(Some(1), agent::serve(a), |()| ExitCode::SUCCESS);
+    }
     let args = Args::parse();
-    let mut builder = match args.threads {
+    let threads = args.threads;
+    block_on(threads, real_main(args), |code| code)
+}
+
+/// Run `f` on a runtime with `threads` workers (1: current-thread; default:
+/// one per core); an error is printed and exits with status 1.
+fn block_on<T>(
+    threads: Option<usize>,
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+    code: impl FnOnce(T) -> ExitCode,
+) -> ExitCode {
+    let mut builder = match threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -64,8 +82,8 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(real_main(args)) {
-        Ok(code) => code,
+    match rt.block_on(f) {
+        Ok(v) => code(v),
         Err(e) => {
             eprintln!("loadgen: {e:#}");
             ExitCode::from(1)
@@ -85,7 +103,7 @@ async fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| format!("lg{:06x}", rand::thread_rng().gen_range(0..0x100_0000u32)));
 
-    if args.workers > 1 && args.worker_index.is_none() {
+    if parent::coordinates(&args) {
         let (result, mem) = parent::run(&args, &prefix).await?;
         return finish(&args, &result, &mem);
     }
@@ -94,7 +112,7 @@ async fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     let child = ctx.is_child();
     let stats = ctx.stats.clone();
     let progress_stop = CancellationToken::new();
-    run::spawn_progress(stats, child, progress_stop.clone());
+    run::spawn_progress(stats, child, args.server_pid, progress_stop.clone());
     let (result, mem) = run_scenario(ctx).await?;
     progress_stop.cancel();
     if child {
@@ -148,6 +166,8 @@ async fn build_ctx(args: &Args, prefix: String) -> anyhow::Result<Ctx> {
             (Some(c), cli::Transport::Ws) => Some(c.for_http()),
             (c, _) => c,
         },
+        rss_before: procmem::self_rss_bytes(),
+        rss_ready: 0,
     })
 }
 
@@ -163,6 +183,8 @@ async fn run_scenario(mut ctx: Ctx) -> anyhow::Result<(WorkerResult, ServerMemor
         .stats
         .redirects
         .load(std::sync::atomic::Ordering::Relaxed);
+    result.rss_before_bytes = ctx.rss_before;
+    result.rss_ready_bytes = ctx.rss_ready;
     let mem = match ctx.coord {
         Coord::Local { mem } => mem,
         Coord::Child { .. } => ServerMemory::default(),

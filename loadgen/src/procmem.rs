@@ -1,9 +1,12 @@
-//! The server's memory as the kernel reports it: VmRSS of `--server-pid`
-//! from /proc/PID/status, TCP socket buffer pages from /proc/net/sockstat,
-//! and the kernel slab total from /proc/meminfo. Sockstat and slab are
-//! machine-wide: on loopback they include both ends of every connection (and
-//! anything else the machine does meanwhile), so they are reported as an
-//! upper bound beside the server's own RSS.
+//! What the kernel says a process costs: VmRSS from /proc/PID/status, CPU
+//! time (user + system, all threads) from /proc/PID/stat, TCP socket buffer
+//! pages from /proc/net/sockstat, and the kernel slab total from
+//! /proc/meminfo. Read for the server (`--server-pid`) and for loadgen
+//! itself (`/proc/self`), so the summary can set loadgen's own cost beside
+//! the server's. Sockstat and slab are machine-wide: on loopback they include
+//! both ends of every connection (and anything else the machine does
+//! meanwhile), so they are reported as an upper bound beside the server's
+//! own RSS.
 
 use crate::summary::ServerMemory;
 
@@ -23,6 +26,45 @@ fn parse_kb_field(text: &str, field: &str) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// VmRSS of this process in bytes (0 if /proc cannot tell).
+pub fn self_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_kb_field(&s, "VmRSS:"))
+        .unwrap_or(0)
+}
+
+/// Clock ticks per second of /proc's `utime`/`stime`: USER_HZ, which the
+/// kernel fixes at 100 for userspace on every mainstream architecture
+/// (whatever its internal HZ).
+const USER_HZ: u64 = 100;
+
+/// CPU time (user + system, every thread) of `pid` in µs, at /proc's
+/// resolution of 10 ms.
+pub fn cpu_us(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu_us(&s)
+}
+
+/// CPU time of this process in µs (0 if /proc cannot tell).
+pub fn self_cpu_us() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| parse_stat_cpu_us(&s))
+        .unwrap_or(0)
+}
+
+/// `utime + stime` of a /proc/PID/stat line, in µs. The command name (field
+/// 2) may hold spaces and parentheses, so fields are counted after its last
+/// `)`: utime and stime are fields 14 and 15, the 12th and 13th after it.
+fn parse_stat_cpu_us(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) * (1_000_000 / USER_HZ))
 }
 
 /// `TCP: ... mem N` of /proc/net/sockstat, in bytes.
@@ -74,5 +116,9 @@ mod tests {
             "sockets: used 300\nTCP: inuse 5 orphan 0 tw 2 alloc 9 mem 17\nUDP: inuse 1 mem 2\n";
         assert_eq!(parse_sockstat_mem(sockstat), Some(17 * 4096));
         assert!(rss_bytes(std::process::id()).is_some());
+        assert!(self_rss_bytes() > 0);
+        let stat = "4242 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 9 0 1";
+        assert_eq!(parse_stat_cpu_us(stat), Some(280 * 10_000));
+        assert!(cpu_us(std::process::id()).is_some());
     }
 }

@@ -51,6 +51,38 @@ pub struct Ctx {
     pub coord: Coord,
     /// TLS to the servers (`--tls`, `--ca`), for the transport in use.
     pub tls: Option<swiftlet_client::TlsConnector>,
+    /// This process's VmRSS before connecting and at the barrier.
+    pub rss_before: u64,
+    pub rss_ready: u64,
+}
+
+/// CPU time spent over a window by this process and, when this process
+/// watches it (`--server-pid`, no parent), by the server.
+pub struct CpuWindow {
+    own: u64,
+    server: Option<(u32, u64)>,
+}
+
+impl CpuWindow {
+    pub fn start(ctx: &Ctx) -> Self {
+        let server = match (&ctx.coord, ctx.args.server_pid) {
+            (Coord::Local { .. }, Some(pid)) => crate::procmem::cpu_us(pid).map(|t| (pid, t)),
+            _ => None,
+        };
+        CpuWindow {
+            own: crate::procmem::self_cpu_us(),
+            server,
+        }
+    }
+
+    /// (this process's CPU µs, the server's CPU µs) since `start`.
+    pub fn stop(self) -> (u64, Option<u64>) {
+        let own = crate::procmem::self_cpu_us().saturating_sub(self.own);
+        let server = self
+            .server
+            .and_then(|(pid, t0)| Some(crate::procmem::cpu_us(pid)?.saturating_sub(t0)));
+        (own, server)
+    }
 }
 
 impl Ctx {
@@ -72,6 +104,13 @@ impl Ctx {
         format!("{}-{kind}{k}", self.prefix)
     }
 
+    /// The server's CPU over the measured window, if this process read it.
+    pub fn set_server_cpu(&mut self, us: Option<u64>) {
+        if let Coord::Local { mem } = &mut self.coord {
+            mem.cpu_us = us;
+        }
+    }
+
     pub fn is_child(&self) -> bool {
         matches!(self.coord, Coord::Child { .. })
     }
@@ -79,6 +118,7 @@ impl Ctx {
     /// Setup is done (everyone connected): let the server settle and read
     /// its memory (local), or tell the parent and wait for its "go".
     pub async fn barrier(&mut self) -> anyhow::Result<()> {
+        self.rss_ready = crate::procmem::self_rss_bytes();
         match &mut self.coord {
             Coord::Local { mem } => {
                 if let Some(pid) = self.args.server_pid {
@@ -151,10 +191,16 @@ pub async fn wait_count(done: &std::sync::atomic::AtomicU64, n: u64) {
 
 /// Print a progress line each second until `stop`: a human line on stderr,
 /// or, in a worker, a JSON line on stdout for the parent to add up.
-pub fn spawn_progress(stats: Arc<Stats>, child: bool, stop: CancellationToken) {
+pub fn spawn_progress(
+    stats: Arc<Stats>,
+    child: bool,
+    server_pid: Option<u32>,
+    stop: CancellationToken,
+) {
     tokio::spawn(async move {
         let start = Instant::now();
-        let mut prev = Snapshot::default();
+        let mut prev = Snapshot::default().with_cost();
+        let mut server = ServerCpu::new(server_pid);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         loop {
@@ -162,31 +208,76 @@ pub fn spawn_progress(stats: Arc<Stats>, child: bool, stop: CancellationToken) {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
-            let now = stats.snapshot();
+            let now = stats.snapshot().with_cost();
             if child {
                 if let Ok(s) = serde_json::to_string(&now) {
                     println!("{{\"progress\":{s}}}");
                 }
             } else {
-                eprintln!("{}", progress_line(start.elapsed(), &prev, &now));
+                let server_us = server.tick();
+                eprintln!("{}", progress_line(start.elapsed(), &prev, &now, server_us));
             }
             prev = now;
         }
     });
 }
 
-/// One human progress line from two snapshots a second apart.
-pub fn progress_line(elapsed: Duration, prev: &Snapshot, now: &Snapshot) -> String {
+/// The server's CPU time between progress ticks (`--server-pid`).
+pub struct ServerCpu {
+    pid: Option<u32>,
+    last: Option<u64>,
+}
+
+impl ServerCpu {
+    pub fn new(pid: Option<u32>) -> Self {
+        ServerCpu {
+            pid,
+            last: pid.and_then(crate::procmem::cpu_us),
+        }
+    }
+
+    /// The server's CPU µs since the last tick.
+    pub fn tick(&mut self) -> Option<u64> {
+        let now = crate::procmem::cpu_us(self.pid?)?;
+        let d = self.last.map(|l| now.saturating_sub(l));
+        self.last = Some(now);
+        d
+    }
+}
+
+/// One human progress line from two snapshots a second apart (and the
+/// server's CPU µs in between, if known): rates, then CPU per delivered
+/// message of loadgen (all its processes) and of the server, and loadgen's
+/// RSS.
+pub fn progress_line(
+    elapsed: Duration,
+    prev: &Snapshot,
+    now: &Snapshot,
+    server_cpu_us: Option<u64>,
+) -> String {
+    let delivered = now.delivered.saturating_sub(prev.delivered);
+    let own_us = now.cpu_us.saturating_sub(prev.cpu_us);
+    let per_msg = |us: u64| {
+        if delivered > 0 {
+            format!("{:.1}", us as f64 / delivered as f64)
+        } else {
+            "-".to_owned()
+        }
+    };
     format!(
-        "[{:6.1}s] open {} logins {} (+{}/s) | sent {}/s acked {}/s delivered {}/s | errors {}",
+        "[{:6.1}s] open {} logins {} (+{}/s) | sent {}/s acked {}/s delivered {}/s | errors {} | cpu µs/msg loadgen {} server {} | loadgen {:.0}% cpu {:.1} MB",
         elapsed.as_secs_f64(),
         now.open,
         now.logins,
         now.logins.saturating_sub(prev.logins),
         now.sent.saturating_sub(prev.sent),
         now.acked.saturating_sub(prev.acked),
-        now.delivered.saturating_sub(prev.delivered),
+        delivered,
         now.errors,
+        per_msg(own_us),
+        server_cpu_us.map_or_else(|| "-".to_owned(), per_msg),
+        own_us as f64 / 1e4,
+        now.rss_bytes as f64 / 1e6,
     )
 }
 

@@ -94,6 +94,12 @@ pub struct Snapshot {
     pub acked: u64,
     pub delivered: u64,
     pub errors: u64,
+    /// This process's CPU time so far (µs) and its RSS (bytes), filled by
+    /// the progress ticker ([`Snapshot::with_cost`]), not by `snapshot`.
+    #[serde(default)]
+    pub cpu_us: u64,
+    #[serde(default)]
+    pub rss_bytes: u64,
 }
 
 impl Snapshot {
@@ -104,6 +110,15 @@ impl Snapshot {
         self.acked += o.acked;
         self.delivered += o.delivered;
         self.errors += o.errors;
+        self.cpu_us += o.cpu_us;
+        self.rss_bytes += o.rss_bytes;
+    }
+
+    /// With this process's CPU time and RSS read from /proc.
+    pub fn with_cost(mut self) -> Self {
+        self.cpu_us = crate::procmem::self_cpu_us();
+        self.rss_bytes = crate::procmem::self_rss_bytes();
+        self
     }
 }
 
@@ -188,6 +203,7 @@ impl Stats {
             acked: self.acked.load(Relaxed),
             delivered: self.delivered.load(Relaxed),
             errors: self.error_count.load(Relaxed),
+            ..Snapshot::default()
         }
     }
 }

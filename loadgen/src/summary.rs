@@ -116,6 +116,17 @@ pub struct WorkerResult {
     #[serde(with = "hist_b64", default = "new_hist")]
     pub fanout: Histogram<u64>,
     pub timeline: Vec<Second>,
+    /// This process's CPU time (user + system) in µs over its measured
+    /// window: chat and group the sending phase after the warm-up, idle the
+    /// hold; 0 where no window is measured (storm, offline).
+    #[serde(default)]
+    pub cpu_us: u64,
+    /// This process's VmRSS before it opened any connection, and when every
+    /// connection was logged in (at the barrier), in bytes.
+    #[serde(default)]
+    pub rss_before_bytes: u64,
+    #[serde(default)]
+    pub rss_ready_bytes: u64,
 }
 
 impl Default for WorkerResult {
@@ -146,6 +157,9 @@ impl Default for WorkerResult {
             login_latency: new_hist(),
             fanout: new_hist(),
             timeline: Vec::new(),
+            cpu_us: 0,
+            rss_before_bytes: 0,
+            rss_ready_bytes: 0,
         }
     }
 }
@@ -192,6 +206,9 @@ impl WorkerResult {
         merge_hist(&mut self.ack_latency, &o.ack_latency);
         merge_hist(&mut self.login_latency, &o.login_latency);
         merge_hist(&mut self.fanout, &o.fanout);
+        self.cpu_us += o.cpu_us;
+        self.rss_before_bytes += o.rss_before_bytes;
+        self.rss_ready_bytes += o.rss_ready_bytes;
         for (i, s) in o.timeline.iter().enumerate() {
             match self.timeline.get_mut(i) {
                 Some(mine) => {
@@ -244,6 +261,9 @@ pub struct ServerMemory {
     pub sockstat_mem_after_bytes: Option<u64>,
     pub slab_before_bytes: Option<u64>,
     pub slab_after_bytes: Option<u64>,
+    /// The server's CPU time in µs over the measured window (the same window
+    /// as [`WorkerResult::cpu_us`], timed by the process that watches it).
+    pub cpu_us: Option<u64>,
 }
 
 fn per_conn(before: Option<u64>, after: Option<u64>, conns: u64) -> Value {
@@ -251,6 +271,14 @@ fn per_conn(before: Option<u64>, after: Option<u64>, conns: u64) -> Value {
         (Some(b), Some(a)) if conns > 0 => {
             json!(((a as f64 - b as f64) / conns as f64).round() as i64)
         }
+        _ => Value::Null,
+    }
+}
+
+/// `us` per message, 2 decimals; `null` without messages.
+fn per_msg(us: Option<u64>, msgs: u64) -> Value {
+    match us {
+        Some(us) if msgs > 0 => json!((us as f64 / msgs as f64 * 100.0).round() / 100.0),
         _ => Value::Null,
     }
 }
@@ -290,7 +318,7 @@ pub fn summary(scenario: &str, params: Value, r: &WorkerResult, mem: &ServerMemo
         Some(s) => rate(r.relogins, s),
         None => rate(r.logins, r.login_phase_s),
     };
-    json!({
+    let mut out = json!({
         "scenario": scenario,
         "params": params,
         "connections": connected,
@@ -327,7 +355,40 @@ pub fn summary(scenario: &str, params: Value, r: &WorkerResult, mem: &ServerMemo
         "kernel_sockstat_bytes_per_conn": per_conn(mem.sockstat_mem_before_bytes, mem.sockstat_mem_after_bytes, connected),
         "kernel_slab_bytes_per_conn": per_conn(mem.slab_before_bytes, mem.slab_after_bytes, connected),
         "timeline": timeline,
-    })
+    });
+    if let Some(o) = out.as_object_mut() {
+        o.extend(cost(r, mem, connected));
+    }
+    out
+}
+
+/// loadgen's own cost beside the server's: CPU over the measured window
+/// (total and per delivered message) and RSS per connection.
+fn cost(r: &WorkerResult, mem: &ServerMemory, connected: u64) -> serde_json::Map<String, Value> {
+    // A measured window with CPU in it (storm and offline have none).
+    let own_cpu = (r.cpu_us > 0).then_some(r.cpu_us);
+    let ratio = match (own_cpu, mem.cpu_us) {
+        (Some(l), Some(s)) if s > 0 => json!(round3(l as f64 / s as f64)),
+        _ => Value::Null,
+    };
+    let rss_per_conn = if r.rss_ready_bytes > 0 {
+        per_conn(Some(r.rss_before_bytes), Some(r.rss_ready_bytes), connected)
+    } else {
+        Value::Null
+    };
+    let v = json!({
+        "loadgen_cpu_s": own_cpu.map(|us| round3(us as f64 / 1e6)),
+        "server_cpu_s": mem.cpu_us.map(|us| round3(us as f64 / 1e6)),
+        "loadgen_cpu_us_per_msg": per_msg(own_cpu, r.measured_delivered),
+        "server_cpu_us_per_msg": per_msg(mem.cpu_us, r.measured_delivered),
+        "loadgen_server_cpu_ratio": ratio,
+        "loadgen_rss_ready_bytes": (r.rss_ready_bytes > 0).then_some(r.rss_ready_bytes),
+        "loadgen_rss_bytes_per_conn": rss_per_conn,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
 }
 
 #[cfg(test)]

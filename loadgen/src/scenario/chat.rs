@@ -79,6 +79,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
 
     let c = &shared.c;
     let measured = session::measure(ctx, c).await;
+    ctx.set_server_cpu(measured.server_cpu_us);
     // Drain: outstanding Acks first, then deliveries.
     let deadline = session::drain_acks(ctx, c).await;
     let stats = &ctx.stats;

@@ -183,6 +183,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
 
     let c = &shared.c;
     let measured = session::measure(ctx, c).await;
+    ctx.set_server_cpu(measured.server_cpu_us);
     // Drain: outstanding Acks first, then deliveries. Groups are whole in
     // this process, so it knows exactly how many deliveries are owed.
     let deadline = session::drain_acks(ctx, c).await;

@@ -14,7 +14,7 @@ use super::{first_ping, idle_frame, ping, ping_period};
 use crate::addr::share;
 use crate::cli::Args;
 use crate::conn::Conn;
-use crate::run::{connect, wait_count, Ctx};
+use crate::run::{connect, wait_count, CpuWindow, Ctx};
 use crate::stats::{OpenGuard, Stats};
 use crate::summary::WorkerResult;
 
@@ -46,7 +46,10 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let login_phase_s = start.elapsed().as_secs_f64();
     let open_at_ready = ctx.stats.open.load(Relaxed);
     ctx.barrier().await?;
+    let cpu = CpuWindow::start(ctx);
     tokio::time::sleep(Duration::from_secs_f64(ctx.args.duration.max(0.0))).await;
+    let (cpu_us, server_cpu_us) = cpu.stop();
+    ctx.set_server_cpu(server_cpu_us);
     stop.cancel();
     for t in tasks {
         let _ = t.await;
@@ -63,6 +66,7 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
         latency,
         ack_latency,
         login_latency,
+        cpu_us,
         ..Default::default()
     })
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::body::{self, Header};
 use crate::conn::{fatal_error, Conn, ConnError};
 use crate::pace::{Pacer, Slot};
-use crate::run::{spawn_timeline, Ctx};
+use crate::run::{spawn_timeline, CpuWindow, Ctx};
 use crate::stats::{OpenGuard, Stats};
 use crate::summary::{Second, WorkerResult};
 
@@ -415,6 +415,10 @@ pub struct Measured {
     pub measured_delivered: u64,
     /// Acks within the measured phase.
     pub measured_acked: u64,
+    /// CPU µs of this process and (when it watches it) of the server over
+    /// the measured phase.
+    pub cpu_us: u64,
+    pub server_cpu_us: Option<u64>,
     timeline: JoinHandle<Vec<Second>>,
 }
 
@@ -444,11 +448,13 @@ pub async fn measure(ctx: &Ctx, c: &Common) -> Measured {
     let timeline_stop = CancellationToken::new();
     let timeline = spawn_timeline(stats.clone(), timeline_stop.clone());
     let measure_start = Instant::now();
+    let cpu = CpuWindow::start(ctx);
     let delivered_before = stats.delivered.load(Relaxed);
     let acked_before = stats.acked.load(Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(ctx.args.duration.max(0.0))).await;
     let measured_delivered = stats.delivered.load(Relaxed) - delivered_before;
     let measured_acked = stats.acked.load(Relaxed) - acked_before;
+    let (cpu_us, server_cpu_us) = cpu.stop();
     let measured_s = measure_start.elapsed().as_secs_f64();
     c.stop_sending.cancel();
     timeline_stop.cancel();
@@ -456,6 +462,8 @@ pub async fn measure(ctx: &Ctx, c: &Common) -> Measured {
         measured_s,
         measured_delivered,
         measured_acked,
+        cpu_us,
+        server_cpu_us,
         timeline,
     }
 }
@@ -505,6 +513,7 @@ pub async fn result(
         latency,
         ack_latency,
         login_latency,
+        cpu_us: m.cpu_us,
         timeline: m.timeline.await.unwrap_or_default(),
         ..Default::default()
     }
