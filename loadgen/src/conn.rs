@@ -264,55 +264,44 @@ impl Conn {
     }
 
     /// The next frame already in the read buffer, without reading the socket.
+    /// WebSocket: Pings are answered (a Pong queued, written by the next
+    /// flush or `recv`), Pongs skipped, a Close ends the connection.
     pub fn try_next(&mut self) -> Result<Option<Envelope>, ConnError> {
-        if self.ws {
-            return self.try_next_ws();
-        }
-        match decode_frame(&self.rbuf, DEFAULT_MAX_FRAME)? {
-            Some((env, used)) => {
-                self.rbuf.advance(used);
-                Ok(Some(env))
+        loop {
+            match parse_frame(&self.rbuf, self.ws, &mut self.wbuf)? {
+                Parsed::Frame(env, used) => {
+                    self.rbuf.advance(used);
+                    return Ok(Some(env));
+                }
+                Parsed::Control { used, pong } => {
+                    self.pong_pending |= pong;
+                    self.rbuf.advance(used);
+                }
+                Parsed::More => return Ok(None),
             }
-            None => Ok(None),
         }
     }
 
-    /// [`Conn::try_next`] for WebSocket: answers Pings (queued; written by
-    /// the next flush or `recv`), skips Pongs, ends on Close.
-    fn try_next_ws(&mut self) -> Result<Option<Envelope>, ConnError> {
-        loop {
-            let Some(f) = ws::decode(&self.rbuf, DEFAULT_MAX_FRAME)? else {
-                return Ok(None);
-            };
-            if f.mask.is_some() {
-                return Err(ConnError::Protocol("masked server frame".into()));
-            }
-            match f.opcode {
-                ws::OP_BINARY => {
-                    let env =
-                        prost::Message::decode(&self.rbuf[f.payload]).map_err(FrameError::from)?;
-                    self.rbuf.advance(f.used);
-                    return Ok(Some(env));
-                }
-                ws::OP_PING => {
-                    let payload = self.rbuf[f.payload].to_vec();
-                    ws::encode_masked(&mut self.wbuf, ws::OP_PONG, &payload, rand::random());
-                    self.pong_pending = true;
-                }
-                ws::OP_PONG => {}
-                ws::OP_CLOSE => {
-                    let p = &self.rbuf[f.payload];
-                    let code = if p.len() >= 2 {
-                        u16::from_be_bytes([p[0], p[1]])
-                    } else {
-                        1005
-                    };
-                    return Err(ConnError::WsClosed(code));
-                }
-                op => return Err(ConnError::Protocol(format!("unexpected ws opcode {op}"))),
-            }
-            self.rbuf.advance(f.used);
+    /// A logged-in plain (not TLS) connection with nothing left to write,
+    /// taken apart for [`crate::hold`]: its socket, whether it speaks
+    /// WebSocket, the bytes read but not yet parsed, and its next request
+    /// id. `Err(self)` for a TLS connection or one with bytes to write;
+    /// `Ok(Err(_))` if tokio would not let go of the socket (the connection
+    /// is then lost, like a failed one).
+    pub fn into_parts(self) -> Result<Result<Parts, ConnError>, Conn> {
+        if !self.wbuf.is_empty() || self.pong_pending {
+            return Err(self);
         }
+        let stream = match self.stream {
+            MaybeTls::Plain(s) => s,
+            tls => return Err(Conn { stream: tls, ..self }),
+        };
+        Ok(stream.into_std().map_err(ConnError::Io).map(|socket| Parts {
+            socket,
+            ws: self.ws,
+            unread: self.rbuf.to_vec(),
+            next_request: self.next_request,
+        }))
     }
 
     /// The next frame from the server. Cancel-safe: a cancelled call loses
@@ -332,6 +321,70 @@ impl Conn {
                 return Err(ConnError::Eof);
             }
         }
+    }
+}
+
+/// A plain connection taken apart by [`Conn::into_parts`].
+pub struct Parts {
+    pub socket: std::net::TcpStream,
+    pub ws: bool,
+    pub unread: Vec<u8>,
+    pub next_request: u64,
+}
+
+/// What [`parse_frame`] found at the front of a read buffer.
+pub enum Parsed {
+    /// An Envelope and the bytes it took.
+    Frame(Envelope, usize),
+    /// A WebSocket control frame, handled; `pong`: a Pong was queued.
+    Control { used: usize, pong: bool },
+    /// Not a whole frame yet.
+    More,
+}
+
+/// The first server frame in `buf`: TCP (`varint(len) ‖ Envelope`) or,
+/// with `ws`, a WebSocket frame: a binary one holds an Envelope, a Ping is
+/// answered with a Pong queued in `out`, a Pong is skipped, a Close ends the
+/// connection with its code.
+pub fn parse_frame(buf: &[u8], ws: bool, out: &mut BytesMut) -> Result<Parsed, ConnError> {
+    if !ws {
+        return Ok(match decode_frame(buf, DEFAULT_MAX_FRAME)? {
+            Some((env, used)) => Parsed::Frame(env, used),
+            None => Parsed::More,
+        });
+    }
+    let Some(f) = ws::decode(buf, DEFAULT_MAX_FRAME)? else {
+        return Ok(Parsed::More);
+    };
+    if f.mask.is_some() {
+        return Err(ConnError::Protocol("masked server frame".into()));
+    }
+    let payload = &buf[f.payload];
+    match f.opcode {
+        ws::OP_BINARY => {
+            let env = prost::Message::decode(payload).map_err(FrameError::from)?;
+            Ok(Parsed::Frame(env, f.used))
+        }
+        ws::OP_PING => {
+            ws::encode_masked(out, ws::OP_PONG, payload, rand::random());
+            Ok(Parsed::Control {
+                used: f.used,
+                pong: true,
+            })
+        }
+        ws::OP_PONG => Ok(Parsed::Control {
+            used: f.used,
+            pong: false,
+        }),
+        ws::OP_CLOSE => {
+            let code = if payload.len() >= 2 {
+                u16::from_be_bytes([payload[0], payload[1]])
+            } else {
+                1005
+            };
+            Err(ConnError::WsClosed(code))
+        }
+        op => Err(ConnError::Protocol(format!("unexpected ws opcode {op}"))),
     }
 }
 

@@ -85,7 +85,18 @@ impl CpuWindow {
     }
 }
 
-impl Ctx {
+/// What [`Ctx::target`] needs, owned, for tasks that make targets as they go.
+#[derive(Clone)]
+pub struct Targets {
+    conn_servers: Vec<SocketAddr>,
+    sources: Vec<IpAddr>,
+    auth: Auth,
+    prefix: String,
+    transport: crate::cli::Transport,
+    tls: Option<swiftlet_client::TlsConnector>,
+}
+
+impl Targets {
     /// Where global connection `k` of user `user` connects from and to.
     pub fn target(&self, k: u64, user: &str) -> Target {
         let pick = |len: usize| (k % len.max(1) as u64) as usize;
@@ -94,9 +105,32 @@ impl Ctx {
             source: self.sources.get(pick(self.sources.len())).copied(),
             token: self.auth.token(user),
             device: "d1".to_owned(),
+            transport: self.transport,
+            tls: self.tls.clone(),
+        }
+    }
+
+    /// The user id of global index `k` of a kind (`c`onnection, `u`ser, ...).
+    pub fn user(&self, kind: &str, k: u64) -> String {
+        format!("{}-{kind}{k}", self.prefix)
+    }
+}
+
+impl Ctx {
+    pub fn targets(&self) -> Targets {
+        Targets {
+            conn_servers: self.conn_servers.clone(),
+            sources: self.sources.clone(),
+            auth: self.auth.clone(),
+            prefix: self.prefix.clone(),
             transport: self.args.transport,
             tls: self.tls.clone(),
         }
+    }
+
+    /// Where global connection `k` of user `user` connects from and to.
+    pub fn target(&self, k: u64, user: &str) -> Target {
+        self.targets().target(k, user)
     }
 
     /// The user id of global index `k` of a kind (`c`onnection, `u`ser, ...).

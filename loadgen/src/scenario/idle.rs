@@ -1,8 +1,10 @@
 //! `idle`: open this process's share of `--connections`, log each in, hold
 //! them with heartbeats for `--duration`, then close. Reports the login rate
 //! of the connect phase and (via `--server-pid`) the server's memory per
-//! connection. Each connection is one task holding a raw [`Conn`] whose
-//! buffers are freed whenever empty, so a worker holds ~19,000 of them.
+//! connection. `--concurrency` connector tasks log the connections in and
+//! hand each to the [`Holder`] threads (no task per idle connection: see
+//! [`crate::hold`]); only TLS connections, whose stream stays in tokio, are
+//! held by a task each ([`hold`], also used by `storm`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{first_ping, idle_frame, ping, ping_period};
+use crate::hold::Holder;
 use crate::addr::share;
 use crate::cli::Args;
 use crate::conn::Conn;
@@ -23,22 +26,60 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     let n = range.end - range.start;
     let stop = CancellationToken::new();
     let attempted = Arc::new(AtomicU64::new(0));
+    let threads = ctx
+        .args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let holder = Arc::new(Holder::start(threads, ctx.stats.clone())?);
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(n as usize);
-    for k in range {
-        let mut target = ctx.target(k, &ctx.user("c", k));
+    // A bounded pool of connector tasks takes the connections in turn, so
+    // the memory of a login in progress exists `--concurrency` times, not
+    // once per connection.
+    let next = Arc::new(AtomicU64::new(range.start));
+    let connectors = (ctx.args.concurrency.max(1) as u64).min(n);
+    let targets = Arc::new(ctx.targets());
+    let mut tasks = Vec::with_capacity(connectors as usize);
+    for _ in 0..connectors {
         let (stats, slots, stop, attempted) = (
             ctx.stats.clone(),
             ctx.connect_slots.clone(),
             stop.clone(),
             attempted.clone(),
         );
-        let args = ctx.args.clone();
+        let (args, next, end, holder, targets) = (
+            ctx.args.clone(),
+            next.clone(),
+            range.end,
+            holder.clone(),
+            targets.clone(),
+        );
         tasks.push(tokio::spawn(async move {
-            let conn = connect(&slots, &stats, &mut target, 0).await;
-            attempted.fetch_add(1, Relaxed);
-            if let Some(conn) = conn {
-                hold(conn, &args, &stats, &stop).await;
+            let mut tls_held = Vec::new();
+            loop {
+                let k = next.fetch_add(1, Relaxed);
+                if k >= end {
+                    break;
+                }
+                let mut target = targets.target(k, &targets.user("c", k));
+                let conn = Box::pin(connect(&slots, &stats, &mut target, 0)).await;
+                if let Some(conn) = conn {
+                    let period = ping_period(&args, &conn);
+                    match conn.into_parts() {
+                        Ok(Ok(parts)) => holder.adopt(parts, period, &stats),
+                        Ok(Err(e)) => stats.error(e.kind()),
+                        // TLS: the stream cannot leave tokio; a task holds it.
+                        Err(conn) => {
+                            let (args, stats, stop) = (args.clone(), stats.clone(), stop.clone());
+                            tls_held.push(tokio::spawn(async move {
+                                hold(conn, &args, &stats, &stop).await
+                            }));
+                        }
+                    }
+                }
+                attempted.fetch_add(1, Relaxed);
+            }
+            for t in tls_held {
+                let _ = t.await;
             }
         }));
     }
@@ -53,6 +94,9 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
     stop.cancel();
     for t in tasks {
         let _ = t.await;
+    }
+    if let Ok(holder) = Arc::try_unwrap(holder) {
+        tokio::task::spawn_blocking(move || holder.stop()).await?;
     }
     let (latency, ack_latency, login_latency) = ctx.stats.take_histograms();
     Ok(WorkerResult {
