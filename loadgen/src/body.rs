@@ -43,6 +43,16 @@ pub fn encode(h: &Header, len: usize) -> Vec<u8> {
     out
 }
 
+/// Append a body of `len` bytes (at least [`HEADER_LEN`]) carrying `h` to
+/// `out`, without a buffer of its own.
+pub fn put(h: &Header, len: usize, out: &mut impl bytes::BufMut) {
+    out.put_u32(MAGIC);
+    out.put_u64(h.sent_unix_ns);
+    out.put_u32(h.sender);
+    out.put_u64(h.counter);
+    out.put_bytes(0, len.max(HEADER_LEN) - HEADER_LEN);
+}
+
 /// The header of a loadgen body, or `None` for anything else.
 pub fn decode(body: &[u8]) -> Option<Header> {
     let head = body.get(..HEADER_LEN)?;

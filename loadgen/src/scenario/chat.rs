@@ -118,7 +118,7 @@ impl User {
             }
         };
         self.0.counter += 1;
-        let to = sh.names[peer as usize].clone();
+        let to = &sh.names[peer as usize];
         self.0
             .queue_message(&sh.c, body::unix_ns(), to, 0, Instant::now());
     }

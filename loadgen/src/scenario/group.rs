@@ -352,7 +352,7 @@ impl Member {
             receivers,
         };
         self.s
-            .queue_message(&sh.c, sent_ns, String::new(), self.group_id, post);
+            .queue_message(&sh.c, sent_ns, "", self.group_id, post);
     }
 
     /// A post delivered to this member: its poster's fan-out progress.

@@ -170,13 +170,11 @@ impl<P: Pending> Session<P> {
 
     /// Queue a message carrying the [`Header`] of `self.counter`, to a user
     /// (`to_user`) or a group (`group_id`), and remember it as `pending`.
-    // `..Default::default()`: the protocol grows fields loadgen leaves unset.
-    #[allow(clippy::needless_update)]
     pub fn queue_message(
         &mut self,
         c: &Common,
         sent_ns: u64,
-        to_user: String,
+        to_user: &str,
         group_id: u64,
         pending: P,
     ) {
@@ -185,14 +183,7 @@ impl<P: Pending> Session<P> {
             sender: self.me,
             counter: self.counter,
         };
-        let id = self.conn.queue(Body::Send(pb::Send {
-            client_msg_id: format!("m{}", self.counter),
-            to_user,
-            group_id,
-            content_type: body::CONTENT_TYPE.to_owned(),
-            body: body::encode(&h, c.body_bytes).into(),
-            ..Default::default()
-        }));
+        let id = self.conn.queue_send(to_user, group_id, &h, c.body_bytes);
         self.inflight.insert(id, pending);
         c.in_flight.fetch_add(1, Relaxed);
         c.stats.sent.fetch_add(1, Relaxed);
@@ -368,15 +359,24 @@ pub async fn drive<R: Role>(u: &mut R, sh: &R::Shared) -> Result<(), ConnError> 
     };
     let waker = u.waker(sh).unwrap_or(&c.never);
     let (mut set_up, mut started) = (false, false);
+    // The phase futures are made once and polled in place: made anew each
+    // turn, each would join (and leave) its token's waiter list under a
+    // mutex shared by every session of the process, every turn.
+    let close = c.close.cancelled();
+    let setup = c.setup.cancelled();
+    let go = c.go.cancelled();
+    let stop_sending = c.stop_sending.cancelled();
+    let woken = waker.notified();
+    tokio::pin!(close, setup, go, stop_sending, woken);
     loop {
         tokio::select! {
             biased;
-            _ = c.close.cancelled() => break,
-            _ = c.setup.cancelled(), if !set_up => {
+            _ = &mut close => break,
+            _ = &mut setup, if !set_up => {
                 set_up = true;
                 u.setup(sh);
             }
-            _ = c.go.cancelled(), if !started => {
+            _ = &mut go, if !started => {
                 started = true;
                 u.session().sending = u.sender_index(sh).is_some();
                 // Open loop: the pacer, started with `go`, releases the sends.
@@ -384,13 +384,16 @@ pub async fn drive<R: Role>(u: &mut R, sh: &R::Shared) -> Result<(), ConnError> 
                     u.send(sh);
                 }
             }
-            _ = c.stop_sending.cancelled(), if u.sending() => u.session().sending = false,
+            _ = &mut stop_sending, if u.sending() => u.session().sending = false,
             n = paced.due(), if u.sending() && open_loop => {
                 for _ in 0..n {
                     u.send(sh);
                 }
             }
-            _ = waker.notified(), if !open_loop && u.wake_armed(sh) => u.on_wake(sh),
+            _ = &mut woken, if !open_loop && u.wake_armed(sh) => {
+                woken.set(waker.notified());
+                u.on_wake(sh);
+            }
             _ = ack_tick.tick() => u.session().queue_delivery_ack(),
             _ = ping_tick.tick() => {
                 u.session().conn.queue(Body::Ping(pb::Ping { nonce: 0 }));
