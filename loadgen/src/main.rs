@@ -91,7 +91,11 @@ fn block_on<T>(
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(f) {
+    let out = rt.block_on(f);
+    // Do not wait for blocking threads: a worker's stdin watcher
+    // (run::Ctx::barrier) sits in a read that ends only with the coordinator.
+    rt.shutdown_background();
+    match out {
         Ok(v) => code(v),
         Err(e) => {
             eprintln!("loadgen: {e:#}");

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -164,9 +165,22 @@ impl Ctx {
             Coord::Child { lines } => {
                 println!("{{\"ready\":true}}");
                 match lines.next_line().await? {
-                    Some(l) if l.trim() == "go" => Ok(()),
+                    Some(l) if l.trim() == "go" => {}
                     other => anyhow::bail!("worker expected \"go\" from the parent, got {other:?}"),
                 }
+                // Nothing more comes from the coordinator: its end of the
+                // pipe closing means it (or the agent between us) is gone,
+                // and a worker nobody will read from stops at once.
+                let mut rest = std::mem::replace(
+                    lines,
+                    tokio::io::BufReader::new(tokio::io::stdin()).lines(),
+                );
+                tokio::spawn(async move {
+                    while let Ok(Some(_)) = rest.next_line().await {}
+                    eprintln!("loadgen worker: the coordinator is gone; stopping");
+                    std::process::exit(1);
+                });
+                Ok(())
             }
         }
     }

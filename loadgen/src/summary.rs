@@ -504,5 +504,20 @@ mod tests {
             "empty histograms are null"
         );
         assert_eq!(s["latency_ms"]["p50"], 2.0);
+        assert_eq!(s["loadgen_cpu_us_per_msg"], Value::Null, "no CPU window");
+
+        // loadgen's own cost beside the server's.
+        r.cpu_us = 1_500;
+        r.rss_before_bytes = 10_000;
+        r.rss_ready_bytes = 12_000;
+        let mem = ServerMemory {
+            cpu_us: Some(6_000),
+            ..mem
+        };
+        let s = summary("chat", json!({}), &r, &mem);
+        assert_eq!(s["loadgen_cpu_us_per_msg"], 500.0);
+        assert_eq!(s["server_cpu_us_per_msg"], 2_000.0);
+        assert_eq!(s["loadgen_server_cpu_ratio"], 0.25);
+        assert_eq!(s["loadgen_rss_bytes_per_conn"], 200);
     }
 }

@@ -194,3 +194,134 @@ fn chat_over_tls_and_wss_delivers_every_message_once() {
     );
     all_delivered_once(&summary, 1);
 }
+
+#[test]
+fn idle_connections_are_held_with_heartbeats_over_tcp_and_ws() {
+    let server = Server::start();
+    for transport in ["tcp", "ws"] {
+        let summary = server.loadgen(
+            "idle",
+            &[
+                "--connections",
+                "50",
+                "--duration",
+                "1",
+                "--ping-interval",
+                "0.1",
+                "--transport",
+                transport,
+            ],
+        );
+        assert_eq!(count(&summary, "connections"), 50, "{summary}");
+        assert_eq!(count(&summary, "logins"), 50, "{summary}");
+        assert_eq!(count(&summary, "errors_total"), 0, "{summary}");
+        assert!(
+            summary["loadgen_rss_bytes_per_conn"].is_i64(),
+            "loadgen's own memory per connection: {summary}"
+        );
+    }
+}
+
+/// `loadgen agent --listen 127.0.0.1:0 --once`, and the address it listens on.
+fn start_agent() -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--once"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent starts");
+    let out = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(out)
+        .read_line(&mut line)
+        .expect("agent prints its address");
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("an address")
+        .to_owned();
+    (child, addr)
+}
+
+#[test]
+fn chat_over_two_agents_merges_into_one_summary() {
+    let server = Server::start();
+    let (mut a, addr_a) = start_agent();
+    let (mut b, addr_b) = start_agent();
+    let agents = format!("{addr_a},{addr_b}");
+    let summary = server.loadgen(
+        "chat",
+        &["--users", "20", "--duration", "1", "--agents", &agents],
+    );
+    all_delivered_once(&summary, 1);
+    assert_eq!(count(&summary, "connections"), 20, "{summary}");
+    assert_eq!(
+        summary["latency_ms"]["count"].as_u64(),
+        Some(count(&summary, "delivered")),
+        "one merged histogram over both agents: {summary}"
+    );
+    // Each agent served its one coordinator and exited cleanly.
+    assert!(a.wait().expect("agent a").success());
+    assert!(b.wait().expect("agent b").success());
+}
+
+#[test]
+fn spawned_agents_split_the_source_addresses_and_merge() {
+    let server = Server::start();
+    let summary = server.loadgen(
+        "group",
+        &[
+            "--groups",
+            "2",
+            "--members",
+            "4",
+            "--duration",
+            "1",
+            "--spawn-agents",
+            "2",
+            "--source",
+            "127.0.0.1-127.0.0.2",
+        ],
+    );
+    all_delivered_once(&summary, 3);
+    assert_eq!(count(&summary, "connections"), 8, "{summary}");
+}
+
+/// `loadgen chat --server SERVER --dev-auth ARGS`: (success, stderr).
+fn coordinate(server: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["chat", "--server", server, "--dev-auth"])
+        .args(args)
+        .output()
+        .expect("loadgen runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_agent_that_cannot_be_reached_or_goes_away_fails_the_run_by_name() {
+    let server = Server::start();
+    let addr = server.running().local_addr().to_string();
+    // Nothing listens on port 1.
+    let (ok, err) = coordinate(&addr, &["--users", "4", "--agents", "127.0.0.1:1"]);
+    assert!(!ok, "{err}");
+    assert!(err.contains("cannot reach agent 127.0.0.1:1"), "{err}");
+
+    // An agent killed in the middle of a long run.
+    let (mut agent, agent_addr) = start_agent();
+    let coordinator = std::thread::spawn(move || {
+        coordinate(
+            &addr,
+            &["--users", "4", "--duration", "60", "--agents", &agent_addr],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    agent.kill().expect("kill the agent");
+    let _ = agent.wait();
+    let (ok, err) = coordinator.join().expect("coordinator thread");
+    assert!(!ok, "{err}");
+    assert!(err.contains("disconnected without a result"), "{err}");
+}
