@@ -315,23 +315,31 @@ impl Conn {
     /// A logged-in plain (not TLS) connection with nothing left to write,
     /// taken apart for [`crate::hold`]: its socket, whether it speaks
     /// WebSocket, the bytes read but not yet parsed, and its next request
-    /// id. `Err(self)` for a TLS connection or one with bytes to write;
-    /// `Ok(Err(_))` if tokio would not let go of the socket (the connection
-    /// is then lost, like a failed one).
-    pub fn into_parts(self) -> Result<Result<Parts, ConnError>, Conn> {
+    /// id. A TLS connection (or one with bytes to write) comes back whole;
+    /// if tokio would not let go of the socket the connection is lost, like
+    /// a failed one.
+    pub fn into_parts(self) -> Taken {
         if !self.wbuf.is_empty() || self.pong_pending {
-            return Err(self);
+            return Taken::Kept(Box::new(self));
         }
         let stream = match self.stream {
             MaybeTls::Plain(s) => s,
-            tls => return Err(Conn { stream: tls, ..self }),
+            tls => {
+                return Taken::Kept(Box::new(Conn {
+                    stream: tls,
+                    ..self
+                }))
+            }
         };
-        Ok(stream.into_std().map_err(ConnError::Io).map(|socket| Parts {
-            socket,
-            ws: self.ws,
-            unread: self.rbuf.to_vec(),
-            next_request: self.next_request,
-        }))
+        match stream.into_std() {
+            Ok(socket) => Taken::Parts(Parts {
+                socket,
+                ws: self.ws,
+                unread: self.rbuf.to_vec(),
+                next_request: self.next_request,
+            }),
+            Err(e) => Taken::Lost(ConnError::Io(e)),
+        }
     }
 
     /// The next frame from the server. Cancel-safe: a cancelled call loses
@@ -441,6 +449,14 @@ impl SendRef<'_> {
             encode_varint(self.group_id, out);
         }
     }
+}
+
+/// What [`Conn::into_parts`] made of a connection.
+pub enum Taken {
+    Parts(Parts),
+    /// TLS, or bytes still to write: it stays a [`Conn`].
+    Kept(Box<Conn>),
+    Lost(ConnError),
 }
 
 /// A plain connection taken apart by [`Conn::into_parts`].

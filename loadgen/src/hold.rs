@@ -149,7 +149,12 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(poll: Poll, rx: mpsc::Receiver<Adopt>, stats: Arc<Stats>, stop: Arc<AtomicBool>) -> Self {
+    fn new(
+        poll: Poll,
+        rx: mpsc::Receiver<Adopt>,
+        stats: Arc<Stats>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
         Engine {
             poll,
             rx,
@@ -195,7 +200,13 @@ impl Engine {
                 } else {
                     Ok(())
                 };
-                let r = r.and_then(|()| if ev.is_writable() { self.write(i) } else { Ok(()) });
+                let r = r.and_then(|()| {
+                    if ev.is_writable() {
+                        self.write(i)
+                    } else {
+                        Ok(())
+                    }
+                });
                 if let Err(e) = r {
                     self.close(i, Some(e));
                 }
@@ -234,7 +245,8 @@ impl Engine {
                 self.stats.error(ConnError::Io(e).kind());
                 continue;
             }
-            let period_ticks = (a.ping.as_nanos() / TICK.as_nanos()).clamp(1, u32::MAX as u128) as u32;
+            let period_ticks =
+                (a.ping.as_nanos() / TICK.as_nanos()).clamp(1, u32::MAX as u128) as u32;
             // A random first ping within one period: connections that logged
             // in together do not ping together.
             let due = self.now_tick() + 1 + rand::random::<u32>() as u64 % u64::from(period_ticks);
@@ -367,9 +379,11 @@ impl Engine {
             let n = write_some(&mut h.sock, &out)?;
             if n < out.len() {
                 h.unwritten = out[n..].to_vec();
-                self.poll
-                    .registry()
-                    .reregister(&mut h.sock, Token(i), Interest::READABLE | Interest::WRITABLE)?;
+                self.poll.registry().reregister(
+                    &mut h.sock,
+                    Token(i),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
             }
         } else {
             h.unwritten.extend_from_slice(&out);

@@ -139,10 +139,7 @@ pub async fn run(args: &Args, prefix: &str) -> anyhow::Result<(WorkerResult, Ser
 /// The server's CPU µs over the workers' measured window, timed from `go`:
 /// chat and group send for `--duration` after `--warmup`; idle holds for
 /// `--duration`. Storm and offline measure no fixed window.
-fn server_cpu_window(
-    args: &Args,
-    pid: u32,
-) -> Option<tokio::task::JoinHandle<Option<u64>>> {
+fn server_cpu_window(args: &Args, pid: u32) -> Option<tokio::task::JoinHandle<Option<u64>>> {
     let skip = match args.scenario {
         Scenario::Chat | Scenario::Group => args.warmup.max(0.0),
         Scenario::Idle => 0.0,
@@ -259,7 +256,12 @@ fn source_slice(sources: &[std::net::IpAddr], i: usize, n: usize) -> Option<Stri
         return None;
     }
     let mine: Vec<String> = if sources.len() >= n {
-        sources.iter().skip(i).step_by(n).map(|a| a.to_string()).collect()
+        sources
+            .iter()
+            .skip(i)
+            .step_by(n)
+            .map(|a| a.to_string())
+            .collect()
     } else {
         sources.iter().map(|a| a.to_string()).collect()
     };
@@ -340,8 +342,14 @@ mod tests {
     #[test]
     fn local_agents_split_the_source_addresses() {
         let s = crate::addr::parse_sources("127.0.0.1-127.0.0.4").expect("range");
-        assert_eq!(source_slice(&s, 0, 2).as_deref(), Some("127.0.0.1,127.0.0.3"));
-        assert_eq!(source_slice(&s, 1, 2).as_deref(), Some("127.0.0.2,127.0.0.4"));
+        assert_eq!(
+            source_slice(&s, 0, 2).as_deref(),
+            Some("127.0.0.1,127.0.0.3")
+        );
+        assert_eq!(
+            source_slice(&s, 1, 2).as_deref(),
+            Some("127.0.0.2,127.0.0.4")
+        );
         assert_eq!(source_slice(&s[..1], 1, 2).as_deref(), Some("127.0.0.1"));
         assert_eq!(source_slice(&[], 0, 2), None);
     }

@@ -171,10 +171,8 @@ impl Ctx {
                 // Nothing more comes from the coordinator: its end of the
                 // pipe closing means it (or the agent between us) is gone,
                 // and a worker nobody will read from stops at once.
-                let mut rest = std::mem::replace(
-                    lines,
-                    tokio::io::BufReader::new(tokio::io::stdin()).lines(),
-                );
+                let mut rest =
+                    std::mem::replace(lines, tokio::io::BufReader::new(tokio::io::stdin()).lines());
                 tokio::spawn(async move {
                     while let Ok(Some(_)) = rest.next_line().await {}
                     eprintln!("loadgen worker: the coordinator is gone; stopping");

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{first_ping, idle_frame, ping, ping_period};
-use crate::hold::Holder;
 use crate::addr::share;
 use crate::cli::Args;
-use crate::conn::Conn;
+use crate::conn::{Conn, Taken};
+use crate::hold::Holder;
 use crate::run::{connect, wait_count, CpuWindow, Ctx};
 use crate::stats::{OpenGuard, Stats};
 use crate::summary::WorkerResult;
@@ -65,13 +65,13 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<WorkerResult> {
                 if let Some(conn) = conn {
                     let period = ping_period(&args, &conn);
                     match conn.into_parts() {
-                        Ok(Ok(parts)) => holder.adopt(parts, period, &stats),
-                        Ok(Err(e)) => stats.error(e.kind()),
+                        Taken::Parts(parts) => holder.adopt(parts, period, &stats),
+                        Taken::Lost(e) => stats.error(e.kind()),
                         // TLS: the stream cannot leave tokio; a task holds it.
-                        Err(conn) => {
+                        Taken::Kept(conn) => {
                             let (args, stats, stop) = (args.clone(), stats.clone(), stop.clone());
                             tls_held.push(tokio::spawn(async move {
-                                hold(conn, &args, &stats, &stop).await
+                                hold(*conn, &args, &stats, &stop).await
                             }));
                         }
                     }
