@@ -33,7 +33,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use swiftlet_protocol::codec::{decode_frame, encode_frame};
+use swiftlet_protocol::codec::{decode_head, encode_frame};
 use swiftlet_protocol::{
     pb, Body, Envelope, ErrorCode, FrameError, DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
@@ -44,6 +44,7 @@ use swiftlet_client::MaybeTls;
 
 use crate::body::{self, Header};
 use crate::cli::Transport;
+use crate::peek::Delivered;
 use crate::ws;
 
 /// Everything a raw connection can fail with.
@@ -307,6 +308,10 @@ impl Conn {
                     self.pong_pending |= pong;
                     self.rbuf.advance(used);
                 }
+                // parse_frame never reads in place (only try_next_frame asks).
+                Parsed::Message(..) => {
+                    return Err(ConnError::Protocol("a message read in place unasked".into()))
+                }
                 Parsed::More => return Ok(None),
             }
         }
@@ -349,17 +354,63 @@ impl Conn {
             if let Some(env) = self.try_next()? {
                 return Ok(env);
             }
-            if self.pong_pending {
-                self.flush().await?;
+            self.fill().await?;
+        }
+    }
+
+    /// [`Conn::recv`] for the sending scenarios: a delivered message comes
+    /// as the few fields the checks need ([`crate::peek`]), anything else
+    /// as its Envelope.
+    pub async fn recv_frame(&mut self) -> Result<Frame, ConnError> {
+        loop {
+            if let Some(f) = self.try_next_frame()? {
+                return Ok(f);
             }
-            if self.read_chunk > 0 {
-                self.rbuf.reserve(self.read_chunk);
-            }
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
-                return Err(ConnError::Eof);
+            self.fill().await?;
+        }
+    }
+
+    /// [`Conn::try_next`] with delivered messages read in place.
+    pub fn try_next_frame(&mut self) -> Result<Option<Frame>, ConnError> {
+        loop {
+            match parse_frame_with(&self.rbuf, self.ws, &mut self.wbuf, true)? {
+                Parsed::Message(d, used) => {
+                    self.rbuf.advance(used);
+                    return Ok(Some(Frame::Message(d)));
+                }
+                Parsed::Frame(env, used) => {
+                    self.rbuf.advance(used);
+                    return Ok(Some(Frame::Envelope(env)));
+                }
+                Parsed::Control { used, pong } => {
+                    self.pong_pending |= pong;
+                    self.rbuf.advance(used);
+                }
+                Parsed::More => return Ok(None),
             }
         }
     }
+
+    /// Read once more from the socket (after writing a pending Pong).
+    async fn fill(&mut self) -> Result<(), ConnError> {
+        if self.pong_pending {
+            self.flush().await?;
+        }
+        if self.read_chunk > 0 {
+            self.rbuf.reserve(self.read_chunk);
+        }
+        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            return Err(ConnError::Eof);
+        }
+        Ok(())
+    }
+}
+
+/// A server frame as the sending scenarios see it.
+pub enum Frame {
+    /// A `Deliver` of a message: what the checks need of it.
+    Message(Delivered),
+    Envelope(Envelope),
 }
 
 /// A `Send` envelope by reference, encoded by hand (protobuf wire format,
@@ -471,6 +522,8 @@ pub struct Parts {
 pub enum Parsed {
     /// An Envelope and the bytes it took.
     Frame(Envelope, usize),
+    /// A delivered message read in place ([`crate::peek`]), and its bytes.
+    Message(Delivered, usize),
     /// A WebSocket control frame, handled; `pong`: a Pong was queued.
     Control { used: usize, pong: bool },
     /// Not a whole frame yet.
@@ -482,11 +535,31 @@ pub enum Parsed {
 /// answered with a Pong queued in `out`, a Pong is skipped, a Close ends the
 /// connection with its code.
 pub fn parse_frame(buf: &[u8], ws: bool, out: &mut BytesMut) -> Result<Parsed, ConnError> {
+    parse_frame_with(buf, ws, out, false)
+}
+
+/// [`parse_frame`]; with `peek`, a delivered message is read in place
+/// ([`crate::peek`]) instead of decoded.
+fn parse_frame_with(
+    buf: &[u8],
+    ws: bool,
+    out: &mut BytesMut,
+    peek: bool,
+) -> Result<Parsed, ConnError> {
+    let envelope = |payload: &[u8], used: usize| -> Result<Parsed, ConnError> {
+        if peek {
+            if let Some(d) = crate::peek::delivered_message(payload) {
+                return Ok(Parsed::Message(d, used));
+            }
+        }
+        let env = prost::Message::decode(payload).map_err(FrameError::from)?;
+        Ok(Parsed::Frame(env, used))
+    };
     if !ws {
-        return Ok(match decode_frame(buf, DEFAULT_MAX_FRAME)? {
-            Some((env, used)) => Parsed::Frame(env, used),
-            None => Parsed::More,
-        });
+        return match decode_head(buf, DEFAULT_MAX_FRAME)? {
+            Some((len, head)) if buf.len() >= head + len => envelope(&buf[head..head + len], head + len),
+            _ => Ok(Parsed::More),
+        };
     }
     let Some(f) = ws::decode(buf, DEFAULT_MAX_FRAME)? else {
         return Ok(Parsed::More);
@@ -496,10 +569,7 @@ pub fn parse_frame(buf: &[u8], ws: bool, out: &mut BytesMut) -> Result<Parsed, C
     }
     let payload = &buf[f.payload];
     match f.opcode {
-        ws::OP_BINARY => {
-            let env = prost::Message::decode(payload).map_err(FrameError::from)?;
-            Ok(Parsed::Frame(env, f.used))
-        }
+        ws::OP_BINARY => envelope(payload, f.used),
         ws::OP_PING => {
             ws::encode_masked(out, ws::OP_PONG, payload, rand::random());
             Ok(Parsed::Control {

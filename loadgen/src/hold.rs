@@ -356,7 +356,7 @@ impl Engine {
                     at += used;
                     crate::scenario::idle_frame(env.body)?;
                 }
-                Parsed::Control { used, .. } => at += used,
+                Parsed::Control { used, .. } | Parsed::Message(_, used) => at += used,
                 Parsed::More => break,
             }
         }

@@ -15,6 +15,8 @@
 //!   `--agents`/`--spawn-agents` (over TCP), merging their results;
 //!   [`agent`]: `loadgen agent`, which runs shares for a coordinator.
 //! - [`stats`], [`summary`]: counters, histograms, the JSON summary.
+//! - [`peek`]: a delivered message's seq, group and body header read in
+//!   place, without decoding the rest.
 //! - [`body`]: the message body header; [`procmem`]: server memory from
 //!   /proc; [`plot`]: the SVG latency chart.
 
@@ -26,6 +28,7 @@ mod conn;
 mod hold;
 mod pace;
 mod parent;
+mod peek;
 mod plot;
 mod procmem;
 mod run;

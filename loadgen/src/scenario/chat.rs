@@ -28,6 +28,7 @@ use super::session::{self, Common, Role, Session, READ_CHUNK};
 use crate::addr::share;
 use crate::body;
 use crate::conn::ConnError;
+use crate::peek::Delivered;
 use crate::run::{connect, wait_count, Ctx};
 use crate::summary::WorkerResult;
 
@@ -153,6 +154,10 @@ impl Role for User {
 
     fn send(&mut self, sh: &Shared) {
         self.queue_send(sh);
+    }
+
+    fn message(&mut self, d: Delivered, sh: &Shared) {
+        self.0.deliver_message(&sh.c, d, None);
     }
 
     fn handle(&mut self, env: Envelope, sh: &Shared) -> Result<(), ConnError> {

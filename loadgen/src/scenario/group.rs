@@ -39,6 +39,7 @@ use super::session::{self, Common, Delivery, Pending, Role, Session, READ_CHUNK}
 use crate::addr::share;
 use crate::body::{self, Header};
 use crate::conn::ConnError;
+use crate::peek::Delivered;
 use crate::run::{connect, wait_count, Ctx};
 use crate::summary::WorkerResult;
 
@@ -436,6 +437,14 @@ impl Role for Member {
     fn on_wake(&mut self, sh: &Shared) {
         self.fanning = false;
         self.next_closed_loop(sh);
+    }
+
+    fn message(&mut self, d: Delivered, sh: &Shared) {
+        if let Delivery::Counted { header, now_ns } =
+            self.s.deliver_message(&sh.c, d, Some(self.group_id))
+        {
+            self.fan_out(header, now_ns, sh);
+        }
     }
 
     fn handle(&mut self, env: Envelope, sh: &Shared) -> Result<(), ConnError> {

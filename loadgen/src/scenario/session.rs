@@ -26,7 +26,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Header};
-use crate::conn::{fatal_error, Conn, ConnError};
+use crate::conn::{fatal_error, Conn, ConnError, Frame};
+use crate::peek::Delivered;
 use crate::pace::{Pacer, Slot};
 use crate::run::{spawn_timeline, CpuWindow, Ctx};
 use crate::stats::{OpenGuard, Stats};
@@ -243,23 +244,58 @@ impl<P: Pending> Session<P> {
         out
     }
 
-    fn check(&mut self, ev: pb::Event, stats: &Stats, group: Option<u64>) -> Delivery {
-        match self.tracker.observe(ev.seq) {
+    /// A Deliver of a message, read in place by [`crate::peek`]: the same
+    /// checks as [`Session::deliver`].
+    pub fn deliver_message(&mut self, c: &Common, d: Delivered, group: Option<u64>) -> Delivery {
+        let out = if self.seq_ok(d.seq, &c.stats) {
+            self.check_message(d.header, d.group_id, &c.stats, group)
+        } else {
+            Delivery::Done
+        };
+        self.since_ack += 1;
+        if self.since_ack >= ACK_EVERY {
+            self.queue_delivery_ack();
+        }
+        out
+    }
+
+    /// The inbox seq: false for a duplicate (counted); a gap is counted.
+    fn seq_ok(&mut self, seq: u64, stats: &Stats) -> bool {
+        match self.tracker.observe(seq) {
             Observed::Duplicate => {
                 stats.duplicated.fetch_add(1, Relaxed);
-                return Delivery::Done;
+                return false;
             }
             Observed::Gap { .. } => {
                 stats.gaps.fetch_add(1, Relaxed);
             }
             Observed::InOrder => {}
         }
+        true
+    }
+
+    fn check(&mut self, ev: pb::Event, stats: &Stats, group: Option<u64>) -> Delivery {
+        if !self.seq_ok(ev.seq, stats) {
+            return Delivery::Done;
+        }
         let m = match ev.kind {
             Some(pb::event::Kind::Message(m)) => m,
             Some(other) => return Delivery::Event(other),
             None => return Delivery::Done,
         };
-        let Some(h) = body::decode(&m.body) else {
+        self.check_message(body::decode(&m.body), m.group_id, stats, group)
+    }
+
+    /// A message's header (None: not a loadgen body): echoes, group,
+    /// per-sender order and duplicates, delivery latency.
+    fn check_message(
+        &mut self,
+        header: Option<Header>,
+        group_id: u64,
+        stats: &Stats,
+        group: Option<u64>,
+    ) -> Delivery {
+        let Some(h) = header else {
             stats.error("foreign_body");
             return Delivery::Done;
         };
@@ -267,7 +303,7 @@ impl<P: Pending> Session<P> {
             stats.echoes.fetch_add(1, Relaxed);
             return Delivery::Done;
         }
-        if group.is_some_and(|g| m.group_id != g) {
+        if group.is_some_and(|g| group_id != g) {
             stats.error("wrong_group");
         }
         let last = self.last_from.entry(h.sender).or_insert(0);
@@ -312,6 +348,8 @@ pub trait Role {
     fn on_wake(&mut self, _sh: &Self::Shared) {}
     /// One frame from the server.
     fn handle(&mut self, env: Envelope, sh: &Self::Shared) -> Result<(), ConnError>;
+    /// A delivered message (the frame loadgen receives most), read in place.
+    fn message(&mut self, d: Delivered, sh: &Self::Shared);
 }
 
 /// Now plus a random fraction of `period`: the first tick of a periodic timer.
@@ -398,10 +436,14 @@ pub async fn drive<R: Role>(u: &mut R, sh: &R::Shared) -> Result<(), ConnError> 
             _ = ping_tick.tick() => {
                 u.session().conn.queue(Body::Ping(pb::Ping { nonce: 0 }));
             }
-            r = u.session().conn.recv() => {
-                u.handle(r?, sh)?;
-                while let Some(env) = u.session().conn.try_next()? {
-                    u.handle(env, sh)?;
+            r = u.session().conn.recv_frame() => {
+                let mut frame = Some(r?);
+                while let Some(f) = frame {
+                    match f {
+                        Frame::Message(d) => u.message(d, sh),
+                        Frame::Envelope(env) => u.handle(env, sh)?,
+                    }
+                    frame = u.session().conn.try_next_frame()?;
                 }
             }
         }
