@@ -310,7 +310,9 @@ impl Conn {
                 }
                 // parse_frame never reads in place (only try_next_frame asks).
                 Parsed::Message(..) => {
-                    return Err(ConnError::Protocol("a message read in place unasked".into()))
+                    return Err(ConnError::Protocol(
+                        "a message read in place unasked".into(),
+                    ))
                 }
                 Parsed::More => return Ok(None),
             }
@@ -557,7 +559,9 @@ fn parse_frame_with(
     };
     if !ws {
         return match decode_head(buf, DEFAULT_MAX_FRAME)? {
-            Some((len, head)) if buf.len() >= head + len => envelope(&buf[head..head + len], head + len),
+            Some((len, head)) if buf.len() >= head + len => {
+                envelope(&buf[head..head + len], head + len)
+            }
             _ => Ok(Parsed::More),
         };
     }

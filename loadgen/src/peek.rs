@@ -177,10 +177,7 @@ mod tests {
             }),
         ));
         assert_eq!(delivered_message(&receipt), None);
-        let ack = prost::Message::encode_to_vec(&Envelope::new(
-            3,
-            Body::Ack(pb::Ack::default()),
-        ));
+        let ack = prost::Message::encode_to_vec(&Envelope::new(3, Body::Ack(pb::Ack::default())));
         assert_eq!(delivered_message(&ack), None);
         let empty = prost::Message::encode_to_vec(&Envelope::new(
             0,

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::body::{self, Header};
 use crate::conn::{fatal_error, Conn, ConnError, Frame};
-use crate::peek::Delivered;
 use crate::pace::{Pacer, Slot};
+use crate::peek::Delivered;
 use crate::run::{spawn_timeline, CpuWindow, Ctx};
 use crate::stats::{OpenGuard, Stats};
 use crate::summary::{Second, WorkerResult};
