@@ -140,7 +140,8 @@ pub struct Args {
     pub spawn_agents: u32,
 
     /// Runtime worker threads of each loadgen process (default: one per
-    /// core). 1 runs everything on one thread.
+    /// core; 1 runs the runtime on one thread), and the threads that hold
+    /// idle connections.
     #[arg(long)]
     pub threads: Option<usize>,
 
