@@ -540,6 +540,11 @@ async fn a_closing_connection_costs_no_cpu_while_it_waits() {
     for _ in 0..4 {
         silent.push(Raw::connect(srv.addr()).await);
     }
+    // A login behind them: its Welcome means the shard has accepted the
+    // four (they were queued before it), so their handshake deadlines run
+    // from before the clock moves. Without it a loaded machine could
+    // accept one after the move, and its deadline would never come.
+    let (_alice, _arx) = srv.connect("alice", "phone").await;
     // Past the handshake timeout: each is told so and left Closing, its
     // grace period frozen with the clock.
     clock.advance(Duration::from_millis(10_500));
