@@ -4,6 +4,8 @@
 # TRANSPORT=ws measures WebSocket connections instead of TCP.
 # TLS=1 serves both listeners with TLS (a throwaway CA and certificate made
 # with openssl) and has loadgen connect with --ca: TCP+TLS, or WSS.
+# SERVER_BIN and LOADGEN_BIN choose other builds (a before/after pair);
+# SERVER_ARGS adds flags to the server.
 # Prints loadgen's JSON summary (server_rss_bytes_per_conn, kernel memory).
 set -euo pipefail
 N=${1:-18000}
@@ -26,10 +28,10 @@ if [ "${TLS:-0}" = 1 ]; then
   SERVER_TLS=(--tls-cert "$DATA/cert.pem" --tls-key "$DATA/key.pem")
   CLIENT_TLS=(--ca "$DATA/ca.pem")
 fi
-RUST_LOG=warn "${SERVER_BIN:-$BIN/swiftlet}" serve --dev-auth --data-dir "$DATA/db" --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP_PORT" "${SERVER_TLS[@]}" &
+RUST_LOG=warn "${SERVER_BIN:-$BIN/swiftlet}" serve --dev-auth --data-dir "$DATA/db" --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP_PORT" "${SERVER_TLS[@]}" ${SERVER_ARGS:-} &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DATA"' EXIT
 sleep 1
-"$BIN/loadgen" idle --server "127.0.0.1:$PORT" --connections "$N" --workers 2 \
+"${LOADGEN_BIN:-$BIN/loadgen}" idle --server "127.0.0.1:$PORT" --connections "$N" --workers 2 \
   --transport "${TRANSPORT:-tcp}" --http-server "127.0.0.1:$HTTP_PORT" "${CLIENT_TLS[@]}" \
   --source 127.0.0.1-127.0.0.4 --dev-auth --server-pid "$PID" --duration 5 2>/dev/null | tail -1
