@@ -1,0 +1,244 @@
+//! The soak: traffic at a steady rate for a long time while connections
+//! churn, with the server's RSS and open files sampled from /proc.
+//!
+//! Churn, as a population of phones makes it: every `churn_every` a random
+//! device logs out (mostly cleanly: everything acknowledged; sometimes by
+//! just dropping the connection) and comes back after a pause, resuming
+//! from its cursor; every `user_churn` a random user leaves for good and a
+//! new one joins, so logins of never-seen users and devices go on too and
+//! the population stays the same size.
+//!
+//! After the warm-up, "flat" is judged on the mean RSS of the first and the
+//! last `window` of samples (the memtable fills and flushes, so single
+//! samples saw-tooth); file descriptors by their range. At the end traffic
+//! stops and one verification pass checks every send and every stream.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use serde_json::json;
+
+use crate::device::{Cmd, DeviceOpts};
+use crate::population;
+use crate::server::ServerProc;
+use crate::traffic::{self, TrafficOpts};
+use crate::verify;
+use crate::world::{lock, World};
+
+#[derive(Debug, Clone)]
+pub struct SoakOpts {
+    pub minutes: f64,
+    pub warmup_minutes: f64,
+    pub sample_secs: f64,
+    /// Mean RSS over this many minutes at each end of the measured part.
+    pub window_minutes: f64,
+    pub churn_every: Duration,
+    pub user_churn: Duration,
+    pub devices: usize,
+    /// RSS may drift this much (percent) between the two windows.
+    pub rss_tolerance_pct: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    t: f64,
+    rss_kib: u64,
+    fds: u64,
+    online: usize,
+    acked: u64,
+}
+
+pub async fn run(
+    world: &Arc<World>,
+    server: &mut ServerProc,
+    opts: &SoakOpts,
+    traffic_opts: &TrafficOpts,
+    device_opts: &DeviceOpts,
+    rng: &mut StdRng,
+) -> anyhow::Result<(serde_json::Value, bool)> {
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn(traffic::run(world.clone(), traffic_opts.clone(), stop.clone(), rng.gen()));
+    let total = Duration::from_secs_f64(opts.minutes * 60.0);
+    let sample_every = Duration::from_secs_f64(opts.sample_secs);
+    let mut samples = Vec::new();
+    let mut next_sample = Instant::now();
+    let mut next_churn = Instant::now() + opts.churn_every;
+    let mut next_user = Instant::now() + opts.user_churn;
+    let mut next_progress = Instant::now() + Duration::from_secs(60);
+    let mut next_user_id = lock(&world.users).len();
+    let (mut logouts, mut drops, mut joined, mut left) = (0u64, 0u64, 0u64, 0u64);
+    let mut leaving = Vec::new();
+    while started.elapsed() < total {
+        let now = Instant::now();
+        if now >= next_sample {
+            next_sample += sample_every;
+            let online = world.all_devices().iter().filter(|d| d.client().is_some()).count();
+            samples.push(Sample {
+                t: started.elapsed().as_secs_f64(),
+                rss_kib: server.rss_kib().unwrap_or(0),
+                fds: server.open_fds().unwrap_or(0),
+                online,
+                acked: world.ledger_counts().0,
+            });
+        }
+        if now >= next_churn {
+            next_churn += opts.churn_every;
+            let device = {
+                let users = lock(&world.users);
+                let active: Vec<_> = users.iter().filter(|u| u.active).flat_map(|u| u.devices.iter()).collect();
+                active.choose(rng).map(|d| (*d).clone())
+            };
+            if let Some(d) = device {
+                let clean = rng.gen_bool(0.8);
+                let pause = Duration::from_millis(rng.gen_range(100..=5000));
+                if d.command(Cmd::Logout { pause, clean }) {
+                    if clean {
+                        logouts += 1;
+                    } else {
+                        drops += 1;
+                    }
+                }
+            }
+        }
+        if now >= next_user {
+            next_user += opts.user_churn;
+            let gone = {
+                let mut users = lock(&world.users);
+                let active: Vec<usize> = (0..users.len()).filter(|&i| users[i].active).collect();
+                active.choose(rng).map(|&i| {
+                    users[i].active = false;
+                    users[i].devices.clone()
+                })
+            };
+            if let Some(devices) = gone {
+                for d in devices {
+                    // A device busy with a logout gets Leave when it is back.
+                    let d2 = d.clone();
+                    leaving.push(tokio::spawn(async move {
+                        while !d2.command(Cmd::Leave) {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        d2.join().await;
+                    }));
+                }
+                left += 1;
+            }
+            population::add_user(world, &server.addr(), &format!("u{next_user_id}"), opts.devices, device_opts, rng);
+            next_user_id += 1;
+            joined += 1;
+        }
+        if now >= next_progress {
+            next_progress += Duration::from_secs(60);
+            if let Some(s) = samples.last() {
+                println!(
+                    "{:>5.1} min: {} acked, {} skipped, RSS {} KiB, {} fds, {} devices online",
+                    s.t / 60.0,
+                    s.acked,
+                    world.skipped.load(Ordering::Relaxed),
+                    s.rss_kib,
+                    s.fds,
+                    s.online
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    traffic.await?;
+    for l in leaving {
+        l.await?;
+    }
+    let (resent, bad) = verify::resend_sample(world, 100, rng).await;
+    let mut v = verify::verify(world, &server.addr()).await?;
+    for b in bad {
+        v.violations += 1;
+        v.texts.push(b);
+    }
+    for t in &v.texts {
+        println!("  VIOLATION {t}");
+    }
+
+    // Memory and files after the warm-up.
+    let warm: Vec<Sample> = samples
+        .iter()
+        .copied()
+        .filter(|s| s.t >= opts.warmup_minutes * 60.0 && s.rss_kib > 0)
+        .collect();
+    let window = (opts.window_minutes * 60.0 / opts.sample_secs).ceil().max(1.0) as usize;
+    let mean = |s: &[Sample]| s.iter().map(|x| x.rss_kib as f64).sum::<f64>() / s.len().max(1) as f64;
+    let (first_mean, last_mean) = if warm.len() >= 2 * window {
+        (mean(&warm[..window]), mean(&warm[warm.len() - window..]))
+    } else {
+        (0.0, 0.0)
+    };
+    let drift_pct = if first_mean > 0.0 { (last_mean - first_mean) / first_mean * 100.0 } else { f64::NAN };
+    let rss_min = warm.iter().map(|s| s.rss_kib).min().unwrap_or(0);
+    let rss_max = warm.iter().map(|s| s.rss_kib).max().unwrap_or(0);
+    let fd_min = warm.iter().map(|s| s.fds).min().unwrap_or(0);
+    let fd_max = warm.iter().map(|s| s.fds).max().unwrap_or(0);
+    // Open files minus connected devices: what the server holds besides
+    // connections (RocksDB files, listeners, eventfds), which must not grow.
+    let base = |s: &Sample| s.fds as i64 - s.online as i64;
+    let base_min = warm.iter().map(base).min().unwrap_or(0);
+    let base_max = warm.iter().map(base).max().unwrap_or(0);
+    let problems = server.log_problems();
+    let log_errors = problems.iter().filter(|(l, _)| l == "ERROR").count();
+    let log_warns = problems.len() - log_errors;
+    let errors = lock(&world.errors).clone();
+    let client_errors: u64 = errors.values().sum();
+    let rss_flat = drift_pct.abs() <= opts.rss_tolerance_pct;
+    let secs = started.elapsed().as_secs_f64();
+    let passed = v.violations == 0 && v.unresolved == 0 && rss_flat && client_errors == 0 && log_errors == 0;
+    println!(
+        "soak: {:.1} min, {} acked ({:.0}/s), {} unresolved, {} skipped; {logouts} clean logouts, {drops} dropped connections, \
+         {joined} users joined, {left} left; verified {} events in {} inboxes, {} devices, {} delivered, {} replayed, violations {}; \
+         RSS after warm-up {rss_min}..{rss_max} KiB, mean of first/last {:.0} min {first_mean:.0}/{last_mean:.0} KiB (drift {drift_pct:+.2}%); \
+         fds {fd_min}..{fd_max} (less connections {base_min}..{base_max}); client errors {client_errors}, server log ERROR {log_errors} WARN {log_warns} (besides --dev-auth)",
+        secs / 60.0,
+        v.acked,
+        v.acked as f64 / secs,
+        v.unresolved,
+        world.skipped.load(Ordering::Relaxed),
+        v.inboxes,
+        v.events,
+        v.devices,
+        v.delivered,
+        v.replayed,
+        v.violations,
+        opts.window_minutes,
+    );
+    for (level, message) in problems.iter().take(10) {
+        println!("  server log: {level} {message}");
+    }
+    let summary = json!({
+        "mode": "soak",
+        "minutes": secs / 60.0,
+        "rate": traffic_opts.rate,
+        "acked": v.acked,
+        "acked_per_sec": v.acked as f64 / secs,
+        "unresolved": v.unresolved,
+        "resent_same_ack": resent,
+        "skipped_sends": world.skipped.load(Ordering::Relaxed),
+        "clean_logouts": logouts,
+        "dropped_connections": drops,
+        "users_joined": joined,
+        "users_left": left,
+        "inbox_events": v.events,
+        "devices": v.devices,
+        "delivered": v.delivered,
+        "replayed": v.replayed,
+        "violations": v.violations,
+        "rss_kib": {"min": rss_min, "max": rss_max, "first_window_mean": first_mean, "last_window_mean": last_mean, "drift_pct": drift_pct},
+        "fds": {"min": fd_min, "max": fd_max, "less_connections_min": base_min, "less_connections_max": base_max},
+        "client_errors": errors,
+        "server_log": {"error": log_errors, "warn": log_warns},
+        "samples": samples.iter().map(|s| json!([s.t, s.rss_kib, s.fds, s.online, s.acked])).collect::<Vec<_>>(),
+        "passed": passed,
+    });
+    Ok((summary, passed))
+}
