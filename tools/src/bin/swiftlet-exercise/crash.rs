@@ -49,6 +49,13 @@ pub async fn run(
         let traffic = tokio::spawn(traffic::run(world.clone(), traffic_opts.clone(), stop.clone(), rng.gen()));
         let kill_at = rng.gen_range(opts.kill_min_ms..=opts.kill_max_ms.max(opts.kill_min_ms));
         tokio::time::sleep(Duration::from_millis(kill_at)).await;
+        // Kill while sends are in flight, so that some lose their Ack and
+        // must be retried (at this rate a moment with none is rare).
+        let wait_from = Instant::now();
+        while world.in_flight.load(Ordering::SeqCst) == 0 && wait_from.elapsed() < Duration::from_millis(500) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let in_flight = world.in_flight.load(Ordering::SeqCst);
         let (acked_at_kill, ..) = world.ledger_counts();
         world.kills.fetch_add(1, Ordering::SeqCst);
         server.kill_9().await?;
@@ -68,10 +75,10 @@ pub async fn run(
         }
         let secs = t0.elapsed().as_secs_f64();
         println!(
-            "round {round:>2}/{}: killed after {kill_at} ms ({acked_at_kill} acked by then), down {down_ms} ms, traffic {after} ms after restart; \
-             {} acked, {} unresolved ({} stored), {} re-sent with the same Ack; {} events in {} inboxes; \
+            "round {round:>2}/{}: killed after {kill_at} ms ({acked_at_kill} acked by then, {in_flight} in flight), down {down_ms} ms, traffic {after} ms after restart; \
+             {} acked ({} after a retry), {} unresolved ({} stored), {} re-sent with the same Ack; {} events in {} inboxes; \
              {} devices: {} delivered, {} replayed; violations {}; {secs:.1} s",
-            opts.rounds, v.acked, v.unresolved, v.unresolved_stored, resent, v.events, v.inboxes, v.devices,
+            opts.rounds, v.acked, v.retried, v.unresolved, v.unresolved_stored, resent, v.events, v.inboxes, v.devices,
             v.delivered, v.replayed, v.violations
         );
         for t in &v.texts {
@@ -81,8 +88,8 @@ pub async fn run(
             failed = true;
         }
         rounds.push(json!({
-            "round": round, "kill_after_ms": kill_at, "down_ms": down_ms, "after_restart_ms": after,
-            "acked": v.acked, "unresolved": v.unresolved, "violations": v.violations, "seconds": secs,
+            "round": round, "kill_after_ms": kill_at, "in_flight_at_kill": in_flight, "down_ms": down_ms, "after_restart_ms": after,
+            "acked": v.acked, "retried": v.retried, "unresolved": v.unresolved, "violations": v.violations, "seconds": secs,
         }));
         last = v;
         if failed {
@@ -103,6 +110,7 @@ pub async fn run(
         "mode": "crash-rounds",
         "rounds": rounds.len(),
         "acked": last.acked,
+        "acked_after_retry": last.retried,
         "unresolved": last.unresolved,
         "unresolved_stored": last.unresolved_stored,
         "resent_same_ack": resent_total,

@@ -137,7 +137,9 @@ impl Device {
                 attempts: 0,
             },
         );
+        world.in_flight.fetch_add(1, Ordering::SeqCst);
         let (outcome, attempts) = self.send_until_acked(world, &cmid, &target, body).await;
+        world.in_flight.fetch_sub(1, Ordering::SeqCst);
         if let Some(r) = lock(&world.ledger).get_mut(&key) {
             r.outcome = outcome;
             r.attempts = attempts;

@@ -221,6 +221,7 @@ pub async fn run(
         "rate": traffic_opts.rate,
         "acked": v.acked,
         "acked_per_sec": v.acked as f64 / secs,
+        "acked_after_retry": v.retried,
         "unresolved": v.unresolved,
         "resent_same_ack": resent,
         "skipped_sends": world.skipped.load(Ordering::Relaxed),

@@ -45,6 +45,9 @@ pub struct Verified {
     pub inboxes: usize,
     pub events: u64,
     pub acked: u64,
+    /// Acknowledged sends that took more than one attempt (their first
+    /// lost to a kill): each still stored once.
+    pub retried: u64,
     pub unresolved: u64,
     /// Unresolved sends found stored (in every inbox they were for).
     pub unresolved_stored: u64,
@@ -127,15 +130,16 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
     // The ledger against the inboxes.
     let ledger: Vec<_> = lock(&world.ledger)
         .iter()
-        .map(|((from, cmid), r)| (from.clone(), cmid.clone(), r.target.clone(), r.outcome.clone()))
+        .map(|((from, cmid), r)| (from.clone(), cmid.clone(), r.target.clone(), r.outcome.clone(), r.attempts))
         .collect();
     let mut by_cmid: HashMap<(String, String), Option<u64>> = HashMap::new();
-    for (from, cmid, target, outcome) in ledger {
+    for (from, cmid, target, outcome, attempts) in ledger {
         let recipients = world.recipients(&from, &target);
         match outcome {
             Outcome::Pending => out.violation(format!("{from}/{cmid}: still pending at verification")),
             Outcome::Acked(ack) => {
                 out.acked += 1;
+                out.retried += u64::from(attempts > 1);
                 by_cmid.insert((from.clone(), cmid.clone()), Some(ack.server_msg_id));
                 for r in &recipients {
                     let found = inboxes.get(r).and_then(|i| i.messages.get(&ack.server_msg_id));

@@ -69,6 +69,8 @@ pub struct World {
     /// Incremented just before every `kill -9`: a device compares it across
     /// a logout to know whether its cursor may have been lost.
     pub kills: AtomicU64,
+    /// Sends started and not yet ended (acknowledged or given up).
+    pub in_flight: AtomicU64,
     /// Sends skipped because the chosen device had its in-flight budget
     /// full or was offline (open loop: the rate is not held back).
     pub skipped: AtomicU64,
