@@ -29,8 +29,23 @@ fn server_bin() -> PathBuf {
 #[test]
 fn three_kill_9_rounds_lose_and_duplicate_nothing() {
     let out = Command::new(env!("CARGO_BIN_EXE_swiftlet-exercise"))
-        .args(["crash-rounds", "--rounds", "3", "--users", "8", "--groups", "2"])
-        .args(["--kill-min-ms", "300", "--kill-max-ms", "1500", "--after-restart-ms", "1000"])
+        .args([
+            "crash-rounds",
+            "--rounds",
+            "3",
+            "--users",
+            "8",
+            "--groups",
+            "2",
+        ])
+        .args([
+            "--kill-min-ms",
+            "300",
+            "--kill-max-ms",
+            "1500",
+            "--after-restart-ms",
+            "1000",
+        ])
         .arg("--server-bin")
         .arg(server_bin())
         .output()
@@ -59,5 +74,8 @@ fn three_kill_9_rounds_lose_and_duplicate_nothing() {
         summary["delivered"].as_u64().unwrap_or(0) > summary["acked"].as_u64().unwrap_or(0),
         "{summary}"
     );
-    assert!(summary["resent_same_ack"].as_u64().unwrap_or(0) > 0, "{summary}");
+    assert!(
+        summary["resent_same_ack"].as_u64().unwrap_or(0) > 0,
+        "{summary}"
+    );
 }

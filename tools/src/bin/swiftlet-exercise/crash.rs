@@ -46,13 +46,20 @@ pub async fn run(
     for round in 1..=opts.rounds {
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
-        let traffic = tokio::spawn(traffic::run(world.clone(), traffic_opts.clone(), stop.clone(), rng.gen()));
+        let traffic = tokio::spawn(traffic::run(
+            world.clone(),
+            traffic_opts.clone(),
+            stop.clone(),
+            rng.gen(),
+        ));
         let kill_at = rng.gen_range(opts.kill_min_ms..=opts.kill_max_ms.max(opts.kill_min_ms));
         tokio::time::sleep(Duration::from_millis(kill_at)).await;
         // Kill while sends are in flight, so that some lose their Ack and
         // must be retried (at this rate a moment with none is rare).
         let wait_from = Instant::now();
-        while world.in_flight.load(Ordering::SeqCst) == 0 && wait_from.elapsed() < Duration::from_millis(500) {
+        while world.in_flight.load(Ordering::SeqCst) == 0
+            && wait_from.elapsed() < Duration::from_millis(500)
+        {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let in_flight = world.in_flight.load(Ordering::SeqCst);

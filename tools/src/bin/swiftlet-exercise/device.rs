@@ -24,8 +24,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::Rng;
 use swiftlet_client::{
-    pb, with_group, with_user, Backoff, Client, ClientConfig, ClientError, CloseReason,
-    Deliveries, DeliveryItem,
+    pb, with_group, with_user, Backoff, Client, ClientConfig, ClientError, CloseReason, Deliveries,
+    DeliveryItem,
 };
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -177,9 +177,15 @@ impl Device {
             };
             attempts += 1;
             let result = match target {
-                Target::User(to) => client.send_with_id(cmid, to, "text/plain", body.clone()).await,
+                Target::User(to) => {
+                    client
+                        .send_with_id(cmid, to, "text/plain", body.clone())
+                        .await
+                }
                 Target::Group(g) => {
-                    client.send_group_with_id(cmid, *g, "text/plain", body.clone()).await
+                    client
+                        .send_group_with_id(cmid, *g, "text/plain", body.clone())
+                        .await
                 }
             };
             let e = match result {
@@ -270,7 +276,13 @@ impl Device {
             // still read meanwhile, or their Acks could queue behind them).
             let all = self.opts.inflight;
             let permits = self
-                .drain_until(&world, &client, &mut rx, &mut rng, self.inflight.clone().acquire_many_owned(all))
+                .drain_until(
+                    &world,
+                    &client,
+                    &mut rx,
+                    &mut rng,
+                    self.inflight.clone().acquire_many_owned(all),
+                )
                 .await;
             self.conn.send_replace(None);
             let Some(Ok(permits)) = permits else {
@@ -370,7 +382,9 @@ impl Device {
 fn short_reason(r: &swiftlet_client::CloseReason) -> String {
     match r {
         swiftlet_client::CloseReason::Io(_) => "i/o error".into(),
-        swiftlet_client::CloseReason::Server { code, .. } => swiftlet_client::code_name(*code).into(),
+        swiftlet_client::CloseReason::Server { code, .. } => {
+            swiftlet_client::code_name(*code).into()
+        }
         other => other.to_string(),
     }
 }

@@ -188,7 +188,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             w.clone()
         }
         None => {
-            let dir = tempfile::Builder::new().prefix("swiftlet-exercise").tempdir()?;
+            let dir = tempfile::Builder::new()
+                .prefix("swiftlet-exercise")
+                .tempdir()?;
             if c.keep {
                 dir.keep()
             } else {
@@ -215,12 +217,31 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         self_share: 0.02,
         max_body: 200,
     };
-    population::add_users(&world, &server.addr(), c.users, c.devices, &device_opts, &mut rng);
+    population::add_users(
+        &world,
+        &server.addr(),
+        c.users,
+        c.devices,
+        &device_opts,
+        &mut rng,
+    );
     population::all_online(&world, Duration::from_secs(30)).await?;
     population::create_groups(&world, c.groups, c.group_size, &mut rng).await?;
     let (summary, passed) = match args.mode {
-        Mode::CrashRounds { rounds, kill_min_ms, kill_max_ms, after_restart_ms, resend } => {
-            let opts = crash::CrashOpts { rounds, kill_min_ms, kill_max_ms, after_restart_ms, resend };
+        Mode::CrashRounds {
+            rounds,
+            kill_min_ms,
+            kill_max_ms,
+            after_restart_ms,
+            resend,
+        } => {
+            let opts = crash::CrashOpts {
+                rounds,
+                kill_min_ms,
+                kill_max_ms,
+                after_restart_ms,
+                resend,
+            };
             crash::run(&world, &mut server, &opts, &traffic_opts, &mut rng).await?
         }
         Mode::Soak {
@@ -242,7 +263,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 devices: c.devices,
                 rss_tolerance_pct,
             };
-            soak::run(&world, &mut server, &opts, &traffic_opts, &device_opts, &mut rng).await?
+            soak::run(
+                &world,
+                &mut server,
+                &opts,
+                &traffic_opts,
+                &device_opts,
+                &mut rng,
+            )
+            .await?
         }
     };
     // Devices let go before the server stops, so it shuts down cleanly.

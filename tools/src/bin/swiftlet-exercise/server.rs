@@ -38,7 +38,12 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl ServerProc {
-    pub fn new(bin: PathBuf, work: &Path, shards: usize, extra: Vec<String>) -> anyhow::Result<Self> {
+    pub fn new(
+        bin: PathBuf,
+        work: &Path,
+        shards: usize,
+        extra: Vec<String>,
+    ) -> anyhow::Result<Self> {
         if !bin.is_file() {
             bail!(
                 "no server binary at {} (cargo build --release --bin swiftlet, or pass --server-bin)",
@@ -107,7 +112,10 @@ impl ServerProc {
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("the server exited at start ({status}); see {}", self.log_path().display());
+                    bail!(
+                        "the server exited at start ({status}); see {}",
+                        self.log_path().display()
+                    );
                 }
             }
             match Client::connect(cfg.clone()).await {
@@ -180,7 +188,9 @@ impl ServerProc {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| {
                 let level = v.get("level")?.as_str()?.to_owned();
-                let message = v.get("message").or_else(|| v.get("fields")?.get("message"))?;
+                let message = v
+                    .get("message")
+                    .or_else(|| v.get("fields")?.get("message"))?;
                 Some((level, message.as_str()?.to_owned()))
             })
             .filter(|(level, m)| {

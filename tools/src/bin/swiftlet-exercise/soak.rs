@@ -62,7 +62,12 @@ pub async fn run(
 ) -> anyhow::Result<(serde_json::Value, bool)> {
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = tokio::spawn(traffic::run(world.clone(), traffic_opts.clone(), stop.clone(), rng.gen()));
+    let traffic = tokio::spawn(traffic::run(
+        world.clone(),
+        traffic_opts.clone(),
+        stop.clone(),
+        rng.gen(),
+    ));
     let total = Duration::from_secs_f64(opts.minutes * 60.0);
     let sample_every = Duration::from_secs_f64(opts.sample_secs);
     let mut samples = Vec::new();
@@ -77,7 +82,11 @@ pub async fn run(
         let now = Instant::now();
         if now >= next_sample {
             next_sample += sample_every;
-            let online = world.all_devices().iter().filter(|d| d.client().is_some()).count();
+            let online = world
+                .all_devices()
+                .iter()
+                .filter(|d| d.client().is_some())
+                .count();
             samples.push(Sample {
                 t: started.elapsed().as_secs_f64(),
                 rss_kib: server.rss_kib().unwrap_or(0),
@@ -90,7 +99,11 @@ pub async fn run(
             next_churn += opts.churn_every;
             let device = {
                 let users = lock(&world.users);
-                let active: Vec<_> = users.iter().filter(|u| u.active).flat_map(|u| u.devices.iter()).collect();
+                let active: Vec<_> = users
+                    .iter()
+                    .filter(|u| u.active)
+                    .flat_map(|u| u.devices.iter())
+                    .collect();
                 active.choose(rng).map(|d| (*d).clone())
             };
             if let Some(d) = device {
@@ -128,7 +141,14 @@ pub async fn run(
                 }
                 left += 1;
             }
-            population::add_user(world, &server.addr(), &format!("u{next_user_id}"), opts.devices, device_opts, rng);
+            population::add_user(
+                world,
+                &server.addr(),
+                &format!("u{next_user_id}"),
+                opts.devices,
+                device_opts,
+                rng,
+            );
             next_user_id += 1;
             joined += 1;
         }
@@ -169,14 +189,21 @@ pub async fn run(
         .copied()
         .filter(|s| s.t >= opts.warmup_minutes * 60.0 && s.rss_kib > 0)
         .collect();
-    let window = (opts.window_minutes * 60.0 / opts.sample_secs).ceil().max(1.0) as usize;
-    let mean = |s: &[Sample]| s.iter().map(|x| x.rss_kib as f64).sum::<f64>() / s.len().max(1) as f64;
+    let window = (opts.window_minutes * 60.0 / opts.sample_secs)
+        .ceil()
+        .max(1.0) as usize;
+    let mean =
+        |s: &[Sample]| s.iter().map(|x| x.rss_kib as f64).sum::<f64>() / s.len().max(1) as f64;
     let (first_mean, last_mean) = if warm.len() >= 2 * window {
         (mean(&warm[..window]), mean(&warm[warm.len() - window..]))
     } else {
         (0.0, 0.0)
     };
-    let drift_pct = if first_mean > 0.0 { (last_mean - first_mean) / first_mean * 100.0 } else { f64::NAN };
+    let drift_pct = if first_mean > 0.0 {
+        (last_mean - first_mean) / first_mean * 100.0
+    } else {
+        f64::NAN
+    };
     let rss_min = warm.iter().map(|s| s.rss_kib).min().unwrap_or(0);
     let rss_max = warm.iter().map(|s| s.rss_kib).max().unwrap_or(0);
     let fd_min = warm.iter().map(|s| s.fds).min().unwrap_or(0);
@@ -193,7 +220,8 @@ pub async fn run(
     let client_errors: u64 = errors.values().sum();
     let rss_flat = drift_pct.abs() <= opts.rss_tolerance_pct;
     let secs = started.elapsed().as_secs_f64();
-    let passed = v.violations == 0 && v.unresolved == 0 && rss_flat && client_errors == 0 && log_errors == 0;
+    let passed =
+        v.violations == 0 && v.unresolved == 0 && rss_flat && client_errors == 0 && log_errors == 0;
     println!(
         "soak: {:.1} min, {} acked ({:.0}/s), {} unresolved, {} skipped; {logouts} clean logouts, {drops} dropped connections, \
          {joined} users joined, {left} left; verified {} events in {} inboxes, {} devices, {} delivered, {} replayed, violations {}; \

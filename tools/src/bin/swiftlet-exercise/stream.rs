@@ -115,7 +115,11 @@ impl Stream {
             self.violation(format!(
                 "expected seq {} on this connection, got {seq} ({})",
                 self.next,
-                if seq > self.next { "a gap" } else { "out of order or duplicate" }
+                if seq > self.next {
+                    "a gap"
+                } else {
+                    "out of order or duplicate"
+                }
             ));
         }
         self.next = seq + 1;
@@ -221,7 +225,10 @@ mod tests {
         s.on_ack(3);
         s.on_welcome(3, Resume::Exact { up_to: 3 });
         assert!(!s.on_event(&msg(4, 104)));
-        s.check_against(&[msg(1, 101), msg(2, 102), msg(3, 103), msg(4, 104)].map(|e| fingerprint(&e)), 4);
+        s.check_against(
+            &[msg(1, 101), msg(2, 102), msg(3, 103), msg(4, 104)].map(|e| fingerprint(&e)),
+            4,
+        );
         assert_eq!(s.violations(), 0, "{:?}", s.violation_texts());
         assert_eq!((s.delivered, s.replayed, s.contiguous()), (4, 0, 4));
     }

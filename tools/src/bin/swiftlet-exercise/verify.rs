@@ -121,7 +121,10 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
         out.events += inbox.fps.len() as u64;
         for (id, (seqs, ..)) in &inbox.messages {
             if seqs.len() > 1 {
-                out.violation(format!("{user}: message {id} is in the inbox {} times, at seqs {seqs:?}", seqs.len()));
+                out.violation(format!(
+                    "{user}: message {id} is in the inbox {} times, at seqs {seqs:?}",
+                    seqs.len()
+                ));
             }
         }
         inboxes.insert(user.clone(), inbox);
@@ -130,19 +133,31 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
     // The ledger against the inboxes.
     let ledger: Vec<_> = lock(&world.ledger)
         .iter()
-        .map(|((from, cmid), r)| (from.clone(), cmid.clone(), r.target.clone(), r.outcome.clone(), r.attempts))
+        .map(|((from, cmid), r)| {
+            (
+                from.clone(),
+                cmid.clone(),
+                r.target.clone(),
+                r.outcome.clone(),
+                r.attempts,
+            )
+        })
         .collect();
     let mut by_cmid: HashMap<(String, String), Option<u64>> = HashMap::new();
     for (from, cmid, target, outcome, attempts) in ledger {
         let recipients = world.recipients(&from, &target);
         match outcome {
-            Outcome::Pending => out.violation(format!("{from}/{cmid}: still pending at verification")),
+            Outcome::Pending => {
+                out.violation(format!("{from}/{cmid}: still pending at verification"))
+            }
             Outcome::Acked(ack) => {
                 out.acked += 1;
                 out.retried += u64::from(attempts > 1);
                 by_cmid.insert((from.clone(), cmid.clone()), Some(ack.server_msg_id));
                 for r in &recipients {
-                    let found = inboxes.get(r).and_then(|i| i.messages.get(&ack.server_msg_id));
+                    let found = inboxes
+                        .get(r)
+                        .and_then(|i| i.messages.get(&ack.server_msg_id));
                     match found {
                         None => out.violation(format!(
                             "{from}/{cmid} (id {}, to {target:?}) acknowledged but missing from {r}'s inbox",
@@ -156,9 +171,14 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
                     }
                 }
                 if ack.seq != 0 {
-                    let at = inboxes.get(&from).and_then(|i| i.messages.get(&ack.server_msg_id));
+                    let at = inboxes
+                        .get(&from)
+                        .and_then(|i| i.messages.get(&ack.server_msg_id));
                     if !at.is_some_and(|(seqs, ..)| seqs.contains(&ack.seq)) {
-                        out.violation(format!("{from}/{cmid}: Ack.seq {} is not its seq in the sender's inbox", ack.seq));
+                        out.violation(format!(
+                            "{from}/{cmid}: Ack.seq {} is not its seq in the sender's inbox",
+                            ack.seq
+                        ));
                     }
                 }
             }
@@ -169,7 +189,9 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
                     .iter()
                     .filter(|r| {
                         inboxes.get(*r).is_some_and(|i| {
-                            i.messages.values().any(|(_, f, c)| *f == from && *c == cmid)
+                            i.messages
+                                .values()
+                                .any(|(_, f, c)| *f == from && *c == cmid)
                         })
                     })
                     .count();
@@ -199,9 +221,15 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
 
     // Every device's stream against its inbox.
     for d in &devices {
-        let Some(inbox) = inboxes.get(&d.user) else { continue };
+        let Some(inbox) = inboxes.get(&d.user) else {
+            continue;
+        };
         let online = active_devices.iter().any(|a| Arc::ptr_eq(a, d));
-        let must_reach = if online { heads.get(&d.user).copied().unwrap_or(0) } else { 0 };
+        let must_reach = if online {
+            heads.get(&d.user).copied().unwrap_or(0)
+        } else {
+            0
+        };
         let mut s = lock(&d.stream);
         s.check_against(&inbox.fps, must_reach);
         out.devices += 1;
@@ -259,7 +287,10 @@ async fn page(client: &Client, user: &str, out: &mut Verified) -> anyhow::Result
             out.violation(format!("{user}: the inbox epoch changed while paging"));
         }
         if after == 0 && batch.head_seq > 0 && batch.first_available_seq != 1 {
-            out.violation(format!("{user}: first_available_seq {} with nothing trimmed", batch.first_available_seq));
+            out.violation(format!(
+                "{user}: first_available_seq {} with nothing trimmed",
+                batch.first_available_seq
+            ));
         }
         for ev in &batch.events {
             if ev.seq != after + 1 {
@@ -289,7 +320,9 @@ pub async fn resend_sample(world: &World, n: usize, rng: &mut StdRng) -> (u64, V
     let sample: Vec<_> = lock(&world.ledger)
         .iter()
         .filter_map(|((from, cmid), r)| match &r.outcome {
-            Outcome::Acked(ack) => Some((from.clone(), cmid.clone(), r.target.clone(), ack.clone())),
+            Outcome::Acked(ack) => {
+                Some((from.clone(), cmid.clone(), r.target.clone(), ack.clone()))
+            }
             _ => None,
         })
         .choose_multiple(rng, n);
@@ -303,7 +336,11 @@ pub async fn resend_sample(world: &World, n: usize, rng: &mut StdRng) -> (u64, V
         let Some(client) = client else { continue };
         let again = match &target {
             Target::User(to) => client.send_with_id(&cmid, to, "text/plain", "again").await,
-            Target::Group(g) => client.send_group_with_id(&cmid, *g, "text/plain", "again").await,
+            Target::Group(g) => {
+                client
+                    .send_group_with_id(&cmid, *g, "text/plain", "again")
+                    .await
+            }
         };
         match again {
             Ok(a) if (a.server_msg_id, a.timestamp_ms, a.seq) == (ack.server_msg_id, ack.timestamp_ms, ack.seq) => done += 1,

@@ -78,7 +78,9 @@ pub struct World {
 
 impl World {
     pub fn count_error(&self, what: &str, e: &ClientError) {
-        *lock(&self.errors).entry(format!("{what}: {}", kind(e))).or_default() += 1;
+        *lock(&self.errors)
+            .entry(format!("{what}: {}", kind(e)))
+            .or_default() += 1;
     }
 
     pub fn count(&self, what: &str) {
@@ -91,7 +93,10 @@ impl World {
 
     /// Every device of every user (active or not).
     pub fn all_devices(&self) -> Vec<Arc<Device>> {
-        lock(&self.users).iter().flat_map(|u| u.devices.iter().cloned()).collect()
+        lock(&self.users)
+            .iter()
+            .flat_map(|u| u.devices.iter().cloned())
+            .collect()
     }
 
     /// The members of group `id`.
@@ -116,11 +121,13 @@ impl World {
 
     /// Counts of the ledger by outcome: (acked, pending, unresolved).
     pub fn ledger_counts(&self) -> (u64, u64, u64) {
-        lock(&self.ledger).values().fold((0, 0, 0), |(a, p, u), r| match r.outcome {
-            Outcome::Acked(_) => (a + 1, p, u),
-            Outcome::Pending => (a, p + 1, u),
-            Outcome::Unresolved(_) => (a, p, u + 1),
-        })
+        lock(&self.ledger)
+            .values()
+            .fold((0, 0, 0), |(a, p, u), r| match r.outcome {
+                Outcome::Acked(_) => (a + 1, p, u),
+                Outcome::Pending => (a, p + 1, u),
+                Outcome::Unresolved(_) => (a, p, u + 1),
+            })
     }
 }
 
