@@ -131,11 +131,8 @@ enum Mode {
         minutes: f64,
         #[arg(long, default_value_t = 5.0)]
         warmup_minutes: f64,
-        #[arg(long, default_value_t = 5.0)]
+        #[arg(long, default_value_t = 2.0)]
         sample_secs: f64,
-        /// RSS is compared as the mean of this many minutes at each end.
-        #[arg(long, default_value_t = 3.0)]
-        window_minutes: f64,
         /// A device logs out (and back in) this often.
         #[arg(long, default_value_t = 2000)]
         churn_every_ms: u64,
@@ -248,7 +245,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             minutes,
             warmup_minutes,
             sample_secs,
-            window_minutes,
             churn_every_ms,
             user_churn_secs,
             rss_tolerance_pct,
@@ -257,7 +253,6 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 minutes,
                 warmup_minutes,
                 sample_secs,
-                window_minutes,
                 churn_every: Duration::from_millis(churn_every_ms),
                 user_churn: Duration::from_secs(user_churn_secs),
                 devices: c.devices,

@@ -8,10 +8,15 @@
 //! new one joins, so logins of never-seen users and devices go on too and
 //! the population stays the same size.
 //!
-//! After the warm-up, "flat" is judged on the mean RSS of the first and the
-//! last `window` of samples (the memtable fills and flushes, so single
-//! samples saw-tooth); file descriptors by their range. At the end traffic
-//! stops and one verification pass checks every send and every stream.
+//! After the warm-up, RSS saw-tooths: RocksDB's memtables fill (16 MiB per
+//! column family) and are freed when flushed, every few minutes at these
+//! rates. So "flat" compares the envelope, not single samples: the measured
+//! period is cut in two halves, each several cycles long, and the highest
+//! and the lowest RSS of the second half must be within the tolerance of
+//! the first half's ([`Halves`]); a leak raises both. File descriptors are
+//! reported the same way, less the connected devices (which churn). At the
+//! end traffic stops and one verification pass checks every send and every
+//! stream.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,11 +40,11 @@ pub struct SoakOpts {
     pub warmup_minutes: f64,
     pub sample_secs: f64,
     /// Mean RSS over this many minutes at each end of the measured part.
-    pub window_minutes: f64,
     pub churn_every: Duration,
     pub user_churn: Duration,
     pub devices: usize,
-    /// RSS may drift this much (percent) between the two windows.
+    /// RSS peaks and troughs may drift this much (percent) between the
+    /// two halves of the measured period.
     pub rss_tolerance_pct: f64,
 }
 
@@ -189,21 +194,7 @@ pub async fn run(
         .copied()
         .filter(|s| s.t >= opts.warmup_minutes * 60.0 && s.rss_kib > 0)
         .collect();
-    let window = (opts.window_minutes * 60.0 / opts.sample_secs)
-        .ceil()
-        .max(1.0) as usize;
-    let mean =
-        |s: &[Sample]| s.iter().map(|x| x.rss_kib as f64).sum::<f64>() / s.len().max(1) as f64;
-    let (first_mean, last_mean) = if warm.len() >= 2 * window {
-        (mean(&warm[..window]), mean(&warm[warm.len() - window..]))
-    } else {
-        (0.0, 0.0)
-    };
-    let drift_pct = if first_mean > 0.0 {
-        (last_mean - first_mean) / first_mean * 100.0
-    } else {
-        f64::NAN
-    };
+    let rss = Halves::of(&warm.iter().map(|s| s.rss_kib as f64).collect::<Vec<_>>());
     let rss_min = warm.iter().map(|s| s.rss_kib).min().unwrap_or(0);
     let rss_max = warm.iter().map(|s| s.rss_kib).max().unwrap_or(0);
     let fd_min = warm.iter().map(|s| s.fds).min().unwrap_or(0);
@@ -218,14 +209,15 @@ pub async fn run(
     let log_warns = problems.len() - log_errors;
     let errors = lock(&world.errors).clone();
     let client_errors: u64 = errors.values().sum();
-    let rss_flat = drift_pct.abs() <= opts.rss_tolerance_pct;
+    let rss_flat = rss.flat_within(opts.rss_tolerance_pct);
     let secs = started.elapsed().as_secs_f64();
     let passed =
         v.violations == 0 && v.unresolved == 0 && rss_flat && client_errors == 0 && log_errors == 0;
     println!(
         "soak: {:.1} min, {} acked ({:.0}/s), {} unresolved, {} skipped; {logouts} clean logouts, {drops} dropped connections, \
          {joined} users joined, {left} left; verified {} events in {} inboxes, {} devices, {} delivered, {} replayed, violations {}; \
-         RSS after warm-up {rss_min}..{rss_max} KiB, mean of first/last {:.0} min {first_mean:.0}/{last_mean:.0} KiB (drift {drift_pct:+.2}%); \
+         RSS after warm-up {rss_min}..{rss_max} KiB, first/second half peak {:.0}/{:.0} KiB ({:+.2}%), trough {:.0}/{:.0} KiB ({:+.2}%), \
+         mean {:.0}/{:.0} KiB ({:+.2}%); \
          fds {fd_min}..{fd_max} (less connections {base_min}..{base_max}); client errors {client_errors}, server log ERROR {log_errors} WARN {log_warns} (besides --dev-auth)",
         secs / 60.0,
         v.acked,
@@ -238,7 +230,15 @@ pub async fn run(
         v.delivered,
         v.replayed,
         v.violations,
-        opts.window_minutes,
+        rss.first.max,
+        rss.second.max,
+        rss.peak_drift_pct(),
+        rss.first.min,
+        rss.second.min,
+        rss.trough_drift_pct(),
+        rss.first.mean,
+        rss.second.mean,
+        rss.mean_drift_pct(),
     );
     for (level, message) in problems.iter().take(10) {
         println!("  server log: {level} {message}");
@@ -262,7 +262,13 @@ pub async fn run(
         "delivered": v.delivered,
         "replayed": v.replayed,
         "violations": v.violations,
-        "rss_kib": {"min": rss_min, "max": rss_max, "first_window_mean": first_mean, "last_window_mean": last_mean, "drift_pct": drift_pct},
+        "rss_kib": {
+            "min": rss_min, "max": rss_max,
+            "first_half": {"min": rss.first.min, "max": rss.first.max, "mean": rss.first.mean},
+            "second_half": {"min": rss.second.min, "max": rss.second.max, "mean": rss.second.mean},
+            "peak_drift_pct": rss.peak_drift_pct(), "trough_drift_pct": rss.trough_drift_pct(),
+            "mean_drift_pct": rss.mean_drift_pct(), "flat": rss_flat,
+        },
         "fds": {"min": fd_min, "max": fd_max, "less_connections_min": base_min, "less_connections_max": base_max},
         "client_errors": errors,
         "server_log": {"error": log_errors, "warn": log_warns},
@@ -270,4 +276,91 @@ pub async fn run(
         "passed": passed,
     });
     Ok((summary, passed))
+}
+
+/// Lowest, highest and mean of some samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Span {
+    pub min: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Span {
+    fn of(xs: &[f64]) -> Span {
+        if xs.is_empty() {
+            return Span::default();
+        }
+        Span {
+            min: xs.iter().copied().fold(f64::INFINITY, f64::min),
+            max: xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            mean: xs.iter().sum::<f64>() / xs.len() as f64,
+        }
+    }
+}
+
+/// A series cut into its first and second half, compared.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Halves {
+    pub first: Span,
+    pub second: Span,
+}
+
+fn pct(from: f64, to: f64) -> f64 {
+    if from > 0.0 {
+        (to - from) / from * 100.0
+    } else {
+        f64::NAN
+    }
+}
+
+impl Halves {
+    pub fn of(xs: &[f64]) -> Halves {
+        let (a, b) = xs.split_at(xs.len() / 2);
+        Halves {
+            first: Span::of(a),
+            second: Span::of(b),
+        }
+    }
+
+    pub fn peak_drift_pct(&self) -> f64 {
+        pct(self.first.max, self.second.max)
+    }
+
+    pub fn trough_drift_pct(&self) -> f64 {
+        pct(self.first.min, self.second.min)
+    }
+
+    pub fn mean_drift_pct(&self) -> f64 {
+        pct(self.first.mean, self.second.mean)
+    }
+
+    /// Peaks and troughs both moved by at most `tolerance` percent (NaN,
+    /// too few samples, is not flat).
+    pub fn flat_within(&self, tolerance: f64) -> bool {
+        self.peak_drift_pct().abs() <= tolerance && self.trough_drift_pct().abs() <= tolerance
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saw_tooth_is_flat_and_a_leak_is_not() {
+        // Cycles of 10 samples rising 60 -> 87 and dropping back.
+        let saw: Vec<f64> = (0..100).map(|i| 60.0 + f64::from(i % 10) * 3.0).collect();
+        let h = Halves::of(&saw);
+        assert!(h.flat_within(5.0), "{h:?}");
+        // The same with 0.2 per sample on top: +20 over the run.
+        let leak: Vec<f64> = saw
+            .iter()
+            .enumerate()
+            .map(|(i, x)| x + i as f64 * 0.2)
+            .collect();
+        let h = Halves::of(&leak);
+        assert!(!h.flat_within(5.0), "{h:?}");
+        assert!(h.peak_drift_pct() > 5.0 && h.trough_drift_pct() > 5.0);
+        assert!(!Halves::of(&[]).flat_within(5.0), "no samples, no verdict");
+    }
 }
