@@ -8,6 +8,7 @@
 //! can only be a gap, never retention. Its log (stderr) goes to
 //! `<work>/server.log`, appended across restarts, and is counted by level.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use swiftlet_client::{Client, ClientConfig};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
 /// How long a (re)start may take before the exercise gives up.
@@ -169,6 +171,37 @@ impl ServerProc {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|n| n.parse().ok())
+    }
+
+    /// Gauges from the server's `/metrics` (Prometheus text), by name,
+    /// without labels; None if it does not answer.
+    pub async fn metrics(&self) -> Option<HashMap<String, f64>> {
+        let fetch = async {
+            let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.http))
+                .await
+                .ok()?;
+            conn.write_all(
+                b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .ok()?;
+            let mut text = String::new();
+            conn.read_to_string(&mut text).await.ok()?;
+            Some(text)
+        };
+        let text = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .ok()??;
+        let (_, body) = text.split_once("\r\n\r\n")?;
+        Some(
+            body.lines()
+                .filter(|l| !l.starts_with('#') && !l.contains('{'))
+                .filter_map(|l| {
+                    let (name, value) = l.split_once(' ')?;
+                    Some((name.to_owned(), value.trim().parse().ok()?))
+                })
+                .collect(),
+        )
     }
 
     /// How many files the server holds open.

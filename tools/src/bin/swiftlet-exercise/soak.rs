@@ -55,6 +55,9 @@ struct Sample {
     fds: u64,
     online: usize,
     acked: u64,
+    /// RocksDB's memtables and block cache (from `/metrics`), KiB: bounded
+    /// by configuration, and most of what moves RSS.
+    rocks_kib: u64,
 }
 
 pub async fn run(
@@ -92,12 +95,16 @@ pub async fn run(
                 .iter()
                 .filter(|d| d.client().is_some())
                 .count();
+            let metrics = server.metrics().await.unwrap_or_default();
+            let gauge = |name: &str| metrics.get(name).copied().unwrap_or(0.0) as u64 / 1024;
             samples.push(Sample {
                 t: started.elapsed().as_secs_f64(),
                 rss_kib: server.rss_kib().unwrap_or(0),
                 fds: server.open_fds().unwrap_or(0),
                 online,
                 acked: world.ledger_counts().0,
+                rocks_kib: gauge("swiftlet_rocksdb_memtable_bytes")
+                    + gauge("swiftlet_rocksdb_block_cache_bytes"),
             });
         }
         if now >= next_churn {
@@ -161,11 +168,12 @@ pub async fn run(
             next_progress += Duration::from_secs(60);
             if let Some(s) = samples.last() {
                 println!(
-                    "{:>5.1} min: {} acked, {} skipped, RSS {} KiB, {} fds, {} devices online",
+                    "{:>5.1} min: {} acked, {} skipped, RSS {} KiB (RocksDB memtables and cache {} KiB), {} fds, {} devices online",
                     s.t / 60.0,
                     s.acked,
                     world.skipped.load(Ordering::Relaxed),
                     s.rss_kib,
+                    s.rocks_kib,
                     s.fds,
                     s.online
                 );
@@ -195,6 +203,16 @@ pub async fn run(
         .filter(|s| s.t >= opts.warmup_minutes * 60.0 && s.rss_kib > 0)
         .collect();
     let rss = Halves::of(&warm.iter().map(|s| s.rss_kib as f64).collect::<Vec<_>>());
+    // What the server holds besides RocksDB's memtables and block cache:
+    // its own memory (connections, caches, buffers), which must be flat
+    // whatever the memtables do.
+    let own = Halves::of(
+        &warm
+            .iter()
+            .map(|s| s.rss_kib.saturating_sub(s.rocks_kib) as f64)
+            .collect::<Vec<_>>(),
+    );
+    let rocks = Halves::of(&warm.iter().map(|s| s.rocks_kib as f64).collect::<Vec<_>>());
     let rss_min = warm.iter().map(|s| s.rss_kib).min().unwrap_or(0);
     let rss_max = warm.iter().map(|s| s.rss_kib).max().unwrap_or(0);
     let fd_min = warm.iter().map(|s| s.fds).min().unwrap_or(0);
@@ -217,15 +235,16 @@ pub async fn run(
         "soak: {:.1} min, {} acked ({:.0}/s), {} unresolved, {} skipped; {logouts} clean logouts, {drops} dropped connections, \
          {joined} users joined, {left} left; verified {} events in {} inboxes, {} devices, {} delivered, {} replayed, violations {}; \
          RSS after warm-up {rss_min}..{rss_max} KiB, first/second half peak {:.0}/{:.0} KiB ({:+.2}%), trough {:.0}/{:.0} KiB ({:+.2}%), \
-         mean {:.0}/{:.0} KiB ({:+.2}%); \
+         mean {:.0}/{:.0} KiB ({:+.2}%); RSS less RocksDB memtables and block cache: peak {:.0}/{:.0} KiB ({:+.2}%), \
+         trough {:.0}/{:.0} KiB ({:+.2}%); memtables and block cache peak {:.0}/{:.0} KiB; \
          fds {fd_min}..{fd_max} (less connections {base_min}..{base_max}); client errors {client_errors}, server log ERROR {log_errors} WARN {log_warns} (besides --dev-auth)",
         secs / 60.0,
         v.acked,
         v.acked as f64 / secs,
         v.unresolved,
         world.skipped.load(Ordering::Relaxed),
-        v.inboxes,
         v.events,
+        v.inboxes,
         v.devices,
         v.delivered,
         v.replayed,
@@ -239,6 +258,14 @@ pub async fn run(
         rss.first.mean,
         rss.second.mean,
         rss.mean_drift_pct(),
+        own.first.max,
+        own.second.max,
+        own.peak_drift_pct(),
+        own.first.min,
+        own.second.min,
+        own.trough_drift_pct(),
+        rocks.first.max,
+        rocks.second.max,
     );
     for (level, message) in problems.iter().take(10) {
         println!("  server log: {level} {message}");
@@ -269,10 +296,19 @@ pub async fn run(
             "peak_drift_pct": rss.peak_drift_pct(), "trough_drift_pct": rss.trough_drift_pct(),
             "mean_drift_pct": rss.mean_drift_pct(), "flat": rss_flat,
         },
+        "rss_less_rocksdb_kib": {
+            "first_half": {"min": own.first.min, "max": own.first.max, "mean": own.first.mean},
+            "second_half": {"min": own.second.min, "max": own.second.max, "mean": own.second.mean},
+            "peak_drift_pct": own.peak_drift_pct(), "trough_drift_pct": own.trough_drift_pct(),
+        },
+        "rocksdb_memtables_and_cache_kib": {
+            "first_half": {"min": rocks.first.min, "max": rocks.first.max, "mean": rocks.first.mean},
+            "second_half": {"min": rocks.second.min, "max": rocks.second.max, "mean": rocks.second.mean},
+        },
         "fds": {"min": fd_min, "max": fd_max, "less_connections_min": base_min, "less_connections_max": base_max},
         "client_errors": errors,
         "server_log": {"error": log_errors, "warn": log_warns},
-        "samples": samples.iter().map(|s| json!([s.t, s.rss_kib, s.fds, s.online, s.acked])).collect::<Vec<_>>(),
+        "samples": samples.iter().map(|s| json!([s.t, s.rss_kib, s.rocks_kib, s.fds, s.online, s.acked])).collect::<Vec<_>>(),
         "passed": passed,
     });
     Ok((summary, passed))
