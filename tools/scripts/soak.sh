@@ -2,8 +2,9 @@
 # The soak (issue 14): builds the server and swiftlet-exercise, then runs
 # `swiftlet-exercise soak`: mixed 1:1 and group traffic at a steady rate
 # (250 sends/s by default) for 30 minutes while devices log out and back in
-# with their cursors and users leave and join, sampling the server's RSS
-# and open files from /proc every 2 s. Passes when, after the 5-minute
+# with their cursors and users leave and join (retention on, at its
+# defaults, so the database stays bounded), sampling the server's RSS
+# and open files from /proc every 2 s. Passes when, after the 15-minute
 # warm-up, RSS's peaks and troughs (first half of the rest against the
 # second) moved less than 5%, no client saw an error, the server logged no
 # ERROR, and the final

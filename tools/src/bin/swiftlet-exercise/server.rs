@@ -3,9 +3,11 @@
 //! data directory and ports, and read its RSS and open files from /proc.
 //!
 //! It runs with `--dev-auth` (a bare user id is the token) on loopback
-//! ports picked free at start, and keeps every inbox event
-//! (`--inbox-keep 0 --inbox-max-age 0`) so that a jump in a device's seqs
-//! can only be a gap, never retention. Its log (stderr) goes to
+//! ports picked free at start. For the crash rounds it keeps every inbox
+//! event (`--inbox-keep 0 --inbox-max-age 0`), so every acknowledged
+//! message stays checkable; the soak runs retention with its defaults,
+//! which is what keeps a long-running server's database, and so its open
+//! files, from growing without end. Its log (stderr) goes to
 //! `<work>/server.log`, appended across restarts, and is counted by level.
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ pub struct ServerProc {
     work: PathBuf,
     shards: usize,
     extra: Vec<String>,
+    keep_everything: bool,
     tcp: u16,
     http: u16,
     child: Option<Child>,
@@ -45,6 +48,7 @@ impl ServerProc {
         work: &Path,
         shards: usize,
         extra: Vec<String>,
+        keep_everything: bool,
     ) -> anyhow::Result<Self> {
         if !bin.is_file() {
             bail!(
@@ -57,6 +61,7 @@ impl ServerProc {
             work: work.to_owned(),
             shards,
             extra,
+            keep_everything,
             tcp: free_port()?,
             http: free_port()?,
             child: None,
@@ -83,9 +88,15 @@ impl ServerProc {
             .append(true)
             .open(self.log_path())
             .context("open server.log")?;
+        let keep: &[&str] = if self.keep_everything {
+            &["--inbox-keep", "0", "--inbox-max-age", "0"]
+        } else {
+            &[]
+        };
         let child = Command::new(&self.bin)
             .arg("serve")
-            .args(["--dev-auth", "--inbox-keep", "0", "--inbox-max-age", "0"])
+            .arg("--dev-auth")
+            .args(keep)
             .args(["--log-format", "json"])
             .arg("--shards")
             .arg(self.shards.to_string())

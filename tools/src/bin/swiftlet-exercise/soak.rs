@@ -222,6 +222,7 @@ pub async fn run(
     let base = |s: &Sample| s.fds as i64 - s.online as i64;
     let base_min = warm.iter().map(base).min().unwrap_or(0);
     let base_max = warm.iter().map(base).max().unwrap_or(0);
+    let files = Halves::of(&warm.iter().map(|s| base(s) as f64).collect::<Vec<_>>());
     let problems = server.log_problems();
     let log_errors = problems.iter().filter(|(l, _)| l == "ERROR").count();
     let log_warns = problems.len() - log_errors;
@@ -233,11 +234,11 @@ pub async fn run(
         v.violations == 0 && v.unresolved == 0 && rss_flat && client_errors == 0 && log_errors == 0;
     println!(
         "soak: {:.1} min, {} acked ({:.0}/s), {} unresolved, {} skipped; {logouts} clean logouts, {drops} dropped connections, \
-         {joined} users joined, {left} left; verified {} events in {} inboxes, {} devices, {} delivered, {} replayed, violations {}; \
+         {joined} users joined, {left} left; verified {} events in {} inboxes ({} message copies removed by retention), {} devices, {} delivered, {} replayed, violations {}; \
          RSS after warm-up {rss_min}..{rss_max} KiB, first/second half peak {:.0}/{:.0} KiB ({:+.2}%), trough {:.0}/{:.0} KiB ({:+.2}%), \
          mean {:.0}/{:.0} KiB ({:+.2}%); RSS less RocksDB memtables and block cache: peak {:.0}/{:.0} KiB ({:+.2}%), \
          trough {:.0}/{:.0} KiB ({:+.2}%); memtables and block cache peak {:.0}/{:.0} KiB; \
-         fds {fd_min}..{fd_max} (less connections {base_min}..{base_max}); client errors {client_errors}, server log ERROR {log_errors} WARN {log_warns} (besides --dev-auth)",
+         fds {fd_min}..{fd_max} (less connections {base_min}..{base_max}, first/second half {:.0}..{:.0}/{:.0}..{:.0}); client errors {client_errors}, server log ERROR {log_errors} WARN {log_warns} (besides --dev-auth)",
         secs / 60.0,
         v.acked,
         v.acked as f64 / secs,
@@ -245,6 +246,7 @@ pub async fn run(
         world.skipped.load(Ordering::Relaxed),
         v.events,
         v.inboxes,
+        v.trimmed,
         v.devices,
         v.delivered,
         v.replayed,
@@ -266,6 +268,10 @@ pub async fn run(
         own.trough_drift_pct(),
         rocks.first.max,
         rocks.second.max,
+        files.first.min,
+        files.first.max,
+        files.second.min,
+        files.second.max,
     );
     for (level, message) in problems.iter().take(10) {
         println!("  server log: {level} {message}");
@@ -278,6 +284,7 @@ pub async fn run(
         "acked_per_sec": v.acked as f64 / secs,
         "acked_after_retry": v.retried,
         "unresolved": v.unresolved,
+        "removed_by_retention": v.trimmed,
         "resent_same_ack": resent,
         "skipped_sends": world.skipped.load(Ordering::Relaxed),
         "clean_logouts": logouts,
@@ -305,7 +312,11 @@ pub async fn run(
             "first_half": {"min": rocks.first.min, "max": rocks.first.max, "mean": rocks.first.mean},
             "second_half": {"min": rocks.second.min, "max": rocks.second.max, "mean": rocks.second.mean},
         },
-        "fds": {"min": fd_min, "max": fd_max, "less_connections_min": base_min, "less_connections_max": base_max},
+        "fds": {
+            "min": fd_min, "max": fd_max, "less_connections_min": base_min, "less_connections_max": base_max,
+            "less_connections_first_half": [files.first.min, files.first.max],
+            "less_connections_second_half": [files.second.min, files.second.max],
+        },
         "client_errors": errors,
         "server_log": {"error": log_errors, "warn": log_warns},
         "samples": samples.iter().map(|s| json!([s.t, s.rss_kib, s.rocks_kib, s.fds, s.online, s.acked])).collect::<Vec<_>>(),

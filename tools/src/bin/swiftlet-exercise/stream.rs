@@ -4,9 +4,10 @@
 //!
 //! What a device may see, and what this checks:
 //! - **Within a connection** seqs start at `Welcome.cursor + 1` and rise by
-//!   exactly one per `Deliver` (the exercise's server keeps every event,
-//!   `--inbox-keep 0 --inbox-max-age 0`, so any jump is a gap, not
-//!   retention).
+//!   exactly one per `Deliver`. In the crash rounds the server keeps every
+//!   event (`--inbox-keep 0 --inbox-max-age 0`); in the soak retention runs
+//!   with its defaults, but a device is never away long enough to fall
+//!   behind what it trims, so there too any jump is a gap.
 //! - **Across connections** a device resumes after `Welcome.cursor`, which
 //!   never exceeds the highest `DeliveryAck.up_to` it sent (a cursor above
 //!   it would skip events). After a clean logout (every event acknowledged,
@@ -166,10 +167,12 @@ impl Stream {
         self.seen.iter().take_while(|&&f| f != 0).count() as u64
     }
 
-    /// Compare with the user's inbox (fingerprints by seq, from seq 1): every
-    /// seq this device saw must be the inbox's event at that seq, and the
-    /// device must have seen every seq up to `must_reach`.
-    pub fn check_against(&mut self, inbox: &[u64], must_reach: u64) {
+    /// Compare with the user's inbox: `inbox[i]` is the fingerprint of seq
+    /// `first + i` (retention removed the seqs below `first`). Every seq
+    /// this device saw that the inbox still holds must be the inbox's event
+    /// at that seq, and the device must have seen every seq up to
+    /// `must_reach`.
+    pub fn check_against(&mut self, inbox: &[u64], first: u64, must_reach: u64) {
         let contiguous = self.contiguous();
         if contiguous < must_reach {
             self.violation(format!(
@@ -177,14 +180,15 @@ impl Stream {
             ));
         }
         let mut wrong = Vec::new();
-        for (i, &fp) in self.seen.iter().enumerate() {
-            if fp == 0 {
+        for (seq, &fp) in (1u64..).zip(self.seen.iter()) {
+            if fp == 0 || seq < first {
                 continue;
             }
-            match inbox.get(i) {
+            let held = usize::try_from(seq - first).ok().and_then(|i| inbox.get(i));
+            match held {
                 Some(&f) if f == fp => {}
-                Some(_) => wrong.push(format!("seq {} differs from the inbox", i + 1)),
-                None => wrong.push(format!("seq {} is not in the inbox", i + 1)),
+                Some(_) => wrong.push(format!("seq {seq} differs from the inbox")),
+                None => wrong.push(format!("seq {seq} is not in the inbox")),
             }
         }
         for w in wrong {
@@ -227,8 +231,11 @@ mod tests {
         assert!(!s.on_event(&msg(4, 104)));
         s.check_against(
             &[msg(1, 101), msg(2, 102), msg(3, 103), msg(4, 104)].map(|e| fingerprint(&e)),
+            1,
             4,
         );
+        // Retention removed seqs 1 and 2: the rest still match.
+        s.check_against(&[msg(3, 103), msg(4, 104)].map(|e| fingerprint(&e)), 3, 4);
         assert_eq!(s.violations(), 0, "{:?}", s.violation_texts());
         assert_eq!((s.delivered, s.replayed, s.contiguous()), (4, 0, 4));
     }
@@ -264,9 +271,9 @@ mod tests {
         s.on_event(&msg(1, 1));
         s.on_event(&msg(1, 1));
         assert_eq!(s.violations(), 4, "a duplicate within a connection");
-        s.check_against(&[fingerprint(&msg(1, 1))], 1);
+        s.check_against(&[fingerprint(&msg(1, 1))], 1, 1);
         assert_eq!(s.violations(), 5, "seq 3 is not in the inbox");
-        s.check_against(&[fingerprint(&msg(1, 1)), 7, fingerprint(&msg(3, 3))], 3);
+        s.check_against(&[fingerprint(&msg(1, 1)), 7, fingerprint(&msg(3, 3))], 1, 3);
         assert_eq!(s.violations(), 6, "seq 2 never seen");
     }
 }

@@ -49,6 +49,9 @@ pub struct Verified {
     /// lost to a kill): each still stored once.
     pub retried: u64,
     pub unresolved: u64,
+    /// (Message, inbox) pairs absent because retention removed them (older
+    /// than everything the inbox still holds).
+    pub trimmed: u64,
     /// Unresolved sends found stored (in every inbox they were for).
     pub unresolved_stored: u64,
     pub devices: usize,
@@ -68,7 +71,13 @@ impl Verified {
 }
 
 struct Inbox {
+    /// The oldest seq held (1 unless retention removed some).
+    first: u64,
+    /// Fingerprints of seqs `first..`.
     fps: Vec<u64>,
+    /// The smallest message id held: in an inbox, ids grow with seqs
+    /// (checked), so a message with a smaller id may have been trimmed.
+    oldest_id: Option<u64>,
     /// Message id -> (seqs it is at, from_user, client_msg_id).
     messages: HashMap<u64, (Vec<u64>, String, String)>,
 }
@@ -115,7 +124,7 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
     let mut inboxes = HashMap::new();
     for (user, _) in &users {
         let client = client_for(world, addr, user).await?;
-        let inbox = page(&client.0, user, &mut out).await?;
+        let inbox = page_settled(&client.0, user, &mut out).await?;
         client.close().await;
         out.inboxes += 1;
         out.events += inbox.fps.len() as u64;
@@ -159,6 +168,9 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
                         .get(r)
                         .and_then(|i| i.messages.get(&ack.server_msg_id));
                     match found {
+                        None if inboxes.get(r).is_some_and(|i| i.trimmed(ack.server_msg_id)) => {
+                            out.trimmed += 1;
+                        }
                         None => out.violation(format!(
                             "{from}/{cmid} (id {}, to {target:?}) acknowledged but missing from {r}'s inbox",
                             ack.server_msg_id
@@ -170,10 +182,9 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
                         Some(_) => {}
                     }
                 }
-                if ack.seq != 0 {
-                    let at = inboxes
-                        .get(&from)
-                        .and_then(|i| i.messages.get(&ack.server_msg_id));
+                let sender = inboxes.get(&from);
+                if ack.seq != 0 && sender.is_some_and(|i| ack.seq >= i.first) {
+                    let at = sender.and_then(|i| i.messages.get(&ack.server_msg_id));
                     if !at.is_some_and(|(seqs, ..)| seqs.contains(&ack.seq)) {
                         out.violation(format!(
                             "{from}/{cmid}: Ack.seq {} is not its seq in the sender's inbox",
@@ -195,9 +206,12 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
                         })
                     })
                     .count();
+                let trimmed = recipients
+                    .iter()
+                    .any(|r| inboxes.get(r).is_some_and(|i| i.first > 1));
                 if holders == recipients.len() {
                     out.unresolved_stored += 1;
-                } else if holders != 0 {
+                } else if holders != 0 && !trimmed {
                     out.violation(format!(
                         "{from}/{cmid} ({why}) is in {holders} of its {} inboxes",
                         recipients.len()
@@ -231,7 +245,7 @@ pub async fn verify(world: &Arc<World>, addr: &str) -> anyhow::Result<Verified> 
             0
         };
         let mut s = lock(&d.stream);
-        s.check_against(&inbox.fps, must_reach);
+        s.check_against(&inbox.fps, inbox.first, must_reach);
         out.devices += 1;
         out.delivered += s.delivered;
         out.replayed += s.replayed;
@@ -274,23 +288,39 @@ impl Reader {
     }
 }
 
-async fn page(client: &Client, user: &str, out: &mut Verified) -> anyhow::Result<Inbox> {
+/// Page `user`'s inbox; again (up to 3 times) if retention trimmed it
+/// while it was being read.
+async fn page_settled(client: &Client, user: &str, out: &mut Verified) -> anyhow::Result<Inbox> {
+    for _ in 0..3 {
+        if let Some(inbox) = page(client, user, out).await? {
+            return Ok(inbox);
+        }
+    }
+    anyhow::bail!("{user}'s inbox was trimmed while it was read, three times")
+}
+
+/// One pass over the inbox from seq 0; None if retention moved its start
+/// between two pages.
+async fn page(client: &Client, user: &str, out: &mut Verified) -> anyhow::Result<Option<Inbox>> {
     let mut inbox = Inbox {
+        first: 1,
         fps: Vec::new(),
+        oldest_id: None,
         messages: HashMap::new(),
     };
     let mut after = 0;
     let mut epoch = None;
+    let mut last_id = 0;
     loop {
         let batch = client.sync(after, 500).await.context("sync")?;
         if *epoch.get_or_insert(batch.inbox_epoch) != batch.inbox_epoch {
             out.violation(format!("{user}: the inbox epoch changed while paging"));
         }
-        if after == 0 && batch.head_seq > 0 && batch.first_available_seq != 1 {
-            out.violation(format!(
-                "{user}: first_available_seq {} with nothing trimmed",
-                batch.first_available_seq
-            ));
+        if after == 0 {
+            inbox.first = batch.first_available_seq.max(1);
+            after = inbox.first - 1;
+        } else if batch.first_available_seq > after + 1 {
+            return Ok(None);
         }
         for ev in &batch.events {
             if ev.seq != after + 1 {
@@ -299,6 +329,14 @@ async fn page(client: &Client, user: &str, out: &mut Verified) -> anyhow::Result
             after = ev.seq;
             inbox.fps.push(fingerprint(ev));
             if let Some(pb::event::Kind::Message(m)) = &ev.kind {
+                if m.id <= last_id && !inbox.messages.contains_key(&m.id) {
+                    out.violation(format!(
+                        "{user}: message {} at seq {} is older than one before it",
+                        m.id, ev.seq
+                    ));
+                }
+                last_id = last_id.max(m.id);
+                inbox.oldest_id = Some(inbox.oldest_id.map_or(m.id, |o| o.min(m.id)));
                 let e = inbox
                     .messages
                     .entry(m.id)
@@ -307,8 +345,17 @@ async fn page(client: &Client, user: &str, out: &mut Verified) -> anyhow::Result
             }
         }
         if !batch.has_more || batch.events.is_empty() {
-            return Ok(inbox);
+            return Ok(Some(inbox));
         }
+    }
+}
+
+impl Inbox {
+    /// Whether message `id`, absent here, may have been removed by
+    /// retention: something was trimmed and `id` is older than every
+    /// message still held.
+    fn trimmed(&self, id: u64) -> bool {
+        self.first > 1 && self.oldest_id.is_none_or(|oldest| id < oldest)
     }
 }
 
