@@ -72,11 +72,13 @@ struct Common {
     /// Seed of every random choice; default: random (printed).
     #[arg(long, global = true)]
     seed: Option<u64>,
+    /// Users at the start (the soak replaces one now and then).
     #[arg(long, default_value_t = 12, global = true)]
     users: usize,
     /// Devices per user.
     #[arg(long, default_value_t = 3, global = true)]
     devices: usize,
+    /// Groups, created at the start among the users.
     #[arg(long, default_value_t = 3, global = true)]
     groups: usize,
     /// Members per group, the creator included.
@@ -111,6 +113,7 @@ struct Common {
 enum Mode {
     /// `kill -9` rounds under traffic, each verified after the restart.
     CrashRounds {
+        /// How many kill -9s (each round verified after its restart).
         #[arg(long, default_value_t = 20)]
         rounds: u32,
         /// The kill comes between these many ms into a round's traffic.
@@ -127,6 +130,7 @@ enum Mode {
     },
     /// Steady traffic with churning connections; RSS and fds sampled.
     Soak {
+        /// How long the traffic runs (verification follows).
         #[arg(long, default_value_t = 30.0)]
         minutes: f64,
         /// RSS is judged after this: at 250 sends/s RocksDB's memtables
@@ -134,6 +138,7 @@ enum Mode {
         /// 13 minutes to reach their steady saw-tooth (docs/performance.md).
         #[arg(long, default_value_t = 15.0)]
         warmup_minutes: f64,
+        /// RSS, open files and RocksDB's memory are sampled this often.
         #[arg(long, default_value_t = 2.0)]
         sample_secs: f64,
         /// A device logs out (and back in) this often.
@@ -142,6 +147,8 @@ enum Mode {
         /// A user leaves and a new one joins this often.
         #[arg(long, default_value_t = 30)]
         user_churn_secs: u64,
+        /// RSS peaks and troughs may move this much (percent) from the
+        /// first half of the measured period to the second.
         #[arg(long, default_value_t = 5.0)]
         rss_tolerance_pct: f64,
     },
