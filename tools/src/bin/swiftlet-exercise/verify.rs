@@ -11,6 +11,12 @@
 //!   those inboxes once or in none (one write batch). No inbox holds a
 //!   message nobody sent, nor two copies of one `client_msg_id` (a retry
 //!   stored again). Seqs run 1, 2, 3, ... without holes.
+//! - **With retention** (the soak runs it at its defaults): an inbox holds
+//!   the run `first_available_seq..=head`, and an acknowledged message may
+//!   be missing from it only if retention removed it: if it is older (by
+//!   id) than every message the inbox still holds. That rests on message
+//!   ids growing with seqs within an inbox (ids are taken in commit order
+//!   on one node), which is checked too.
 //! - **Per device** (checked as it goes by [`crate::stream::Stream`]):
 //!   gap-free and in order within each connection, never resuming past
 //!   what it acknowledged, replays only at the start of a connection and
