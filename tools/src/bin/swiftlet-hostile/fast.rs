@@ -31,13 +31,12 @@ pub async fn run(
     report: Arc<Report>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for k in 0..args.fast {
+    wire::each(args.fast, |k| {
         let (target, args, report, stop) =
             (target.clone(), args.clone(), report.clone(), stop.clone());
-        tasks.spawn(async move { sender(k, &target, &args, &report, stop).await });
-    }
-    while tasks.join_next().await.is_some() {}
+        async move { sender(k, &target, &args, &report, stop).await }
+    })
+    .await;
 }
 
 async fn sender(

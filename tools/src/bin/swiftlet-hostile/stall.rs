@@ -29,13 +29,12 @@ pub async fn run(
     report: Arc<Report>,
     stop: watch::Receiver<bool>,
 ) {
-    let mut tasks = tokio::task::JoinSet::new();
-    for k in 0..args.stall {
+    wire::each(args.stall, |k| {
         let (target, args, report, stop) =
             (target.clone(), args.clone(), report.clone(), stop.clone());
-        tasks.spawn(async move { staller(k, &target, &args, &report, stop).await });
-    }
-    while tasks.join_next().await.is_some() {}
+        async move { staller(k, &target, &args, &report, stop).await }
+    })
+    .await;
 }
 
 async fn staller(

@@ -85,6 +85,20 @@ impl Target {
     }
 }
 
+/// Run `task(k)` for every `k` in `0..n` as tasks of their own; return
+/// once all of them ended (each kind of abuse runs its clients this way).
+pub async fn each<F, Fut>(n: usize, task: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..n {
+        tasks.spawn(task(k));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
 pub fn frame(env: &Envelope) -> Vec<u8> {
     let mut out = Vec::new();
     encode_frame(env, &mut out);
