@@ -155,7 +155,7 @@ pub struct Shard {
     /// Connections whose frame bucket ran dry this tick: read again at the
     /// next, when it has refilled.
     throttled: Vec<usize>,
-    /// The tick `throttled` was filled in.
+    /// The tick the first of `throttled` was held back at.
     throttled_at: u32,
     dirty: Vec<usize>,
     catchup: Vec<usize>,
@@ -286,7 +286,6 @@ impl Shard {
             clock.mark("collect");
             if self.now > self.throttled_at {
                 // A new tick: the held-back connections have frames again.
-                self.throttled_at = self.now;
                 self.pending_input.append(&mut self.throttled);
             }
             for slot in std::mem::take(&mut self.pending_input) {
@@ -584,7 +583,7 @@ impl Shard {
                         return;
                     }
                     Stop::Throttled => {
-                        self.throttled.push(slot);
+                        self.hold_back(slot);
                         return;
                     }
                 },
@@ -624,7 +623,7 @@ impl Shard {
                 false
             }
             Stop::Throttled => {
-                self.throttled.push(slot);
+                self.hold_back(slot);
                 false
             }
         }
@@ -795,6 +794,15 @@ impl Shard {
             return Stop::Closed;
         }
         stop
+    }
+
+    /// `slot`'s frame bucket is empty: read it again at the next tick, not
+    /// in a later turn of this one (so it is held back once per tick).
+    fn hold_back(&mut self, slot: usize) {
+        if self.throttled.is_empty() {
+            self.throttled_at = self.now;
+        }
+        self.throttled.push(slot);
     }
 
     /// Clear `slot`'s pause once its output drained below half the budget
