@@ -222,32 +222,29 @@ async fn the_node_refuses_connections_past_its_cap_and_keeps_accepting() {
 
 /// With `max_conns_per_ip`, one source address is capped and another is
 /// not affected.
+/// A raw connection to `addr` from the local address `ip` (any of
+/// 127.0.0.0/8 is this machine).
+async fn raw_from(addr: std::net::SocketAddr, ip: &str) -> Raw {
+    let ip: std::net::IpAddr = ip.parse().expect("ip");
+    let s = tokio::net::TcpSocket::new_v4().expect("socket");
+    s.bind(std::net::SocketAddr::new(ip, 0)).expect("bind");
+    let stream = s.connect(addr).await.expect("connect");
+    Raw {
+        framed: tokio_util::codec::Framed::new(stream, swiftlet_protocol::FrameCodec::default()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_holds_at_most_its_share() {
     let srv = TestServer::start_with(|c| {
         c.shards = 1;
         c.max_conns_per_ip = 2;
     });
-    let from = |ip: &str| {
-        let ip: std::net::IpAddr = ip.parse().expect("ip");
-        let addr = srv.addr();
-        async move {
-            let s = tokio::net::TcpSocket::new_v4().expect("socket");
-            s.bind(std::net::SocketAddr::new(ip, 0)).expect("bind");
-            let stream = s.connect(addr).await.expect("connect");
-            Raw {
-                framed: tokio_util::codec::Framed::new(
-                    stream,
-                    swiftlet_protocol::FrameCodec::default(),
-                ),
-            }
-        }
-    };
-    let _a = from("127.0.0.1").await;
-    let _b = from("127.0.0.1").await;
-    let mut third = from("127.0.0.1").await;
+    let _a = raw_from(srv.addr(), "127.0.0.1").await;
+    let _b = raw_from(srv.addr(), "127.0.0.1").await;
+    let mut third = raw_from(srv.addr(), "127.0.0.1").await;
     assert_eq!(third.expect_fatal().await, ErrorCode::TooManyConnections);
-    let mut other = from("127.0.0.2").await;
+    let mut other = raw_from(srv.addr(), "127.0.0.2").await;
     other.hello(1, &token("max")).await;
     assert!(matches!(
         other.recv().await.and_then(|e| e.body),
@@ -411,4 +408,55 @@ async fn frames_past_the_rate_wait_for_the_bucket_and_none_is_lost() {
         throttled >= 11,
         "held back at each of the 11 ticks: {throttled}"
     );
+}
+
+/// A wave of connections waiting together, and a wave timing out
+/// together, is taken in slices of a turn's share (the connections already
+/// logged in are served between them), and none of it is forgotten: the
+/// listener is edge-triggered, so a shard that stopped accepting after its
+/// share and waited for the next event would leave the rest in the
+/// backlog; one that stopped closing after its share and dropped the other
+/// due timers would leave them open for good. The wave is made to wait
+/// deterministically: a refusal spends the tick's one refusal, after which
+/// the shard accepts nothing until the manual clock moves a tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_of_connections_is_taken_in_slices_and_none_is_forgotten() {
+    const WAVE: usize = 300;
+    let clock = swiftlet::clock::ManualClock::new(1_800_000_000_000);
+    let srv = TestServer::start_with(|c| {
+        c.clock = clock.clock();
+        c.shards = 1;
+        c.max_conns_per_ip = WAVE;
+        c.max_refusals_per_sec = 10;
+    });
+    let mut silent = Vec::new();
+    for _ in 0..WAVE {
+        silent.push(raw_from(srv.addr(), "127.0.0.1").await);
+    }
+    // Refused, so every silent one was accepted before it (one shard
+    // accepts in order), and this tick's refusal is spent.
+    let mut refused = raw_from(srv.addr(), "127.0.0.1").await;
+    assert_eq!(refused.expect_fatal().await, ErrorCode::TooManyConnections);
+    let mut wave = Vec::new();
+    for _ in 0..WAVE {
+        wave.push(raw_from(srv.addr(), "127.0.0.2").await);
+    }
+    // The next tick finds the whole wave in the backlog; no connection
+    // arrives after it to wake the listener again.
+    clock.advance(Duration::from_millis(100));
+    for (i, raw) in wave.iter_mut().enumerate() {
+        raw.hello(1, &token(&format!("u{i}"))).await;
+        assert!(
+            matches!(
+                raw.recv().await.and_then(|e| e.body),
+                Some(Body::Welcome(_))
+            ),
+            "connection {i} of the wave was not served"
+        );
+    }
+    // Every silent one is due in the same tick; each is told.
+    clock.advance(Duration::from_millis(10_500));
+    for raw in &mut silent {
+        assert_eq!(raw.expect_fatal().await, ErrorCode::HandshakeTimeout);
+    }
 }

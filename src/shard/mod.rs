@@ -95,6 +95,12 @@ const CATCHUP_PAGE: usize = 256;
 const READS_PER_TURN: u32 = 1;
 /// Frames of one connection handled per loop turn.
 const FRAMES_PER_TURN: u32 = 256;
+/// Connections accepted (or refused) from one listener per loop turn, and
+/// connections closed by their timers per turn: a wave of connections
+/// arriving or timing out together (a flood, slowloris clients reconnecting
+/// in step) is taken in slices between which the connections already
+/// logged in are served, instead of in one turn of many milliseconds.
+const CONN_CHANGES_PER_TURN: usize = 64;
 /// Requests of one connection waiting for the commit pipeline at most; its
 /// input is not read while this many are unanswered.
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -168,6 +174,9 @@ pub struct Shard {
     /// Listener hit an error (e.g. out of file descriptors), or this tick's
     /// refusals are spent: accept again next turn (each turn checks).
     accept_pending: bool,
+    /// A listener had more than a turn's share ([`CONN_CHANGES_PER_TURN`])
+    /// waiting: the next turn comes at once and accepts again.
+    accept_more: bool,
     /// Refusals this shard may still answer this tick (see [`admission`]).
     refusals: RefusalBudget,
     /// The node's connection caps, shared with the other shards.
@@ -233,6 +242,7 @@ impl Shard {
             start,
             now: 0,
             accept_pending: false,
+            accept_more: false,
             refusals: admission.refusal_budget(),
             admission,
             addresses: HashMap::new(),
@@ -252,7 +262,11 @@ impl Shard {
         loop {
             let elapsed = self.ctx.clock.now().saturating_duration_since(self.start);
             let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
-            let timeout = if self.catchup.is_empty() && self.pending_input.is_empty() {
+            let timeout = if self.catchup.is_empty()
+                && self.pending_input.is_empty()
+                && !self.accept_more
+                && self.due.is_empty()
+            {
                 next_tick.saturating_sub(elapsed)
             } else {
                 Duration::ZERO
@@ -290,6 +304,10 @@ impl Shard {
             }
             for slot in std::mem::take(&mut self.pending_input) {
                 self.pump(slot);
+            }
+            if std::mem::take(&mut self.accept_more) {
+                self.accept(Transport::Tcp);
+                self.accept(Transport::Http);
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -364,7 +382,7 @@ impl Shard {
             self.accept_pending = true;
             return;
         }
-        loop {
+        for _ in 0..CONN_CHANGES_PER_TURN {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
                     if let Err(why) = self.admission.admit(peer.ip()) {
@@ -422,7 +440,7 @@ impl Shard {
                     let at = self.now + ticks(self.ctx.limits.handshake_timeout_ms);
                     arm(&mut self.wheel, conn, slot, self.now, at);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // EMFILE and friends: the pending connections stay in
@@ -430,10 +448,13 @@ impl Shard {
                     // limit this fails on every tick: one line a minute.
                     crate::log_every!(60_000, warn, shard = self.ctx.id, error = %e, "accept failed");
                     self.accept_pending = true;
-                    break;
+                    return;
                 }
             }
         }
+        // The turn's share is taken and more may wait (the listener is
+        // edge-triggered: it does not report them again).
+        self.accept_more = true;
     }
 
     /// Answer a connection past a cap (see [`admission`]) in its own
@@ -1211,7 +1232,15 @@ impl Shard {
         let idle = ticks(self.ctx.limits.idle_timeout_ms);
         let handshake = ticks(self.ctx.limits.handshake_timeout_ms);
         let frame = ticks(self.ctx.limits.frame_timeout_ms);
-        for (slot, gen) in due.drain(..) {
+        // Entries looked at, and connections closed: at most
+        // CONN_CHANGES_PER_TURN closes a turn, the rest wait in `due` for
+        // the next turn, which comes at once.
+        let (mut seen, mut closed) = (0, 0);
+        while closed < CONN_CHANGES_PER_TURN {
+            let Some(&(slot, gen)) = due.get(seen) else {
+                break;
+            };
+            seen += 1;
             let now = self.now;
             let Some(conn) = self
                 .conns
@@ -1227,6 +1256,7 @@ impl Shard {
                         arm(&mut self.wheel, conn, slot as usize, now, until);
                     } else {
                         self.http_timeout(slot as usize);
+                        closed += 1;
                     }
                     continue;
                 }
@@ -1272,7 +1302,9 @@ impl Shard {
                 ErrorCode::Unspecified => self.drop_conn(slot as usize),
                 code => self.close_with(slot as usize, 0, code, why, None, None),
             }
+            closed += 1;
         }
+        due.drain(..seen);
         self.due = due;
     }
 

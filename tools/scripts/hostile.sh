@@ -11,7 +11,8 @@
 # hostile tool runs at the lowest priority, so on this 2-core box it takes
 # the CPU the server and loadgen leave; its own CPU is reported)
 # OUT (a directory for every log, JSON and sample; default a temp dir)
-# ONLY (base or hostile: run only that kind, e.g. to try one abuse alone).
+# ONLY (base or hostile: run only that kind, e.g. to try one abuse alone)
+# SERVER_BIN (the server binary; default the build's, e.g. to compare two).
 set -euo pipefail
 PAIRS=${1:-3}
 RATE=${RATE:-2000}
@@ -66,7 +67,7 @@ run() {
   data=$(mktemp -d)
   rm -f "$OUT/.hostile.pid" "$OUT/.loadgen.pid"
   # shellcheck disable=SC2086
-  RUST_LOG=warn "$BIN/swiftlet" serve --dev-auth --data-dir "$data" --listen "127.0.0.1:$PORT" \
+  RUST_LOG=warn "${SERVER_BIN:-$BIN/swiftlet}" serve --dev-auth --data-dir "$data" --listen "127.0.0.1:$PORT" \
     --http "127.0.0.1:$HTTP_PORT" --max-connections "$MAX_CONNS" ${SERVER_ARGS:-} 2>"$OUT/server-$tag.log" &
   local spid=$!
   sleep 1
