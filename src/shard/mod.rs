@@ -44,6 +44,7 @@
 pub mod admission;
 pub mod conn;
 pub mod input;
+mod sidecar;
 pub mod timer;
 pub mod tls;
 mod turn;
@@ -73,6 +74,7 @@ use admission::{Admission, Refusal, RefusalBudget};
 use conn::{Carries, Conn, Exchange, Phase, Received, Transport};
 pub use input::Fatal;
 use input::Input;
+use sidecar::SlotWords;
 use timer::Wheel;
 use tls::TlsConfig;
 use turn::TurnClock;
@@ -81,6 +83,8 @@ pub const LISTENER: Token = Token(usize::MAX);
 pub const WAKER: Token = Token(usize::MAX - 1);
 pub const HTTP_LISTENER: Token = Token(usize::MAX - 2);
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// Readiness events one poll returns at most.
+const EVENTS_PER_POLL: usize = 1024;
 /// How long a closing connection may take to read its last frame.
 const CLOSE_GRACE_TICKS: u32 = 20;
 /// Least ticks between two returns of free memory to the OS.
@@ -146,10 +150,19 @@ pub struct Shard {
     /// Per slot, the `iat` of the token its session logged in with (set at
     /// each login): an operator's revocation closes the sessions whose
     /// token is older. Beside the slab rather than in `Conn`, where it
-    /// would cost an idle connection 8 bytes of alignment, not 4.
-    token_iats: Vec<u32>,
+    /// would cost an idle connection 8 bytes of alignment, not 4; in
+    /// fixed chunks rather than one growing vector (see [`sidecar`]).
+    token_iats: SlotWords,
     next_gen: u32,
     scratch: Box<[u8]>,
+    /// The poll's readiness events, made with the shard (on the thread
+    /// that starts the node) and taken by [`Shard::run`]. Not made on the
+    /// shard's own thread: its 12 KiB buffer would share a mimalloc page
+    /// with the registry's stripe tables of the same size class, which a
+    /// shard makes and frees as logins grow them, and hold that page and
+    /// every freed table in it resident (about 20 B per idle connection at
+    /// 18,000; docs/performance.md, "Idle density re-checked").
+    events: Option<Events>,
     /// With `--tls-cert`: both listeners speak TLS, with this certificate.
     tls: Option<Arc<TlsConfig>>,
     /// Where a TLS connection's ciphertext is read (its plaintext goes to
@@ -222,7 +235,7 @@ impl Shard {
             http_listener: Some(http_listener),
             mailbox,
             conns: Slab::new(),
-            token_iats: Vec::new(),
+            token_iats: SlotWords::default(),
             next_gen: 0,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             cipher: match tls {
@@ -253,12 +266,16 @@ impl Shard {
             last_slow_report: 0,
             delivered_since: None,
             answered: Vec::new(),
+            events: Some(Events::with_capacity(EVENTS_PER_POLL)),
         })
     }
 
     /// Run until shut down.
     pub fn run(mut self) {
-        let mut events = Events::with_capacity(1024);
+        let mut events = self
+            .events
+            .take()
+            .unwrap_or_else(|| Events::with_capacity(EVENTS_PER_POLL));
         loop {
             let elapsed = self.ctx.clock.now().saturating_duration_since(self.start);
             let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
@@ -742,12 +759,7 @@ impl Shard {
             match flow {
                 Flow::Continue => {
                     if was_handshake && conn.phase == Phase::Live {
-                        if self.token_iats.len() <= slot {
-                            self.token_iats.resize(slot + 1, 0);
-                        }
-                        if let Some(at) = self.token_iats.get_mut(slot) {
-                            *at = token_iat;
-                        }
+                        self.token_iats.set(slot, token_iat);
                         // Logged in (`logout` takes it off the gauge).
                         let ws = conn.transport == Transport::WebSocket;
                         self.ctx.metrics.connection(self.ctx.id, ws, 1);
@@ -1018,7 +1030,7 @@ impl Shard {
             if q.device.is_some() && (poll || conn.device != q.device) {
                 continue;
             }
-            let token_iat = self.token_iats.get(slot as usize).copied().unwrap_or(0);
+            let token_iat = self.token_iats.get(slot as usize);
             if q.issued_before
                 .is_some_and(|before| poll || u64::from(token_iat) >= before)
             {
