@@ -77,8 +77,8 @@ pub struct Config {
     /// backlog. 0: no limit.
     pub max_refusals_per_sec: u32,
     /// Frames one connection may send per second, in a token bucket that
-    /// holds one second's worth and gets a tenth back every 100 ms; a
-    /// connection over it is not read until it refills. 0: no limit.
+    /// holds one second's worth and earns it back continuously; a
+    /// connection over it is not read until it has earned more. 0: no limit.
     pub max_frames_per_sec: u32,
     /// Largest accepted frame, in bytes.
     pub max_frame: usize,

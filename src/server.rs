@@ -378,10 +378,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         idle_timeout_ms: config.idle_timeout_ms,
         handshake_timeout_ms: config.handshake_timeout_ms,
         frame_timeout_ms: config.frame_timeout_ms,
-        frames: crate::session::bucket::FrameRate::new(
-            config.max_frames_per_sec,
-            crate::clock::TICK_MS,
-        ),
+        frames: crate::session::bucket::FrameRate::new(config.max_frames_per_sec),
         max_conns_per_user: config.max_conns_per_user,
         typing_ttl_ms: config.typing_ttl_ms,
         allowed_origins: config.allowed_origins.clone(),

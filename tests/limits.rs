@@ -319,16 +319,18 @@ async fn refusals_past_the_cap_are_answered_at_the_configured_rate() {
 }
 
 /// A connection that sends frames faster than `--max-frames-per-sec` is
-/// read no faster: its bucket holds one second's frames and gets a tenth
-/// back each 100 ms tick, and what waits is handled later, none of it lost.
-/// Under a manual clock this is exact: each Send's Ack carries the time it
-/// was handled, and the test moves the clock one tick only once every
-/// frame the bucket allowed so far is answered, so a frame handled early
-/// would show an earlier time.
+/// read no faster: its bucket holds one second's frames and earns them
+/// back continuously (one per 1/rate s, not a tenth at each 100 ms tick),
+/// and what waits is handled later, none of it lost. Under a manual clock
+/// this is exact: each Send's Ack carries the time it was handled, and the
+/// test moves the clock one token's time (50 ms, half a tick) only once
+/// every frame the bucket allowed so far is answered, so a frame handled
+/// early would show an earlier time, and one refilled only per tick a
+/// later one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_past_the_rate_wait_for_the_bucket_and_none_is_lost() {
     const T0: u64 = 1_800_000_000_000;
-    const RATE: u32 = 20; // a bucket of 20, 2 back per tick
+    const RATE: u32 = 20; // a bucket of 20, one back per 50 ms
     const SENDS: u64 = 40;
     let clock = swiftlet::clock::ManualClock::new(T0);
     let srv = TestServer::start_with(|c| {
@@ -354,12 +356,12 @@ async fn frames_past_the_rate_wait_for_the_bucket_and_none_is_lost() {
     }
     flood.send_bytes(&bytes).await;
 
-    // Send i is handled at the first tick k with 19 + 2k > i.
-    let tick_of = |i: u64| if i < 19 { 0 } else { (i - 19) / 2 + 1 };
+    // Send i is handled at the first step k (of 50 ms) with 19 + k > i.
+    let step_of = |i: u64| if i < 19 { 0 } else { i - 18 };
     let mut handled_at = Vec::new();
-    let mut tick = 0;
+    let mut step = 0;
     while (handled_at.len() as u64) < SENDS {
-        let allowed = (19 + 2 * tick).min(SENDS);
+        let allowed = (19 + step).min(SENDS);
         while (handled_at.len() as u64) < allowed {
             match flood
                 .recv()
@@ -379,14 +381,14 @@ async fn frames_past_the_rate_wait_for_the_bucket_and_none_is_lost() {
                 other => panic!("expected an Ack, got {other:?}"),
             }
         }
-        tick += 1;
-        clock.advance(Duration::from_millis(100));
+        step += 1;
+        clock.advance(Duration::from_millis(50));
     }
     for (i, at) in handled_at {
         assert_eq!(
             at,
-            T0 + 100 * tick_of(i),
-            "send {i} handled at the wrong tick"
+            T0 + 50 * step_of(i),
+            "send {i} handled at the wrong time"
         );
     }
     // Everything reached bob, once, in order.
@@ -405,8 +407,8 @@ async fn frames_past_the_rate_wait_for_the_bucket_and_none_is_lost() {
         .and_then(|v| v.trim().parse().ok())
         .expect("swiftlet_throttled_total");
     assert!(
-        throttled >= 11,
-        "held back at each of the 11 ticks: {throttled}"
+        throttled >= 21,
+        "held back at each of the 21 steps: {throttled}"
     );
 }
 

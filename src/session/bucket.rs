@@ -3,14 +3,33 @@
 //! subscriptions (which share a bucket: both fan out to other users at no
 //! durable cost, so both are what a client could flood).
 //!
+//! Both refill continuously, from the shard's clock read once per loop
+//! turn as an [`Instant`] of 100 µs units: a connection gets back what the
+//! time since its last refill earned, counted against fixed boundaries
+//! (every 1/rate of a second, from the shard's start), so nothing is lost
+//! to rounding however often it refills, and a client held at the rate is
+//! read in small steps ([`FrameRate::retry`]) rather than in a burst each
+//! 100 ms tick.
+//!
 //! The state is three fields the connection keeps inline (typing units,
-//! frame tokens, and the tick both were refilled to), not a struct of its
-//! own: a nested struct would pad the connection's slab slot by 8 bytes,
-//! paid by every idle connection. Both buckets refill together, by whole
-//! ticks, in [`refill`], which the shard calls before it handles a
-//! connection's input; taking is then a plain subtraction. Typing counts
-//! half tokens (one unit per tick, [`UNITS_PER_TOKEN`] per token), so its
-//! rate is exactly one token per [`REFILL_TICKS`] however the requests fall.
+//! frame tokens, and the instant both were refilled to), not a struct of
+//! its own: a nested struct would pad the connection's slab slot by 8
+//! bytes, paid by every idle connection. Both refill together in
+//! [`refill`], which the shard calls before it handles a connection's
+//! input; taking is then a plain subtraction. Typing counts half tokens
+//! (one unit per 100 ms, [`UNITS_PER_TOKEN`] per token), so its rate is
+//! exactly one token per [`REFILL_TICKS`] ticks however the requests fall.
+
+/// A point on a shard's clock, in 100 µs units since the shard started,
+/// wrapping after about five days (see [`refill`]).
+pub type Instant = u32;
+/// [`Instant`] units per second.
+pub const UNITS_PER_SEC: u64 = 10_000;
+/// [`Instant`] units per tick of the shard's wheel (100 ms).
+pub const UNITS_PER_TICK: u32 = 1_000;
+/// The least time between two reads of a connection held at its rate (2
+/// ms): more often would cost a loop turn for a token or two.
+const MIN_RETRY: u32 = 20;
 
 /// Typing and presence tokens a connection may spend in a burst (the
 /// bucket starts full).
@@ -21,35 +40,26 @@ pub const REFILL_TICKS: u32 = 2;
 const UNITS_PER_TOKEN: u8 = REFILL_TICKS as u8;
 /// A full typing bucket, in units.
 pub const TYPING_FULL: u8 = BURST * UNITS_PER_TOKEN;
+/// Typing units earned per second (one a tick).
+const TYPING_PER_SEC: u64 = UNITS_PER_SEC / UNITS_PER_TICK as u64;
 
-/// The frame bucket's size and refill, from `--max-frames-per-sec`: it holds
-/// one second's frames and gets a tick's share back each tick.
+/// The frame bucket, from `--max-frames-per-sec`: it holds one second's
+/// frames and earns them back continuously.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameRate {
-    /// Tokens when full (0: no limit).
+    /// Tokens when full, and earned per second (0: no limit).
     full: u16,
-    /// Tokens back per tick.
-    per_tick: u16,
 }
 
 impl FrameRate {
     /// No limit on frames.
-    pub const OFF: FrameRate = FrameRate {
-        full: 0,
-        per_tick: 0,
-    };
+    pub const OFF: FrameRate = FrameRate { full: 0 };
 
     /// `per_sec` frames a second (0: no limit; at most `u16::MAX`, which
-    /// the configuration checks), refilled by whole ticks of `tick_ms`.
-    pub fn new(per_sec: u32, tick_ms: u64) -> Self {
-        if per_sec == 0 {
-            return FrameRate::OFF;
-        }
-        let full = u16::try_from(per_sec).unwrap_or(u16::MAX);
-        let per_tick = (u64::from(full) * tick_ms).div_ceil(1000).max(1);
+    /// the configuration checks).
+    pub fn new(per_sec: u32) -> Self {
         FrameRate {
-            full,
-            per_tick: u16::try_from(per_tick).unwrap_or(u16::MAX),
+            full: u16::try_from(per_sec).unwrap_or(u16::MAX),
         }
     }
 
@@ -62,19 +72,47 @@ impl FrameRate {
     pub fn full(&self) -> u16 {
         self.full
     }
+
+    /// How long after a connection ran dry to read it again: one token's
+    /// time, and at least [`MIN_RETRY`].
+    pub fn retry(&self) -> u32 {
+        let token = UNITS_PER_SEC.div_ceil(u64::from(self.full.max(1)));
+        u32::try_from(token).unwrap_or(u32::MAX).max(MIN_RETRY)
+    }
 }
 
-/// Bring both buckets to tick `now`: the ticks since `refilled` give back
-/// one typing unit each and a tick's share of frames each, up to full.
-pub fn refill(typing: &mut u8, frames: &mut u16, refilled: &mut u32, now: u32, rate: FrameRate) {
-    let ticks = now.saturating_sub(*refilled);
-    if ticks == 0 {
+/// What `per_sec` a second earns between instants `then` and `now`: the
+/// boundaries (multiples of 1/`per_sec` s) passed, so that refilling often
+/// loses nothing. Across the clock's wrap it counts the elapsed time
+/// instead, which may drop a fraction once every five days.
+fn earned(then: Instant, now: Instant, per_sec: u64) -> u64 {
+    let at = |t: Instant| u64::from(t) * per_sec / UNITS_PER_SEC;
+    if now >= then {
+        at(now) - at(then)
+    } else {
+        u64::from(now.wrapping_sub(then)) * per_sec / UNITS_PER_SEC
+    }
+}
+
+/// Bring both buckets to instant `now`: the time since `refilled` gives
+/// back a typing unit per 100 ms and a frame per 1/rate s, up to full.
+pub fn refill(
+    typing: &mut u8,
+    frames: &mut u16,
+    refilled: &mut Instant,
+    now: Instant,
+    rate: FrameRate,
+) {
+    if now == *refilled {
         return;
     }
-    *refilled = now;
-    *typing = (u32::from(*typing) + ticks).min(u32::from(TYPING_FULL)) as u8;
-    let back = u64::from(ticks) * u64::from(rate.per_tick);
-    *frames = (u64::from(*frames) + back).min(u64::from(rate.full)) as u16;
+    let then = std::mem::replace(refilled, now);
+    let back = earned(then, now, TYPING_PER_SEC);
+    *typing = (u64::from(*typing) + back).min(u64::from(TYPING_FULL)) as u8;
+    if rate.on() {
+        let back = earned(then, now, u64::from(rate.full));
+        *frames = (u64::from(*frames) + back).min(u64::from(rate.full)) as u16;
+    }
 }
 
 /// Take `n` typing tokens; false, taking none, when fewer are left.
@@ -91,8 +129,10 @@ pub fn take_typing(typing: &mut u8, n: u8) -> bool {
 mod tests {
     use super::*;
 
-    fn at(typing: &mut u8, refilled: &mut u32, now: u32, n: u8) -> bool {
-        refill(typing, &mut 0, refilled, now, FrameRate::OFF);
+    const TICK: Instant = UNITS_PER_TICK;
+
+    fn at(typing: &mut u8, refilled: &mut Instant, tick: u32, n: u8) -> bool {
+        refill(typing, &mut 0, refilled, tick * TICK, FrameRate::OFF);
         take_typing(typing, n)
     }
 
@@ -123,19 +163,55 @@ mod tests {
     }
 
     #[test]
-    fn frames_hold_a_second_and_get_a_tick_share_back_each_tick() {
-        let rate = FrameRate::new(2_000, 100);
-        assert_eq!((rate.full(), rate.per_tick), (2_000, 200));
-        let (mut typing, mut frames, mut refilled) = (0, 0, 10);
-        refill(&mut typing, &mut frames, &mut refilled, 10, rate);
-        assert_eq!(frames, 0, "no tick passed");
-        refill(&mut typing, &mut frames, &mut refilled, 13, rate);
-        assert_eq!(frames, 600);
-        refill(&mut typing, &mut frames, &mut refilled, 1_000_000, rate);
+    fn frames_hold_a_second_and_come_back_continuously() {
+        let rate = FrameRate::new(2_000);
+        assert_eq!(rate.full(), 2_000);
+        let (mut typing, mut frames, mut refilled) = (0, 0, 10 * TICK);
+        refill(&mut typing, &mut frames, &mut refilled, 10 * TICK, rate);
+        assert_eq!(frames, 0, "no time passed");
+        // 2,000 a second is one per 5 units (0.5 ms).
+        refill(&mut typing, &mut frames, &mut refilled, 10 * TICK + 5, rate);
+        assert_eq!(frames, 1);
+        refill(&mut typing, &mut frames, &mut refilled, 13 * TICK, rate);
+        assert_eq!(frames, 600, "three ticks' worth in all");
+        assert_eq!(typing, 3, "and a typing unit per tick");
+        refill(&mut typing, &mut frames, &mut refilled, u32::MAX - 1, rate);
         assert_eq!(frames, 2_000, "never over a second's worth");
-        // A rate below ten a second still gets a token each tick.
-        assert_eq!(FrameRate::new(5, 100).per_tick, 1);
-        assert_eq!(FrameRate::new(u32::MAX, 100).full(), u16::MAX);
-        assert!(!FrameRate::new(0, 100).on());
+        assert_eq!(FrameRate::new(u32::MAX).full(), u16::MAX);
+        assert!(!FrameRate::new(0).on());
+    }
+
+    #[test]
+    fn refilling_often_loses_nothing_to_rounding() {
+        // 3 a second: one per 3,333.3 units. Refilled every unit for ten
+        // seconds, exactly 30 come back; typing, 100.
+        let rate = FrameRate::new(3);
+        let (mut typing, mut frames, mut refilled) = (0, 0, 0);
+        let (mut got, mut units) = (0u32, 0u32);
+        for now in 1..=10 * UNITS_PER_SEC as u32 {
+            refill(&mut typing, &mut frames, &mut refilled, now, rate);
+            got += u32::from(frames);
+            frames = 0;
+            units += u32::from(typing);
+            typing = 0;
+        }
+        assert_eq!((got, units), (30, 100));
+    }
+
+    #[test]
+    fn across_the_clock_wrap_the_elapsed_time_counts() {
+        let rate = FrameRate::new(1_000);
+        let (mut typing, mut frames, mut refilled) = (0, 0, u32::MAX - 4);
+        // 4 + 6 units later, wrapped: 1 ms, one frame.
+        refill(&mut typing, &mut frames, &mut refilled, 5, rate);
+        assert_eq!((frames, refilled), (1, 5));
+    }
+
+    #[test]
+    fn a_dry_connection_is_read_again_after_a_token_and_at_least_2_ms() {
+        assert_eq!(FrameRate::new(1_000).retry(), MIN_RETRY);
+        assert_eq!(FrameRate::new(20_000).retry(), MIN_RETRY);
+        assert_eq!(FrameRate::new(20).retry(), 500, "one token: 50 ms");
+        assert_eq!(FrameRate::new(3).retry(), 3_334);
     }
 }

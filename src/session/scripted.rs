@@ -425,7 +425,7 @@ pub struct TestConn {
     pub watching: Option<Box<Vec<Arc<str>>>>,
     pub in_flight: u8,
     pub typing_tokens: u8,
-    /// Tick the typing bucket was refilled to (see [`TestConn::refill`]).
+    /// Instant the typing bucket was refilled to (see [`TestConn::refill`]).
     pub refilled: u32,
     /// Every envelope queued to the client, in order.
     pub out: Vec<Envelope>,
@@ -469,14 +469,14 @@ impl TestConn {
         }
     }
 
-    /// Refill the typing bucket to tick `now`, as the shard does before it
+    /// Refill the typing bucket to tick `now` (in ticks, not instants), as the shard does before it
     /// handles a connection's input (frames are not limited here).
     pub fn refill(&mut self, now: u32) {
         bucket::refill(
             &mut self.typing_tokens,
             &mut 0,
             &mut self.refilled,
-            now,
+            now.wrapping_mul(bucket::UNITS_PER_TICK),
             bucket::FrameRate::OFF,
         );
     }

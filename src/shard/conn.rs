@@ -67,8 +67,8 @@ pub struct Conn {
     /// Frames this connection may still send before the next refill (see
     /// [`bucket`]; unused while frames are not limited).
     pub frame_tokens: u16,
-    /// Tick both buckets were refilled to.
-    pub refilled: u32,
+    /// Instant both buckets were refilled to.
+    pub refilled: bucket::Instant,
     /// Users whose presence this connection subscribed to (boxed: most
     /// connections have none, and then this costs one pointer).
     pub watching: Option<Box<Vec<Arc<str>>>>,
@@ -169,12 +169,13 @@ pub enum Received {
 }
 
 impl Conn {
-    /// A connection accepted at tick `now`, with full buckets (`frames`:
-    /// the node's frame rate).
+    /// A connection accepted at tick `now` (instant `instant`), with full
+    /// buckets (`frames`: the node's frame rate).
     pub fn new(
         stream: TcpStream,
         gen: u32,
         now: u32,
+        instant: bucket::Instant,
         transport: Transport,
         frames: FrameRate,
     ) -> Self {
@@ -196,7 +197,7 @@ impl Conn {
             device: None,
             typing_tokens: bucket::TYPING_FULL,
             frame_tokens: frames.full(),
-            refilled: now,
+            refilled: instant,
             watching: None,
             io: None,
         }
@@ -239,9 +240,9 @@ impl Conn {
         self.flags.set(Flags::BEHIND, on);
     }
 
-    /// Refill both of the connection's buckets to tick `now` (see
+    /// Refill both of the connection's buckets to instant `now` (see
     /// [`bucket`]); the shard does this before it handles the input.
-    pub fn refill(&mut self, now: u32, frames: FrameRate) {
+    pub fn refill(&mut self, now: bucket::Instant, frames: FrameRate) {
         bucket::refill(
             &mut self.typing_tokens,
             &mut self.frame_tokens,
@@ -658,7 +659,7 @@ mod tests {
         let (ours, _) = listener.accept().expect("accept");
         let stream = TcpStream::from_std(ours);
         (
-            Conn::new(stream, 1, 0, Transport::Tcp, FrameRate::OFF),
+            Conn::new(stream, 1, 0, 0, Transport::Tcp, FrameRate::OFF),
             peer,
         )
     }

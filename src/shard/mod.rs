@@ -67,6 +67,7 @@ pub use crate::clock::{ticks, TICK_MS};
 use crate::commit::{merge_delivered, summarize_delivered, CommitCmd};
 use crate::hub::mailbox::{Answer, Reply, Sent, ShardMsg};
 use crate::hub::registry::{ConnKind, ConnRef};
+use crate::session::bucket;
 use crate::session::delivery;
 use crate::session::requests::{self as session, Acked, Flow, ShardSessions};
 pub use crate::session::services::{Limits, Services};
@@ -171,11 +172,12 @@ pub struct Shard {
     /// Connections with input left for a later turn (their share was
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
-    /// Connections whose frame bucket ran dry this tick: read again at the
-    /// next, when it has refilled.
+    /// Connections whose frame bucket ran dry: read again
+    /// [`bucket::FrameRate::retry`] after the first of them was held back, when
+    /// each has earned a token or more.
     throttled: Vec<usize>,
-    /// The tick the first of `throttled` was held back at.
-    throttled_at: u32,
+    /// The instant the first of `throttled` was held back at.
+    throttled_at: bucket::Instant,
     dirty: Vec<usize>,
     catchup: Vec<usize>,
     due: Vec<(u32, u32)>,
@@ -184,6 +186,10 @@ pub struct Shard {
     ctx: Services,
     start: Instant,
     now: u32,
+    /// This turn's time in finer units, for the token buckets.
+    instant: bucket::Instant,
+    /// When this turn started, since `start`.
+    turn_started: Duration,
     /// Listener hit an error (e.g. out of file descriptors), or this tick's
     /// refusals are spent: accept again next turn (each turn checks).
     accept_pending: bool,
@@ -254,6 +260,8 @@ impl Shard {
             ctx,
             start,
             now: 0,
+            instant: 0,
+            turn_started: Duration::ZERO,
             accept_pending: false,
             accept_more: false,
             refusals: admission.refusal_budget(),
@@ -284,7 +292,18 @@ impl Shard {
                 && !self.accept_more
                 && self.due.is_empty()
             {
-                next_tick.saturating_sub(elapsed)
+                let wake = if self.throttled.is_empty() {
+                    next_tick
+                } else {
+                    // The held-back connections' retry, on the clock of
+                    // `elapsed` (instants wrap; the distance does not).
+                    let retry = self.ctx.limits.frames.retry();
+                    let waited = self.instant.wrapping_sub(self.throttled_at);
+                    let at = retry.saturating_sub(waited).min(retry);
+                    let unit = Duration::from_micros(1_000_000 / bucket::UNITS_PER_SEC);
+                    next_tick.min(self.turn_started + unit * at)
+                };
+                wake.saturating_sub(elapsed)
             } else {
                 Duration::ZERO
             };
@@ -298,6 +317,10 @@ impl Shard {
             let mut clock = TurnClock::start(self.ctx.clock.clone());
             let elapsed = clock.started().saturating_duration_since(self.start);
             self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
+            self.turn_started = elapsed;
+            // Wraps after about five days; the buckets allow for it.
+            self.instant = (elapsed.as_micros() * u128::from(bucket::UNITS_PER_SEC) / 1_000_000)
+                as bucket::Instant;
             let idle_poll = events.is_empty()
                 && self.mailbox.is_empty()
                 && self.catchup.is_empty()
@@ -315,8 +338,10 @@ impl Shard {
                 self.last_collect = self.now;
             }
             clock.mark("collect");
-            if self.now > self.throttled_at {
-                // A new tick: the held-back connections have frames again.
+            if !self.throttled.is_empty()
+                && self.instant.wrapping_sub(self.throttled_at) >= self.ctx.limits.frames.retry()
+            {
+                // The held-back connections have earned frames again.
                 self.pending_input.append(&mut self.throttled);
             }
             for slot in std::mem::take(&mut self.pending_input) {
@@ -448,6 +473,7 @@ impl Shard {
                         stream,
                         gen,
                         self.now,
+                        self.instant,
                         transport,
                         self.ctx.limits.frames,
                     ));
@@ -680,7 +706,7 @@ impl Shard {
         };
         let now = self.now;
         let limits = &self.ctx.limits;
-        conn.refill(now, limits.frames);
+        conn.refill(self.instant, limits.frames);
         let was_partial = conn.partial_since();
         let mut held = conn.take_input();
         let from_scratch = held.is_empty();
@@ -829,11 +855,12 @@ impl Shard {
         stop
     }
 
-    /// `slot`'s frame bucket is empty: read it again at the next tick, not
-    /// in a later turn of this one (so it is held back once per tick).
+    /// `slot`'s frame bucket is empty: read it again once it has earned
+    /// frames ([`bucket::FrameRate::retry`] after the first connection of the list
+    /// was held back), not in the next turn.
     fn hold_back(&mut self, slot: usize) {
         if self.throttled.is_empty() {
-            self.throttled_at = self.now;
+            self.throttled_at = self.instant;
         }
         self.throttled.push(slot);
     }
