@@ -96,6 +96,11 @@ pub struct Config {
     /// every Ack waits for its WAL write. Unset: inside `data_dir`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wal_dir: Option<PathBuf>,
+    /// One budget for RocksDB's memtables over every column family: past
+    /// about seven eighths of it the oldest memtable is flushed (never a
+    /// write stall), so the store's write buffers stay near it at most
+    /// instead of up to 32 MiB per column family. 0: no overall budget.
+    pub memtable_budget_bytes: usize,
     /// This node's id (0-1023), part of every message id.
     pub node_id: u16,
     /// Most members a group may have.
@@ -168,6 +173,7 @@ impl Default for Config {
             wal_sync: WalSync::Interval,
             wal_sync_interval_ms: 100,
             wal_dir: None,
+            memtable_budget_bytes: crate::store::DEFAULT_MEMTABLE_BUDGET,
             node_id: 0,
             max_group_members: 1024,
             typing_ttl_ms: 6_000,
@@ -313,6 +319,9 @@ pub struct ServeArgs {
     /// Directory of the write-ahead log, e.g. on a separate fast device [default: inside the data dir].
     #[arg(long, env = "SWIFTLET_WAL_DIR")]
     pub wal_dir: Option<PathBuf>,
+    /// RocksDB memtables over all column families, in bytes (at least 33554432): past ~7/8 of it the oldest is flushed; 0: no overall budget [default: 67108864].
+    #[arg(long, env = "SWIFTLET_MEMTABLE_BUDGET_BYTES")]
+    pub memtable_budget_bytes: Option<usize>,
     /// Node id, 0-1023 [default: 0].
     #[arg(long, env = "SWIFTLET_NODE_ID")]
     pub node_id: Option<u16>,
@@ -378,6 +387,7 @@ impl Config {
             push_buffer_bytes,
             wal_sync,
             wal_sync_interval_ms,
+            memtable_budget_bytes,
             node_id,
             max_group_members,
             typing_ttl_ms,
@@ -507,6 +517,16 @@ impl Config {
             return bad(
                 "wal_sync_interval_ms",
                 format!("{} is not between 1 and 60000", self.wal_sync_interval_ms),
+            );
+        }
+        let min_budget = crate::store::MIN_MEMTABLE_BUDGET;
+        if self.memtable_budget_bytes != 0 && self.memtable_budget_bytes < min_budget {
+            return bad(
+                "memtable_budget_bytes",
+                format!(
+                    "{} is below {min_budget}: nearly every write would flush a memtable; 0 means no budget",
+                    self.memtable_budget_bytes
+                ),
             );
         }
         if self.lease_ms < 1_000 || self.lease_ms > 600_000 {
@@ -873,6 +893,13 @@ mod tests {
                     ..d()
                 },
                 "redis_timeout_ms",
+            ),
+            (
+                Config {
+                    memtable_budget_bytes: 1 << 20,
+                    ..d()
+                },
+                "memtable_budget_bytes",
             ),
             (
                 Config {

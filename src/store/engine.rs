@@ -96,6 +96,9 @@ pub(super) struct Recipe {
     pub(super) wal_dir: Option<PathBuf>,
     /// Shared by every instance, so a reopen starts with a warm cache.
     pub(super) cache: rocksdb::Cache,
+    /// The memtables' overall budget (see [`memory`](super::memory)), shared
+    /// by every instance too: one being retired still holds its memtables.
+    pub(super) write_buffers: Option<rocksdb::WriteBufferManager>,
 }
 
 impl Recipe {
@@ -113,6 +116,9 @@ impl Recipe {
         env.lower_high_priority_thread_pool_cpu_priority();
         o.set_env(&env);
         o.set_keep_log_file_num(4);
+        if let Some(budget) = &self.write_buffers {
+            o.set_write_buffer_manager(budget);
+        }
         // One writer inserts a write group's batches one after another, in
         // their sorted order (see `Batch`), reusing its place in the skiplist
         // from key to key. Concurrent inserts start every key's search from

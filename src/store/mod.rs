@@ -29,6 +29,7 @@ pub mod cf;
 pub mod cluster;
 mod engine;
 pub mod keys;
+mod memory;
 pub mod ops;
 pub mod partition;
 pub mod retention;
@@ -46,6 +47,7 @@ use swiftlet_protocol::pb;
 use crate::clock::Clock;
 use crate::metrics::StoreHealth;
 use keys::{InboxEntry, RunState};
+pub use memory::{DEFAULT_MEMTABLE_BUDGET, MIN_BUDGET as MIN_MEMTABLE_BUDGET};
 pub use retention::{Policy as RetentionPolicy, TrimReport};
 
 /// A storage failure. Engine errors are mapped here, in one place.
@@ -180,6 +182,10 @@ pub struct StoreOptions {
     /// Memtable size per column family. Smaller memtables keep skiplist
     /// inserts of random keys (inboxes, dedup records) shallow.
     pub write_buffer_bytes: usize,
+    /// One budget for the memtables of every column family together (see
+    /// [`memory`]); 0: none, each column family is bounded by
+    /// `write_buffer_bytes` alone.
+    pub memtable_budget_bytes: usize,
     /// Where the write-ahead log lives; `None`: in the database directory.
     /// Recorded in the database (see [`WAL_DIR_MARKER`]) and checked on
     /// every open.
@@ -207,6 +213,7 @@ impl Default for StoreOptions {
             wal_sync_interval: Duration::from_millis(100),
             block_cache_bytes: 64 << 20,
             write_buffer_bytes: 16 << 20,
+            memtable_budget_bytes: DEFAULT_MEMTABLE_BUDGET,
             wal_dir: None,
             retention: retention::Policy::default(),
             clock: Clock::system(),
@@ -494,10 +501,12 @@ impl Store {
     /// refused, and the store takes writes again by itself once there is
     /// room (see [`engine`]).
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        memory::return_freed_blocks();
         let recipe = engine::Recipe {
             path: path.to_owned(),
             wal_dir: settle_wal_dir(path, opts.wal_dir.as_deref())?,
             cache: rocksdb::Cache::new_lru_cache(opts.block_cache_bytes),
+            write_buffers: memory::budget(opts.memtable_budget_bytes),
             opts: opts.clone(),
         };
         let refusing = Arc::new(AtomicBool::new(false));
