@@ -31,9 +31,9 @@
 //! every block comes from a per-thread arena heap, where a free chunk in the
 //! middle of the heap stays resident (only the heap's top is ever given
 //! back). Measured in the soak at 750 sends/s after 6 minutes
-//! (`malloc_info`): glibc's arenas held 85 MiB, 37.6 MiB of it free chunks
-//! of 1-4 MiB, while the memtables held 40 MiB; a `malloc_trim(0)` from a
-//! debugger took RSS from 125 to 98 MiB. So RSS followed the high-water
+//! (`malloc_info`): glibc's arenas held 81 MiB, 35.9 MiB of it free chunks
+//! of 1-4 MiB, while the memtables held 38.6 MiB; a `malloc_trim(0)` from a
+//! debugger took RSS from 122 to 96 MiB. So RSS followed the high-water
 //! mark of the memtables, not the memtables.
 //!
 //! [`return_freed_blocks`] fixes glibc's mmap threshold at [`MMAP_THRESHOLD`]
