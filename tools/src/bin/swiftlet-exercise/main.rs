@@ -134,8 +134,9 @@ enum Mode {
         #[arg(long, default_value_t = 30.0)]
         minutes: f64,
         /// RSS is judged after this: at 250 sends/s RocksDB's memtables
-        /// (16 MiB per column family, filling at different speeds) took
-        /// 13 minutes to reach their steady saw-tooth (docs/performance.md).
+        /// (16 MiB per column family, filling at different speeds, within
+        /// one budget) take minutes to reach their steady saw-tooth
+        /// (docs/performance.md, "Soak").
         #[arg(long, default_value_t = 15.0)]
         warmup_minutes: f64,
         /// RSS, open files and RocksDB's memory are sampled this often.

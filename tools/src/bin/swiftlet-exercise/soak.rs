@@ -9,8 +9,9 @@
 //! the population stays the same size.
 //!
 //! After the warm-up, RSS saw-tooths: RocksDB's memtables fill (16 MiB per
-//! column family) and are freed when flushed, every few minutes at these
-//! rates. So "flat" compares the envelope, not single samples: the measured
+//! column family, all of them within the server's `--memtable-budget-bytes`)
+//! and their memory goes back to the system when they are flushed, every
+//! few minutes at these rates. So "flat" compares the envelope, not single samples: the measured
 //! period is cut in two halves, each several cycles long, and the highest
 //! and the lowest RSS of the second half must be within the tolerance of
 //! the first half's ([`Halves`]); a leak raises both. File descriptors are
