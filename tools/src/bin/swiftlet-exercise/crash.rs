@@ -5,7 +5,7 @@
 //! send in flight ends, a sample of acknowledged sends is re-sent, and
 //! everything is verified ([`crate::verify`]) before the next round.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,13 +45,7 @@ pub async fn run(
     let mut last = Verified::default();
     for round in 1..=opts.rounds {
         let t0 = Instant::now();
-        let stop = Arc::new(AtomicBool::new(false));
-        let traffic = tokio::spawn(traffic::run(
-            world.clone(),
-            traffic_opts.clone(),
-            stop.clone(),
-            rng.gen(),
-        ));
+        let traffic = traffic::Running::start(world.clone(), traffic_opts.clone(), rng.gen());
         let kill_at = rng.gen_range(opts.kill_min_ms..=opts.kill_max_ms.max(opts.kill_min_ms));
         tokio::time::sleep(Duration::from_millis(kill_at)).await;
         // Kill while sends are in flight, so that some lose their Ack and
@@ -71,8 +65,7 @@ pub async fn run(
         server.start().await?;
         let after = rng.gen_range(opts.after_restart_ms / 4..=opts.after_restart_ms.max(1));
         tokio::time::sleep(Duration::from_millis(after)).await;
-        stop.store(true, Ordering::Relaxed);
-        traffic.await?;
+        traffic.stop().await?;
         let (resent, bad) = verify::resend_sample(world, opts.resend, rng).await;
         resent_total += resent;
         let mut v = verify::verify(world, &server.addr()).await?;

@@ -19,7 +19,7 @@
 //! end traffic stops and one verification pass checks every send and every
 //! stream.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,13 +70,7 @@ pub async fn run(
     rng: &mut StdRng,
 ) -> anyhow::Result<(serde_json::Value, bool)> {
     let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let traffic = tokio::spawn(traffic::run(
-        world.clone(),
-        traffic_opts.clone(),
-        stop.clone(),
-        rng.gen(),
-    ));
+    let traffic = traffic::Running::start(world.clone(), traffic_opts.clone(), rng.gen());
     let total = Duration::from_secs_f64(opts.minutes * 60.0);
     let sample_every = Duration::from_secs_f64(opts.sample_secs);
     let mut samples = Vec::new();
@@ -182,8 +176,7 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    traffic.await?;
+    traffic.stop().await?;
     for l in leaving {
         l.await?;
     }

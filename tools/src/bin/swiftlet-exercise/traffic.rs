@@ -33,6 +33,27 @@ pub struct TrafficOpts {
 
 /// Sends traffic until `stop` is set, then waits for every send in flight
 /// to end (acknowledged, or given up at its deadline).
+/// The traffic running in its own task until [`Running::stop`].
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Start [`run`] on `world` in a task of its own.
+    pub fn start(world: Arc<World>, opts: TrafficOpts, seed: u64) -> Running {
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(world, opts, stop.clone(), seed));
+        Running { stop, task }
+    }
+
+    /// Stop sending and wait until the sends in flight have ended.
+    pub async fn stop(self) -> Result<(), tokio::task::JoinError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await
+    }
+}
+
 pub async fn run(world: Arc<World>, opts: TrafficOpts, stop: Arc<AtomicBool>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut sends = JoinSet::new();
