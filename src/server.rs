@@ -139,7 +139,7 @@ fn render_engine(store: &Store, out: &mut String) {
         0 => 0.0,
         n => f.block_cache_hits as f64 / n as f64,
     };
-    let gauges: [(&str, &str, f64); 9] = [
+    let gauges: [(&str, &str, f64); 10] = [
         (
             "swiftlet_rocksdb_memtable_bytes",
             "Bytes in RocksDB memtables.",
@@ -179,6 +179,11 @@ fn render_engine(store: &Store, out: &mut String) {
             "swiftlet_rocksdb_block_cache_bytes",
             "Bytes in the block cache.",
             f.block_cache_bytes as f64,
+        ),
+        (
+            "swiftlet_rocksdb_table_readers_bytes",
+            "Memory RocksDB's open SST readers hold outside the block cache.",
+            f.table_readers_bytes as f64,
         ),
         (
             "swiftlet_rocksdb_block_cache_hit_ratio",

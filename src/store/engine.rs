@@ -155,6 +155,15 @@ impl Recipe {
             );
             let mut bbo = BlockBasedOptions::default();
             bbo.set_block_cache(&self.cache);
+            // Every SST's index and bloom filter live in the block cache,
+            // so the cache's size bounds them: left to the table readers,
+            // they sit outside every budget and grow with the database
+            // (about 1.2 bytes a key for the filters alone). The newest
+            // files' (L0) stay pinned, as the hot path reads them most;
+            // the cache keeps index and filter blocks in its high-priority
+            // pool, ahead of data blocks.
+            bbo.set_cache_index_and_filter_blocks(true);
+            bbo.set_pin_l0_filter_and_index_blocks_in_cache(true);
             let mut o = Options::default();
             if point {
                 // Most dedup lookups are misses (a first send): bloom filters,
