@@ -268,4 +268,48 @@ mod tests {
             f.block_cache_bytes
         );
     }
+
+    /// A filter bigger than one shard of the block cache (64 MiB in 64
+    /// shards: 1 MiB) could not stay in it, and every lookup read it from
+    /// the file again: an SST of a million keys has a 1.2 MB filter, and a
+    /// node under a fast sender then spent its shards in `pread`s of it.
+    /// Partitioned filters and indexes are cached in small blocks.
+    #[test]
+    fn a_big_sst_filter_is_read_from_its_file_once_not_at_every_lookup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = StoreOptions {
+            write_buffer_bytes: 256 << 20,
+            memtable_budget_bytes: 0,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(&dir.path().join("db"), &opts).expect("open");
+        let db = store.db();
+        let h = handle(&db, cf::DEDUP).expect("family");
+        // Two flushed files that overlap, merged by a compaction: its
+        // output is not a flushed file, whose filter would stay pinned.
+        for half in 0..2u32 {
+            let mut b = store.batch();
+            for i in (half..1_000_000u32).step_by(2) {
+                b.put(cf::DEDUP, i.to_be_bytes().to_vec(), Vec::new());
+            }
+            store.commit(b).expect("commit");
+            db.flush_cf(h).expect("flush");
+        }
+        db.compact_range_cf(h, None::<&[u8]>, None::<&[u8]>);
+        let misses = || db.options.get_ticker_count(Ticker::BlockCacheFilterMiss);
+        let before = misses();
+        for i in 0..200u32 {
+            // Reads of data blocks all over the file fill the cache's
+            // shards, the filter's among them.
+            let present = (i * 4_999).to_be_bytes();
+            assert!(db.get_cf(h, present).expect("get").is_some());
+            let absent = (2_000_000 + i).to_be_bytes();
+            assert!(db.get_cf(h, absent).expect("get").is_none());
+        }
+        let missed = misses() - before;
+        assert!(
+            missed <= 20,
+            "200 lookups missed the filter in the block cache {missed} times"
+        );
+    }
 }
