@@ -115,6 +115,11 @@ pub struct Config {
     /// `TCP_ADDR,HTTP_ADDR`. Unset: the addresses it listens on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// The operator's port: `/metrics`, `/healthz` and the admin API on a
+    /// listener outside the client ports' caps (see `crate::admin::ops`).
+    /// Unset: they are only on the HTTP port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops_listen: Option<SocketAddr>,
     /// How long one renewal of the node's cluster lease lasts: a node that
     /// cannot reach Redis for this long stops writing.
     pub lease_ms: u64,
@@ -179,6 +184,7 @@ impl Default for Config {
             typing_ttl_ms: 6_000,
             cluster: None,
             advertise: None,
+            ops_listen: None,
             lease_ms: 15_000,
             redis_timeout_ms: 1_000,
             tls_cert: None,
@@ -337,6 +343,9 @@ pub struct ServeArgs {
     /// Addresses redirected clients use: TCP_ADDR,HTTP_ADDR [default: the listen addresses].
     #[arg(long, env = "SWIFTLET_ADVERTISE")]
     pub advertise: Option<String>,
+    /// The operator's port (/metrics, /healthz, admin API), outside the client caps; a private address [default: unset].
+    #[arg(long, env = "SWIFTLET_OPS_LISTEN")]
+    pub ops_listen: Option<SocketAddr>,
     /// Cluster lease in ms: without Redis for this long a node stops writing [default: 15000].
     #[arg(long, env = "SWIFTLET_LEASE_MS")]
     pub lease_ms: Option<u64>,
@@ -402,6 +411,9 @@ impl Config {
         }
         if args.advertise.is_some() {
             c.advertise = args.advertise.clone();
+        }
+        if args.ops_listen.is_some() {
+            c.ops_listen = args.ops_listen;
         }
         if args.jwt_secret.is_some() {
             c.jwt_secret = args.jwt_secret.clone();
@@ -610,6 +622,11 @@ impl Config {
                 "advertise",
                 self.advertise.is_none(),
                 "the listen addresses",
+            ),
+            (
+                "ops_listen",
+                self.ops_listen.is_none(),
+                "metrics and the admin API only on the HTTP port",
             ),
             (
                 "tls_cert",

@@ -88,6 +88,8 @@ pub struct Server {
     shard_threads: Vec<JoinHandle<()>>,
     /// The operator's API (see `crate::admin`), when it is on.
     admin_thread: Option<JoinHandle<()>>,
+    /// The operator's port (see `crate::admin::ops`), when configured.
+    ops: Option<admin::ops::OpsPort>,
     commit: Option<CommitHandle>,
     store: Arc<Store>,
     registry: Arc<Registry>,
@@ -378,6 +380,13 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             node_id: config.node_id,
         },
     )?;
+    let ops = match config.ops_listen {
+        None => None,
+        Some(addr) => Some(
+            admin::ops::OpsPort::start(addr, metrics.clone(), gate.clone())
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        ),
+    };
     let limits = Limits {
         max_frame: config.max_frame,
         push_buffer_bytes: config.push_buffer_bytes,
@@ -445,7 +454,8 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
                 .spawn(move || shard.run())?,
         );
     }
-    // The shards hold the only gates now: the admin thread ends after them.
+    // The shards (and the operator's port) hold the only gates now: the
+    // admin thread ends after them.
     drop(gate);
     tracing::info!(
         %addr,
@@ -458,6 +468,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         tls = tls.is_some(),
         max_connections,
         admin_api = admin_thread.is_some(),
+        ops_addr = ?ops.as_ref().map(admin::ops::OpsPort::local_addr),
         "swiftlet serving"
     );
     Ok(Server {
@@ -467,6 +478,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
         shards: handles,
         shard_threads,
         admin_thread,
+        ops,
         commit: Some(commit),
         store,
         registry,
@@ -484,6 +496,12 @@ impl Server {
     /// The HTTP address (WebSocket, sync, page, metrics).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The operator's port, when configured (with the real port when 0
+    /// was asked).
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops.as_ref().map(admin::ops::OpsPort::local_addr)
     }
 
     /// Whether the listeners speak TLS.
@@ -541,6 +559,10 @@ impl Server {
             if rx.recv().is_err() {
                 break;
             }
+        }
+        // Its gate goes with it, so the admin thread can end below.
+        if let Some(mut ops) = self.ops.take() {
+            ops.stop();
         }
         // No more hand-offs in or out: what is unshipped stays in the
         // outbox, what is unapplied stays in Redis for the next start.

@@ -220,6 +220,62 @@ async fn the_node_refuses_connections_past_its_cap_and_keeps_accepting() {
     }
 }
 
+/// A node held at its connection cap (a flood) refuses a scrape on the
+/// HTTP port like any connection; the operator's port (`--ops-listen`) is
+/// counted apart and answers `/metrics`, `/healthz` and the admin API,
+/// and past its own small cap it answers `503` at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_port_answers_while_the_client_ports_are_full() {
+    const ADMIN: &str = "ops-test-admin-token-0123456789";
+    let srv = TestServer::start_with(|c| {
+        c.shards = 1;
+        c.max_connections = 2;
+        c.admin_token = Some(ADMIN.into());
+        c.ops_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    });
+    let ops = srv.server().ops_addr().expect("the operator port is on");
+    let _held = [
+        Raw::connect(srv.addr()).await,
+        Raw::connect(srv.addr()).await,
+    ];
+    let (status, _) = http(srv.http_addr(), "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 503, "the HTTP port is past the cap");
+
+    let (status, body) = http(ops, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("swiftlet_connections"), "{text}");
+    assert_eq!(
+        http(ops, "GET", "/healthz", &[], b"").await,
+        (200, b"ok\n".to_vec())
+    );
+    assert_eq!(http(ops, "POST", "/metrics", &[], b"").await.0, 405);
+    assert_eq!(http(ops, "GET", "/ws", &[], b"").await.0, 404);
+    // The admin API, behind the same token as on the HTTP port.
+    assert_eq!(http(ops, "GET", "/admin/v1/stats", &[], b"").await.0, 401);
+    let bearer = format!("Bearer {ADMIN}");
+    let (status, body) = http(
+        ops,
+        "GET",
+        "/admin/v1/stats",
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let stats: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert!(stats["uptime_s"].is_u64(), "{stats}");
+
+    // Its own cap: requests that never arrive hold every place (until
+    // their read deadline), and the next connection is answered 503.
+    let mut silent = Vec::new();
+    for _ in 0..swiftlet::admin::ops::MAX_OPEN {
+        silent.push(tokio::net::TcpStream::connect(ops).await.expect("connect"));
+    }
+    assert_eq!(http(ops, "GET", "/healthz", &[], b"").await.0, 503);
+    drop(silent);
+}
+
 /// With `max_conns_per_ip`, one source address is capped and another is
 /// not affected.
 /// A raw connection to `addr` from the local address `ip` (any of

@@ -1,4 +1,5 @@
-//! The operator's API: `/admin/v1/...` on the HTTP port, behind an admin
+//! The operator's API: `/admin/v1/...` on the HTTP port (and on the
+//! operator's port, [`ops`], when there is one), behind an admin
 //! token (`--admin-token`; unset, the API is off), and the `swiftlet
 //! admin` commands that call it ([`client`]) or work on a stopped node's
 //! files ([`restore`]).
@@ -16,6 +17,7 @@
 //! protocol/README.md, section 20 ("Operator API").
 
 pub mod client;
+pub mod ops;
 pub mod restore;
 
 use std::path::{Path, PathBuf};
@@ -58,10 +60,18 @@ pub struct Gate {
     jobs: Option<Sender<Job>>,
 }
 
-/// One admin request and the connection waiting for its answer.
+/// One admin request and who waits for its answer.
 pub struct Job {
     pub request: Request,
-    pub reply: ConnRef,
+    pub reply: Reply,
+}
+
+/// Where an admin answer goes.
+pub enum Reply {
+    /// A connection on a shard's HTTP port (through its mailbox).
+    Shard(ConnRef),
+    /// A request on the operator's port ([`ops`]), waiting on its thread.
+    Direct(Sender<Vec<u8>>),
 }
 
 fn digest(s: &[u8]) -> [u8; 20] {
@@ -151,11 +161,16 @@ fn serve(node: Node, jobs: Receiver<Job>) {
     let started = Instant::now();
     for job in jobs {
         let answer = node.answer(&job.request, started);
-        if let Some(shard) = node.shards.get(usize::from(job.reply.shard)) {
-            shard.send(ShardMsg::HttpAnswer {
-                to: job.reply,
-                answer,
-            });
+        match job.reply {
+            Reply::Shard(to) => {
+                if let Some(shard) = node.shards.get(usize::from(to.shard)) {
+                    shard.send(ShardMsg::HttpAnswer { to, answer });
+                }
+            }
+            // Gone when its request timed out or the port stopped.
+            Reply::Direct(tx) => {
+                let _ = tx.send(answer);
+            }
         }
     }
 }

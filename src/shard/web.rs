@@ -114,7 +114,7 @@ impl Shard {
         let reply = self.conn_ref(slot);
         if let Err(answer) = self.ctx.admin.submit(crate::admin::Job {
             request: req,
-            reply,
+            reply: crate::admin::Reply::Shard(reply),
         }) {
             return self.http_finish(slot, answer);
         }
