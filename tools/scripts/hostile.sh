@@ -13,6 +13,9 @@
 # OUT (a directory for every log, JSON and sample; default a temp dir)
 # ONLY (base or hostile: run only that kind, e.g. to try one abuse alone)
 # SERVER_BIN (the server binary; default the build's, e.g. to compare two).
+# Each run also reports the server's own share of the honest requests' time
+# (server_req_*: read to answer written, from /metrics on the operator's
+# port, PORT+2), which separates work in the server from waiting for a core.
 set -euo pipefail
 PAIRS=${1:-3}
 RATE=${RATE:-2000}
@@ -23,6 +26,7 @@ MAX_CONNS=${MAX_CONNS:-3000}
 NICE=${NICE:-19}
 PORT=${PORT:-7731}
 HTTP_PORT=$((PORT + 1))
+OPS_PORT=$((PORT + 2))
 BIN=${CARGO_TARGET_DIR:-$HOME/.cache/swiftlet/target}/release
 OUT=${OUT:-$(mktemp -d /tmp/hostile.XXXXXX)}
 mkdir -p "$OUT"
@@ -60,15 +64,20 @@ run() {
   local tag="$kind-$n" data
   # Another server on the port would take loadgen's connections
   # (SO_REUSEPORT is refused, but only once ours starts).
-  if ss -ltn | grep -q ":$PORT \|:$HTTP_PORT "; then
-    echo "hostile.sh: port $PORT or $HTTP_PORT is in use; set PORT" >&2
+  if ss -ltn | grep -q ":$PORT \|:$HTTP_PORT \|:$OPS_PORT "; then
+    echo "hostile.sh: port $PORT, $HTTP_PORT or $OPS_PORT is in use; set PORT" >&2
     exit 1
   fi
   data=$(mktemp -d)
-  rm -f "$OUT/.hostile.pid" "$OUT/.loadgen.pid"
+  rm -f "$OUT/.hostile.pid" "$OUT/.loadgen.pid" "$OUT/metrics-$tag-"*
+  # The server's own share of each request's time comes from /metrics on
+  # the operator's port, which the flood's connection cap does not reach
+  # (a server built before --ops-listen is run without it).
+  local sbin=${SERVER_BIN:-$BIN/swiftlet} ops=()
+  if "$sbin" serve --help | grep -q -- --ops-listen; then ops=(--ops-listen "127.0.0.1:$OPS_PORT"); fi
   # shellcheck disable=SC2086
-  RUST_LOG=warn "${SERVER_BIN:-$BIN/swiftlet}" serve --dev-auth --data-dir "$data" --listen "127.0.0.1:$PORT" \
-    --http "127.0.0.1:$HTTP_PORT" --max-connections "$MAX_CONNS" ${SERVER_ARGS:-} 2>"$OUT/server-$tag.log" &
+  RUST_LOG=warn "$sbin" serve --dev-auth --data-dir "$data" --listen "127.0.0.1:$PORT" \
+    --http "127.0.0.1:$HTTP_PORT" --max-connections "$MAX_CONNS" "${ops[@]}" ${SERVER_ARGS:-} 2>"$OUT/server-$tag.log" &
   local spid=$!
   sleep 1
   if ! kill -0 "$spid" 2>/dev/null; then
@@ -92,8 +101,17 @@ run() {
     hpid=$!
     echo "$hpid" >"$OUT/.hostile.pid"
   fi
+  local scraper=""
+  if [ ${#ops[@]} -gt 0 ]; then
+    (sleep $((WARMUP + 1)); curl -s -m 5 "http://127.0.0.1:$OPS_PORT/metrics" >"$OUT/metrics-$tag-0.txt" || true) &
+    scraper=$!
+  fi
   local lrc=0 hrc=0
   wait "$lpid" || lrc=$?
+  if [ -n "$scraper" ]; then
+    wait "$scraper" || true
+    curl -s -m 5 "http://127.0.0.1:$OPS_PORT/metrics" >"$OUT/metrics-$tag-1.txt" || true
+  fi
   if [ -n "$hpid" ]; then wait "$hpid" || hrc=$?; fi
   # Ten seconds more of samples: does the server give back what the
   # hostile clients took?
@@ -128,6 +146,31 @@ res = {
     "server_fds_max": max(fds) if fds else None, "server_fds_end": int(fds_end),
     "server_cpu_s": round(ticks(3) / hz, 1), "loadgen_cpu_s": round(ticks(5) / hz, 1),
 }
+def request_buckets(path):
+    # swiftlet_request_seconds: from reading a request to writing its answer.
+    try:
+        text = open(path).read()
+    except OSError:
+        return None
+    b = {}
+    for line in text.splitlines():
+        if line.startswith("swiftlet_request_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            b[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
+    return b or None
+b0 = request_buckets(f"{out}/metrics-{tag}-0.txt")
+b1 = request_buckets(f"{out}/metrics-{tag}-1.txt")
+if b0 and b1:
+    # Over the measured window: the share over 1 and 5 ms, and the bucket
+    # holding the 99th percentile (its upper bound).
+    les = sorted(b1)
+    n = b1[les[-1]] - b0.get(les[-1], 0)
+    if n > 0:
+        frac = {le: (b1[le] - b0.get(le, 0)) / n for le in les}
+        res["server_req_n"] = int(n)
+        res["server_req_over_1ms_pct"] = round(100 * (1 - frac.get(0.001, 0)), 3)
+        res["server_req_over_5ms_pct"] = round(100 * (1 - frac.get(0.005, 0)), 3)
+        res["server_req_p99_le_ms"] = next((le * 1000 for le in les if frac[le] >= 0.99), None)
 if kind == "hostile":
     lines = open(f"{out}/hostile-{tag}.json").read().strip().splitlines()
     if not lines:
