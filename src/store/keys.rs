@@ -21,7 +21,9 @@ pub fn inbox_key(user: &str, seq: u64) -> Vec<u8> {
 
 /// `user ‖ 0x00 ‖ name`, for dedup (name = client_msg_id) and cursors (name = device).
 pub fn user_named_key(user: &str, name: &str) -> Vec<u8> {
-    let mut k = user_prefix(user);
+    let mut k = Vec::with_capacity(user.len() + 1 + name.len());
+    k.extend_from_slice(user.as_bytes());
+    k.push(0);
     k.extend_from_slice(name.as_bytes());
     k
 }

@@ -261,24 +261,42 @@ pub enum FailRead {
 
 /// An atomic group of writes. Dropping it unwritten discards it.
 ///
-/// The writes are collected and only turned into a RocksDB `WriteBatch` by
-/// [`Store::commit`], which orders them by column family and key first (a
-/// stable sort: writes to one key keep their order). Inbox, dedup and
-/// status keys of a group commit are spread over the whole key space; in
-/// key order, each memtable insert starts its skiplist search from where the
-/// previous one ended instead of from the top, which made the memtable
-/// inserts, the pipeline's largest cost, markedly cheaper.
+/// The writes are collected per column family and only turned into a
+/// RocksDB `WriteBatch` by [`Store::commit`], which puts each family's in
+/// key order first (a stable sort: writes to one key keep their order).
+/// Inbox, dedup and status keys of a group commit are spread over the whole
+/// key space; in key order, the writes of one inbox follow each other and
+/// each memtable insert after the first starts its skiplist search from
+/// where the previous one ended instead of from the top, which made the
+/// memtable inserts, the pipeline's largest cost, markedly cheaper.
+/// Collected per family, the sort compares keys only, and the families
+/// whose keys only grow (messages, reference counts: ids are increasing)
+/// arrive already in order, which the sort checks in one pass.
 #[derive(Default)]
 pub struct Batch {
+    /// The column families written, each with its writes in the order
+    /// they were made.
+    families: Vec<Family>,
+    /// Writes collected so far, over all families.
+    len: usize,
+    /// Bytes of keys and values collected so far (to size the `WriteBatch`).
+    bytes: usize,
+    /// The last reference count added ([`Batch::add_ref`]): its place in
+    /// `families` and in that family's writes, and for which message, so
+    /// the references a message gets from consecutive inbox entries become
+    /// one write.
+    last_ref: Option<(usize, usize, u64)>,
+}
+
+struct Family {
+    cf: &'static str,
     ops: Vec<BatchOp>,
-    /// The last reference count added ([`Batch::add_ref`]): where in `ops`
-    /// and for which message, so the references a message gets from
-    /// consecutive inbox entries become one write.
-    last_ref: Option<(usize, u64)>,
 }
 
 struct BatchOp {
-    cf: &'static str,
+    /// The write's place among all of the batch's writes, for
+    /// [`Batch::truncate`].
+    at: usize,
     key: Vec<u8>,
     value: OpValue,
 }
@@ -290,72 +308,122 @@ enum OpValue {
     AddRefs(i64),
 }
 
+impl OpValue {
+    fn len(&self) -> usize {
+        match self {
+            OpValue::Put(v) => v.len(),
+            OpValue::Delete => 0,
+            OpValue::AddRefs(_) => 8,
+        }
+    }
+}
+
 impl Batch {
-    fn put(&mut self, cf: &'static str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(BatchOp {
-            cf,
-            key: key.into(),
-            value: OpValue::Put(value.into()),
+    /// The writes of `cf` (an entry of [`cf::ALL_CFS`]): its place in
+    /// `families`, added if new. A batch writes a handful of families, so
+    /// a scan; the names are the same `&'static str`s, compared by address
+    /// first.
+    fn family(&mut self, cf: &'static str) -> usize {
+        let found = self
+            .families
+            .iter()
+            .position(|f| std::ptr::eq(f.cf, cf))
+            .or_else(|| self.families.iter().position(|f| f.cf == cf));
+        match found {
+            Some(i) => i,
+            None => {
+                self.families.push(Family {
+                    cf,
+                    ops: Vec::new(),
+                });
+                self.families.len() - 1
+            }
+        }
+    }
+
+    /// Add a write to `cf`; returns its place in `families` and in that
+    /// family's writes.
+    fn push(&mut self, cf: &'static str, key: Vec<u8>, value: OpValue) -> (usize, usize) {
+        let f = self.family(cf);
+        self.bytes += key.len() + value.len();
+        let ops = &mut self.families[f].ops;
+        ops.push(BatchOp {
+            at: self.len,
+            key,
+            value,
         });
+        self.len += 1;
+        (f, ops.len() - 1)
+    }
+
+    fn put(&mut self, cf: &'static str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.push(cf, key.into(), OpValue::Put(value.into()));
     }
 
     fn delete(&mut self, cf: &'static str, key: impl Into<Vec<u8>>) {
-        self.ops.push(BatchOp {
-            cf,
-            key: key.into(),
-            value: OpValue::Delete,
-        });
+        self.push(cf, key.into(), OpValue::Delete);
     }
 
     /// One more inbox entry references message `id`.
     fn add_ref(&mut self, id: u64) {
-        if let Some((i, last)) = self.last_ref {
+        if let Some((f, i, last)) = self.last_ref {
             if last == id {
                 if let Some(BatchOp {
                     value: OpValue::AddRefs(n),
                     ..
-                }) = self.ops.get_mut(i)
+                }) = self.families.get_mut(f).and_then(|f| f.ops.get_mut(i))
                 {
                     *n += 1;
                     return;
                 }
             }
         }
-        self.last_ref = Some((self.ops.len(), id));
-        self.ops.push(BatchOp {
-            cf: cf::REFS,
-            key: id.to_be_bytes().to_vec(),
-            value: OpValue::AddRefs(1),
-        });
+        let (f, i) = self.push(cf::REFS, id.to_be_bytes().to_vec(), OpValue::AddRefs(1));
+        self.last_ref = Some((f, i, id));
     }
 
     /// Add `n` (which may be negative) to message `id`'s reference count:
     /// rows that name it arriving or leaving outside [`Store::put_inbox`]
     /// (a partition moving in or out, see [`partition`]).
     fn add_refs(&mut self, id: u64, n: i64) {
-        self.ops.push(BatchOp {
-            cf: cf::REFS,
-            key: id.to_be_bytes().to_vec(),
-            value: OpValue::AddRefs(n),
-        });
+        self.push(cf::REFS, id.to_be_bytes().to_vec(), OpValue::AddRefs(n));
     }
 
     /// Writes collected so far.
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.len
     }
 
     /// Drop the writes made after the first `len` (a failed request's: see
     /// `crate::txn`).
     pub(crate) fn truncate(&mut self, len: usize) {
-        self.ops.truncate(len);
-        if self.last_ref.is_some_and(|(i, _)| i >= len) {
-            self.last_ref = None;
+        if len >= self.len {
+            return;
+        }
+        for f in &mut self.families {
+            while f.ops.last().is_some_and(|op| op.at >= len) {
+                if let Some(op) = f.ops.pop() {
+                    self.bytes -= op.key.len() + op.value.len();
+                }
+            }
+        }
+        self.len = len;
+        if let Some((f, i, _)) = self.last_ref {
+            if self.families.get(f).is_none_or(|f| i >= f.ops.len()) {
+                self.last_ref = None;
+            }
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.len == 0
+    }
+
+    /// Every write, family by family, each in the order it was made.
+    fn writes(&self) -> impl Iterator<Item = (&'static str, &BatchOp)> {
+        self.families
+            .iter()
+            .flat_map(|f| f.ops.iter().map(move |op| (f.cf, op)))
     }
 }
 
@@ -660,26 +728,26 @@ impl Store {
             self.shared.write_failed(&db, None);
             return Err(StoreError::ReadOnly);
         }
-        let mut ops = batch.ops;
+        let mut batch = batch;
         if self.watching.load(Ordering::Acquire) {
-            self.note_written(ops.iter().map(|op| (op.cf, op.key.as_slice())));
+            self.note_written(batch.writes().map(|(cf, op)| (cf, op.key.as_slice())));
         }
-        ops.sort_by(|a, b| (a.cf, &a.key).cmp(&(b.cf, &b.key)));
-        let mut wb = rocksdb::WriteBatch::default();
-        let mut last: Option<(&'static str, &ColumnFamily)> = None;
-        for op in &ops {
-            let cf = match last {
-                Some((name, h)) if name == op.cf => h,
-                _ => {
-                    let h = handle(&db, op.cf)?;
-                    last = Some((op.cf, h));
-                    h
+        // Room for every write's key and value and RocksDB's few bytes of
+        // framing per write (type, family id, two varint lengths).
+        let mut wb = rocksdb::WriteBatch::with_capacity_bytes(batch.bytes + 16 * batch.len + 12);
+        batch.families.sort_unstable_by_key(|f| f.cf);
+        for f in &mut batch.families {
+            if f.ops.is_empty() {
+                continue;
+            }
+            f.ops.sort_by(|a, b| a.key.cmp(&b.key));
+            let cf = handle(&db, f.cf)?;
+            for op in &f.ops {
+                match &op.value {
+                    OpValue::Put(v) => wb.put_cf(cf, &op.key, v),
+                    OpValue::Delete => wb.delete_cf(cf, &op.key),
+                    OpValue::AddRefs(n) => wb.merge_cf(cf, &op.key, n.to_be_bytes()),
                 }
-            };
-            match &op.value {
-                OpValue::Put(v) => wb.put_cf(cf, &op.key, v),
-                OpValue::Delete => wb.delete_cf(cf, &op.key),
-                OpValue::AddRefs(n) => wb.merge_cf(cf, &op.key, n.to_be_bytes()),
             }
         }
         // Never while the trimmer decides on reference counts (see
@@ -1280,6 +1348,68 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed request's writes are taken back from every column family
+    /// they went to, and what the batch held before it is written whole:
+    /// the reference counts too, coalesced or not.
+    #[test]
+    fn truncating_a_batch_drops_the_later_writes_of_every_family() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        let mut b = store.batch();
+        store
+            .put_message(
+                &mut b,
+                &pb::Message {
+                    id: 1,
+                    ..Default::default()
+                },
+            )
+            .expect("put");
+        store
+            .put_inbox(&mut b, "bob", 1, InboxEntry::Message(1))
+            .expect("put");
+        store
+            .put_inbox(&mut b, "amy", 1, InboxEntry::Message(1))
+            .expect("put");
+        let kept = b.len();
+        assert_eq!(kept, 4, "one message, two inbox rows, one coalesced count");
+        store
+            .put_message(
+                &mut b,
+                &pb::Message {
+                    id: 2,
+                    ..Default::default()
+                },
+            )
+            .expect("put");
+        store
+            .put_inbox(&mut b, "cy", 1, InboxEntry::Message(2))
+            .expect("put");
+        store.put_cursor(&mut b, "amy", "phone", 1).expect("put");
+        b.truncate(kept);
+        assert_eq!(b.len(), kept);
+        store
+            .put_inbox(&mut b, "dan", 1, InboxEntry::Message(1))
+            .expect("put");
+        store.put_cursor(&mut b, "bob", "phone", 1).expect("put");
+        store.commit(b).expect("commit");
+
+        let db = store.db();
+        let refs = |id: u64| {
+            db.get_cf(handle(&db, cf::REFS).expect("cf"), id.to_be_bytes())
+                .expect("read")
+                .map(|v| retention::decode_refs(&v).expect("count"))
+        };
+        assert_eq!(refs(1), Some(3));
+        assert_eq!(refs(2), None);
+        assert_eq!(store.message(2).expect("read"), None);
+        assert!(store.message(1).expect("read").is_some());
+        assert_eq!(store.last_seq("cy").expect("read"), 0);
+        assert_eq!(store.last_seq("dan").expect("read"), 1);
+        assert_eq!(store.cursor("amy", "phone").expect("read"), 0);
+        assert_eq!(store.cursor("bob", "phone").expect("read"), 1);
+    }
 
     /// A batch is sorted before it is written; writes to one key must still
     /// apply in the order they were made.
