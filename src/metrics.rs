@@ -168,6 +168,10 @@ pub struct Metrics {
     /// written its answer: queueing for the pipeline, the durable write and
     /// the hand-back. The server's share of a client's send→Ack latency.
     pub request_us: Histogram<16>,
+    /// The work of one event-loop turn that had any (every shard): a
+    /// request that arrives meanwhile waits up to this long to be read,
+    /// which `request_us` does not see.
+    pub turn_us: Histogram<16>,
     /// Logins (and HTTP requests) answered NOT_HOME, and HOME_UNAVAILABLE.
     pub redirects: AtomicU64,
     pub home_unavailable: AtomicU64,
@@ -203,6 +207,7 @@ impl Default for Metrics {
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
             request_us: Histogram::new(PUSH_BUCKETS_US),
+            turn_us: Histogram::new(PUSH_BUCKETS_US),
             redirects: AtomicU64::new(0),
             home_unavailable: AtomicU64::new(0),
             cluster: OnceLock::new(),
@@ -403,6 +408,12 @@ impl Metrics {
             &mut out,
             "swiftlet_request_seconds",
             "From reading a request that goes through the commit pipeline to having written its answer.",
+            1e6,
+        );
+        self.turn_us.render(
+            &mut out,
+            "swiftlet_shard_turn_seconds",
+            "The work of one event-loop turn that had any, every shard: input arriving meanwhile waits up to this long to be read.",
             1e6,
         );
         if let Some(cluster) = self.cluster.get() {

@@ -394,6 +394,10 @@ impl Shard {
             // their answers wake this shard for the next turn.
             self.ctx.commit.combine(None);
             clock.mark("commit2");
+            if !idle_poll {
+                let us = clock.total().as_micros() as u64;
+                self.ctx.metrics.turn_us.observe(us);
+            }
             if clock.total() >= SLOW_TURN && self.now >= self.last_slow_report + COLLECT_TICKS {
                 self.last_slow_report = self.now;
                 tracing::warn!(shard = self.ctx.id, turn = %clock, "slow event-loop turn");

@@ -146,24 +146,27 @@ res = {
     "server_fds_max": max(fds) if fds else None, "server_fds_end": int(fds_end),
     "server_cpu_s": round(ticks(3) / hz, 1), "loadgen_cpu_s": round(ticks(5) / hz, 1),
 }
-def request_buckets(path):
-    # swiftlet_request_seconds: from reading a request to writing its answer.
+def buckets(path, name):
+    # A histogram's cumulative buckets (le in seconds) and its _sum.
     try:
         text = open(path).read()
     except OSError:
         return None
     b = {}
     for line in text.splitlines():
-        if line.startswith("swiftlet_request_seconds_bucket"):
+        if line.startswith(name + "_bucket"):
             le = line.split('le="')[1].split('"')[0]
             b[float("inf") if le == "+Inf" else float(le)] = float(line.split()[-1])
+        elif line.startswith(name + "_sum"):
+            b["sum"] = float(line.split()[-1])
     return b or None
-b0 = request_buckets(f"{out}/metrics-{tag}-0.txt")
-b1 = request_buckets(f"{out}/metrics-{tag}-1.txt")
+# swiftlet_request_seconds: from reading a request to writing its answer.
+b0 = buckets(f"{out}/metrics-{tag}-0.txt", "swiftlet_request_seconds")
+b1 = buckets(f"{out}/metrics-{tag}-1.txt", "swiftlet_request_seconds")
 if b0 and b1:
     # Over the measured window: the share over 1 and 5 ms, and the bucket
     # holding the 99th percentile (its upper bound).
-    les = sorted(b1)
+    les = sorted(k for k in b1 if k != "sum")
     n = b1[les[-1]] - b0.get(les[-1], 0)
     if n > 0:
         frac = {le: (b1[le] - b0.get(le, 0)) / n for le in les}
@@ -171,6 +174,16 @@ if b0 and b1:
         res["server_req_over_1ms_pct"] = round(100 * (1 - frac.get(0.001, 0)), 3)
         res["server_req_over_5ms_pct"] = round(100 * (1 - frac.get(0.005, 0)), 3)
         res["server_req_p99_le_ms"] = next((le * 1000 for le in les if frac[le] >= 0.99), None)
+# swiftlet_shard_turn_seconds: how long the shards' turns ran; input that
+# arrives during one waits for its end before it is even read.
+t0 = buckets(f"{out}/metrics-{tag}-0.txt", "swiftlet_shard_turn_seconds")
+t1 = buckets(f"{out}/metrics-{tag}-1.txt", "swiftlet_shard_turn_seconds")
+if t0 and t1:
+    secs = float(lg.get("measured_s") or 0) or 1.0
+    over = lambda le: (t1[float("inf")] - t1[le]) - (t0[float("inf")] - t0[le])
+    res["server_turns_over_1ms_per_s"] = round(over(0.001) / secs, 1)
+    res["server_turns_over_5ms_per_s"] = round(over(0.005) / secs, 2)
+    res["server_turn_busy_pct"] = round(100 * (t1["sum"] - t0["sum"]) / secs, 1)
 if kind == "hostile":
     lines = open(f"{out}/hostile-{tag}.json").read().strip().splitlines()
     if not lines:
