@@ -107,8 +107,13 @@ const FRAMES_PER_TURN: u32 = 256;
 /// logged in are served, instead of in one turn of many milliseconds.
 const CONN_CHANGES_PER_TURN: usize = 64;
 /// Requests of one connection waiting for the commit pipeline at most; its
-/// input is not read while this many are unanswered.
-pub const MAX_IN_FLIGHT: usize = 64;
+/// input is not read while this many are unanswered. It is also each
+/// connection's most in one group commit: with 64, four clients sending as
+/// fast as they could filled every group with 256 of their sends and the
+/// other users' waited behind them (honest p50 5.1-5.6 ms against 2.0-2.2
+/// with 16; docs/performance.md). 16 in flight is what a client that
+/// pipelines needs to keep a send path busy (the peers harness's window).
+pub const MAX_IN_FLIGHT: usize = 16;
 
 /// What stopped [`Shard::handle_input`].
 enum Stop {

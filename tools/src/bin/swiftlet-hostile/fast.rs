@@ -2,7 +2,7 @@
 //! (`<prefix>-fast-<k>`) and writes `Send`s back to back, as fast as the
 //! socket takes them, to the never-reading users of [`crate::stall`] (so
 //! their inboxes grow while they stall), while a reader task takes every
-//! answer: the server's flow control (at most 64 requests waiting for
+//! answer: the server's flow control (at most 16 requests waiting for
 //! storage, 256 frames and 64 KiB read per turn, the frames-per-second
 //! bucket where the server has one) is what must hold them back. Allowed
 //! answers: `Ack`, `RATE_LIMITED`; a fatal error ends the connection and
