@@ -37,7 +37,7 @@ pub const MAX_OPEN: usize = 16;
 /// Time a connection has to deliver its whole request.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the accepting thread waits for a request it refuses (at the
-/// cap) to arrive, and for the refusal to be taken.
+/// cap) to arrive.
 const BUSY_READ: Duration = Duration::from_secs(1);
 /// Largest request body (admin requests carry small JSON bodies).
 const MAX_BODY: usize = 64 * 1024;
@@ -161,56 +161,40 @@ fn accept_loop(
 }
 
 /// The answer when [`MAX_OPEN`] requests are being served: `503`, after
-/// reading the request's head (within [`BUSY_READ`]): closing with unread
-/// input would reset the connection, and the reset can overtake the answer.
+/// reading the request (within [`BUSY_READ`]): closing with unread input
+/// would reset the connection, and the reset can overtake the answer.
 fn busy(mut stream: TcpStream) {
-    let deadline = Instant::now() + BUSY_READ;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 2048];
-    while !matches!(http::parse(&buf, MAX_BODY), Ok(Some(_)) | Err(_)) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match stream.read(&mut chunk) {
-            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => break,
-        }
-    }
-    let _ = stream.set_write_timeout(Some(BUSY_READ));
-    let text = "the operator port serves as many requests as it may; retry later";
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
+    let _ = read_request(&mut stream, BUSY_READ);
+    finish(
+        stream,
+        &http::busy("the operator port serves as many requests as it may; retry later"),
     );
-    let _ = stream.write_all(answer.as_bytes());
-    let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
 /// Read one request, answer it, close.
 fn serve(mut stream: TcpStream, metrics: &Metrics, gate: Gate) {
-    let answer = match read_request(&mut stream) {
+    let answer = match read_request(&mut stream, READ_TIMEOUT) {
         Ok(Some(req)) => answer(req, metrics, gate),
         Ok(None) => return,
-        Err(e) => {
-            let code = match e {
-                http::HttpError::HeadTooLarge | http::HttpError::BodyTooLarge => {
-                    ErrorCode::FrameTooLarge
-                }
-                http::HttpError::Malformed(_) => ErrorCode::InvalidRequest,
-            };
-            http::error(code, &e.to_string())
-        }
+        Err(e) => e.answer(),
     };
+    finish(stream, &answer);
+}
+
+/// Write `answer` (within [`READ_TIMEOUT`]) and close.
+fn finish(mut stream: TcpStream, answer: &[u8]) {
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
-    let _ = stream.write_all(&answer);
+    let _ = stream.write_all(answer);
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }
 
-/// The request on `stream`, read within [`READ_TIMEOUT`]. `Ok(None)`: the
-/// peer closed or was too slow (nothing to answer).
-fn read_request(stream: &mut TcpStream) -> Result<Option<http::Request>, http::HttpError> {
-    let deadline = Instant::now() + READ_TIMEOUT;
+/// The request on `stream`, read `within` this long. `Ok(None)`: the peer
+/// closed or was too slow (nothing to answer).
+fn read_request(
+    stream: &mut TcpStream,
+    within: Duration,
+) -> Result<Option<http::Request>, http::HttpError> {
+    let deadline = Instant::now() + within;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {

@@ -126,6 +126,29 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// `503` with `Retry-After: 1` and `text` (a connection past a cap),
+/// without the JSON body: it is written before anything is known of the
+/// request.
+pub fn busy(text: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    )
+    .into_bytes()
+}
+
+impl HttpError {
+    /// The answer to a request refused by [`parse`]: `413` for a head or
+    /// body over its limit, `400` for a malformed one.
+    pub fn answer(&self) -> Vec<u8> {
+        let code = match self {
+            HttpError::BodyTooLarge | HttpError::HeadTooLarge => ErrorCode::BodyTooLarge,
+            HttpError::Malformed(_) => ErrorCode::InvalidRequest,
+        };
+        error(code, &self.to_string())
+    }
+}
+
 /// A complete response that closes the connection.
 pub fn response(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut out = format!(

@@ -399,11 +399,11 @@ impl Shard {
             // their answers wake this shard for the next turn.
             self.ctx.commit.combine(None);
             clock.mark("commit2");
+            let total = clock.total();
             if !idle_poll {
-                let us = clock.total().as_micros() as u64;
-                self.ctx.metrics.turn_us.observe(us);
+                self.ctx.metrics.turn_us.observe(total.as_micros() as u64);
             }
-            if clock.total() >= SLOW_TURN && self.now >= self.last_slow_report + COLLECT_TICKS {
+            if total >= SLOW_TURN && self.now >= self.last_slow_report + COLLECT_TICKS {
                 self.last_slow_report = self.now;
                 tracing::warn!(shard = self.ctx.id, turn = %clock, "slow event-loop turn");
             }
@@ -520,11 +520,7 @@ impl Shard {
         };
         let bytes: Vec<u8> = match (&self.tls, transport) {
             (Some(_), _) => return,
-            (None, Transport::Http) => format!(
-                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                text.len()
-            )
-            .into_bytes(),
+            (None, Transport::Http) => crate::bridge::http::busy(text),
             (None, _) => swiftlet_protocol::codec::frame_bytes(&Envelope::error(
                 0,
                 ErrorCode::TooManyConnections,

@@ -63,15 +63,7 @@ impl Shard {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.handle_http(slot, req, rest);
             }
-            Err(e) => {
-                let code = match e {
-                    http::HttpError::BodyTooLarge | http::HttpError::HeadTooLarge => {
-                        ErrorCode::BodyTooLarge
-                    }
-                    http::HttpError::Malformed(_) => ErrorCode::InvalidRequest,
-                };
-                self.http_finish(slot, http::error(code, &e.to_string()));
-            }
+            Err(e) => self.http_finish(slot, e.answer()),
         }
     }
 

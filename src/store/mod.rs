@@ -321,15 +321,9 @@ impl OpValue {
 impl Batch {
     /// The writes of `cf` (an entry of [`cf::ALL_CFS`]): its place in
     /// `families`, added if new. A batch writes a handful of families, so
-    /// a scan; the names are the same `&'static str`s, compared by address
-    /// first.
+    /// a scan.
     fn family(&mut self, cf: &'static str) -> usize {
-        let found = self
-            .families
-            .iter()
-            .position(|f| std::ptr::eq(f.cf, cf))
-            .or_else(|| self.families.iter().position(|f| f.cf == cf));
-        match found {
+        match self.families.iter().position(|f| f.cf == cf) {
             Some(i) => i,
             None => {
                 self.families.push(Family {
@@ -715,7 +709,7 @@ impl Store {
     /// Write `batch` atomically; when this returns Ok the batch is in the
     /// WAL (and on disk too with [`WalSync::Always`]). A failure makes the
     /// store refuse every commit until it recovers (see [`engine`]).
-    pub fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+    pub fn commit(&self, mut batch: Batch) -> Result<(), StoreError> {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(StoreError::Closed);
         }
@@ -728,7 +722,6 @@ impl Store {
             self.shared.write_failed(&db, None);
             return Err(StoreError::ReadOnly);
         }
-        let mut batch = batch;
         if self.watching.load(Ordering::Acquire) {
             self.note_written(batch.writes().map(|(cf, op)| (cf, op.key.as_slice())));
         }
@@ -1356,16 +1349,12 @@ mod tests {
     fn truncating_a_batch_drops_the_later_writes_of_every_family() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        let message = |id| pb::Message {
+            id,
+            ..Default::default()
+        };
         let mut b = store.batch();
-        store
-            .put_message(
-                &mut b,
-                &pb::Message {
-                    id: 1,
-                    ..Default::default()
-                },
-            )
-            .expect("put");
+        store.put_message(&mut b, &message(1)).expect("put");
         store
             .put_inbox(&mut b, "bob", 1, InboxEntry::Message(1))
             .expect("put");
@@ -1374,15 +1363,7 @@ mod tests {
             .expect("put");
         let kept = b.len();
         assert_eq!(kept, 4, "one message, two inbox rows, one coalesced count");
-        store
-            .put_message(
-                &mut b,
-                &pb::Message {
-                    id: 2,
-                    ..Default::default()
-                },
-            )
-            .expect("put");
+        store.put_message(&mut b, &message(2)).expect("put");
         store
             .put_inbox(&mut b, "cy", 1, InboxEntry::Message(2))
             .expect("put");
