@@ -3,7 +3,13 @@
 # against a fresh server and data dir, of `loadgen chat` alone ("base") and
 # of the same with `swiftlet-hostile` running throughout ("hostile").
 # Prints one JSON line per run, then the honest p99 ratios of each pair.
-# Usage: tools/scripts/hostile.sh [PAIRS]      (default 3)
+# With KINDS="base hostile decoy" each round adds a control ("decoy"): the
+# same hostile tool aimed at a second, identical server on the same box,
+# while the measured server serves only the honest users. The box's CPU is
+# as busy as in "hostile", but no hostile byte reaches the measured server;
+# so hostile / decoy is what the abuse costs honest users *through the
+# server*, and decoy / base what sharing two cores with it costs them.
+# Usage: tools/scripts/hostile.sh [ROUNDS]     (default 3)
 # Knobs (environment): RATE (2000 msgs/s) USERS (200) DURATION (30 s)
 # WARMUP (5 s: covers the hostile ramp-up) MAX_CONNS (3000: the flood meets
 # the cap long before the 20,000 fds) HOSTILE_ARGS (extra flags for
@@ -11,7 +17,8 @@
 # hostile tool runs at the lowest priority, so on this 2-core box it takes
 # the CPU the server and loadgen leave; its own CPU is reported)
 # OUT (a directory for every log, JSON and sample; default a temp dir)
-# ONLY (base or hostile: run only that kind, e.g. to try one abuse alone)
+# KINDS (the runs of a round, in order; default "base hostile"; "decoy"
+# adds the control above) ONLY (one kind only, e.g. to try one abuse alone)
 # SERVER_BIN (the server binary; default the build's, e.g. to compare two).
 # Each run also reports the server's own share of the honest requests' time
 # (server_req_*: read to answer written, from /metrics on the operator's
@@ -27,6 +34,10 @@ NICE=${NICE:-19}
 PORT=${PORT:-7731}
 HTTP_PORT=$((PORT + 1))
 OPS_PORT=$((PORT + 2))
+# The decoy server's ports (KINDS with decoy).
+DECOY_PORT=$((PORT + 10))
+DECOY_HTTP_PORT=$((PORT + 11))
+KINDS=${ONLY:-${KINDS:-base hostile}}
 BIN=${CARGO_TARGET_DIR:-$HOME/.cache/swiftlet/target}/release
 OUT=${OUT:-$(mktemp -d /tmp/hostile.XXXXXX)}
 mkdir -p "$OUT"
@@ -64,8 +75,8 @@ run() {
   local tag="$kind-$n" data
   # Another server on the port would take loadgen's connections
   # (SO_REUSEPORT is refused, but only once ours starts).
-  if ss -ltn | grep -q ":$PORT \|:$HTTP_PORT \|:$OPS_PORT "; then
-    echo "hostile.sh: port $PORT, $HTTP_PORT or $OPS_PORT is in use; set PORT" >&2
+  if ss -ltn | grep -q ":$PORT \|:$HTTP_PORT \|:$OPS_PORT \|:$DECOY_PORT \|:$DECOY_HTTP_PORT "; then
+    echo "hostile.sh: port $PORT, $HTTP_PORT, $OPS_PORT, $DECOY_PORT or $DECOY_HTTP_PORT is in use; set PORT" >&2
     exit 1
   fi
   data=$(mktemp -d)
@@ -79,9 +90,20 @@ run() {
   RUST_LOG=warn "$sbin" serve --dev-auth --data-dir "$data" --listen "127.0.0.1:$PORT" \
     --http "127.0.0.1:$HTTP_PORT" --max-connections "$MAX_CONNS" "${ops[@]}" ${SERVER_ARGS:-} 2>"$OUT/server-$tag.log" &
   local spid=$!
+  # The control's target: the same server, built and configured alike,
+  # with a data dir of its own.
+  local decoy_data="" dpid="" hport=$PORT hhttp=$HTTP_PORT
+  if [ "$kind" = decoy ]; then
+    decoy_data=$(mktemp -d)
+    # shellcheck disable=SC2086
+    RUST_LOG=warn "$sbin" serve --dev-auth --data-dir "$decoy_data" --listen "127.0.0.1:$DECOY_PORT" \
+      --http "127.0.0.1:$DECOY_HTTP_PORT" --max-connections "$MAX_CONNS" ${SERVER_ARGS:-} 2>"$OUT/decoy-$tag.log" &
+    dpid=$!
+    hport=$DECOY_PORT hhttp=$DECOY_HTTP_PORT
+  fi
   sleep 1
-  if ! kill -0 "$spid" 2>/dev/null; then
-    echo "hostile.sh: the server did not start (port $PORT taken? see $OUT/server-$tag.log)" >&2
+  if ! kill -0 "$spid" 2>/dev/null || { [ -n "$dpid" ] && ! kill -0 "$dpid" 2>/dev/null; }; then
+    echo "hostile.sh: a server did not start (port $PORT or $DECOY_PORT taken? see $OUT/server-$tag.log, $OUT/decoy-$tag.log)" >&2
     exit 1
   fi
   sample "$spid" "$OUT/samples-$tag.tsv" &
@@ -92,10 +114,10 @@ run() {
   local lpid=$!
   echo "$lpid" >"$OUT/.loadgen.pid"
   local hpid=""
-  if [ "$kind" = hostile ]; then
+  if [ "$kind" != base ]; then
     sleep 1
     # shellcheck disable=SC2086
-    nice -n "$NICE" "$BIN/swiftlet-hostile" --server "127.0.0.1:$PORT" --http-server "127.0.0.1:$HTTP_PORT" \
+    nice -n "$NICE" "$BIN/swiftlet-hostile" --server "127.0.0.1:$hport" --http-server "127.0.0.1:$hhttp" \
       --dev-auth --duration $((WARMUP + DURATION + 2)) ${HOSTILE_ARGS:-} \
       >"$OUT/hostile-$tag.json" 2>"$OUT/hostile-$tag.err" &
     hpid=$!
@@ -118,13 +140,20 @@ run() {
   sleep 10
   local fds_end
   fds_end=$(ls "/proc/$spid/fd" 2>/dev/null | wc -l)
+  local decoy_ticks=""
+  if [ -n "$dpid" ]; then
+    decoy_ticks=$(ticks "$dpid")
+    kill "$dpid"
+    wait "$dpid" 2>/dev/null || true
+    rm -rf "$decoy_data"
+  fi
   kill "$spid"
   wait "$spid" 2>/dev/null || true
   wait "$sampler" 2>/dev/null || true
   rm -rf "$data"
-  python3 - "$OUT" "$tag" "$kind" "$lrc" "$hrc" "$HZ" "$fds_end" <<'PY'
+  python3 - "$OUT" "$tag" "$kind" "$lrc" "$hrc" "$HZ" "$fds_end" "$decoy_ticks" <<'PY'
 import json, sys
-out, tag, kind, lrc, hrc, hz, fds_end = sys.argv[1:8]
+out, tag, kind, lrc, hrc, hz, fds_end, decoy_ticks = sys.argv[1:9]
 hz = int(hz)
 lg = json.loads(open(f"{out}/loadgen-{tag}.json").read().strip().splitlines()[-1])
 rows = [l.rstrip("\n").split("\t") for l in open(f"{out}/samples-{tag}.tsv")][1:]
@@ -184,7 +213,9 @@ if t0 and t1:
     res["server_turns_over_1ms_per_s"] = round(over(0.001) / secs, 1)
     res["server_turns_over_5ms_per_s"] = round(over(0.005) / secs, 2)
     res["server_turn_busy_pct"] = round(100 * (t1["sum"] - t0["sum"]) / secs, 1)
-if kind == "hostile":
+if decoy_ticks:
+    res["decoy_server_cpu_s"] = round(int(decoy_ticks) / hz, 1)
+if kind != "base":
     lines = open(f"{out}/hostile-{tag}.json").read().strip().splitlines()
     if not lines:
         sys.exit(f"hostile.sh: swiftlet-hostile printed no report (see {out}/hostile-{tag}.err)")
@@ -203,22 +234,28 @@ PY
 }
 
 for n in $(seq 1 "$PAIRS"); do
-  [ "${ONLY:-}" = hostile ] || run base "$n" | tee -a "$OUT/runs.jsonl"
-  [ "${ONLY:-}" = base ] || run hostile "$n" | tee -a "$OUT/runs.jsonl"
+  for kind in $KINDS; do
+    run "$kind" "$n" | tee -a "$OUT/runs.jsonl"
+  done
 done
 python3 - "$OUT/runs.jsonl" <<'PY'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
-base = {r["run"].split("-")[1]: r for r in runs if r["kind"] == "base"}
-host = {r["run"].split("-")[1]: r for r in runs if r["kind"] == "hostile"}
+by = lambda kind: {r["run"].split("-")[1]: r for r in runs if r["kind"] == kind}
+base, host, decoy = by("base"), by("hostile"), by("decoy")
+ratio = lambda a, b, q: round(a[q] / b[q], 2) if b[q] else None
 pairs = []
 for n in sorted(base, key=int):
     if n in host:
         b, h = base[n], host[n]
-        pairs.append({"pair": int(n), "base_p99_ms": b["p99_ms"], "hostile_p99_ms": h["p99_ms"],
-                      "p99_ratio": round(h["p99_ms"] / b["p99_ms"], 2) if b["p99_ms"] else None,
-                      "p50_ratio": round(h["p50_ms"] / b["p50_ms"], 2) if b["p50_ms"] else None,
-                      "lost": b["lost"] + h["lost"], "duplicated": b["duplicated"] + h["duplicated"],
-                      "reordered": b["reordered"] + h["reordered"]})
+        p = {"pair": int(n), "base_p99_ms": b["p99_ms"], "hostile_p99_ms": h["p99_ms"],
+             "p99_ratio": ratio(h, b, "p99_ms"), "p50_ratio": ratio(h, b, "p50_ms"),
+             "lost": b["lost"] + h["lost"], "duplicated": b["duplicated"] + h["duplicated"],
+             "reordered": b["reordered"] + h["reordered"]}
+        if n in decoy:
+            d = decoy[n]
+            p.update({"decoy_p99_ms": d["p99_ms"], "decoy_over_base_p99": ratio(d, b, "p99_ms"),
+                      "hostile_over_decoy_p99": ratio(h, d, "p99_ms")})
+        pairs.append(p)
 print(json.dumps({"pairs": pairs}))
 PY
