@@ -100,12 +100,15 @@ const CATCHUP_PAGE: usize = 256;
 const READS_PER_TURN: u32 = 1;
 /// Frames of one connection handled per loop turn.
 const FRAMES_PER_TURN: u32 = 256;
-/// Connections accepted (or refused) from one listener per loop turn, and
-/// connections closed by their timers per turn: a wave of connections
-/// arriving or timing out together (a flood, slowloris clients reconnecting
-/// in step) is taken in slices between which the connections already
-/// logged in are served, instead of in one turn of many milliseconds.
-const CONN_CHANGES_PER_TURN: usize = 64;
+/// Connections accepted or refused per loop turn (from both listeners
+/// together), and connections closed by their timers per turn: a wave of
+/// connections arriving or timing out together (a flood, slowloris clients
+/// reconnecting in step) is taken in slices between which the connections
+/// already logged in are served, instead of in one turn of many
+/// milliseconds. A refusal costs the shard ~20 µs (accept, read, write,
+/// shutdown, close), so a slice stays well under a millisecond: input that
+/// arrives meanwhile waits for the turn's end.
+const CONN_CHANGES_PER_TURN: usize = 16;
 /// Requests of one connection waiting for the commit pipeline at most; its
 /// input is not read while this many are unanswered. It is also each
 /// connection's most in one group commit: with 64, four clients sending as
@@ -201,6 +204,9 @@ pub struct Shard {
     /// A listener had more than a turn's share ([`CONN_CHANGES_PER_TURN`])
     /// waiting: the next turn comes at once and accepts again.
     accept_more: bool,
+    /// Connections this turn may still accept or refuse, from any listener
+    /// and whichever of the turn's steps accepts.
+    accepts_left: usize,
     /// Refusals this shard may still answer this tick (see [`admission`]).
     refusals: RefusalBudget,
     /// The node's connection caps, shared with the other shards.
@@ -269,6 +275,7 @@ impl Shard {
             turn_started: Duration::ZERO,
             accept_pending: false,
             accept_more: false,
+            accepts_left: CONN_CHANGES_PER_TURN,
             refusals: admission.refusal_budget(),
             admission,
             addresses: HashMap::new(),
@@ -320,6 +327,7 @@ impl Shard {
                 break;
             }
             let mut clock = TurnClock::start(self.ctx.clock.clone());
+            self.accepts_left = CONN_CHANGES_PER_TURN;
             let elapsed = clock.started().saturating_duration_since(self.start);
             self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             self.turn_started = elapsed;
@@ -433,9 +441,10 @@ impl Shard {
             self.accept_pending = true;
             return;
         }
-        for _ in 0..CONN_CHANGES_PER_TURN {
+        while self.accepts_left > 0 {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
+                    self.accepts_left -= 1;
                     if let Err(why) = self.admission.admit(peer.ip()) {
                         self.refuse(&mut stream, transport, why);
                         self.refusals.spend();
