@@ -196,3 +196,92 @@ async fn typing_to_oneself_reaches_no_device() {
     assert_no_more(&phone, &mut prx).await;
     assert_no_more(&laptop, &mut lrx).await;
 }
+
+/// The refusals of section 19 (`SubscribePresence`) and 18 (`Typing`),
+/// each non-fatal: more than 1,000 users and more users than one answer
+/// frame holds are `LIMIT_EXCEEDED`, an invalid id `INVALID_RECIPIENT`,
+/// and a refused subscription leaves the previous one in place; a `Typing`
+/// without a conversation or a state is `INVALID_REQUEST`, and one in a
+/// group the typist is not in is `NOT_FOUND`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_refusals_are_typed_and_change_nothing() {
+    let srv = TestServer::start();
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    bob.subscribe_presence(&["alice"]).await.expect("subscribe");
+
+    let too_many: Vec<String> = (0..1001).map(|i| format!("u{i}")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    assert_eq!(
+        code_of(bob.subscribe_presence(&too_many).await),
+        ErrorCode::LimitExceeded
+    );
+    assert_eq!(
+        code_of(bob.subscribe_presence(&["carol", "not an id"]).await),
+        ErrorCode::InvalidRecipient
+    );
+    // 990 ids of 64 bytes fit in a request (66 bytes each), but their
+    // answer would not fit in a frame (68 bytes each, more for users seen
+    // before): refused, not sent over the frame limit.
+    let long: Vec<String> = (0..990).map(|i| format!("{i:0>64}")).collect();
+    let long: Vec<&str> = long.iter().map(String::as_str).collect();
+    assert_eq!(
+        code_of(bob.subscribe_presence(&long).await),
+        ErrorCode::LimitExceeded
+    );
+    // Still watching alice, and only her.
+    let (_alice, _arx) = srv.connect("alice", "phone").await;
+    let p = next_presence(&mut brx).await;
+    assert_eq!((p.user.as_str(), p.online), ("alice", true));
+
+    let carols = srv.connect("carol", "phone").await.0;
+    let gid = carols
+        .create_group("g", &[])
+        .await
+        .expect("group")
+        .group_id;
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("bob")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    let typing = |conversation, state: TypingState| {
+        Body::Typing(pb::Typing {
+            conversation,
+            state: state as i32,
+        })
+    };
+    let cases = [
+        (typing(None, TypingState::Started), ErrorCode::InvalidRequest),
+        (
+            typing(Some(with_user("not an id")), TypingState::Started),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            typing(Some(with_user("carol")), TypingState::Unspecified),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            typing(Some(with_group(gid)), TypingState::Started),
+            ErrorCode::NotFound,
+        ),
+        (
+            typing(Some(with_group(gid + 1)), TypingState::Started),
+            ErrorCode::NotFound,
+        ),
+    ];
+    for (rid, (body, code)) in (2..).zip(cases) {
+        raw.send(Envelope::new(rid, body)).await;
+        match raw.recv().await {
+            Some(Envelope {
+                request_id,
+                body: Some(Body::Error(e)),
+            }) => assert_eq!(
+                (request_id, e.code, e.fatal),
+                (rid, code as i32, false),
+                "{e:?}"
+            ),
+            other => panic!("expected {code:?} for request {rid}, got {other:?}"),
+        }
+    }
+}

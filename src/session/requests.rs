@@ -926,6 +926,24 @@ pub fn unsubscribe_all<N: NodeServices>(
     }
 }
 
+/// The largest the `PresenceList` answering a subscription to `users`
+/// (request `rid`) can be, as an Envelope: each user with `online` set and
+/// a `last_seen_ms` of any size. Depends on the request alone, so whether
+/// a subscription fits never depends on who is online.
+pub fn presence_answer_max(rid: u64, users: &[String]) -> usize {
+    use prost::encoding::encoded_len_varint;
+    let list: usize = users
+        .iter()
+        .map(|u| {
+            // user (tag, length, bytes), online (2), last_seen_ms (tag + 10).
+            let presence = 1 + encoded_len_varint(u.len() as u64) + u.len() + 2 + 11;
+            1 + encoded_len_varint(presence as u64) + presence
+        })
+        .sum();
+    // request_id, then the presence_list field (a two-byte tag).
+    1 + encoded_len_varint(rid) + 2 + encoded_len_varint(list as u64) + list
+}
+
 fn subscribe_presence<O: Output, N: NodeServices>(
     conn: &mut Session<'_, O>,
     slot: u32,
@@ -947,6 +965,15 @@ fn subscribe_presence<O: Output, N: NodeServices>(
             rid,
             ErrorCode::InvalidRecipient,
             "not a valid user id",
+        );
+    }
+    if presence_answer_max(rid, &users) > node.limits().max_frame {
+        // No answer may be larger than the frame limit the client was told.
+        return request_error(
+            conn,
+            rid,
+            ErrorCode::LimitExceeded,
+            "the answer for these users would not fit in a frame; watch fewer",
         );
     }
     if !conn.take_typing_tokens(PRESENCE_TOKENS) {
@@ -983,4 +1010,36 @@ fn subscribe_presence<O: Output, N: NodeServices>(
     }
     queue(conn, &Envelope::new(rid, Body::PresenceList(list)));
     Flow::Continue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    #[test]
+    fn the_presence_answer_bound_holds_for_the_largest_answer() {
+        for (n, len) in [(0, 1), (1, 1), (3, 64), (200, 64), (1000, 40)] {
+            let users: Vec<String> = (0..n).map(|i| format!("{i:0>len$}")).collect();
+            let rid = u64::MAX;
+            let largest = Envelope::new(
+                rid,
+                Body::PresenceList(pb::PresenceList {
+                    users: users
+                        .iter()
+                        .map(|u| pb::Presence {
+                            user: u.clone(),
+                            online: true,
+                            last_seen_ms: u64::MAX,
+                        })
+                        .collect(),
+                }),
+            );
+            assert_eq!(
+                presence_answer_max(rid, &users),
+                largest.encoded_len(),
+                "{n} users of {len} bytes"
+            );
+        }
+    }
 }
