@@ -338,3 +338,169 @@ async fn bad_input_over_websocket_gets_typed_errors_and_close_codes() {
     ws_send(&mut ws, Envelope::new(1, Body::Ping(pb::Ping { nonce: 1 }))).await;
     expect_close(&mut ws, ErrorCode::ProtocolViolation, CloseCode::Policy).await;
 }
+
+/// One raw HTTP exchange on a fresh connection: the bytes as written, the
+/// status, the head (lower-cased) and the body.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
+        .await
+        .expect("answer within patience")
+        .expect("read");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a whole head")
+        + 4;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, head, raw[split..].to_vec())
+}
+
+/// The statuses, bodies and headers section 20 promises, one request each:
+/// the routing table (405 and 404), the limits on a request (32 header
+/// lines, an 8 KiB head, no chunked bodies, a `Bearer` token), the query of
+/// `GET /v1/sync`, strict JSON in `POST /v1/messages` and its `Ack`
+/// (with the sender's seq, as on a socket), and the headers every answer
+/// carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_statuses_and_headers_follow_section_20() {
+    let srv = TestServer::start();
+    let addr = srv.http_addr();
+    let code = |body: &[u8]| {
+        serde_json::from_slice::<Value>(body).expect("a JSON error")["code"]
+            .as_i64()
+            .expect("a code")
+    };
+    let auth = format!("Bearer {}", token("alice"));
+
+    // Every answer: no caching, no sniffing, no keep-alive, no CORS.
+    let (s, head, body) = exchange(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!((s, body.as_slice()), (200, &b"ok\n"[..]));
+    for h in [
+        "cache-control: no-store\r\n",
+        "x-content-type-options: nosniff\r\n",
+        "connection: close\r\n",
+        "content-type: text/plain\r\n",
+    ] {
+        assert!(head.contains(h), "{h:?} missing from {head}");
+    }
+    assert!(!head.contains("access-control-"), "{head}");
+
+    // Another method on a known path: 405, plain text. Elsewhere: 404.
+    for (method, path) in [
+        ("POST", "/healthz"),
+        ("PUT", "/v1/sync"),
+        ("GET", "/v1/messages"),
+        ("POST", "/ws"),
+        ("DELETE", "/metrics"),
+    ] {
+        let (s, body) = http(addr, method, path, &[], b"").await;
+        assert_eq!(
+            (s, body.as_slice()),
+            (405, &b"method not allowed\n"[..]),
+            "{method} {path}"
+        );
+    }
+    let (s, body) = http(addr, "POST", "/nothing", &[], b"").await;
+    assert_eq!((s, code(&body)), (404, ErrorCode::NotFound as i64));
+
+    // 32 header lines are accepted, 33 are not; a head over 8 KiB is 413.
+    let lines = |n: usize| {
+        let mut r = String::from("GET /healthz HTTP/1.1\r\n");
+        for i in 0..n {
+            r.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        r + "\r\n"
+    };
+    assert_eq!(exchange(addr, lines(32).as_bytes()).await.0, 200);
+    let (s, _, body) = exchange(addr, lines(33).as_bytes()).await;
+    assert_eq!((s, code(&body)), (400, ErrorCode::InvalidRequest as i64));
+    let long = format!(
+        "GET /healthz HTTP/1.1\r\nX-Long: {}\r\n\r\n",
+        "x".repeat(8 * 1024)
+    );
+    let (s, _, body) = exchange(addr, long.as_bytes()).await;
+    assert_eq!((s, code(&body)), (413, ErrorCode::BodyTooLarge as i64));
+    let chunked = format!(
+        "POST /v1/messages HTTP/1.1\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    );
+    let (s, _, body) = exchange(addr, chunked.as_bytes()).await;
+    assert_eq!((s, code(&body)), (400, ErrorCode::InvalidRequest as i64));
+
+    // Another Authorization scheme is no token.
+    let (s, body) = http(
+        addr,
+        "GET",
+        "/v1/sync",
+        &[("Authorization", "Basic YWxpY2U6eA==")],
+        b"",
+    )
+    .await;
+    assert_eq!((s, code(&body)), (401, ErrorCode::AuthFailed as i64));
+    // Query values are decimal integers; other parameters are ignored.
+    for query in ["after=x", "limit=-1", "wait=1.5", "after="] {
+        let (s, body) = http(
+            addr,
+            "GET",
+            &format!("/v1/sync?{query}"),
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .await;
+        assert_eq!(
+            (s, code(&body)),
+            (400, ErrorCode::InvalidRequest as i64),
+            "{query}"
+        );
+    }
+    let (s, _) = http(
+        addr,
+        "GET",
+        "/v1/sync?after=0&colour=blue",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // A WebSocket upgrade needs its headers.
+    let (s, body) = http(addr, "GET", "/ws", &[], b"").await;
+    assert_eq!((s, code(&body)), (400, ErrorCode::InvalidRequest as i64));
+
+    // A field the message does not have is refused; a good send gets its
+    // Ack, with the message's seq in the sender's inbox.
+    let (s, body) = http(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        br#"{"clientMsgId":"h1","toUser":"bob","colour":"blue"}"#,
+    )
+    .await;
+    assert_eq!((s, code(&body)), (400, ErrorCode::InvalidRequest as i64));
+    let (s, body) = http(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        br#"{"client_msg_id":"h1","toUser":"bob","body":"aGk"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let ack: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!((&ack["clientMsgId"], &ack["seq"]), (&"h1".into(), &"1".into()));
+    assert!(ack["serverMsgId"].is_string() && ack["timestampMs"].is_string());
+    let (bob, mut brx) = srv.connect("bob", "phone").await;
+    let (_, m) = next_message(&mut brx).await;
+    assert_eq!(
+        (m.from_device.as_str(), &m.body[..]),
+        ("http", &b"hi"[..])
+    );
+    drop(bob);
+}

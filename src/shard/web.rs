@@ -83,16 +83,18 @@ impl Shard {
             (_, path) if path.starts_with(crate::admin::PREFIX) => self.http_admin(slot, req),
             ("GET", "/v1/sync") => self.http_sync(slot, &req),
             ("POST", "/v1/messages") => self.http_send(slot, &req),
+            // Before the page's files: `GET /v1/messages` is a wrong
+            // method too, not a missing page.
+            (_, "/v1/messages" | "/v1/sync" | "/ws" | "/healthz" | "/metrics") => self.http_finish(
+                slot,
+                http::response(405, "text/plain", b"method not allowed\n"),
+            ),
             ("GET", path) => match assets::asset(path) {
                 Some((content_type, body)) => {
                     self.http_finish(slot, http::response(200, content_type, body))
                 }
                 None => self.http_finish(slot, http::error(ErrorCode::NotFound, "no such page")),
             },
-            (_, "/v1/messages" | "/v1/sync" | "/ws" | "/healthz" | "/metrics") => self.http_finish(
-                slot,
-                http::response(405, "text/plain", b"method not allowed\n"),
-            ),
             _ => self.http_finish(slot, http::error(ErrorCode::NotFound, "no such page")),
         }
     }
