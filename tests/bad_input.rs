@@ -207,3 +207,89 @@ async fn dev_auth_accepts_a_bare_user_id() {
         other => panic!("expected Welcome, got {other:?}"),
     }
 }
+
+/// Section 4, "Tokens", claim by claim: only HS256 with the server's
+/// secret, `sub` and `exp` required, `exp` and `iat` non-negative integers,
+/// no `aud`, a valid user id in `sub`; other claims (`iss`, `nbf`) ignored;
+/// `TOKEN_EXPIRED` only for a good signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_claims_are_checked_as_section_4_says() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use serde_json::json;
+    let srv = TestServer::start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let exp = now + 3600;
+    let jwt = |alg: Algorithm, secret: &[u8], claims: serde_json::Value| {
+        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).expect("encode")
+    };
+    let ours = |claims| jwt(Algorithm::HS256, SECRET.as_bytes(), claims);
+    let cases = [
+        (
+            "HS384",
+            jwt(Algorithm::HS384, SECRET.as_bytes(), json!({"sub": "alice", "exp": exp})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        ("no exp", ours(json!({"sub": "alice"})), Some(ErrorCode::AuthFailed)),
+        ("no sub", ours(json!({"exp": exp})), Some(ErrorCode::AuthFailed)),
+        (
+            "negative exp",
+            ours(json!({"sub": "alice", "exp": -1})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "fractional exp",
+            ours(json!({"sub": "alice", "exp": exp as f64 + 0.5})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "negative iat",
+            ours(json!({"sub": "alice", "exp": exp, "iat": -5})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "string iat",
+            ours(json!({"sub": "alice", "exp": exp, "iat": "5"})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "aud",
+            ours(json!({"sub": "alice", "exp": exp, "aud": "swiftlet"})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "invalid sub",
+            ours(json!({"sub": "al ice", "exp": exp})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "forged and expired",
+            jwt(Algorithm::HS256, b"not-the-secret", json!({"sub": "alice", "exp": 1})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "expired",
+            ours(json!({"sub": "alice", "exp": now - 60})),
+            Some(ErrorCode::TokenExpired),
+        ),
+        (
+            "iss and a future nbf are ignored",
+            ours(json!({"sub": "alice", "exp": exp, "iss": "x", "nbf": exp})),
+            None,
+        ),
+        ("no iat", ours(json!({"sub": "alice", "exp": exp})), None),
+    ];
+    for (what, token, refusal) in cases {
+        let mut raw = Raw::connect(srv.addr()).await;
+        raw.hello(1, &token).await;
+        match refusal {
+            Some(code) => assert_eq!(raw.expect_fatal().await, code, "{what}"),
+            None => match raw.recv().await.and_then(|e| e.body) {
+                Some(Body::Welcome(w)) => assert_eq!(w.user_id, "alice", "{what}"),
+                other => panic!("{what}: expected Welcome, got {other:?}"),
+            },
+        }
+    }
+}
