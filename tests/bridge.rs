@@ -504,3 +504,134 @@ async fn http_statuses_and_headers_follow_section_20() {
     );
     drop(bob);
 }
+
+/// A masked client WebSocket frame with the first byte `b0` (FIN, reserved
+/// bits and opcode as given).
+fn raw_ws_frame(b0: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut out = vec![b0];
+    let bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// Upgrade a fresh connection, send `frames` right behind the request,
+/// then, once `wait_for` server frames have come, `then`, and read until
+/// the server closes: the server's frames (opcode, payload).
+async fn ws_exchange(
+    srv: &TestServer,
+    frames: &[u8],
+    wait_for: usize,
+    then: &[u8],
+) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = srv.http_addr();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect");
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend_from_slice(frames);
+    s.write_all(&bytes).await.expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while ws_frames(&answer).len() < wait_for {
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut buf))
+            .await
+            .expect("an answer within patience")
+            .expect("read");
+        assert!(n > 0, "closed early: {:?}", ws_frames(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(then).await.expect("write");
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut answer))
+        .await
+        .expect("closed within patience")
+        .expect("read");
+    ws_frames(&answer)
+}
+
+/// The server frames (opcode, payload) after the `101` head in `answer`
+/// (whole frames only).
+fn ws_frames(answer: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let Some(head) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Vec::new();
+    };
+    assert!(answer.starts_with(b"HTTP/1.1 101"), "not upgraded");
+    let mut rest = &answer[head + 4..];
+    let mut out = Vec::new();
+    while rest.len() >= 4 {
+        let (len, at) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        if rest.len() < at + len {
+            break;
+        }
+        out.push((rest[0] & 0x0f, rest[at..at + len].to_vec()));
+        rest = &rest[at + len..];
+    }
+    out
+}
+
+/// Section 2.2's frame rules over raw WebSocket bytes: a ping is answered
+/// with a pong carrying its payload, a close frame with a close 1000 (no
+/// Error); an unmasked or fragmented frame, reserved bits, a control frame
+/// over 125 bytes and a reserved opcode are a fatal `MALFORMED_FRAME`
+/// followed by close 1002, whose reason is the Error's message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_frame_rules_get_the_close_codes_of_section_2_2() {
+    let srv = TestServer::start();
+    let mut frames = raw_ws_frame(0x8A, b"unasked pong", true);
+    frames.extend(raw_ws_frame(0x89, b"are you there", true));
+    let close = raw_ws_frame(0x88, &1000u16.to_be_bytes(), true);
+    let answer = ws_exchange(&srv, &frames, 1, &close).await;
+    let [(0xA, pong), (0x8, close)] = &answer[..] else {
+        panic!("expected a pong and a close, got {answer:?}");
+    };
+    assert_eq!(pong, b"are you there");
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1000);
+
+    let hello = Envelope::new(1, Body::Ping(pb::Ping { nonce: 1 })).encode_to_vec();
+    let bad = [
+        ("unmasked", raw_ws_frame(0x82, &hello, false)),
+        ("fragmented", raw_ws_frame(0x02, &hello, true)),
+        ("a continuation", raw_ws_frame(0x80, &hello, true)),
+        ("reserved bits", raw_ws_frame(0xC2, &hello, true)),
+        ("a long ping", raw_ws_frame(0x89, &[7; 126], true)),
+        ("reserved opcode 3", raw_ws_frame(0x83, &hello, true)),
+        ("reserved opcode 11", raw_ws_frame(0x8B, b"", true)),
+    ];
+    for (what, frame) in bad {
+        let answer = ws_exchange(&srv, &frame, 0, b"").await;
+        let [(0x2, error), (0x8, close)] = &answer[..] else {
+            panic!("{what}: expected an Error message and a close, got {answer:?}");
+        };
+        let error = match Envelope::decode(error.as_slice()).expect("envelope").body {
+            Some(Body::Error(e)) => e,
+            other => panic!("{what}: {other:?}"),
+        };
+        assert_eq!(
+            (error.code, error.fatal),
+            (ErrorCode::MalformedFrame as i32, true),
+            "{what}"
+        );
+        assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1002, "{what}");
+        assert_eq!(&close[2..], error.message.as_bytes(), "{what}");
+    }
+}

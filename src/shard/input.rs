@@ -124,7 +124,17 @@ fn next_ws(data: &[u8], max: usize) -> Result<Option<(Input, usize)>, Fatal> {
                 detail: None,
             })
         }
-        _ => Input::Skip,
+        ws::OP_PONG => Input::Skip,
+        // RFC 6455 5.2: an endpoint fails the connection on an opcode it
+        // does not know (3-7 and 11-15 are reserved).
+        op => {
+            return Err(Fatal {
+                code: ErrorCode::MalformedFrame,
+                why: format!("reserved WebSocket opcode {op}"),
+                ws_close: Some(ws::CLOSE_PROTOCOL),
+                detail: None,
+            })
+        }
     };
     Ok(Some((input, used)))
 }
