@@ -635,3 +635,26 @@ async fn websocket_frame_rules_get_the_close_codes_of_section_2_2() {
         assert_eq!(&close[2..], error.message.as_bytes(), "{what}");
     }
 }
+
+/// Section 11: a stopping server tells every connection. A parked
+/// long-poll is a connection too: it is answered `503` `SHUTTING_DOWN`
+/// (section 20's status for that code), not dropped without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_long_poll_is_told_the_server_is_stopping() {
+    let mut srv = TestServer::start();
+    let addr = srv.http_addr();
+    let poll = tokio::spawn(async move { sync_as(addr, "bob", "after=0&wait=30").await });
+    // Parked once the server routes to bob.
+    while srv.server().online_users() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let server = srv.server.take();
+    let stopper = std::thread::spawn(move || server.map(|s| s.shutdown()));
+    let (status, body) = poll.await.expect("poll task");
+    assert_eq!(
+        (status, &body["code"]),
+        (503, &Value::from(ErrorCode::ShuttingDown as i64)),
+        "{body}"
+    );
+    stopper.join().expect("shutdown");
+}

@@ -1037,6 +1037,19 @@ impl Shard {
                 ShardMsg::Close => {
                     let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     for slot in slots {
+                        // An HTTP exchange (a parked long-poll, a send
+                        // waiting for its Ack) is told in HTTP: 503.
+                        let http = self.conns.get(slot).is_some_and(|c| {
+                            c.transport == Transport::Http && c.phase != Phase::Closing
+                        });
+                        if http {
+                            let answer = crate::bridge::http::error(
+                                ErrorCode::ShuttingDown,
+                                "server shutting down; retry later or elsewhere",
+                            );
+                            self.http_finish(slot, answer);
+                            continue;
+                        }
                         self.close_with(
                             slot,
                             0,
