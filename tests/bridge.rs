@@ -658,3 +658,66 @@ async fn a_parked_long_poll_is_told_the_server_is_stopping() {
     );
     stopper.join().expect("shutdown");
 }
+
+/// Section 2.2's close codes for errors the session sends, and section 4's
+/// rule that an Error refusing a Hello carries its request id on
+/// WebSocket too: a refused Hello closes with 1008, the idle timeout with
+/// 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_refusals_and_timeouts_close_with_their_codes() {
+    use swiftlet::clock::ManualClock;
+    let clock = ManualClock::new(1_800_000_000_000);
+    let srv = TestServer::start_with(|c| c.clock = clock.clock());
+    /// The fatal Error (request id, code) and the close code that follow.
+    async fn fatal(ws: &mut Ws) -> (u64, i32, Option<u16>) {
+        let mut error = None;
+        loop {
+            match tokio::time::timeout(PATIENCE, ws.next())
+                .await
+                .expect("answer")
+            {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    let env = Envelope::decode(b.as_slice()).expect("envelope");
+                    if let Some(Body::Error(e)) = env.body {
+                        assert!(e.fatal, "{e:?}");
+                        error = Some((env.request_id, e.code));
+                    }
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    let (rid, code) = error.expect("an Error before the close");
+                    return (rid, code, frame.map(|f| u16::from(f.code)));
+                }
+                other => panic!("expected an Error and a close, got {other:?}"),
+            }
+        }
+    }
+
+    let mut ws = ws_connect(&srv, None).await.expect("upgrade");
+    ws_send(
+        &mut ws,
+        Envelope::new(
+            9,
+            Body::Hello(pb::Hello {
+                protocol_version: 1,
+                token: "not-a-token".into(),
+                device_id: "browser".into(),
+                skip_own_sends: false,
+            }),
+        ),
+    )
+    .await;
+    assert_eq!(
+        fatal(&mut ws).await,
+        (9, ErrorCode::AuthFailed as i32, Some(1008))
+    );
+
+    let mut ws = ws_connect(&srv, None).await.expect("upgrade");
+    let welcome = ws_login(&mut ws, "ivy").await;
+    clock.advance(std::time::Duration::from_millis(
+        u64::from(welcome.idle_timeout_ms) + 1_000,
+    ));
+    assert_eq!(
+        fatal(&mut ws).await,
+        (0, ErrorCode::IdleTimeout as i32, Some(1001))
+    );
+}
