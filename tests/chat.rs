@@ -270,3 +270,129 @@ async fn a_device_that_skips_its_own_sends_gets_their_seqs_in_the_acks_and_never
     );
     assert_no_more(&phone, &mut phone_rx2).await;
 }
+
+/// Section 6's limits at their edges: a `client_msg_id` of 64 bytes and a
+/// `content_type` of 128 are accepted, one byte more is `INVALID_REQUEST`;
+/// a body of exactly `max_frame_bytes − 1024` is accepted, one byte more is
+/// `BODY_TOO_LARGE`; and the largest message, between users and devices
+/// with 64-byte ids, reaches its reader in one frame, pushed and in a Sync
+/// page (the client library refuses frames over `max_frame_bytes`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_limits_hold_at_their_edges_and_the_largest_message_fits_on_the_way_out() {
+    let srv = TestServer::start();
+    let (alice_id, bob_id) = ("a".repeat(64), "b".repeat(64));
+    let connect = |user: &str| {
+        swiftlet_client::Client::connect(swiftlet_client::ClientConfig::new(
+            srv.addr().to_string(),
+            token(user),
+            "d".repeat(64),
+        ))
+    };
+    let (alice, _arx) = connect(&alice_id).await.expect("login");
+    let (bob, mut brx) = connect(&bob_id).await.expect("login");
+    let limit = alice.welcome().max_frame_bytes as usize - 1024;
+    assert_eq!(limit, 64_512);
+
+    let refused = |id: String, content_type: String, body: usize| {
+        let alice = &alice;
+        let bob_id = &bob_id;
+        async move {
+            code_of(
+                alice
+                    .send_with_id(&id, bob_id, &content_type, vec![0u8; body])
+                    .await,
+            )
+        }
+    };
+    assert_eq!(
+        refused("m".repeat(65), "t".into(), 1).await,
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        refused("m1".into(), "t".repeat(129), 1).await,
+        ErrorCode::InvalidRequest
+    );
+    assert_eq!(
+        refused("m1".into(), "t".into(), limit + 1).await,
+        ErrorCode::BodyTooLarge
+    );
+    let ack = alice
+        .send_with_id(&"m".repeat(64), &bob_id, &"t".repeat(128), vec![7u8; limit])
+        .await
+        .expect("the largest message is accepted");
+    let (seq, m) = next_message(&mut brx).await;
+    assert_eq!((m.id, m.body.len()), (ack.server_msg_id, limit));
+    let page = bob.sync(seq - 1, 1).await.expect("sync");
+    assert_eq!(page.events.len(), 1);
+
+    // Both a recipient and a group: refused before anything is stored.
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(PROTOCOL_VERSION, &token("carol")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    raw.send(Envelope::new(
+        2,
+        Body::Send(pb::Send {
+            client_msg_id: "c1".into(),
+            to_user: "bob".into(),
+            content_type: "text/plain".into(),
+            body: bytes::Bytes::from_static(b"x"),
+            group_id: 7,
+        }),
+    ))
+    .await;
+    match raw.recv().await {
+        Some(Envelope {
+            request_id: 2,
+            body: Some(Body::Error(e)),
+        }) => assert_eq!(
+            (e.code, e.fatal),
+            (ErrorCode::InvalidRequest as i32, false)
+        ),
+        other => panic!("expected INVALID_REQUEST, got {other:?}"),
+    }
+}
+
+/// Section 8's page rules: a limit of 0 means 100 and one over 500 is
+/// capped at 500; a page holds no more than fits in a frame, but at least
+/// one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_limits_default_cap_and_fit_in_a_frame() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let sends: Vec<_> = (0..501)
+        .map(|i| alice.send("bob", "text/plain", format!("m{i}")))
+        .collect();
+    for ack in futures::future::join_all(sends).await {
+        ack.expect("ack");
+    }
+    let page = alice.sync(0, 0).await.expect("sync");
+    assert_eq!((page.events.len(), page.has_more), (100, true));
+    let page = alice.sync(0, 600).await.expect("sync");
+    assert_eq!((page.events.len(), page.has_more), (500, true));
+    let page = alice.sync(500, 600).await.expect("sync");
+    assert_eq!((page.events.len(), page.has_more), (1, false));
+
+    // Three bodies of 40 KB: one per page, each page within the frame.
+    let (carol, _crx) = srv.connect("carol", "phone").await;
+    for _ in 0..3 {
+        carol
+            .send("dave", "text/plain", vec![1u8; 40_000])
+            .await
+            .expect("ack");
+    }
+    let mut after = 0;
+    let mut pages = 0;
+    loop {
+        let page = carol.sync(after, 10).await.expect("sync");
+        assert_eq!(page.events.len(), 1);
+        pages += 1;
+        after = page.events[0].seq;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!((pages, after), (3, 3));
+}
