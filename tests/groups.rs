@@ -328,3 +328,63 @@ async fn first_group_event(srv: &TestServer, user: &str) -> (Client, pb::GroupEv
     let (_, ev) = next_group_event(&mut rx).await;
     (client, ev)
 }
+
+/// Section 16: a page of the largest entries still fits in a frame (the
+/// client library refuses frames over `max_frame_bytes`). 251 groups with
+/// 128-byte names created by a 64-byte user id: `ListGroups` answers the
+/// first 250 and `more`. A group of 501 members with 64-byte ids: the
+/// answer to `CreateGroup`, a `GetGroup` page and a `GetReceipts` page each
+/// hold 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_the_largest_entries_fit_in_a_frame() {
+    let srv = TestServer::start();
+    let long = |c: char, i: usize| format!("{c}{i:0>63}");
+    let creator = long('a', 0);
+    let (alice, _arx) = srv.connect(&creator, "phone").await;
+    let mut last = 0;
+    for i in 0..251 {
+        last = alice
+            .create_group(&format!("{i:n>128}"), &[])
+            .await
+            .expect("create")
+            .group_id;
+    }
+    let page = alice.list_groups_page(0, 0).await.expect("a page");
+    assert_eq!((page.groups.len(), page.more), (250, true));
+    assert_eq!(page.groups[249].name.len(), 128);
+    let rest = alice
+        .list_groups_page(page.groups[249].group_id, 0)
+        .await
+        .expect("the rest");
+    assert_eq!(
+        rest.groups.iter().map(|g| g.group_id).collect::<Vec<_>>(),
+        vec![last]
+    );
+
+    let members: Vec<String> = (1..=500).map(|i| long('m', i)).collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    let created = alice
+        .create_group(&"g".repeat(128), &refs)
+        .await
+        .expect("create");
+    assert_eq!(
+        (created.members.len(), created.more_members, created.member_count),
+        (500, true, 501)
+    );
+    let gid = created.group_id;
+    let page = alice.get_group_page(gid, "", 0).await.expect("a page");
+    assert_eq!((page.members.len(), page.more_members), (500, true));
+    let post = alice
+        .send_group(gid, "text/plain", "to all")
+        .await
+        .expect("post")
+        .server_msg_id;
+    let receipts = alice
+        .receipts_page(gid, post, "", 0)
+        .await
+        .expect("receipts");
+    assert_eq!(
+        (receipts.pending.len(), receipts.more_members),
+        (500, false)
+    );
+}
