@@ -456,11 +456,15 @@ impl Config {
         fn bad(key: &'static str, reason: String) -> Result<(), ConfigError> {
             Err(ConfigError::Invalid { key, reason })
         }
-        if self.max_frame < 4096 || self.max_frame > 16 << 20 {
+        // Not below the default: the protocol's fixed page sizes (250
+        // groups, 500 members, 1,000 presence entries) are chosen so a page
+        // of the longest ids fits in 64 KiB, and the server must never send
+        // a frame larger than the maximum it advertises.
+        if self.max_frame < swiftlet_protocol::DEFAULT_MAX_FRAME || self.max_frame > 16 << 20 {
             return bad(
                 "max_frame",
                 format!(
-                    "{} is not between 4096 (4 KiB) and 16777216 (16 MiB)",
+                    "{} is not between 65536 (64 KiB) and 16777216 (16 MiB)",
                     self.max_frame
                 ),
             );
@@ -886,6 +890,13 @@ mod tests {
             (
                 Config {
                     max_frame: 10,
+                    ..d()
+                },
+                "max_frame",
+            ),
+            (
+                Config {
+                    max_frame: 65_535,
                     ..d()
                 },
                 "max_frame",

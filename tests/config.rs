@@ -197,13 +197,13 @@ fn what_is_printed_reads_back_with_file_env_and_flags_resolved_as_serve_does() {
             "--wal-sync",
         ])
         .env("SWIFTLET_SHARDS", "4")
-        .env("SWIFTLET_MAX_FRAME", "8192"),
+        .env("SWIFTLET_MAX_FRAME", "131072"),
     );
     let printed = parse_printed(&text).values;
     let value = |k: &str| printed.get(k).map(String::as_str);
     assert_eq!(value("shards"), Some("4"), "env over the file");
     assert_eq!(value("idle_timeout_ms"), Some("7000"), "flag over the file");
-    assert_eq!(value("max_frame"), Some("8192"), "env over the default");
+    assert_eq!(value("max_frame"), Some("131072"), "env over the default");
     assert_eq!(value("wal_sync"), Some("always"), "a bare --wal-sync");
     assert_eq!(value("cluster"), Some("redis://10.1.1.1:6379"), "the file");
     assert_eq!(value("lease_ms"), Some("15000"), "the default");
