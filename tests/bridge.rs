@@ -721,3 +721,39 @@ async fn websocket_refusals_and_timeouts_close_with_their_codes() {
         (0, ErrorCode::IdleTimeout as i32, Some(1001))
     );
 }
+
+/// Sections 4 and 20: a parked long-poll counts against the user's
+/// connection maximum. A poll past it is answered `429`
+/// `TOO_MANY_CONNECTIONS`; a parked one keeps a socket login out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_counts_against_the_users_connections() {
+    let srv = TestServer::start_with(|c| c.max_conns_per_user = 1);
+    let addr = srv.http_addr();
+    {
+        let (_phone, _rx) = srv.connect("kit", "phone").await;
+        let (status, body) = sync_as(addr, "kit", "after=0&wait=30").await;
+        assert_eq!(
+            (status, &body["code"]),
+            (429, &Value::from(ErrorCode::TooManyConnections as i64)),
+            "{body}"
+        );
+        // A poll that does not wait is no connection: answered at once.
+        assert_eq!(sync_as(addr, "kit", "after=0").await.0, 200);
+    }
+    // Once the phone has gone, a parked poll holds the place.
+    let routed = || srv.server().online_users();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while routed() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the phone never left");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let poll = tokio::spawn(async move { sync_as(addr, "kit", "after=0&wait=30").await });
+    while routed() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the poll never parked");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("kit")).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::TooManyConnections);
+    poll.abort();
+}
