@@ -369,3 +369,45 @@ async fn a_backup_under_traffic_restores_everything_acknowledged_before_it() {
         tokio::task::block_in_place(|| copy.shutdown());
     }
 }
+
+/// Section 20: disconnecting a user answers their parked long-poll with
+/// `DISCONNECTED` (status 400) and counts it among the closed; with
+/// `?device=` only that device's sessions go, never a poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_answers_a_parked_long_poll() {
+    let server = with_admin();
+    let addr = server.http_addr();
+    let auth = format!("Bearer {}", token("lou"));
+    let poll = tokio::spawn(async move {
+        http(
+            addr,
+            "GET",
+            "/v1/sync?after=0&wait=30",
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while server.server().online_users() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never parked");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (status, answer) = admin(
+        &server,
+        "POST",
+        "/admin/v1/users/lou/disconnect?device=phone",
+        b"",
+    )
+    .await;
+    assert_eq!((status, &answer["closed"]), (200, &serde_json::json!(0)));
+    let (status, answer) = admin(&server, "POST", "/admin/v1/users/lou/disconnect", b"").await;
+    assert_eq!((status, &answer["closed"]), (200, &serde_json::json!(1)));
+    let (status, body) = poll.await.expect("poll task");
+    let error: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(
+        (status, &error["code"]),
+        (400, &serde_json::json!(ErrorCode::Disconnected as i32)),
+        "{error}"
+    );
+}
