@@ -757,3 +757,59 @@ async fn a_long_poll_counts_against_the_users_connections() {
     assert_eq!(raw.expect_fatal().await, ErrorCode::TooManyConnections);
     poll.abort();
 }
+
+/// Section 2.2's origin rule: the page's own origin (its host, any case)
+/// and the `--allow-origin` values as sent, scheme included; a refused
+/// origin gets exactly the documented `403` body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_origins_follow_section_2_2() {
+    let srv = TestServer::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]);
+    let addr = srv.http_addr();
+    let upgrade = |origin: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: chat.example:7480\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    for (origin, allowed) in [
+        ("https://chat.example:7480", true),
+        ("http://CHAT.example:7480", true),
+        ("https://chat.example", false),
+        ("https://app.example", true),
+        ("HTTPS://App.Example", true),
+        ("http://app.example", false),
+        ("https://evil.example", false),
+    ] {
+        // A refused upgrade is answered and closed; an accepted one is
+        // closed by the client (read only the head).
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connect");
+        s.write_all(upgrade(origin).as_bytes())
+            .await
+            .expect("write");
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut head))
+            .await
+            .expect("an answer")
+            .expect("read");
+        let status = if allowed { &b"HTTP/1.1 101"[..] } else { &b"HTTP/1.1 403"[..] };
+        assert_eq!(&head[..], status, "{origin}");
+        if !allowed {
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.expect("read");
+            let split = rest
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("a head")
+                + 4;
+            assert_eq!(
+                &rest[split..],
+                br#"{"code":1006,"error":"FORBIDDEN","message":"origin not allowed"}"#,
+                "{origin}"
+            );
+        }
+    }
+}
