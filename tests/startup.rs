@@ -109,3 +109,49 @@ fn a_secret_file_others_can_read_is_refused() {
         .expect("owner-only is fine")
         .shutdown();
 }
+
+/// Section 4, "The secret": without a configured secret the server creates
+/// `<data-dir>/jwt.secret` holding 64 hex characters, and the key is that
+/// text as it is (not the bytes it encodes), whitespace around it aside: a
+/// backend minting with the file's text logs its users in, also after the
+/// file gained surrounding whitespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_secret_file_is_the_key_as_text() {
+    let mut srv = TestServer::start_with(|c| c.jwt_secret = None);
+    let path = srv.dir.path().join("jwt.secret");
+    let text = std::fs::read_to_string(&path).expect("the secret file");
+    let key = text.trim();
+    assert!(
+        key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{text:?}"
+    );
+    let minted = swiftlet_protocol::token::mint(key.as_bytes(), "mia", 3600);
+    let login = |addr: std::net::SocketAddr, token: String| async move {
+        let mut raw = Raw::connect(addr).await;
+        raw.hello(1, &token).await;
+        raw.recv().await.and_then(|e| e.body)
+    };
+    assert!(matches!(
+        login(srv.addr(), minted.clone()).await,
+        Some(swiftlet_protocol::Body::Welcome(_))
+    ));
+    // Not the 32 bytes the text encodes.
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&key[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    let wrong = swiftlet_protocol::token::mint(&bytes, "mia", 3600);
+    assert!(matches!(
+        login(srv.addr(), wrong).await,
+        Some(swiftlet_protocol::Body::Error(e)) if e.code == swiftlet_protocol::ErrorCode::AuthFailed as i32
+    ));
+    let (addr, http) = (srv.addr(), srv.http_addr());
+    srv.stop();
+    std::fs::write(&path, format!("  {key}\n\n")).expect("rewrite");
+    srv.config.listen = addr;
+    srv.config.http = http;
+    srv.server = Some(swiftlet::start(srv.config.clone()).expect("restart"));
+    assert!(matches!(
+        login(srv.addr(), minted).await,
+        Some(swiftlet_protocol::Body::Welcome(_))
+    ));
+}
