@@ -813,3 +813,30 @@ async fn websocket_origins_follow_section_2_2() {
         }
     }
 }
+
+/// Section 20: a long-poll `wait` above 60 s is taken as 60 s. On the
+/// manual clock, a poll asking for 600 s ends once 61 s have passed,
+/// answered with the (empty) page read then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_waits_at_most_sixty_seconds() {
+    use swiftlet::clock::ManualClock;
+    let clock = ManualClock::new(1_800_000_000_000);
+    let srv = TestServer::start_with(|c| c.clock = clock.clock());
+    let addr = srv.http_addr();
+    let poll = tokio::spawn(async move { sync_as(addr, "nia", "after=0&wait=600").await });
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while srv.server().online_users() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never parked");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    clock.advance(std::time::Duration::from_secs(59));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!poll.is_finished(), "answered before 60 s");
+    clock.advance(std::time::Duration::from_secs(2));
+    let (status, page) = tokio::time::timeout(PATIENCE, poll)
+        .await
+        .expect("answered once 60 s have passed")
+        .expect("poll task");
+    assert_eq!(status, 200);
+    assert!(page.get("events").is_none(), "{page}");
+}
