@@ -285,3 +285,35 @@ async fn presence_and_typing_refusals_are_typed_and_change_nothing() {
         }
     }
 }
+
+/// Section 18, "Automatic STOPPED": the server stops a connection's
+/// indicator when it starts typing in another conversation, and when the
+/// connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_stops_on_another_conversation_and_on_close() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let (_bob, mut brx) = srv.connect("bob", "phone").await;
+    let (_carol, mut crx) = srv.connect("carol", "phone").await;
+    alice.typing(with_user("bob"), true).await.expect("typing");
+    assert_eq!(
+        next_typing(&mut brx).await.state,
+        TypingState::Started as i32
+    );
+    alice.typing(with_user("carol"), true).await.expect("typing");
+    let t = next_typing(&mut brx).await;
+    assert_eq!(
+        (t.user.as_str(), t.state, t.expires_in_ms),
+        ("alice", TypingState::Stopped as i32, 0)
+    );
+    assert_eq!(
+        next_typing(&mut crx).await.state,
+        TypingState::Started as i32
+    );
+    alice.close().await;
+    let t = next_typing(&mut crx).await;
+    assert_eq!(
+        (t.user.as_str(), t.state),
+        ("alice", TypingState::Stopped as i32)
+    );
+}
