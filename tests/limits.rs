@@ -518,3 +518,37 @@ async fn a_wave_of_connections_is_taken_in_slices_and_none_is_forgotten() {
         assert_eq!(raw.expect_fatal().await, ErrorCode::HandshakeTimeout);
     }
 }
+
+/// Section 20, "The operator's port": a head over 8 KiB and a body over
+/// 64 KiB are `413`, a malformed request `400` `INVALID_REQUEST`, each
+/// answered and closed like any request there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_port_refuses_oversized_and_malformed_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start_with(|c| c.ops_listen = Some("127.0.0.1:0".parse().expect("addr")));
+    let ops = srv.server().ops_addr().expect("the operator port is on");
+    let answer = |request: Vec<u8>| async move {
+        let mut s = tokio::net::TcpStream::connect(ops).await.expect("connect");
+        s.write_all(&request).await.expect("write");
+        let mut raw = Vec::new();
+        tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
+            .await
+            .expect("answered within patience")
+            .expect("read");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status: u16 = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    };
+    let long = format!("GET /healthz HTTP/1.1\r\nX-Long: {}\r\n\r\n", "x".repeat(8 * 1024));
+    let (status, body) = answer(long.into_bytes()).await;
+    assert_eq!(status, 413, "{body}");
+    let big = b"POST /admin/v1/compact HTTP/1.1\r\nContent-Length: 65537\r\n\r\n".to_vec();
+    let (status, body) = answer(big).await;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = answer(b"\x01\x02 nonsense\r\n\r\n".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    assert_eq!(error["code"], ErrorCode::InvalidRequest as i32);
+    assert_eq!(http(ops, "GET", "/healthz", &[], b"").await.0, 200);
+}
