@@ -496,12 +496,33 @@ async fn http_statuses_and_headers_follow_section_20() {
     let ack: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!((&ack["clientMsgId"], &ack["seq"]), (&"h1".into(), &"1".into()));
     assert!(ack["serverMsgId"].is_string() && ack["timestampMs"].is_string());
+    // URL-safe base64 is accepted in requests; a 64-bit integer may be a
+    // JSON number (here a group that does not exist: 404, not a 400).
+    let (s, body) = http(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        br#"{"clientMsgId":"h2","toUser":"bob","body":"-_8"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    let (s, body) = http(
+        addr,
+        "POST",
+        "/v1/messages",
+        &[("Authorization", &auth)],
+        br#"{"clientMsgId":"h3","groupId":12345}"#,
+    )
+    .await;
+    assert_eq!((s, code(&body)), (404, ErrorCode::NotFound as i64));
     let (bob, mut brx) = srv.connect("bob", "phone").await;
     let (_, m) = next_message(&mut brx).await;
     assert_eq!(
         (m.from_device.as_str(), &m.body[..]),
         ("http", &b"hi"[..])
     );
+    assert_eq!(&next_message(&mut brx).await.1.body[..], &[0xfb, 0xff]);
     drop(bob);
 }
 
