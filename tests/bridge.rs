@@ -861,3 +861,62 @@ async fn a_long_poll_waits_at_most_sixty_seconds() {
     assert_eq!(status, 200);
     assert!(page.get("events").is_none(), "{page}");
 }
+
+/// Sections 2.2 and 20: the handshake timeout runs from the TCP connect
+/// on the HTTP port too. A request still incomplete then is closed without
+/// an answer; an upgraded WebSocket without a Hello gets a fatal
+/// `HANDSHAKE_TIMEOUT` and close 1008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_timeout_holds_on_the_http_port() {
+    use swiftlet::clock::ManualClock;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let clock = ManualClock::new(1_800_000_000_000);
+    let srv = TestServer::start_with(|c| c.clock = clock.clock());
+    let addr = srv.http_addr();
+    let mut partial = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect");
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut ws = ws_connect(&srv, None).await.expect("upgrade");
+    // The partial request's connection may reach its shard after the
+    // clock moved: move it again until it is closed.
+    let mut rest = Vec::new();
+    let mut closed = false;
+    for _ in 0..40 {
+        clock.advance(std::time::Duration::from_millis(10_500));
+        let read = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            partial.read_to_end(&mut rest),
+        );
+        if let Ok(r) = read.await {
+            r.expect("read");
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the incomplete request was never closed");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let mut error = None;
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("an answer")
+        {
+            Some(Ok(WsMessage::Binary(b))) => {
+                error = match Envelope::decode(b.as_slice()).expect("envelope").body {
+                    Some(Body::Error(e)) => Some(e.code),
+                    other => panic!("{other:?}"),
+                }
+            }
+            Some(Ok(WsMessage::Close(Some(frame)))) => {
+                assert_eq!(error, Some(ErrorCode::HandshakeTimeout as i32));
+                assert_eq!(frame.code, CloseCode::Policy);
+                break;
+            }
+            other => panic!("expected an Error and a close, got {other:?}"),
+        }
+    }
+}
