@@ -223,17 +223,34 @@ async fn token_claims_are_checked_as_section_4_says() {
         .as_secs();
     let exp = now + 3600;
     let jwt = |alg: Algorithm, secret: &[u8], claims: serde_json::Value| {
-        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).expect("encode")
+        encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .expect("encode")
     };
     let ours = |claims| jwt(Algorithm::HS256, SECRET.as_bytes(), claims);
     let cases = [
         (
             "HS384",
-            jwt(Algorithm::HS384, SECRET.as_bytes(), json!({"sub": "alice", "exp": exp})),
+            jwt(
+                Algorithm::HS384,
+                SECRET.as_bytes(),
+                json!({"sub": "alice", "exp": exp}),
+            ),
             Some(ErrorCode::AuthFailed),
         ),
-        ("no exp", ours(json!({"sub": "alice"})), Some(ErrorCode::AuthFailed)),
-        ("no sub", ours(json!({"exp": exp})), Some(ErrorCode::AuthFailed)),
+        (
+            "no exp",
+            ours(json!({"sub": "alice"})),
+            Some(ErrorCode::AuthFailed),
+        ),
+        (
+            "no sub",
+            ours(json!({"exp": exp})),
+            Some(ErrorCode::AuthFailed),
+        ),
         (
             "negative exp",
             ours(json!({"sub": "alice", "exp": -1})),
@@ -266,7 +283,11 @@ async fn token_claims_are_checked_as_section_4_says() {
         ),
         (
             "forged and expired",
-            jwt(Algorithm::HS256, b"not-the-secret", json!({"sub": "alice", "exp": 1})),
+            jwt(
+                Algorithm::HS256,
+                b"not-the-secret",
+                json!({"sub": "alice", "exp": 1}),
+            ),
             Some(ErrorCode::AuthFailed),
         ),
         (

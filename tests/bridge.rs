@@ -343,9 +343,7 @@ async fn bad_input_over_websocket_gets_typed_errors_and_close_codes() {
 /// status, the head (lower-cased) and the body.
 async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(request).await.expect("write");
     let mut raw = Vec::new();
     tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
@@ -494,7 +492,10 @@ async fn http_statuses_and_headers_follow_section_20() {
     .await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
     let ack: Value = serde_json::from_slice(&body).expect("json");
-    assert_eq!((&ack["clientMsgId"], &ack["seq"]), (&"h1".into(), &"1".into()));
+    assert_eq!(
+        (&ack["clientMsgId"], &ack["seq"]),
+        (&"h1".into(), &"1".into())
+    );
     assert!(ack["serverMsgId"].is_string() && ack["timestampMs"].is_string());
     // URL-safe base64 is accepted in requests; a 64-bit integer may be a
     // JSON number (here a group that does not exist: 404, not a 400).
@@ -518,10 +519,7 @@ async fn http_statuses_and_headers_follow_section_20() {
     assert_eq!((s, code(&body)), (404, ErrorCode::NotFound as i64));
     let (bob, mut brx) = srv.connect("bob", "phone").await;
     let (_, m) = next_message(&mut brx).await;
-    assert_eq!(
-        (m.from_device.as_str(), &m.body[..]),
-        ("http", &b"hi"[..])
-    );
+    assert_eq!((m.from_device.as_str(), &m.body[..]), ("http", &b"hi"[..]));
     assert_eq!(&next_message(&mut brx).await.1.body[..], &[0xfb, 0xff]);
     drop(bob);
 }
@@ -559,9 +557,7 @@ async fn ws_exchange(
 ) -> Vec<(u8, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = srv.http_addr();
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut bytes = format!(
         "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -765,12 +761,18 @@ async fn a_long_poll_counts_against_the_users_connections() {
     let routed = || srv.server().online_users();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while routed() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the phone never left");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the phone never left"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let poll = tokio::spawn(async move { sync_as(addr, "kit", "after=0&wait=30").await });
     while routed() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the poll never parked");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poll never parked"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let mut raw = Raw::connect(srv.addr()).await;
@@ -805,9 +807,7 @@ async fn websocket_origins_follow_section_2_2() {
         // A refused upgrade is answered and closed; an accepted one is
         // closed by the client (read only the head).
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("connect");
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(upgrade(origin).as_bytes())
             .await
             .expect("write");
@@ -816,7 +816,11 @@ async fn websocket_origins_follow_section_2_2() {
             .await
             .expect("an answer")
             .expect("read");
-        let status = if allowed { &b"HTTP/1.1 101"[..] } else { &b"HTTP/1.1 403"[..] };
+        let status = if allowed {
+            &b"HTTP/1.1 101"[..]
+        } else {
+            &b"HTTP/1.1 403"[..]
+        };
         assert_eq!(&head[..], status, "{origin}");
         if !allowed {
             let mut rest = Vec::new();
@@ -873,9 +877,7 @@ async fn the_handshake_timeout_holds_on_the_http_port() {
     let clock = ManualClock::new(1_800_000_000_000);
     let srv = TestServer::start_with(|c| c.clock = clock.clock());
     let addr = srv.http_addr();
-    let mut partial = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect");
+    let mut partial = tokio::net::TcpStream::connect(addr).await.expect("connect");
     partial
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .await

@@ -347,10 +347,7 @@ async fn send_limits_hold_at_their_edges_and_the_largest_message_fits_on_the_way
         Some(Envelope {
             request_id: 2,
             body: Some(Body::Error(e)),
-        }) => assert_eq!(
-            (e.code, e.fatal),
-            (ErrorCode::InvalidRequest as i32, false)
-        ),
+        }) => assert_eq!((e.code, e.fatal), (ErrorCode::InvalidRequest as i32, false)),
         other => panic!("expected INVALID_REQUEST, got {other:?}"),
     }
 }

@@ -368,7 +368,11 @@ async fn pages_of_the_largest_entries_fit_in_a_frame() {
         .await
         .expect("create");
     assert_eq!(
-        (created.members.len(), created.more_members, created.member_count),
+        (
+            created.members.len(),
+            created.more_members,
+            created.member_count
+        ),
         (500, true, 501)
     );
     let gid = created.group_id;

@@ -537,10 +537,16 @@ async fn the_operator_port_refuses_oversized_and_malformed_requests() {
             .expect("read");
         let text = String::from_utf8_lossy(&raw).into_owned();
         let status: u16 = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     };
-    let long = format!("GET /healthz HTTP/1.1\r\nX-Long: {}\r\n\r\n", "x".repeat(8 * 1024));
+    let long = format!(
+        "GET /healthz HTTP/1.1\r\nX-Long: {}\r\n\r\n",
+        "x".repeat(8 * 1024)
+    );
     let (status, body) = answer(long.into_bytes()).await;
     assert_eq!(status, 413, "{body}");
     let big = b"POST /admin/v1/compact HTTP/1.1\r\nContent-Length: 65537\r\n\r\n".to_vec();

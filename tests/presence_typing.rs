@@ -234,11 +234,7 @@ async fn presence_and_typing_refusals_are_typed_and_change_nothing() {
     assert_eq!((p.user.as_str(), p.online), ("alice", true));
 
     let carols = srv.connect("carol", "phone").await.0;
-    let gid = carols
-        .create_group("g", &[])
-        .await
-        .expect("group")
-        .group_id;
+    let gid = carols.create_group("g", &[]).await.expect("group").group_id;
     let mut raw = Raw::connect(srv.addr()).await;
     raw.hello(1, &token("bob")).await;
     assert!(matches!(
@@ -252,7 +248,10 @@ async fn presence_and_typing_refusals_are_typed_and_change_nothing() {
         })
     };
     let cases = [
-        (typing(None, TypingState::Started), ErrorCode::InvalidRequest),
+        (
+            typing(None, TypingState::Started),
+            ErrorCode::InvalidRequest,
+        ),
         (
             typing(Some(with_user("not an id")), TypingState::Started),
             ErrorCode::InvalidRequest,
@@ -300,7 +299,10 @@ async fn typing_stops_on_another_conversation_and_on_close() {
         next_typing(&mut brx).await.state,
         TypingState::Started as i32
     );
-    alice.typing(with_user("carol"), true).await.expect("typing");
+    alice
+        .typing(with_user("carol"), true)
+        .await
+        .expect("typing");
     let t = next_typing(&mut brx).await;
     assert_eq!(
         (t.user.as_str(), t.state, t.expires_in_ms),
