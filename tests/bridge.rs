@@ -389,6 +389,13 @@ async fn http_statuses_and_headers_follow_section_20() {
         assert!(head.contains(h), "{h:?} missing from {head}");
     }
     assert!(!head.contains("access-control-"), "{head}");
+    // One request per connection: what follows it is ignored.
+    let (s, _, body) = exchange(
+        addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!((s, body.as_slice()), (200, &b"ok\n"[..]));
 
     // Another method on a known path: 405, plain text. Elsewhere: 404.
     for (method, path) in [
