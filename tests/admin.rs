@@ -371,8 +371,9 @@ async fn a_backup_under_traffic_restores_everything_acknowledged_before_it() {
 }
 
 /// Section 20: disconnecting a user answers their parked long-poll with
-/// `DISCONNECTED` (status 400) and counts it among the closed; with
-/// `?device=` only that device's sessions go, never a poll.
+/// `DISCONNECTED`, status 503 (a client retries on it, as section 10 says
+/// for the code), and counts it among the closed; with `?device=` only
+/// that device's sessions go, never a poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_answers_a_parked_long_poll() {
     let server = with_admin();
@@ -407,7 +408,7 @@ async fn disconnect_answers_a_parked_long_poll() {
     let error: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(
         (status, &error["code"]),
-        (400, &serde_json::json!(ErrorCode::Disconnected as i32)),
+        (503, &serde_json::json!(ErrorCode::Disconnected as i32)),
         "{error}"
     );
 }

@@ -182,10 +182,13 @@ pub fn status_of(code: ErrorCode) -> u16 {
         ErrorCode::NotFound => 404,
         ErrorCode::BodyTooLarge | ErrorCode::FrameTooLarge => 413,
         ErrorCode::RateLimited | ErrorCode::TooManyConnections => 429,
+        // Retry later: the request is fine (a disconnected poll, too, may
+        // poll again at once; section 10 says reconnect with backoff).
         ErrorCode::StoreUnavailable
         | ErrorCode::ShuttingDown
         | ErrorCode::Unavailable
-        | ErrorCode::HomeUnavailable => 503,
+        | ErrorCode::HomeUnavailable
+        | ErrorCode::Disconnected => 503,
         ErrorCode::NotHome => 421,
         ErrorCode::Internal => 500,
         _ => 400,
