@@ -192,10 +192,41 @@ async fn the_node_refuses_connections_past_its_cap_and_keeps_accepting() {
     for _ in 0..3 {
         held.push(Raw::connect(srv.addr()).await);
     }
+    // Refused before any Hello: a fatal Error with request_id 0, then the
+    // close; on the HTTP port a 503 with Retry-After: 1.
     let mut refused = Raw::connect(srv.addr()).await;
-    assert_eq!(refused.expect_fatal().await, ErrorCode::TooManyConnections);
-    let (status, body) = http(srv.http_addr(), "GET", "/health", &[], b"").await;
-    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    match refused.recv().await {
+        Some(Envelope {
+            request_id: 0,
+            body: Some(Body::Error(e)),
+        }) if e.fatal => assert_eq!(e.code, ErrorCode::TooManyConnections as i32),
+        other => panic!("expected TOO_MANY_CONNECTIONS with request_id 0, got {other:?}"),
+    }
+    assert!(refused.recv().await.is_none(), "closed after the refusal");
+    let (status, head) = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(srv.http_addr())
+            .await
+            .expect("connect");
+        // The answer may come before the request is written.
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
+            .await
+            .expect("answered within patience");
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        (text.get(9..12).and_then(|c| c.parse::<u16>().ok()), text)
+    };
+    assert_eq!(status, Some(503), "{head}");
+    for h in [
+        "retry-after: 1\r\n",
+        "content-type: text/plain\r\n",
+        "connection: close\r\n",
+        "cache-control: no-store\r\n",
+        "x-content-type-options: nosniff\r\n",
+    ] {
+        assert!(head.contains(h), "{h:?} missing from {head}");
+    }
     // The ones held are served.
     held[0].hello(1, &token("kim")).await;
     assert!(matches!(
