@@ -314,3 +314,28 @@ async fn token_claims_are_checked_as_section_4_says() {
         }
     }
 }
+
+/// Section 2.1: no frame from the server is larger than `max_frame_bytes`,
+/// not even the Error refusing a token whose claim the server's JSON
+/// reader quotes back (with each invisible character escaped to eight
+/// bytes: a 48 KB claim would make a 128 KB message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_refusing_a_huge_token_fits_in_a_frame() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let srv = TestServer::start();
+    let claims = serde_json::json!({
+        "sub": "alice",
+        "exp": 4_000_000_000u64,
+        "iat": "\u{200b}".repeat(16_000),
+    });
+    let token = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode");
+    assert!(token.len() < 65_000, "the Hello must fit: {}", token.len());
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token).await;
+    assert_eq!(raw.expect_fatal().await, ErrorCode::AuthFailed);
+}

@@ -392,3 +392,23 @@ async fn pages_of_the_largest_entries_fit_in_a_frame() {
         (500, false)
     );
 }
+
+/// Section 2.1: no answer is larger than `max_frame_bytes`, not even an
+/// Error about a huge invalid member id (whose text could echo it, with
+/// every control byte escaped to several characters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_about_a_huge_invalid_id_fits_in_a_frame() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let huge = "\u{1}".repeat(60_000);
+    assert_eq!(
+        code_of(alice.create_group("g", &[huge.as_str()]).await),
+        ErrorCode::InvalidRecipient
+    );
+    let gid = alice.create_group("g", &[]).await.expect("create").group_id;
+    assert_eq!(
+        code_of(alice.add_members(gid, &[huge.as_str()]).await),
+        ErrorCode::InvalidRecipient
+    );
+    alice.ping().await.expect("still connected");
+}

@@ -32,6 +32,11 @@ pub use pb::{Envelope, ErrorCode};
 /// The protocol version this crate speaks; `Hello.protocol_version` must equal it.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Longest `Error.message` [`Envelope::error`] writes, in bytes. A message
+/// may quote what a client sent (an id, a token's claim), and an Error must
+/// fit in a frame however large that was.
+pub const MAX_ERROR_MESSAGE: usize = 1024;
+
 impl Envelope {
     /// An envelope with the given request id and body.
     pub fn new(request_id: u64, body: Body) -> Self {
@@ -41,18 +46,27 @@ impl Envelope {
         }
     }
 
-    /// An `Error` envelope.
+    /// An `Error` envelope, its message cut to [`MAX_ERROR_MESSAGE`] bytes
+    /// (at a character boundary).
     pub fn error(
         request_id: u64,
         code: ErrorCode,
         message: impl Into<String>,
         fatal: bool,
     ) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_ERROR_MESSAGE {
+            let mut end = MAX_ERROR_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
         Envelope::new(
             request_id,
             Body::Error(pb::Error {
                 code: code as i32,
-                message: message.into(),
+                message,
                 fatal,
                 ..Default::default()
             }),
@@ -70,5 +84,23 @@ impl ErrorCode {
     /// True when reconnecting unchanged can succeed (codes below 3000).
     pub fn may_reconnect(self) -> bool {
         (self as i32) < 3000
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_are_cut_at_a_character_boundary() {
+        let message = |env: Envelope| match env.body {
+            Some(Body::Error(e)) => e.message,
+            other => panic!("{other:?}"),
+        };
+        let short = Envelope::error(1, ErrorCode::Internal, "short", true);
+        assert_eq!(message(short), "short");
+        // 3-byte characters: 1,024 is not a boundary, 1,023 is.
+        let long = Envelope::error(1, ErrorCode::Internal, "\u{200b}".repeat(1000), true);
+        assert_eq!(message(long).len(), 1023);
     }
 }
