@@ -432,6 +432,12 @@ async fn http_statuses_and_headers_follow_section_20() {
     );
     let (s, _, body) = exchange(addr, long.as_bytes()).await;
     assert_eq!((s, code(&body)), (413, ErrorCode::BodyTooLarge as i64));
+    let (s, _, body) = exchange(
+        addr,
+        b"POST /v1/messages HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
+    )
+    .await;
+    assert_eq!((s, code(&body)), (400, ErrorCode::InvalidRequest as i64));
     let chunked = format!(
         "POST /v1/messages HTTP/1.1\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     );
