@@ -339,3 +339,44 @@ async fn the_error_refusing_a_huge_token_fits_in_a_frame() {
     raw.hello(1, &token).await;
     assert_eq!(raw.expect_fatal().await, ErrorCode::AuthFailed);
 }
+
+/// Section 3: after login, a body this server does not know (a newer
+/// client's field 39, raw bytes), no body, and a server-only body are each
+/// a non-fatal `INVALID_REQUEST` carrying the frame's request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_empty_and_server_only_bodies_are_invalid_requests() {
+    let srv = TestServer::start();
+    let mut raw = Raw::connect(srv.addr()).await;
+    raw.hello(1, &token("uma")).await;
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Welcome(_))
+    ));
+    // Envelope{request_id: 5, field 39: empty message}.
+    raw.send_bytes(&[5, 0x08, 5, 0xba, 0x02, 0x00]).await;
+    raw.send(Envelope {
+        request_id: 6,
+        body: None,
+    })
+    .await;
+    raw.send(Envelope::new(7, Body::Pong(pb::Pong { nonce: 1 })))
+        .await;
+    raw.send(Envelope::new(8, Body::Ping(pb::Ping { nonce: 2 })))
+        .await;
+    for rid in 5..=7 {
+        match raw.recv().await {
+            Some(Envelope {
+                request_id,
+                body: Some(Body::Error(e)),
+            }) => assert_eq!(
+                (request_id, e.code, e.fatal),
+                (rid, ErrorCode::InvalidRequest as i32, false)
+            ),
+            other => panic!("expected INVALID_REQUEST for {rid}, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        raw.recv().await.and_then(|e| e.body),
+        Some(Body::Pong(pb::Pong { nonce: 2 }))
+    ));
+}
