@@ -209,7 +209,9 @@ async fn the_node_refuses_connections_past_its_cap_and_keeps_accepting() {
             .await
             .expect("connect");
         // The answer may come before the request is written.
-        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
         let mut raw = Vec::new();
         let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
             .await
