@@ -140,7 +140,8 @@ impl ClientError {
 
     /// True when the same request may succeed if retried (possibly on a new
     /// connection): transport failures, timeouts, fatal 2xxx codes, and the
-    /// two transient request codes RATE_LIMITED and STORE_UNAVAILABLE.
+    /// three transient request codes RATE_LIMITED, STORE_UNAVAILABLE and
+    /// UNAVAILABLE (protocol section 10).
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Io(_) | ClientError::Frame(_) | ClientError::Timeout => true,
@@ -149,6 +150,7 @@ impl ClientError {
                 (2000..3000).contains(code)
                     || *code == ErrorCode::RateLimited as i32
                     || *code == ErrorCode::StoreUnavailable as i32
+                    || *code == ErrorCode::Unavailable as i32
             }
             ClientError::Protocol(_)
             | ClientError::Tls(_)
@@ -158,7 +160,7 @@ impl ClientError {
     }
 
     /// True when a retry should use a fresh connection rather than the
-    /// current one (everything retryable except the two transient 1xxx codes).
+    /// current one (everything retryable except the transient 1xxx codes).
     pub fn needs_reconnect(&self) -> bool {
         match self {
             ClientError::Server { code, .. } => *code >= 2000,
@@ -179,6 +181,11 @@ mod tests {
         };
         assert!(server(ErrorCode::StoreUnavailable).is_retryable());
         assert!(!server(ErrorCode::StoreUnavailable).needs_reconnect());
+        // Section 10: UNAVAILABLE (a cluster node that may not write for the
+        // user now, e.g. while its partition moves) changed nothing; retry
+        // later, on the same connection first.
+        assert!(server(ErrorCode::Unavailable).is_retryable());
+        assert!(!server(ErrorCode::Unavailable).needs_reconnect());
         assert!(!server(ErrorCode::InvalidRecipient).is_retryable());
         assert!(server(ErrorCode::ShuttingDown).is_retryable());
         assert!(!server(ErrorCode::AuthFailed).is_retryable());

@@ -15,13 +15,18 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use swiftlet_protocol::pb;
+use swiftlet_protocol::{pb, ErrorCode};
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::client::{new_client_msg_id, Client};
 use crate::config::ClientConfig;
 use crate::error::ClientError;
+
+/// `UNAVAILABLE` answers in a row after which a send reconnects before its
+/// next attempt (the first may be a moment of a partition's move; one that
+/// persists means the user's writes belong to another node now).
+const UNAVAILABLE_BEFORE_RECONNECT: u32 = 2;
 
 /// How hard [`ReliableSender`] tries.
 #[derive(Debug, Clone)]
@@ -101,6 +106,10 @@ impl ReliableSender {
         let deadline = Instant::now() + self.policy.deadline;
         let mut backoff = Backoff::new(self.policy.initial_backoff, self.policy.max_backoff);
         let mut attempts = 0u32;
+        // UNAVAILABLE answers in a row: once it persists, the node may have
+        // lost the user's partition, so the next attempt reconnects
+        // (protocol section 10).
+        let mut unavailable = 0u32;
         loop {
             attempts += 1;
             let attempt = self.attempt(client_msg_id, to_user, content_type, body.clone());
@@ -112,8 +121,14 @@ impl ReliableSender {
             if !err.is_retryable() {
                 return Err(err);
             }
-            if err.needs_reconnect() {
+            if err.code() == Some(ErrorCode::Unavailable as i32) {
+                unavailable += 1;
+            } else {
+                unavailable = 0;
+            }
+            if err.needs_reconnect() || unavailable >= UNAVAILABLE_BEFORE_RECONNECT {
                 self.client = None;
+                unavailable = 0;
             }
             let wait = backoff.next_delay();
             if Instant::now() + wait >= deadline {

@@ -305,6 +305,58 @@ async fn reliable_send_resends_the_same_id_after_a_disconnect() {
     assert_eq!(first, ack.client_msg_id);
 }
 
+/// Protocol section 10: `UNAVAILABLE` changed nothing and is retried with
+/// the same id, on the same connection first, and from a new connection
+/// once it persists (a cluster node that lost the user's partition keeps
+/// answering it; the user's new home is elsewhere).
+#[tokio::test]
+async fn reliable_send_retries_unavailable_and_reconnects_when_it_persists() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = fake_server(move |n, mut peer| {
+        let tx = tx.clone();
+        async move {
+            welcome(&mut peer).await;
+            while let Some(Ok(env)) = peer.next().await {
+                let Some(Body::Send(send)) = env.body else {
+                    continue;
+                };
+                let _ = tx.send((n, send.client_msg_id.clone()));
+                let answer = if n == 0 {
+                    Envelope::error(
+                        env.request_id,
+                        ErrorCode::Unavailable,
+                        "this node may not write for this user now",
+                        false,
+                    )
+                } else {
+                    ack(env.request_id, &send, 9)
+                };
+                peer.send(answer).await.expect("answer");
+            }
+        }
+    })
+    .await;
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        deadline: Duration::from_secs(10),
+    };
+    let mut sender = ReliableSender::new(cfg(&addr), policy);
+    let ack = sender.send("bob", "text/plain", "hi").await.expect("ack");
+    assert_eq!(ack.server_msg_id, 9);
+    assert_eq!(sender.connects(), 2);
+    let mut attempts = Vec::new();
+    while let Ok(a) = rx.try_recv() {
+        attempts.push(a);
+    }
+    let id = ack.client_msg_id;
+    assert_eq!(
+        attempts,
+        vec![(0, id.clone()), (0, id.clone()), (1, id)],
+        "twice on the first connection, then once on a new one"
+    );
+}
+
 #[tokio::test]
 async fn reliable_send_gives_up_at_the_deadline() {
     // Nothing listens on this port once the listener is dropped.
