@@ -407,6 +407,99 @@ async fn refusals_past_the_cap_are_answered_at_the_configured_rate() {
     ));
 }
 
+/// Section 9: a `Sync` takes one frame token and one more for every 10
+/// events of the page it asks for, so a page of 500 takes 51, and a
+/// client's Syncs cannot take more of a shard than its frame rate's worth
+/// of Sends would. Under a manual clock this is exact. With a bucket of 100
+/// (one token back per 10 ms), the Hello leaves 99: the first Sync of 500
+/// is read at once (48 left), the second waits for 3 more tokens (+30 ms),
+/// and a Send behind it for one more (+40 ms), which its Ack's timestamp
+/// shows. At one token a Sync it would be +0 ms; at 50 or 52, +30 or +50.
+/// After each 10 ms the test waits for a Pong on a second connection of the
+/// same shard: a turn takes the held-back connection before it reads new
+/// input, so the Pong proves the held one was looked at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_page_takes_a_token_per_ten_events() {
+    const T0: u64 = 1_800_000_000_000;
+    let clock = swiftlet::clock::ManualClock::new(T0);
+    let srv = TestServer::start_with(|c| {
+        c.clock = clock.clock();
+        c.shards = 1;
+        c.max_frames_per_sec = 100;
+    });
+    let (mut reader, welcome) = raw_login(&srv, "rhea", "phone", 1).await;
+    assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+    let (mut probe, welcome) = raw_login(&srv, "pax", "phone", 1).await;
+    assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+    let sync = |rid| {
+        Envelope::new(
+            rid,
+            Body::Sync(pb::Sync {
+                after: 0,
+                limit: 500,
+            }),
+        )
+    };
+    let send = Envelope::new(
+        4,
+        Body::Send(pb::Send {
+            client_msg_id: "m0".into(),
+            to_user: "pax".into(),
+            content_type: "text/plain".into(),
+            body: b"after the pages".to_vec().into(),
+            group_id: 0,
+        }),
+    );
+    let mut bytes = Vec::new();
+    for env in [sync(2), sync(3), send] {
+        swiftlet_protocol::codec::encode_frame(&env, &mut bytes);
+    }
+    reader.send_bytes(&bytes).await;
+    let answer = reader.recv().await.expect("the first page");
+    assert_eq!(answer.request_id, 2);
+    assert!(
+        matches!(answer.body, Some(Body::SyncBatch(_))),
+        "{answer:?}"
+    );
+
+    let mut answered = Vec::new();
+    let mut acked_at = None;
+    for step in 1..=6u64 {
+        clock.advance(Duration::from_millis(10));
+        probe
+            .send(Envelope::new(step, Body::Ping(pb::Ping { nonce: step })))
+            .await;
+        loop {
+            match probe.recv().await.and_then(|e| e.body) {
+                Some(Body::Pong(_)) => break,
+                // m0, delivered to pax once it is handled.
+                Some(Body::Deliver(_)) => {}
+                other => panic!("expected a Pong, got {other:?}"),
+            }
+        }
+        // What the held-back connection got in that turn is in its socket.
+        while let Ok(Some(Ok(env))) = tokio::time::timeout(
+            Duration::from_millis(200),
+            futures::StreamExt::next(&mut reader.framed),
+        )
+        .await
+        {
+            match env.body {
+                Some(Body::SyncBatch(_)) => answered.push((env.request_id, step)),
+                Some(Body::Ack(ack)) => acked_at = Some(ack.timestamp_ms),
+                // The echo of m0 to the sending device.
+                Some(Body::Deliver(_)) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if acked_at.is_some() {
+            break;
+        }
+    }
+    assert_eq!(answered, vec![(3, 3)], "the second page after 30 ms");
+    assert_eq!(acked_at, Some(T0 + 40), "the Send behind it after 40 ms");
+}
+
 /// A connection that sends frames faster than `--max-frames-per-sec` is
 /// read no faster: its bucket holds one second's frames and earns them
 /// back continuously (one per 1/rate s, not a tenth at each 100 ms tick),
