@@ -364,12 +364,7 @@ async fn pipelined_pings_never_read_cannot_take_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_frame_is_closed_at_the_frame_timeout() {
     let srv = TestServer::start_with(|c| c.frame_timeout_ms = 400);
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("trickler")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "trickler").await;
     // Announce 60,000 bytes, then send one every 100 ms, forever.
     let mut prefix = Vec::new();
     prost::encoding::encode_varint(60_000, &mut prefix);

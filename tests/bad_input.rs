@@ -80,12 +80,7 @@ async fn an_oversized_length_prefix_is_refused_before_the_body() {
     raw.send_bytes(&prefix).await;
     assert_eq!(raw.expect_fatal().await, ErrorCode::FrameTooLarge);
     // The limit is the configured one: one byte over after a login.
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("carol")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "carol").await;
     let mut over = Vec::new();
     prost::encoding::encode_varint(srv.config.max_frame as u64 + 1, &mut over);
     raw.send_bytes(&over).await;
@@ -122,12 +117,7 @@ async fn anything_before_hello_is_a_protocol_violation() {
         .await;
     assert_eq!(raw.expect_fatal().await, ErrorCode::ProtocolViolation);
     // And a second Hello after login.
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("dave")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "dave").await;
     raw.hello(1, &token("dave")).await;
     assert_eq!(raw.expect_fatal().await, ErrorCode::ProtocolViolation);
 }
@@ -184,12 +174,7 @@ async fn a_silent_logged_in_connection_is_closed_at_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_tells_clients_why() {
     let srv = TestServer::start();
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("frank")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "frank").await;
     let mut srv = srv;
     let server = srv.server.take();
     let stopper = std::thread::spawn(move || server.map(|s| s.shutdown()));
@@ -346,12 +331,7 @@ async fn the_error_refusing_a_huge_token_fits_in_a_frame() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_empty_and_server_only_bodies_are_invalid_requests() {
     let srv = TestServer::start();
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("uma")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "uma").await;
     // Envelope{request_id: 5, field 39: empty message}.
     raw.send_bytes(&[5, 0x08, 5, 0xba, 0x02, 0x00]).await;
     raw.send(Envelope {

@@ -124,12 +124,7 @@ fn e_class_permanent(code: ErrorCode) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_zero_is_a_protocol_violation() {
     let srv = TestServer::start();
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("kim")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "kim").await;
     raw.send(Envelope::new(0, Body::Ping(pb::Ping { nonce: 1 })))
         .await;
     assert_eq!(raw.expect_fatal().await, ErrorCode::ProtocolViolation);

@@ -68,12 +68,7 @@ async fn typing_reaches_the_other_party_and_lapses_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_typing_flood_gets_rate_limited_not_disconnected() {
     let srv = TestServer::start();
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("alice")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "alice").await;
     for i in 0..40 {
         raw.send(Envelope::new(
             10 + i,
@@ -160,12 +155,7 @@ async fn a_device_that_sends_and_closes_at_once_goes_offline() {
     let srv = TestServer::start();
     let (bob, mut brx) = srv.connect("bob", "phone").await;
     bob.subscribe_presence(&["alice"]).await.expect("subscribe");
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("alice")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "alice").await;
     let p = next_presence(&mut brx).await;
     assert_eq!((p.user.as_str(), p.online), ("alice", true));
     // A last Ping and the FIN in one segment: corked, the data waits for
@@ -235,12 +225,7 @@ async fn presence_and_typing_refusals_are_typed_and_change_nothing() {
 
     let carols = srv.connect("carol", "phone").await.0;
     let gid = carols.create_group("g", &[]).await.expect("group").group_id;
-    let mut raw = Raw::connect(srv.addr()).await;
-    raw.hello(1, &token("bob")).await;
-    assert!(matches!(
-        raw.recv().await.and_then(|e| e.body),
-        Some(Body::Welcome(_))
-    ));
+    let mut raw = Raw::logged_in(srv.addr(), "bob").await;
     let typing = |conversation, state: TypingState| {
         Body::Typing(pb::Typing {
             conversation,

@@ -752,14 +752,6 @@ impl Shard {
                 stop = Stop::TurnSpent;
                 break;
             }
-            if limits.frames.on() && conn.frame_tokens == 0 {
-                self.ctx
-                    .metrics
-                    .throttled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                stop = Stop::Throttled;
-                break;
-            }
             let (input, used) = match input::next(conn.transport, &data[pos..], limits.max_frame) {
                 Ok(Some(next)) => next,
                 Ok(None) => break,
@@ -778,8 +770,9 @@ impl Shard {
                 _ => None,
             });
             if limits.frames.on() && conn.frame_tokens < cost {
-                // Not enough for this one: it stays unread, in order, until
-                // the bucket has earned its cost.
+                // Not enough for this one (an empty bucket pays for none):
+                // it stays unread, in order, until the bucket has earned
+                // its cost.
                 self.ctx
                     .metrics
                     .throttled

@@ -201,6 +201,15 @@ impl Raw {
         self.framed.get_mut().write_all(bytes).await.expect("write");
     }
 
+    /// A raw connection logged in as `user` (device "raw"), its Welcome read.
+    pub async fn logged_in(addr: SocketAddr, user: &str) -> Raw {
+        let mut raw = Raw::connect(addr).await;
+        raw.hello(1, &token(user)).await;
+        let welcome = raw.recv().await.and_then(|e| e.body);
+        assert!(matches!(welcome, Some(Body::Welcome(_))), "{welcome:?}");
+        raw
+    }
+
     pub async fn hello(&mut self, version: u32, token: &str) {
         self.send(Envelope::new(
             1,

@@ -69,6 +69,21 @@ fn ack(request_id: u64, send: &pb::Send, server_msg_id: u64) -> Envelope {
     )
 }
 
+/// One send through a [`ReliableSender`] retrying every 10-50 ms: its Ack
+/// (server_msg_id 9, from the second connection).
+async fn send_with_quick_retries(addr: &str) -> pb::Ack {
+    let policy = RetryPolicy {
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        deadline: Duration::from_secs(10),
+    };
+    let mut sender = ReliableSender::new(cfg(addr), policy);
+    let ack = sender.send("bob", "text/plain", "hi").await.expect("ack");
+    assert_eq!(ack.server_msg_id, 9);
+    assert_eq!(sender.connects(), 2);
+    ack
+}
+
 fn cfg(addr: &str) -> ClientConfig {
     let mut c = ClientConfig::new(addr, "alice", "d1");
     c.request_timeout = Duration::from_secs(5);
@@ -290,15 +305,7 @@ async fn reliable_send_resends_the_same_id_after_a_disconnect() {
         }
     })
     .await;
-    let policy = RetryPolicy {
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(50),
-        deadline: Duration::from_secs(10),
-    };
-    let mut sender = ReliableSender::new(cfg(&addr), policy);
-    let ack = sender.send("bob", "text/plain", "hi").await.expect("ack");
-    assert_eq!(ack.server_msg_id, 9);
-    assert_eq!(sender.connects(), 2);
+    let ack = send_with_quick_retries(&addr).await;
     let first = rx.recv().await.expect("first id");
     let second = rx.recv().await.expect("second id");
     assert_eq!(first, second);
@@ -336,15 +343,7 @@ async fn reliable_send_retries_unavailable_and_reconnects_when_it_persists() {
         }
     })
     .await;
-    let policy = RetryPolicy {
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(50),
-        deadline: Duration::from_secs(10),
-    };
-    let mut sender = ReliableSender::new(cfg(&addr), policy);
-    let ack = sender.send("bob", "text/plain", "hi").await.expect("ack");
-    assert_eq!(ack.server_msg_id, 9);
-    assert_eq!(sender.connects(), 2);
+    let ack = send_with_quick_retries(&addr).await;
     let mut attempts = Vec::new();
     while let Ok(a) = rx.try_recv() {
         attempts.push(a);
