@@ -43,9 +43,6 @@ pub const TYPING_FULL: u8 = BURST * UNITS_PER_TOKEN;
 /// Typing units earned per second (one a tick).
 const TYPING_PER_SEC: u64 = UNITS_PER_SEC / UNITS_PER_TICK as u64;
 
-/// Events of a `Sync` page per extra frame token (see [`FrameRate::cost`]).
-pub const SYNC_EVENTS_PER_TOKEN: u32 = 10;
-
 /// The frame bucket, from `--max-frames-per-sec`: it holds one second's
 /// frames and earns them back continuously.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,19 +71,6 @@ impl FrameRate {
     /// A full bucket (what a new connection starts with).
     pub fn full(&self) -> u16 {
         self.full
-    }
-
-    /// Tokens a frame takes: one, and a `Sync` one more for every
-    /// [`SYNC_EVENTS_PER_TOKEN`] events of the page it asks for (`page`:
-    /// its limit as the server applies it), at most a full bucket so that
-    /// it can always be earned. Reading and encoding a page costs the shard
-    /// about 2.5 µs an event, so a page of 500 is worth about fifty `Send`s;
-    /// charged as one frame, a client at a phone's rate could take a tenth
-    /// of a shard's time with `Sync`s alone.
-    pub fn cost(&self, sync_page: Option<u32>) -> u16 {
-        let extra = sync_page.map_or(0, |page| page / SYNC_EVENTS_PER_TOKEN);
-        let cost = u16::try_from(1 + extra).unwrap_or(u16::MAX);
-        cost.min(self.full.max(1))
     }
 
     /// How long after a connection ran dry to read it again: one token's
@@ -146,19 +130,6 @@ mod tests {
     use super::*;
 
     const TICK: Instant = UNITS_PER_TICK;
-
-    #[test]
-    fn a_sync_costs_a_token_per_ten_events_and_never_more_than_a_bucket() {
-        let rate = FrameRate::new(100);
-        assert_eq!(rate.cost(None), 1);
-        assert_eq!(rate.cost(Some(1)), 1);
-        assert_eq!(rate.cost(Some(100)), 11);
-        assert_eq!(rate.cost(Some(500)), 51);
-        // A bucket of 20 could never hold 51: the page takes all of it.
-        assert_eq!(FrameRate::new(20).cost(Some(500)), 20);
-        // No limit: nothing is counted, but the arithmetic stays sane.
-        assert_eq!(FrameRate::OFF.cost(Some(500)), 1);
-    }
 
     fn at(typing: &mut u8, refilled: &mut Instant, tick: u32, n: u8) -> bool {
         refill(typing, &mut 0, refilled, tick * TICK, FrameRate::OFF);

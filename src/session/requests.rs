@@ -548,14 +548,6 @@ fn sync<O: Output, N: NodeServices>(
     }
 }
 
-/// The events a Sync asking for `limit` may return (0 means the default).
-pub fn sync_limit(limit: u32) -> u32 {
-    match limit {
-        0 => DEFAULT_SYNC_LIMIT,
-        n => n.min(MAX_SYNC_LIMIT),
-    }
-}
-
 /// One Sync page of `user`'s inbox (shared with the HTTP sync endpoint).
 pub fn sync_page<N: NodeServices>(
     node: &N,
@@ -563,7 +555,10 @@ pub fn sync_page<N: NodeServices>(
     after: u64,
     limit: u32,
 ) -> Result<pb::SyncBatch, crate::store::StoreError> {
-    let limit = sync_limit(limit) as usize;
+    let limit = match limit {
+        0 => DEFAULT_SYNC_LIMIT,
+        n => n.min(MAX_SYNC_LIMIT),
+    } as usize;
     let max_bytes = node.limits().max_frame.saturating_sub(FRAME_OVERHEAD);
     // Page, head and first available seq from one snapshot: the gap a
     // client computes from them is exactly what retention removed.

@@ -752,6 +752,14 @@ impl Shard {
                 stop = Stop::TurnSpent;
                 break;
             }
+            if limits.frames.on() && conn.frame_tokens == 0 {
+                self.ctx
+                    .metrics
+                    .throttled
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stop = Stop::Throttled;
+                break;
+            }
             let (input, used) = match input::next(conn.transport, &data[pos..], limits.max_frame) {
                 Ok(Some(next)) => next,
                 Ok(None) => break,
@@ -760,29 +768,10 @@ impl Shard {
                     break;
                 }
             };
-            // Every unit counts, WebSocket control frames too; a Sync's
-            // page counts besides (protocol section 9).
-            let cost = limits.frames.cost(match &input {
-                Input::Frame(Envelope {
-                    body: Some(Body::Sync(sync)),
-                    ..
-                }) => Some(session::sync_limit(sync.limit)),
-                _ => None,
-            });
-            if limits.frames.on() && conn.frame_tokens < cost {
-                // Not enough for this one (an empty bucket pays for none):
-                // it stays unread, in order, until the bucket has earned
-                // its cost.
-                self.ctx
-                    .metrics
-                    .throttled
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                stop = Stop::Throttled;
-                break;
-            }
             pos += used;
             *frames_left -= 1;
-            conn.frame_tokens = conn.frame_tokens.saturating_sub(cost);
+            // Every unit counts, WebSocket control frames too.
+            conn.frame_tokens = conn.frame_tokens.saturating_sub(1);
             handled = true;
             let env = match input {
                 // Only a complete frame is activity (on WebSocket, a
