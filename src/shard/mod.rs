@@ -1037,26 +1037,10 @@ impl Shard {
                 ShardMsg::Close => {
                     let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                     for slot in slots {
-                        // An HTTP exchange (a parked long-poll, a send
-                        // waiting for its Ack) is told in HTTP: 503.
-                        let http = self.conns.get(slot).is_some_and(|c| {
-                            c.transport == Transport::Http && c.phase != Phase::Closing
-                        });
-                        if http {
-                            let answer = crate::bridge::http::error(
-                                ErrorCode::ShuttingDown,
-                                "server shutting down; retry later or elsewhere",
-                            );
-                            self.http_finish(slot, answer);
-                            continue;
-                        }
-                        self.close_with(
+                        self.end_with(
                             slot,
-                            0,
                             ErrorCode::ShuttingDown,
-                            "server shutting down",
-                            None,
-                            None,
+                            "server shutting down; retry later or elsewhere",
                         );
                     }
                     self.exit_at = Some(self.now + CLOSE_GRACE_TICKS);
@@ -1101,12 +1085,7 @@ impl Shard {
                 token_issued_at: if poll { 0 } else { token_iat },
             });
             if let Some((code, why)) = &q.close {
-                if poll {
-                    let answer = crate::bridge::http::error(*code, why);
-                    self.http_finish(slot as usize, answer);
-                } else {
-                    self.close_with(slot as usize, 0, *code, why, None, None);
-                }
+                self.end_with(slot as usize, *code, why);
             }
         }
         let _ = q.done.send(found);
@@ -1452,6 +1431,22 @@ impl Shard {
     /// reset. A WebSocket also gets a close frame: `ws_close`, or one
     /// derived from `code`. `ErrorCode::Unspecified` sends no Error frame
     /// (the client closed).
+    /// End `slot`'s session with a fatal `code`, in its own protocol: an
+    /// HTTP exchange (a parked long-poll, a send waiting for its Ack) is
+    /// answered with the code's status; any other connection gets the
+    /// Error frame and is closed ([`Shard::close_with`]).
+    fn end_with(&mut self, slot: usize, code: ErrorCode, why: &str) {
+        let http = self
+            .conns
+            .get(slot)
+            .is_some_and(|c| c.transport == Transport::Http && c.phase != Phase::Closing);
+        if http {
+            self.http_finish(slot, crate::bridge::http::error(code, why));
+        } else {
+            self.close_with(slot, 0, code, why, None, None);
+        }
+    }
+
     fn close_with(
         &mut self,
         slot: usize,
