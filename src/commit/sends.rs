@@ -87,7 +87,7 @@ impl Pipeline {
             timestamp_ms: now,
             seq: own_seq,
         };
-        self.store.put_message(&mut w.batch, &msg)?;
+        self.store.put_minted_message(&mut w.batch, &msg)?;
         self.metrics
             .messages_in
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
