@@ -19,6 +19,10 @@
 //!   costs the write path. The two stores are measured turn about, several
 //!   rounds, so a noisy machine affects both alike.
 //!
+//! - `sync_page/LIMIT`: one Sync page of a 1,000-message inbox, read from
+//!   the store (`read`) and then encoded into its frame (`encode`), the two
+//!   halves of what a shard does inline for a `Sync`. Throughput in events.
+//!
 //! The shapes run in one process so their ratios survive a noisy machine.
 
 use std::sync::Arc;
@@ -213,5 +217,53 @@ fn statistics(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_sends, wal_sync, fan_out, statistics);
+fn sync_page(c: &mut Criterion) {
+    let mut b = Bench::new();
+    for _ in 0..1000 {
+        b.send("bob".into(), 0);
+    }
+    b.pipeline.flush();
+    let max_bytes = 1 << 20;
+    let mut group = c.benchmark_group("sync_page");
+    for limit in [100usize, 500] {
+        group.throughput(Throughput::Elements(limit as u64));
+        group.bench_with_input(BenchmarkId::new("read", limit), &limit, |bench, &limit| {
+            bench.iter(|| {
+                let page = b
+                    .store
+                    .sync_inbox("bob", 0, limit, max_bytes)
+                    .expect("page");
+                assert_eq!(page.events.len(), limit);
+                page
+            })
+        });
+        let page = b
+            .store
+            .sync_inbox("bob", 0, limit, max_bytes)
+            .expect("page");
+        let env = pb::Envelope::new(
+            7,
+            pb::envelope::Body::SyncBatch(pb::SyncBatch {
+                events: page.events,
+                has_more: page.has_more,
+                head_seq: page.head,
+                first_available_seq: page.first_available,
+                inbox_epoch: 1,
+            }),
+        );
+        group.bench_with_input(BenchmarkId::new("encode", limit), &env, |bench, env| {
+            bench.iter(|| swiftlet_protocol::codec::frame_bytes(env))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    durable_sends,
+    wal_sync,
+    fan_out,
+    statistics,
+    sync_page
+);
 criterion_main!(benches);

@@ -393,3 +393,76 @@ async fn sync_limits_default_cap_and_fit_in_a_frame() {
     }
     assert_eq!((pages, after), (3, 3));
 }
+
+/// A connection may pipeline big Syncs: a shard reads at most one page per
+/// connection per turn, and a turn's share of page reads over all of its
+/// connections, leaving the rest (and whatever came behind it) for later
+/// turns. Every request is still answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_syncs_wait_their_turn_and_each_is_answered_once() {
+    let srv = TestServer::start();
+    let (alice, _alice_rx) = srv.connect("alice", "phone").await;
+    for i in 0..30 {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    let mut bob = Raw::logged_in(srv.addr(), "bob").await;
+    // 40 Syncs for the biggest page, each followed by a Ping, in one write.
+    let mut bytes = bytes::BytesMut::new();
+    for i in 0..40u64 {
+        let sync = Body::Sync(pb::Sync {
+            after: 0,
+            limit: 500,
+        });
+        swiftlet_protocol::codec::encode_frame(&Envelope::new(2 + 2 * i, sync), &mut bytes);
+        let ping = Body::Ping(pb::Ping { nonce: i });
+        swiftlet_protocol::codec::encode_frame(&Envelope::new(3 + 2 * i, ping), &mut bytes);
+    }
+    bob.send_bytes(&bytes).await;
+    let mut answered = std::collections::BTreeSet::new();
+    while answered.len() < 80 {
+        let env = bob.recv().await.expect("an answer");
+        match env.body {
+            // The login's catch-up, interleaved.
+            Some(Body::Deliver(_)) => continue,
+            Some(Body::SyncBatch(page)) => {
+                assert_eq!(env.request_id % 2, 0, "a Sync's answer");
+                assert_eq!(page.events.len(), 30);
+                assert!(!page.has_more);
+            }
+            Some(Body::Pong(_)) => assert_eq!(env.request_id % 2, 1, "a Ping's answer"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(answered.insert(env.request_id), "answered twice");
+    }
+    assert_eq!(answered, (2..82).collect());
+}
+
+/// A device far behind is caught up from the store over many turns (each
+/// turn reads a bounded share of events for all catching-up devices):
+/// every event arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_far_behind_catches_up_over_many_turns_in_order() {
+    let srv = TestServer::start();
+    let (alice, mut alice_rx) = srv.connect("alice", "phone").await;
+    // Her own sends come back to her device: taken, so her client keeps
+    // reading.
+    tokio::spawn(async move { while alice_rx.next().await.is_some() {} });
+    const N: u64 = 1_500;
+    for i in 0..N {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    let (bob, mut bob_rx) = srv.connect("bob", "phone").await;
+    assert_eq!(bob.welcome().head_seq, N);
+    for i in 0..N {
+        let (seq, m) = next_message(&mut bob_rx).await;
+        assert_eq!(seq, i + 1, "in order, no gap, no duplicate");
+        assert_eq!(m.body, format!("m{i}").into_bytes());
+    }
+    assert_no_more(&bob, &mut bob_rx).await;
+}

@@ -548,6 +548,16 @@ fn sync<O: Output, N: NodeServices>(
     }
 }
 
+/// The most events a Sync asking for `limit` reads: what the shard
+/// charges against its turn's share of inbox reads.
+pub fn sync_limit(limit: u32) -> usize {
+    let limit = match limit {
+        0 => DEFAULT_SYNC_LIMIT,
+        n => n.min(MAX_SYNC_LIMIT),
+    };
+    limit as usize
+}
+
 /// One Sync page of `user`'s inbox (shared with the HTTP sync endpoint).
 pub fn sync_page<N: NodeServices>(
     node: &N,
@@ -555,10 +565,7 @@ pub fn sync_page<N: NodeServices>(
     after: u64,
     limit: u32,
 ) -> Result<pb::SyncBatch, crate::store::StoreError> {
-    let limit = match limit {
-        0 => DEFAULT_SYNC_LIMIT,
-        n => n.min(MAX_SYNC_LIMIT),
-    } as usize;
+    let limit = sync_limit(limit);
     let max_bytes = node.limits().max_frame.saturating_sub(FRAME_OVERHEAD);
     // Page, head and first available seq from one snapshot: the gap a
     // client computes from them is exactly what retention removed.

@@ -95,6 +95,16 @@ const COLLECT_TICKS: u32 = 10;
 const SLOW_TURN: Duration = Duration::from_millis(10);
 /// Events read from the store per catch-up page.
 const CATCHUP_PAGE: usize = 256;
+/// Inbox events one turn reads for `Sync` pages, over all connections
+/// (a page counts its limit: 100 by default, 500 at most), and the same
+/// again for catch-up pages. A page of 500 takes a shard 0.4-1.6 ms; a
+/// hostile run that pipelined big Syncs from four connections held turns
+/// of 12-47 ms, as each connection read pages until its output budget was
+/// full, and every other connection of the shard waited. A Sync past the
+/// share waits for the next turn, which serves it before anything else
+/// (so pages are taken in turn, not by whoever sends most), and a
+/// connection reads at most one page per turn.
+const READ_EVENTS_PER_TURN: usize = 512;
 /// Reads of one connection per loop turn (each up to the 64 KiB scratch
 /// buffer): no socket holds the shard, however much it sends.
 const READS_PER_TURN: u32 = 1;
@@ -127,6 +137,9 @@ enum Stop {
     Paused,
     /// The turn's share of frames is spent; more next turn.
     TurnSpent,
+    /// The next frame is a `Sync` and the turn's share of reads is spent,
+    /// or the connection read a page this turn: first in line next turn.
+    ReadsSpent,
     /// The connection's frame bucket is empty: more once it refills, at
     /// the next tick.
     Throttled,
@@ -180,6 +193,11 @@ pub struct Shard {
     /// Connections with input left for a later turn (their share was
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
+    /// Connections whose next frame is a `Sync` this turn had no share of
+    /// reads left for: pumped first next turn (see [`READ_EVENTS_PER_TURN`]).
+    waiting_to_read: Vec<usize>,
+    /// Events this turn may still read for `Sync` pages.
+    page_events_left: usize,
     /// Connections whose frame bucket ran dry: read again
     /// [`bucket::FrameRate::retry`] after the first of them was held back, when
     /// each has earned a token or more.
@@ -261,6 +279,8 @@ impl Shard {
             },
             tls,
             pending_input: Vec::new(),
+            waiting_to_read: Vec::new(),
+            page_events_left: READ_EVENTS_PER_TURN,
             throttled: Vec::new(),
             throttled_at: 0,
             dirty: Vec::new(),
@@ -301,6 +321,7 @@ impl Shard {
             let next_tick = Duration::from_millis((u64::from(self.now) + 1) * TICK_MS);
             let timeout = if self.catchup.is_empty()
                 && self.pending_input.is_empty()
+                && self.waiting_to_read.is_empty()
                 && !self.accept_more
                 && self.due.is_empty()
             {
@@ -328,6 +349,7 @@ impl Shard {
             }
             let mut clock = TurnClock::start(self.ctx.clock.clone());
             self.accepts_left = CONN_CHANGES_PER_TURN;
+            self.page_events_left = READ_EVENTS_PER_TURN;
             let elapsed = clock.started().saturating_duration_since(self.start);
             self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             self.turn_started = elapsed;
@@ -337,7 +359,8 @@ impl Shard {
             let idle_poll = events.is_empty()
                 && self.mailbox.is_empty()
                 && self.catchup.is_empty()
-                && self.pending_input.is_empty();
+                && self.pending_input.is_empty()
+                && self.waiting_to_read.is_empty();
             if !idle_poll {
                 self.busy = true;
             } else if self.busy && self.now >= self.last_collect + COLLECT_TICKS {
@@ -357,7 +380,10 @@ impl Shard {
                 // The held-back connections have earned frames again.
                 self.pending_input.append(&mut self.throttled);
             }
-            for slot in std::mem::take(&mut self.pending_input) {
+            // Those that waited for a share of reads first.
+            let mut pending = std::mem::take(&mut self.waiting_to_read);
+            pending.append(&mut self.pending_input);
+            for slot in pending {
                 self.pump(slot);
             }
             if std::mem::take(&mut self.accept_more) {
@@ -660,6 +686,10 @@ impl Shard {
                         self.pending_input.push(slot);
                         return;
                     }
+                    Stop::ReadsSpent => {
+                        self.waiting_to_read.push(slot);
+                        return;
+                    }
                     Stop::Throttled => {
                         self.hold_back(slot);
                         return;
@@ -698,6 +728,10 @@ impl Shard {
             Stop::Paused | Stop::Closed => false,
             Stop::TurnSpent => {
                 self.pending_input.push(slot);
+                false
+            }
+            Stop::ReadsSpent => {
+                self.waiting_to_read.push(slot);
                 false
             }
             Stop::Throttled => {
@@ -768,6 +802,26 @@ impl Shard {
                     break;
                 }
             };
+            let mut reads_page = false;
+            let sync = match &input {
+                Input::Frame(Envelope {
+                    body: Some(Body::Sync(req)),
+                    ..
+                }) if conn.phase == Phase::Live => Some(req.limit),
+                _ => None,
+            };
+            if let Some(limit) = sync {
+                // Left for the next turn, first in line, when this turn's
+                // share is spent (see READ_EVENTS_PER_TURN); decoded again.
+                let cost = session::sync_limit(limit);
+                let left = self.page_events_left;
+                if cost > left && left < READ_EVENTS_PER_TURN {
+                    stop = Stop::ReadsSpent;
+                    break;
+                }
+                self.page_events_left = left.saturating_sub(cost);
+                reads_page = true;
+            }
             pos += used;
             *frames_left -= 1;
             // Every unit counts, WebSocket control frames too.
@@ -805,6 +859,12 @@ impl Shard {
                         self.ctx.metrics.connection(self.ctx.id, ws, 1);
                         let at = now + ticks(limits.idle_timeout_ms);
                         arm(&mut self.wheel, conn, slot, now, at);
+                    }
+                    if reads_page {
+                        // One page per connection per turn, and behind
+                        // those the share left waiting.
+                        stop = Stop::TurnSpent;
+                        break;
                     }
                 }
                 Flow::Close(rid, code, why) => {
@@ -1098,11 +1158,21 @@ impl Shard {
     }
 
     /// Refill lagging connections from the store, while their output is
-    /// below half the push buffer.
+    /// below half the push buffer, reading at most [`READ_EVENTS_PER_TURN`]
+    /// events in all: those the share did not reach keep their place at
+    /// the head of the list for the next turn.
     fn run_catchups(&mut self) {
         let low = self.ctx.limits.push_buffer_bytes / 2;
         let mut list = std::mem::take(&mut self.catchup);
-        for slot in list.drain(..) {
+        let mut events_left = READ_EVENTS_PER_TURN;
+        let mut kept = 0;
+        for i in 0..list.len() {
+            let slot = list[i];
+            if events_left == 0 {
+                list[kept] = slot;
+                kept += 1;
+                continue;
+            }
             let Some(conn) = self.conns.get_mut(slot) else {
                 continue;
             };
@@ -1113,12 +1183,19 @@ impl Shard {
                 continue;
             };
             let mut failed = None;
+            let mut lagging = false;
             while conn.out_len() < low {
                 let Some(after) = conn.carries.delivery().and_then(|d| d.catch_up_after()) else {
                     break;
                 };
-                match self.ctx.store.read_inbox(&user, after, CATCHUP_PAGE, low) {
+                if events_left == 0 {
+                    lagging = true;
+                    break;
+                }
+                let page_size = CATCHUP_PAGE.min(events_left);
+                match self.ctx.store.read_inbox(&user, after, page_size, low) {
                     Ok(page) => {
+                        events_left = events_left.saturating_sub(page.events.len().max(1));
                         for event in page.events {
                             if let Some(d) = conn.carries.delivery() {
                                 d.on_page_event(event.seq);
@@ -1163,10 +1240,18 @@ impl Shard {
                 self.close_with(slot, 0, ErrorCode::Internal, "storage error", None, None);
                 continue;
             }
+            if lagging {
+                // Room for more, but not this turn's reads: next turn.
+                list[kept] = slot;
+                kept += 1;
+            }
             // Still lagging: the flush below makes room, and a drained
             // buffer brings it back here.
             self.mark_dirty(slot);
         }
+        list.truncate(kept);
+        // Whatever was added meanwhile goes behind those kept.
+        list.append(&mut self.catchup);
         self.catchup = list;
     }
 
