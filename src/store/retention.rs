@@ -48,11 +48,16 @@
 //! recipient). The trimmer, in the batch that removes inbox entries,
 //! subtracts what it removed, and deletes the message and its count when
 //! that reaches zero. The count is read and written under the store's
-//! `gc` lock, which every commit holds for reading while it writes: a
-//! commit that adds a reference to a message (a cluster relays the same
+//! `gc` lock, which a commit holds for reading while it writes if it adds
+//! or removes a reference to a message it did not mint itself: a commit
+//! that adds a reference to a stored message (a cluster relays the same
 //! message to a second local member later) is either seen by the trimmer
-//! or comes after the delete and stores the message again. A message with
-//! no count (written before counts existed) is never deleted.
+//! or comes after the delete and stores the message again. A commit whose
+//! references all go to messages it minted (every group commit of sends)
+//! cannot touch a count the trimmer reads, since no stored row names those
+//! messages yet, and does not wait for a trim: one holds the lock for
+//! milliseconds. A message with no count (written before counts existed)
+//! is never deleted.
 //!
 //! # Dedup records
 //!
