@@ -175,6 +175,30 @@ async fn http_sync_returns_what_was_missed_as_proto3_json() {
     assert_eq!(page["headSeq"], "3");
 }
 
+/// Big HTTP pages at once: a shard reads a bounded share of page events a
+/// turn, and a request past it is parsed again and answered in a later
+/// turn. Each is answered, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_big_http_pages_at_once_are_each_answered() {
+    let srv = TestServer::start();
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    for i in 0..20 {
+        alice
+            .send("bob", "text/plain", format!("m{i}"))
+            .await
+            .expect("ack");
+    }
+    let addr = srv.http_addr();
+    let pages = futures::future::join_all(
+        (0..16).map(|_| async move { sync_as(addr, "bob", "after=0&limit=500").await }),
+    )
+    .await;
+    for (status, page) in pages {
+        assert_eq!(status, 200);
+        assert_eq!(page["events"].as_array().expect("events").len(), 20);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_poll_returns_when_something_arrives_or_when_the_wait_ends() {
     let srv = TestServer::start();

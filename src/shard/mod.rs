@@ -128,6 +128,19 @@ const CONN_CHANGES_PER_TURN: usize = 16;
 /// pipelines needs to keep a send path busy (the peers harness's window).
 pub const MAX_IN_FLIGHT: usize = 16;
 
+/// Charge a page of a Sync asking for `limit` events (its cost: see
+/// [`session::sync_limit`]) to `left`, the turn's share of page reads;
+/// false, charging nothing, when it does not fit. A page always fits a
+/// turn that has read none.
+fn take_page_share(left: &mut usize, limit: u32) -> bool {
+    let cost = session::sync_limit(limit);
+    if cost > *left && *left < READ_EVENTS_PER_TURN {
+        return false;
+    }
+    *left = left.saturating_sub(cost);
+    true
+}
+
 /// What stopped [`Shard::handle_input`].
 enum Stop {
     /// Every whole frame was handled; a partial one may be kept.
@@ -381,9 +394,16 @@ impl Shard {
                 self.pending_input.append(&mut self.throttled);
             }
             // Those that waited for a share of reads first.
-            let mut pending = std::mem::take(&mut self.waiting_to_read);
-            pending.append(&mut self.pending_input);
-            for slot in pending {
+            for slot in std::mem::take(&mut self.waiting_to_read) {
+                match self.conns.get(slot).map(|c| c.transport) {
+                    // A whole request left unhandled (see `ingest_http`):
+                    // parsed again.
+                    Some(Transport::Http) => self.ingest_http(slot, 0),
+                    Some(_) => self.pump(slot),
+                    None => {}
+                }
+            }
+            for slot in std::mem::take(&mut self.pending_input) {
                 self.pump(slot);
             }
             if std::mem::take(&mut self.accept_more) {
@@ -813,13 +833,10 @@ impl Shard {
             if let Some(limit) = sync {
                 // Left for the next turn, first in line, when this turn's
                 // share is spent (see READ_EVENTS_PER_TURN); decoded again.
-                let cost = session::sync_limit(limit);
-                let left = self.page_events_left;
-                if cost > left && left < READ_EVENTS_PER_TURN {
+                if !take_page_share(&mut self.page_events_left, limit) {
                     stop = Stop::ReadsSpent;
                     break;
                 }
-                self.page_events_left = left.saturating_sub(cost);
                 reads_page = true;
             }
             pos += used;

@@ -51,6 +51,17 @@ impl Shard {
         match http::parse(conn.partial(), max_body) {
             Ok(None) => {}
             Ok(Some((req, used))) => {
+                if req.method == "GET" && req.path == "/v1/sync" {
+                    let limit = http::query_param(&req.query, "limit")
+                        .and_then(|l| l.parse::<u64>().ok())
+                        .map_or(0, |l| l.min(u64::from(u32::MAX)) as u32);
+                    if !super::take_page_share(&mut self.page_events_left, limit) {
+                        // The turn's share of page reads is spent: kept as
+                        // bytes, parsed and handled first thing next turn.
+                        self.waiting_to_read.push(slot);
+                        return;
+                    }
+                }
                 let rest = conn
                     .partial()
                     .get(used..)
@@ -264,6 +275,10 @@ impl Shard {
             return;
         };
         let limit = u32::from(limit);
+        // Charged, never put off: the poll was parked already.
+        self.page_events_left = self
+            .page_events_left
+            .saturating_sub(session::sync_limit(limit));
         let answer = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(page) => http::json(200, &page),
             Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),
