@@ -158,12 +158,7 @@ async fn a_websocket_and_a_tcp_client_chat() {
 async fn http_sync_returns_what_was_missed_as_proto3_json() {
     let srv = TestServer::start();
     let (alice, _arx) = srv.connect("alice", "phone").await;
-    for i in 0..3 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..3).await;
     let (status, page) = sync_as(srv.http_addr(), "bob", "after=1&limit=10").await;
     assert_eq!(status, 200);
     let events = page["events"].as_array().expect("events");
@@ -182,12 +177,7 @@ async fn http_sync_returns_what_was_missed_as_proto3_json() {
 async fn many_big_http_pages_at_once_are_each_answered() {
     let srv = TestServer::start();
     let (alice, _arx) = srv.connect("alice", "phone").await;
-    for i in 0..20 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..20).await;
     let addr = srv.http_addr();
     let pages = futures::future::join_all(
         (0..16).map(|_| async move { sync_as(addr, "bob", "after=0&limit=500").await }),

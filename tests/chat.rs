@@ -49,33 +49,14 @@ async fn alice_to_bob_live_on_every_device_of_both() {
 async fn offline_messages_arrive_in_order_then_live_continues_without_gap() {
     let srv = TestServer::start();
     let (alice, _alice_rx) = srv.connect("alice", "phone").await;
-    let mut acks = Vec::new();
-    for i in 0..50 {
-        acks.push(
-            alice
-                .send("bob", "text/plain", format!("m{i}"))
-                .await
-                .expect("ack"),
-        );
-    }
+    let mut acks = send_numbered(&alice, "bob", 0..50).await;
     let (bob, mut bob_rx) = srv.connect("bob", "phone").await;
     assert_eq!(bob.welcome().cursor, 0);
     assert_eq!(bob.welcome().head_seq, 50);
     // Sends racing with the backlog: still one copy each, in order.
     let sender = {
         let alice = alice.clone();
-        tokio::spawn(async move {
-            let mut acks = Vec::new();
-            for i in 50..100 {
-                acks.push(
-                    alice
-                        .send("bob", "text/plain", format!("m{i}"))
-                        .await
-                        .expect("ack"),
-                );
-            }
-            acks
-        })
+        tokio::spawn(async move { send_numbered(&alice, "bob", 50..100).await })
     };
     for i in 0..100u64 {
         let (seq, m) = next_message(&mut bob_rx).await;
@@ -91,12 +72,7 @@ async fn offline_messages_arrive_in_order_then_live_continues_without_gap() {
 async fn a_device_resumes_after_its_acknowledged_cursor() {
     let srv = TestServer::start();
     let (alice, _arx) = srv.connect("alice", "phone").await;
-    for i in 0..10 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..10).await;
     {
         let (bob, mut rx) = srv.connect("bob", "phone").await;
         for _ in 0..10 {
@@ -164,12 +140,7 @@ async fn a_device_resumes_after_its_acknowledged_cursor() {
 async fn sync_pages_through_the_inbox() {
     let srv = TestServer::start();
     let (alice, _arx) = srv.connect("alice", "phone").await;
-    for i in 0..25 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..25).await;
     let (bob, _brx) = srv.connect("bob", "laptop").await;
     let mut after = 0;
     let mut seen = Vec::new();
@@ -402,12 +373,7 @@ async fn sync_limits_default_cap_and_fit_in_a_frame() {
 async fn pipelined_syncs_wait_their_turn_and_each_is_answered_once() {
     let srv = TestServer::start();
     let (alice, _alice_rx) = srv.connect("alice", "phone").await;
-    for i in 0..30 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..30).await;
     let mut bob = Raw::logged_in(srv.addr(), "bob").await;
     // 40 Syncs for the biggest page, each followed by a Ping, in one write.
     let mut bytes = bytes::BytesMut::new();
@@ -451,12 +417,7 @@ async fn a_device_far_behind_catches_up_over_many_turns_in_order() {
     // reading.
     tokio::spawn(async move { while alice_rx.next().await.is_some() {} });
     const N: u64 = 1_500;
-    for i in 0..N {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..N).await;
     let (bob, mut bob_rx) = srv.connect("bob", "phone").await;
     assert_eq!(bob.welcome().head_seq, N);
     for i in 0..N {

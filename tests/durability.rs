@@ -194,12 +194,7 @@ async fn the_inbox_epoch_changes_after_kill_9_and_not_after_a_clean_restart() {
     };
 
     let (alice, _arx) = connect_when_up(&addr, "alice", "phone").await;
-    for i in 0..3 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..3).await;
     alice.close().await;
     let (bob, mut rx) = connect_when_up(&addr, "bob", "phone").await;
     let epoch = bob.welcome().inbox_epoch;
@@ -314,12 +309,7 @@ async fn a_kill_9_after_acknowledgements_replays_but_never_skips() {
     };
     let n = 20;
     let (alice, _arx) = connect_when_up(&addr, "alice", "phone").await;
-    for i in 0..n {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..n).await;
     alice.close().await;
 
     // Bob receives all, acknowledges up to `acked`, and the server dies

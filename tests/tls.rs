@@ -122,12 +122,7 @@ async fn chat_over_tls_tcp() {
     let (_, m) = next_message(&mut bd).await;
     assert_eq!(&m.body[..], &big[..]);
     // A sync page (many records in one answer) arrives whole.
-    for i in 0..50 {
-        alice
-            .send("bob", "text/plain", format!("m{i}"))
-            .await
-            .expect("ack");
-    }
+    send_numbered(&alice, "bob", 0..50).await;
     let page = bob.sync(0, 100).await.expect("sync over TLS");
     assert_eq!(page.events.len(), 52);
 }

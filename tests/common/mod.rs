@@ -114,6 +114,20 @@ impl Drop for TestServer {
     }
 }
 
+/// `from` sends "m{i}" to `to` for each i of `range`, one after another,
+/// each acknowledged; returns the Acks.
+pub async fn send_numbered(from: &Client, to: &str, range: std::ops::Range<u64>) -> Vec<pb::Ack> {
+    let mut acks = Vec::new();
+    for i in range {
+        acks.push(
+            from.send(to, "text/plain", format!("m{i}"))
+                .await
+                .expect("ack"),
+        );
+    }
+    acks
+}
+
 /// The next event, or a failed test after [`PATIENCE`].
 pub async fn next_event(d: &mut Deliveries) -> pb::Event {
     match tokio::time::timeout(PATIENCE, d.next()).await {
