@@ -222,6 +222,11 @@ async fn events_past_the_max_age_go_the_head_stays_and_dedup_records_expire() {
         c.inbox_keep = 0;
         c.inbox_max_age = Span(HOUR);
         c.dedup_window = Span(HOUR);
+        // The clock jumps two hours below, with alice and carol logged
+        // in: past the default idle timeout (60 s), a shard's next turn
+        // would close them before alice's next send was read (1 run in
+        // 15 failed so).
+        c.idle_timeout_ms = 4 * 3_600_000;
     });
     let (alice, _ad) = srv.connect("alice", "phone").await;
     let (carol, _cd) = srv.connect("carol", "phone").await;
