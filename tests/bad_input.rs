@@ -344,16 +344,8 @@ async fn unknown_empty_and_server_only_bodies_are_invalid_requests() {
     raw.send(Envelope::new(8, Body::Ping(pb::Ping { nonce: 2 })))
         .await;
     for rid in 5..=7 {
-        match raw.recv().await {
-            Some(Envelope {
-                request_id,
-                body: Some(Body::Error(e)),
-            }) => assert_eq!(
-                (request_id, e.code, e.fatal),
-                (rid, ErrorCode::InvalidRequest as i32, false)
-            ),
-            other => panic!("expected INVALID_REQUEST for {rid}, got {other:?}"),
-        }
+        raw.expect_request_error(rid, ErrorCode::InvalidRequest)
+            .await;
     }
     assert!(matches!(
         raw.recv().await.and_then(|e| e.body),

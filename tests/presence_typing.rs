@@ -256,17 +256,7 @@ async fn presence_and_typing_refusals_are_typed_and_change_nothing() {
     ];
     for (rid, (body, code)) in (2..).zip(cases) {
         raw.send(Envelope::new(rid, body)).await;
-        match raw.recv().await {
-            Some(Envelope {
-                request_id,
-                body: Some(Body::Error(e)),
-            }) => assert_eq!(
-                (request_id, e.code, e.fatal),
-                (rid, code as i32, false),
-                "{e:?}"
-            ),
-            other => panic!("expected {code:?} for request {rid}, got {other:?}"),
-        }
+        raw.expect_request_error(rid, code).await;
     }
 }
 

@@ -133,12 +133,17 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// false, charging nothing, when it does not fit. A page always fits a
 /// turn that has read none.
 fn take_page_share(left: &mut usize, limit: u32) -> bool {
-    let cost = session::sync_limit(limit);
-    if cost > *left && *left < READ_EVENTS_PER_TURN {
+    if session::sync_limit(limit) > *left && *left < READ_EVENTS_PER_TURN {
         return false;
     }
-    *left = left.saturating_sub(cost);
+    charge_page(left, limit);
     true
+}
+
+/// Charge a page to the turn's share whether it fits or not: a read that
+/// cannot wait (a parked long-poll woken by its event).
+fn charge_page(left: &mut usize, limit: u32) {
+    *left = left.saturating_sub(session::sync_limit(limit));
 }
 
 /// What stopped [`Shard::handle_input`].
@@ -150,8 +155,9 @@ enum Stop {
     Paused,
     /// The turn's share of frames is spent; more next turn.
     TurnSpent,
-    /// The next frame is a `Sync` and the turn's share of reads is spent,
-    /// or the connection read a page this turn: first in line next turn.
+    /// The next frame is a `Sync` and the turn's share of page reads is
+    /// spent: first in line next turn. (A connection that read its page
+    /// stops with `TurnSpent`, behind those.)
     ReadsSpent,
     /// The connection's frame bucket is empty: more once it refills, at
     /// the next tick.
@@ -1526,13 +1532,6 @@ impl Shard {
         }
     }
 
-    /// Tell the client why, then close: the error frame (answering request
-    /// `rid`, or 0 when it is about the connection) is flushed, the write
-    /// side shut, and the socket kept (reads discarded) until the peer
-    /// closes or a short grace period ends, so the frame is not lost to a
-    /// reset. A WebSocket also gets a close frame: `ws_close`, or one
-    /// derived from `code`. `ErrorCode::Unspecified` sends no Error frame
-    /// (the client closed).
     /// End `slot`'s session with a fatal `code`, in its own protocol: an
     /// HTTP exchange (a parked long-poll, a send waiting for its Ack) is
     /// answered with the code's status; any other connection gets the
@@ -1549,6 +1548,13 @@ impl Shard {
         }
     }
 
+    /// Tell the client why, then close: the error frame (answering request
+    /// `rid`, or 0 when it is about the connection) is flushed, the write
+    /// side shut, and the socket kept (reads discarded) until the peer
+    /// closes or a short grace period ends, so the frame is not lost to a
+    /// reset. A WebSocket also gets a close frame: `ws_close`, or one
+    /// derived from `code`. `ErrorCode::Unspecified` sends no Error frame
+    /// (the client closed).
     fn close_with(
         &mut self,
         slot: usize,

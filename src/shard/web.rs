@@ -276,9 +276,7 @@ impl Shard {
         };
         let limit = u32::from(limit);
         // Charged, never put off: the poll was parked already.
-        self.page_events_left = self
-            .page_events_left
-            .saturating_sub(session::sync_limit(limit));
+        super::charge_page(&mut self.page_events_left, limit);
         let answer = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(page) => http::json(200, &page),
             Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),

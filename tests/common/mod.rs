@@ -246,6 +246,22 @@ impl Raw {
         }
     }
 
+    /// Read the next frame, which must be the non-fatal Error `code`
+    /// answering request `rid`.
+    pub async fn expect_request_error(&mut self, rid: u64, code: swiftlet_protocol::ErrorCode) {
+        match self.recv().await {
+            Some(Envelope {
+                request_id,
+                body: Some(Body::Error(e)),
+            }) => assert_eq!(
+                (request_id, e.code, e.fatal),
+                (rid, code as i32, false),
+                "{e:?}"
+            ),
+            other => panic!("expected {code:?} for request {rid}, got {other:?}"),
+        }
+    }
+
     /// Read until the server's fatal Error, then require the close. Returns
     /// the error code.
     pub async fn expect_fatal(&mut self) -> swiftlet_protocol::ErrorCode {
