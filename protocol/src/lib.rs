@@ -55,13 +55,7 @@ impl Envelope {
         fatal: bool,
     ) -> Self {
         let mut message = message.into();
-        if message.len() > MAX_ERROR_MESSAGE {
-            let mut end = MAX_ERROR_MESSAGE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-        }
+        message.truncate(message.floor_char_boundary(MAX_ERROR_MESSAGE));
         Envelope::new(
             request_id,
             Body::Error(pb::Error {
