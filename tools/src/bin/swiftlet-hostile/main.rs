@@ -17,6 +17,8 @@
 //!   takes them, reading their answers;
 //! - [`stall`]: logged-in clients that pipeline big `Sync`s and `Ping`s and
 //!   never read a byte (their inboxes are what the fast senders fill);
+//! - [`reader`]: logged-in clients that pipeline the biggest `GetReceipts`,
+//!   `GetGroup` and `ListGroups` pages, reading every answer;
 //! - [`malformed`]: oversized and malformed input in a loop on TCP,
 //!   WebSocket and HTTP, each case checked against the answer the spec
 //!   gives for it.
@@ -26,6 +28,7 @@
 mod fast;
 mod flood;
 mod malformed;
+mod reader;
 mod slowloris;
 mod stall;
 mod tally;
@@ -91,6 +94,9 @@ pub struct Args {
     /// Logged-in clients that never read.
     #[arg(long, default_value_t = 4)]
     stall: usize,
+    /// Logged-in clients pipelining the biggest group and receipt pages.
+    #[arg(long, default_value_t = 2)]
+    readers: usize,
     /// Loops per transport (TCP, WebSocket, HTTP) sending malformed and
     /// oversized input back to back.
     #[arg(long, default_value_t = 2)]
@@ -145,6 +151,12 @@ async fn main() -> anyhow::Result<()> {
         stop.clone(),
     ));
     tasks.spawn(stall::run(
+        target.clone(),
+        args.clone(),
+        report.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(reader::run(
         target.clone(),
         args.clone(),
         report.clone(),
