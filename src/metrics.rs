@@ -156,6 +156,11 @@ pub struct Metrics {
     /// Times a connection's frame bucket ran dry and its input was held
     /// back until the next refill (`--max-frames-per-sec`).
     pub throttled: AtomicU64,
+    /// Requests that read a page on the shard's turn (`Sync`,
+    /// `GetReceipts`, `GetGroup`, `ListGroups`, `GET /v1/sync`) left for a
+    /// later turn: the turn's share of page reads was spent, or their
+    /// connection had read its page this turn.
+    pub pages_put_off: AtomicU64,
     pub fanout: Histogram<8>,
     pub commit_us: Histogram<10>,
     /// From a group commit's durable write to a shard having written that
@@ -203,6 +208,7 @@ impl Default for Metrics {
             delivery_acks: AtomicU64::new(0),
             cursors_written: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            pages_put_off: AtomicU64::new(0),
             fanout: Histogram::new(FANOUT_BUCKETS),
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
@@ -363,6 +369,11 @@ impl Metrics {
                 "swiftlet_throttled_total",
                 "Times a connection sent frames faster than --max-frames-per-sec and was not read until its bucket refilled.",
                 &self.throttled,
+            ),
+            (
+                "swiftlet_pages_put_off_total",
+                "Requests that read a page (Sync, GetReceipts, GetGroup, ListGroups, GET /v1/sync) left for a later turn: the turn's share of page reads was spent, or their connection had its page this turn.",
+                &self.pages_put_off,
             ),
             (
                 "swiftlet_store_write_failures_total",

@@ -277,12 +277,7 @@ impl ServerProcess {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let (status, body) = http(self.http_addr(), "GET", "/metrics", &[], b"").await;
-        assert_eq!(status, 200);
-        let text = String::from_utf8(body).expect("utf-8");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        metric(self.http_addr(), name).await
     }
 }
 

@@ -548,8 +548,26 @@ fn sync<O: Output, N: NodeServices>(
     }
 }
 
-/// The most events a Sync asking for `limit` reads: what the shard
-/// charges against its turn's share of inbox reads.
+/// What a request costs the shard's turn in page reads, when the shard
+/// answers it by reading and encoding a page on its own turn: the rows of
+/// the biggest page it may read. A `Sync` reads up to its limit of inbox
+/// events, a `GetReceipts` one watermark per member listed, a `GetGroup`
+/// a page of members, a `ListGroups` a page of memberships and each of
+/// those groups. `None` for every other request (answered from memory,
+/// or by the commit pipeline). The shard shares these rows out per turn,
+/// so that a client pipelining big pages waits for its own turn instead
+/// of holding everyone else's (protocol/README.md §9, "Fairness").
+pub fn page_cost(body: &Body) -> Option<usize> {
+    match body {
+        Body::Sync(r) => Some(sync_limit(r.limit)),
+        Body::GetReceipts(r) => Some(page_limit(r.members_limit, MAX_INFO_MEMBERS)),
+        Body::GetGroup(r) => Some(page_limit(r.members_limit, MAX_INFO_MEMBERS)),
+        Body::ListGroups(r) => Some(page_limit(r.limit, MAX_GROUPS_PAGE)),
+        _ => None,
+    }
+}
+
+/// The most events a Sync asking for `limit` reads (see [`page_cost`]).
 pub fn sync_limit(limit: u32) -> usize {
     let limit = match limit {
         0 => DEFAULT_SYNC_LIMIT,

@@ -53,6 +53,7 @@ mod web;
 use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,16 +96,22 @@ const COLLECT_TICKS: u32 = 10;
 const SLOW_TURN: Duration = Duration::from_millis(10);
 /// Events read from the store per catch-up page.
 const CATCHUP_PAGE: usize = 256;
-/// Inbox events one turn reads for `Sync` pages, over all connections
-/// (a page counts its limit: 100 by default, 500 at most), and the same
-/// again for catch-up pages. A page of 500 takes a shard 0.4-1.6 ms; a
-/// hostile run that pipelined big Syncs from four connections held turns
-/// of 12-47 ms, as each connection read pages until its output budget was
-/// full, and every other connection of the shard waited. A Sync past the
-/// share waits for the next turn, which serves it before anything else
-/// (so pages are taken in turn, not by whoever sends most), and a
-/// connection reads at most one page per turn.
-const READ_EVENTS_PER_TURN: usize = 512;
+/// Page rows one turn reads and encodes for the requests answered by a
+/// page on the shard's own turn (`Sync`, `GetReceipts`, `GetGroup`,
+/// `ListGroups`, `GET /v1/sync`), over all connections: each is charged
+/// the biggest page it may read ([`session::page_cost`]: a `Sync` its
+/// limit, 100 by default and 500 at most; a `GetReceipts` or `GetGroup` up
+/// to 500 members; a `ListGroups` up to 250 groups); catch-up pages have
+/// a share of the same size of their own. A page of 500 takes a shard
+/// 0.4-1.6 ms. A hostile run that pipelined big Syncs from four
+/// connections held turns of 12-47 ms, as each connection read pages
+/// until its output budget was full, and every other connection of the
+/// shard waited; two clients pipelining the biggest receipt, member and
+/// group pages raised the honest users' p99 from about 2 to 38 ms. A
+/// request past the share waits for the next turn, which serves it before
+/// anything else (so pages are taken in turn, not by whoever sends most),
+/// and a connection reads at most one page per turn.
+const PAGE_ROWS_PER_TURN: usize = 512;
 /// Reads of one connection per loop turn (each up to the 64 KiB scratch
 /// buffer): no socket holds the shard, however much it sends.
 const READS_PER_TURN: u32 = 1;
@@ -128,22 +135,21 @@ const CONN_CHANGES_PER_TURN: usize = 16;
 /// pipelines needs to keep a send path busy (the peers harness's window).
 pub const MAX_IN_FLIGHT: usize = 16;
 
-/// Charge a page of a Sync asking for `limit` events (its cost: see
-/// [`session::sync_limit`]) to `left`, the turn's share of page reads;
-/// false, charging nothing, when it does not fit. A page always fits a
-/// turn that has read none.
-fn take_page_share(left: &mut usize, limit: u32) -> bool {
-    if session::sync_limit(limit) > *left && *left < READ_EVENTS_PER_TURN {
+/// Charge a page costing `rows` ([`session::page_cost`]) to `left`, the
+/// turn's share of page reads; false, charging nothing, when it does not
+/// fit. A page always fits a turn that has read none.
+fn take_page_share(left: &mut usize, rows: usize) -> bool {
+    if rows > *left && *left < PAGE_ROWS_PER_TURN {
         return false;
     }
-    charge_page(left, limit);
+    charge_page(left, rows);
     true
 }
 
 /// Charge a page to the turn's share whether it fits or not: a read that
 /// cannot wait (a parked long-poll woken by its event).
-fn charge_page(left: &mut usize, limit: u32) {
-    *left = left.saturating_sub(session::sync_limit(limit));
+fn charge_page(left: &mut usize, rows: usize) {
+    *left = left.saturating_sub(rows);
 }
 
 /// What stopped [`Shard::handle_input`].
@@ -155,7 +161,7 @@ enum Stop {
     Paused,
     /// The turn's share of frames is spent; more next turn.
     TurnSpent,
-    /// The next frame is a `Sync` and the turn's share of page reads is
+    /// The next frame reads a page and the turn's share of page reads is
     /// spent: first in line next turn. (A connection that read its page
     /// stops with `TurnSpent`, behind those.)
     ReadsSpent,
@@ -213,10 +219,10 @@ pub struct Shard {
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
     /// Connections whose next frame is a `Sync` this turn had no share of
-    /// reads left for: pumped first next turn (see [`READ_EVENTS_PER_TURN`]).
+    /// reads left for: pumped first next turn (see [`PAGE_ROWS_PER_TURN`]).
     waiting_to_read: Vec<usize>,
     /// Events this turn may still read for `Sync` pages.
-    page_events_left: usize,
+    page_rows_left: usize,
     /// Connections whose frame bucket ran dry: read again
     /// [`bucket::FrameRate::retry`] after the first of them was held back, when
     /// each has earned a token or more.
@@ -299,7 +305,7 @@ impl Shard {
             tls,
             pending_input: Vec::new(),
             waiting_to_read: Vec::new(),
-            page_events_left: READ_EVENTS_PER_TURN,
+            page_rows_left: PAGE_ROWS_PER_TURN,
             throttled: Vec::new(),
             throttled_at: 0,
             dirty: Vec::new(),
@@ -368,7 +374,7 @@ impl Shard {
             }
             let mut clock = TurnClock::start(self.ctx.clock.clone());
             self.accepts_left = CONN_CHANGES_PER_TURN;
-            self.page_events_left = READ_EVENTS_PER_TURN;
+            self.page_rows_left = PAGE_ROWS_PER_TURN;
             let elapsed = clock.started().saturating_duration_since(self.start);
             self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             self.turn_started = elapsed;
@@ -829,17 +835,17 @@ impl Shard {
                 }
             };
             let mut reads_page = false;
-            let sync = match &input {
+            let page = match &input {
                 Input::Frame(Envelope {
-                    body: Some(Body::Sync(req)),
-                    ..
-                }) if conn.phase == Phase::Live => Some(req.limit),
+                    body: Some(body), ..
+                }) if conn.phase == Phase::Live => session::page_cost(body),
                 _ => None,
             };
-            if let Some(limit) = sync {
+            if let Some(rows) = page {
                 // Left for the next turn, first in line, when this turn's
-                // share is spent (see READ_EVENTS_PER_TURN); decoded again.
-                if !take_page_share(&mut self.page_events_left, limit) {
+                // share is spent (see PAGE_ROWS_PER_TURN); decoded again.
+                if !take_page_share(&mut self.page_rows_left, rows) {
+                    self.ctx.metrics.pages_put_off.fetch_add(1, Relaxed);
                     stop = Stop::ReadsSpent;
                     break;
                 }
@@ -886,6 +892,9 @@ impl Shard {
                     if reads_page {
                         // One page per connection per turn, and behind
                         // those the share left waiting.
+                        if pos < data.len() {
+                            self.ctx.metrics.pages_put_off.fetch_add(1, Relaxed);
+                        }
                         stop = Stop::TurnSpent;
                         break;
                     }
@@ -1181,13 +1190,13 @@ impl Shard {
     }
 
     /// Refill lagging connections from the store, while their output is
-    /// below half the push buffer, reading at most [`READ_EVENTS_PER_TURN`]
+    /// below half the push buffer, reading at most [`PAGE_ROWS_PER_TURN`]
     /// events in all: those the share did not reach keep their place at
     /// the head of the list for the next turn.
     fn run_catchups(&mut self) {
         let low = self.ctx.limits.push_buffer_bytes / 2;
         let mut list = std::mem::take(&mut self.catchup);
-        let mut events_left = READ_EVENTS_PER_TURN;
+        let mut events_left = PAGE_ROWS_PER_TURN;
         let mut kept = 0;
         for i in 0..list.len() {
             let slot = list[i];

@@ -318,3 +318,14 @@ pub async fn http(
         .map_or(raw.len(), |p| p + 4);
     (status, raw[split..].to_vec())
 }
+
+/// The value of counter or gauge `name` (a line `name value`) in the
+/// server's `/metrics` on `http_addr`.
+pub async fn metric(http_addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http(http_addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).expect("utf-8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
