@@ -490,6 +490,86 @@ async fn frames_past_the_rate_wait_for_the_bucket_and_none_is_lost() {
     );
 }
 
+/// A group post takes a frame token per member of the group (it writes an
+/// inbox row for each): with a bucket of 20 and a group of 10, the poster
+/// gets a post through per 10 tokens earned, however many it pipelines,
+/// and every post is stored once and in order. Under the manual clock each
+/// post's Ack carries the time it was handled (see the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_post_takes_a_token_per_member() {
+    const T0: u64 = 1_800_000_000_000;
+    const POSTS: u64 = 4;
+    let clock = swiftlet::clock::ManualClock::new(T0);
+    let srv = TestServer::start_with(|c| {
+        c.clock = clock.clock();
+        c.max_frames_per_sec = 20; // one back per 50 ms
+    });
+    let (alice, _arx) = srv.connect("alice", "phone").await;
+    let others: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    let mut names: Vec<&str> = others.iter().map(String::as_str).collect();
+    names.push("mallory");
+    let group = alice.create_group("ten", &names).await.expect("create");
+    assert_eq!(group.member_count, 10);
+    let (mut poster, welcome) = raw_login(&srv, "mallory", "phone", 1).await;
+    assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+    let mut bytes = Vec::new();
+    for i in 0..POSTS {
+        let post = Envelope::new(
+            2 + i,
+            Body::Send(pb::Send {
+                client_msg_id: format!("p{i}"),
+                to_user: String::new(),
+                content_type: "text/plain".into(),
+                body: format!("{i}").into_bytes().into(),
+                group_id: group.group_id,
+            }),
+        );
+        swiftlet_protocol::codec::encode_frame(&post, &mut bytes);
+    }
+    poster.send_bytes(&bytes).await;
+    // The Hello took 1 of 20 tokens: post 0 goes at once (19 -> 9), post 1
+    // once a token is back (step 1 of 50 ms), posts 2 and 3 ten tokens
+    // (ten steps) apart.
+    let step_of = |i: u64| [0, 1, 11, 21][i as usize];
+    let mut handled_at = Vec::new();
+    let mut step = 0;
+    while (handled_at.len() as u64) < POSTS {
+        let allowed = (0..POSTS).filter(|&i| step_of(i) <= step).count();
+        while handled_at.len() < allowed {
+            match poster
+                .recv()
+                .await
+                .and_then(|e| e.body.map(|b| (e.request_id, b)))
+            {
+                Some((rid, Body::Ack(ack))) => {
+                    assert_eq!(ack.client_msg_id, format!("p{}", rid - 2), "in order");
+                    handled_at.push((rid - 2, ack.timestamp_ms));
+                }
+                // Her own posts and the group's creation, pushed.
+                Some((_, Body::Deliver(_))) => {}
+                other => panic!("expected an Ack, got {other:?}"),
+            }
+        }
+        step += 1;
+        clock.advance(Duration::from_millis(50));
+    }
+    for (i, at) in handled_at {
+        assert_eq!(
+            at,
+            T0 + 50 * step_of(i),
+            "post {i} handled at the wrong time"
+        );
+    }
+    let (_m0, mut m0_rx) = srv.connect("m0", "phone").await;
+    next_group_event(&mut m0_rx).await;
+    for i in 0..POSTS {
+        assert_eq!(
+            next_message(&mut m0_rx).await.1.body,
+            format!("{i}").into_bytes()
+        );
+    }
+}
+
 /// A wave of connections waiting together, and a wave timing out
 /// together, is taken in slices of a turn's share (the connections already
 /// logged in are served between them), and none of it is forgotten: the

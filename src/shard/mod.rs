@@ -44,6 +44,7 @@
 pub mod admission;
 pub mod conn;
 pub mod input;
+mod share;
 mod sidecar;
 pub mod timer;
 pub mod tls;
@@ -76,6 +77,7 @@ use admission::{Admission, Refusal, RefusalBudget};
 use conn::{Carries, Conn, Exchange, Phase, Received, Transport};
 pub use input::Fatal;
 use input::Input;
+use share::Share;
 use sidecar::SlotWords;
 use timer::Wheel;
 use tls::TlsConfig;
@@ -112,6 +114,14 @@ const CATCHUP_PAGE: usize = 256;
 /// anything else (so pages are taken in turn, not by whoever sends most),
 /// and a connection reads at most one page per turn.
 const PAGE_ROWS_PER_TURN: usize = 512;
+/// Inbox rows of group posts one turn hands to the group commit, over all
+/// connections ([`session::post_cost`]: a post counts its group's
+/// members), with the same rules as [`PAGE_ROWS_PER_TURN`]: one post to a
+/// full group (1,024 members by default) a turn, or many to small groups;
+/// a post past the share is handled first next turn, and a connection
+/// hands over at most one group post a turn. A row costs the commit about
+/// 1.5 µs, so a turn's posts take about 1.5 ms.
+const POST_ROWS_PER_TURN: usize = 1024;
 /// Reads of one connection per loop turn (each up to the 64 KiB scratch
 /// buffer): no socket holds the shard, however much it sends.
 const READS_PER_TURN: u32 = 1;
@@ -135,23 +145,6 @@ const CONN_CHANGES_PER_TURN: usize = 16;
 /// pipelines needs to keep a send path busy (the peers harness's window).
 pub const MAX_IN_FLIGHT: usize = 16;
 
-/// Charge a page costing `rows` ([`session::page_cost`]) to `left`, the
-/// turn's share of page reads; false, charging nothing, when it does not
-/// fit. A page always fits a turn that has read none.
-fn take_page_share(left: &mut usize, rows: usize) -> bool {
-    if rows > *left && *left < PAGE_ROWS_PER_TURN {
-        return false;
-    }
-    charge_page(left, rows);
-    true
-}
-
-/// Charge a page to the turn's share whether it fits or not: a read that
-/// cannot wait (a parked long-poll woken by its event).
-fn charge_page(left: &mut usize, rows: usize) {
-    *left = left.saturating_sub(rows);
-}
-
 /// What stopped [`Shard::handle_input`].
 enum Stop {
     /// Every whole frame was handled; a partial one may be kept.
@@ -161,9 +154,9 @@ enum Stop {
     Paused,
     /// The turn's share of frames is spent; more next turn.
     TurnSpent,
-    /// The next frame reads a page and the turn's share of page reads is
-    /// spent: first in line next turn. (A connection that read its page
-    /// stops with `TurnSpent`, behind those.)
+    /// The next frame reads a page or posts to a group, and the turn's
+    /// share of its kind is spent: first in line next turn. (A connection
+    /// that had its page or post stops with `TurnSpent`, behind those.)
     ReadsSpent,
     /// The connection's frame bucket is empty: more once it refills, at
     /// the next tick.
@@ -218,11 +211,14 @@ pub struct Shard {
     /// Connections with input left for a later turn (their share was
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
-    /// Connections whose next frame is a `Sync` this turn had no share of
-    /// reads left for: pumped first next turn (see [`PAGE_ROWS_PER_TURN`]).
+    /// Connections whose next frame costs more than this turn's share had
+    /// left (a page, a group post): pumped first next turn (see
+    /// [`PAGE_ROWS_PER_TURN`], [`POST_ROWS_PER_TURN`]).
     waiting_to_read: Vec<usize>,
-    /// Events this turn may still read for `Sync` pages.
-    page_rows_left: usize,
+    /// Rows this turn may still read for pages.
+    pages: Share,
+    /// Inbox rows of group posts this turn may still hand to the commit.
+    posts: Share,
     /// Connections whose frame bucket ran dry: read again
     /// [`bucket::FrameRate::retry`] after the first of them was held back, when
     /// each has earned a token or more.
@@ -305,7 +301,8 @@ impl Shard {
             tls,
             pending_input: Vec::new(),
             waiting_to_read: Vec::new(),
-            page_rows_left: PAGE_ROWS_PER_TURN,
+            pages: Share::new(PAGE_ROWS_PER_TURN),
+            posts: Share::new(POST_ROWS_PER_TURN),
             throttled: Vec::new(),
             throttled_at: 0,
             dirty: Vec::new(),
@@ -374,7 +371,8 @@ impl Shard {
             }
             let mut clock = TurnClock::start(self.ctx.clock.clone());
             self.accepts_left = CONN_CHANGES_PER_TURN;
-            self.page_rows_left = PAGE_ROWS_PER_TURN;
+            self.pages.refill();
+            self.posts.refill();
             let elapsed = clock.started().saturating_duration_since(self.start);
             self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             self.turn_started = elapsed;
@@ -834,27 +832,48 @@ impl Shard {
                     break;
                 }
             };
-            let mut reads_page = false;
-            let page = match &input {
-                Input::Frame(Envelope {
-                    body: Some(body), ..
-                }) if conn.phase == Phase::Live => session::page_cost(body),
-                _ => None,
-            };
-            if let Some(rows) = page {
-                // Left for the next turn, first in line, when this turn's
-                // share is spent (see PAGE_ROWS_PER_TURN); decoded again.
-                if !take_page_share(&mut self.page_rows_left, rows) {
-                    self.ctx.metrics.pages_put_off.fetch_add(1, Relaxed);
+            // A page to read or a group post to fan out: charged to the
+            // turn's share of its kind, or left for the next turn, first in
+            // line (decoded again then).
+            let mut costly = None;
+            // Frame tokens this unit takes: a group post one per member (see
+            // `bucket::FrameRate::post_tokens`), anything else one.
+            let mut tokens = 1;
+            if let Input::Frame(Envelope {
+                body: Some(body), ..
+            }) = &input
+            {
+                if conn.phase == Phase::Live {
+                    costly = match session::page_cost(body) {
+                        Some(rows) => {
+                            Some((&mut self.pages, rows, &self.ctx.metrics.pages_put_off))
+                        }
+                        None => session::post_cost(body, &self.ctx).map(|rows| {
+                            tokens = limits.frames.post_tokens(rows);
+                            (&mut self.posts, rows, &self.ctx.metrics.posts_put_off)
+                        }),
+                    };
+                }
+            }
+            if limits.frames.on() && conn.frame_tokens < tokens {
+                // Decoded again once the bucket holds the post's tokens.
+                self.ctx.metrics.throttled.fetch_add(1, Relaxed);
+                stop = Stop::Throttled;
+                break;
+            }
+            let mut put_off = None;
+            if let Some((share, rows, counter)) = costly {
+                if !share.take(rows) {
+                    counter.fetch_add(1, Relaxed);
                     stop = Stop::ReadsSpent;
                     break;
                 }
-                reads_page = true;
+                put_off = Some(counter);
             }
             pos += used;
             *frames_left -= 1;
             // Every unit counts, WebSocket control frames too.
-            conn.frame_tokens = conn.frame_tokens.saturating_sub(1);
+            conn.frame_tokens = conn.frame_tokens.saturating_sub(tokens);
             handled = true;
             let env = match input {
                 // Only a complete frame is activity (on WebSocket, a
@@ -889,11 +908,11 @@ impl Shard {
                         let at = now + ticks(limits.idle_timeout_ms);
                         arm(&mut self.wheel, conn, slot, now, at);
                     }
-                    if reads_page {
-                        // One page per connection per turn, and behind
-                        // those the share left waiting.
+                    if let Some(counter) = put_off {
+                        // One costly request per connection per turn, and
+                        // behind those the share left waiting.
                         if pos < data.len() {
-                            self.ctx.metrics.pages_put_off.fetch_add(1, Relaxed);
+                            counter.fetch_add(1, Relaxed);
                         }
                         stop = Stop::TurnSpent;
                         break;

@@ -57,7 +57,7 @@ impl Shard {
                         .and_then(|l| l.parse::<u64>().ok())
                         .map_or(0, |l| l.min(u64::from(u32::MAX)) as u32);
                     let rows = session::sync_limit(limit);
-                    if !super::take_page_share(&mut self.page_rows_left, rows) {
+                    if !self.pages.take(rows) {
                         // The turn's share of page reads is spent: kept as
                         // bytes, parsed and handled first thing next turn.
                         self.ctx.metrics.pages_put_off.fetch_add(1, Relaxed);
@@ -279,7 +279,7 @@ impl Shard {
         };
         let limit = u32::from(limit);
         // Charged, never put off: the poll was parked already.
-        super::charge_page(&mut self.page_rows_left, session::sync_limit(limit));
+        self.pages.charge(session::sync_limit(limit));
         let answer = match session::sync_page(&self.ctx, &user, after, limit) {
             Ok(page) => http::json(200, &page),
             Err(_) => http::error(ErrorCode::StoreUnavailable, "storage error"),

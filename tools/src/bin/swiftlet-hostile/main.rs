@@ -18,7 +18,8 @@
 //! - [`stall`]: logged-in clients that pipeline big `Sync`s and `Ping`s and
 //!   never read a byte (their inboxes are what the fast senders fill);
 //! - [`reader`]: logged-in clients that pipeline the biggest `GetReceipts`,
-//!   `GetGroup` and `ListGroups` pages, reading every answer;
+//!   `GetGroup` and `ListGroups` pages, reading every answer, and clients
+//!   posting to a 500-member group as fast as they can;
 //! - [`malformed`]: oversized and malformed input in a loop on TCP,
 //!   WebSocket and HTTP, each case checked against the answer the spec
 //!   gives for it.
@@ -97,6 +98,9 @@ pub struct Args {
     /// Logged-in clients pipelining the biggest group and receipt pages.
     #[arg(long, default_value_t = 2)]
     readers: usize,
+    /// Logged-in clients posting to a 500-member group as fast as they can.
+    #[arg(long, default_value_t = 2)]
+    posters: usize,
     /// Loops per transport (TCP, WebSocket, HTTP) sending malformed and
     /// oversized input back to back.
     #[arg(long, default_value_t = 2)]
@@ -157,6 +161,14 @@ async fn main() -> anyhow::Result<()> {
         stop.clone(),
     ));
     tasks.spawn(reader::run(
+        reader::Mode::Read,
+        target.clone(),
+        args.clone(),
+        report.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(reader::run(
+        reader::Mode::Post,
         target.clone(),
         args.clone(),
         report.clone(),

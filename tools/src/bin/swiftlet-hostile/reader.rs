@@ -10,6 +10,11 @@
 //! Allowed answers: `ReceiptList`, `GroupInfo`, `GroupList`, and
 //! `RATE_LIMITED`; a fatal error ends the connection and the reader starts
 //! again.
+//!
+//! Posters (`--posters`) make the same groups, then post to the big group
+//! as fast as the server takes their posts, reading every answer: each
+//! post is 500 inbox rows (the group's fan-out) in the pipeline's batch.
+//! Allowed answers: `Ack`, the posts' own `Deliver`s, `RATE_LIMITED`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +30,23 @@ use crate::tally::Report;
 use crate::wire::{self, Target};
 use crate::Args;
 
-const KIND: &str = "big_reader";
+/// What a client of this module does once set up.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Pipeline the biggest pages.
+    Read,
+    /// Post to the big group back to back.
+    Post,
+}
+
+impl Mode {
+    fn kind(self) -> &'static str {
+        match self {
+            Mode::Read => "big_reader",
+            Mode::Post => "big_group_poster",
+        }
+    }
+}
 /// Requests written per `write_all` (a third of each kind).
 const BATCH: usize = 48;
 /// Members of the big group, the reader included (a full page).
@@ -34,32 +55,42 @@ const BIG_GROUP: usize = 500;
 const GROUPS: usize = 250;
 
 pub async fn run(
+    mode: Mode,
     target: Arc<Target>,
     args: Args,
     report: Arc<Report>,
     stop: watch::Receiver<bool>,
 ) {
-    wire::each(args.readers, |k| {
+    let n = match mode {
+        Mode::Read => args.readers,
+        Mode::Post => args.posters,
+    };
+    wire::each(n, |k| {
         let (target, args, report, stop) =
             (target.clone(), args.clone(), report.clone(), stop.clone());
-        async move { reader(k, &target, &args, &report, stop).await }
+        async move { reader(mode, k, &target, &args, &report, stop).await }
     })
     .await;
 }
 
 async fn reader(
+    mode: Mode,
     k: usize,
     target: &Target,
     args: &Args,
     report: &Report,
     stop: watch::Receiver<bool>,
 ) {
-    let user = format!("{}-reader-{k}", args.user_prefix);
+    let kind = mode.kind();
+    let user = match mode {
+        Mode::Read => format!("{}-reader-{k}", args.user_prefix),
+        Mode::Post => format!("{}-poster-{k}", args.user_prefix),
+    };
     while !*stop.borrow() {
         let mut s = match target.connect(false).await {
             Ok(s) => s,
             Err(e) => {
-                report.count(KIND, &format!("connect error: {}", e.kind()), 1);
+                report.count(kind, &format!("connect error: {}", e.kind()), 1);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -68,12 +99,12 @@ async fn reader(
         let (group, message) = match set_up(&mut s, &mut buf, target, args, &user, k).await {
             Ok(ids) => ids,
             Err(why) => {
-                report.answer(KIND, &format!("setup failed: {why}"), false);
+                report.answer(kind, &format!("setup failed: {why}"), false);
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
-        report.count(KIND, "set up", 1);
+        report.count(kind, "set up", 1);
         let (mut rd, mut wr) = s.into_split();
         let mut reader_stop = stop.clone();
         let reader = async {
@@ -82,7 +113,7 @@ async fn reader(
                     match decode_frame(&buf, usize::MAX) {
                         Ok(Some((env, used))) => {
                             buf.advance(used);
-                            if let Some(end) = classify(env, report) {
+                            if let Some(end) = classify(kind, env, report) {
                                 return end;
                             }
                         }
@@ -108,14 +139,21 @@ async fn reader(
                 out.clear();
                 for i in 0..BATCH {
                     rid += 1;
-                    let body = match i % 3 {
-                        0 => Body::GetReceipts(pb::GetReceipts {
+                    let body = match (mode, i % 3) {
+                        (Mode::Post, _) => Body::Send(pb::Send {
+                            client_msg_id: format!("p{k}-{}-{rid}", std::process::id()),
+                            to_user: String::new(),
+                            content_type: "text/plain".into(),
+                            body: b"to everyone".to_vec().into(),
+                            group_id: group,
+                        }),
+                        (_, 0) => Body::GetReceipts(pb::GetReceipts {
                             group_id: group,
                             message_id: message,
                             members_after: String::new(),
                             members_limit: BIG_GROUP as u32,
                         }),
-                        1 => Body::GetGroup(pb::GetGroup {
+                        (_, 1) => Body::GetGroup(pb::GetGroup {
                             group_id: group,
                             members_after: String::new(),
                             members_limit: BIG_GROUP as u32,
@@ -131,7 +169,7 @@ async fn reader(
                     r = wr.write_all(&out) => if r.is_err() { return; },
                     _ = writer_stop.changed() => return,
                 }
-                report.count(KIND, "requests written", BATCH as u64);
+                report.count(kind, "requests written", BATCH as u64);
             }
         };
         let end = tokio::select! {
@@ -140,7 +178,7 @@ async fn reader(
         };
         if !end.is_empty() {
             let allowed = end == "closed";
-            report.answer(KIND, &format!("connection ended: {end}"), allowed);
+            report.answer(kind, &format!("connection ended: {end}"), allowed);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -245,21 +283,25 @@ fn name(body: &Body) -> String {
 
 /// Count one frame from the server; `Some` ends the connection (a fatal
 /// error).
-fn classify(env: Envelope, report: &Report) -> Option<String> {
+fn classify(kind: &'static str, env: Envelope, report: &Report) -> Option<String> {
     match env.body {
-        Some(Body::ReceiptList(_)) => report.count(KIND, "receipt pages", 1),
-        Some(Body::GroupInfo(_)) => report.count(KIND, "member pages", 1),
-        Some(Body::GroupList(_)) => report.count(KIND, "group lists", 1),
+        Some(Body::Ack(_)) if kind == Mode::Post.kind() => report.count(kind, "acked", 1),
+        Some(Body::Deliver(_)) if kind == Mode::Post.kind() => {
+            report.count(kind, "own posts delivered", 1)
+        }
+        Some(Body::ReceiptList(_)) => report.count(kind, "receipt pages", 1),
+        Some(Body::GroupInfo(_)) => report.count(kind, "member pages", 1),
+        Some(Body::GroupList(_)) => report.count(kind, "group lists", 1),
         Some(Body::Error(e)) => {
             let name = code_name(e.code);
             let allowed = !e.fatal && name == "RATE_LIMITED";
-            report.answer(KIND, &format!("error: {name}"), allowed);
+            report.answer(kind, &format!("error: {name}"), allowed);
             if e.fatal {
                 return Some(format!("fatal {name}"));
             }
         }
-        Some(_) => report.count(KIND, "other frames", 1),
-        None => report.count(KIND, "empty frames", 1),
+        Some(_) => report.count(kind, "other frames", 1),
+        None => report.count(kind, "empty frames", 1),
     }
     None
 }
