@@ -299,7 +299,7 @@ pub struct ServeArgs {
     /// Connections refused at the caps per second at most; past it nothing is accepted until the next 100 ms; 0: no limit [default: 1000].
     #[arg(long, env = "SWIFTLET_MAX_REFUSALS_PER_SEC")]
     pub max_refusals_per_sec: Option<u32>,
-    /// Frames per second per connection (a token bucket of one second; a group post takes a token per member, at most the whole bucket); 0: no limit [default: 20000].
+    /// Frames per second per connection (a token bucket of one second; a group post or change takes a token per member, a page one per 10 rows, at most the whole bucket); 0: no limit [default: 20000].
     #[arg(long, env = "SWIFTLET_MAX_FRAMES_PER_SEC")]
     pub max_frames_per_sec: Option<u32>,
     /// Largest accepted frame in bytes [default: 65536].

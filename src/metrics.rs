@@ -161,9 +161,10 @@ pub struct Metrics {
     /// later turn: the turn's share of page reads was spent, or their
     /// connection had read its page this turn.
     pub pages_put_off: AtomicU64,
-    /// Group posts left for a later turn: the turn's share of fan-out rows
-    /// was spent, or their connection had posted to a group this turn.
-    pub posts_put_off: AtomicU64,
+    /// Group posts and group changes left for a later turn: the turn's
+    /// share of fan-out rows was spent, or their connection had handed one
+    /// over this turn.
+    pub fanouts_put_off: AtomicU64,
     pub fanout: Histogram<8>,
     pub commit_us: Histogram<10>,
     /// From a group commit's durable write to a shard having written that
@@ -212,7 +213,7 @@ impl Default for Metrics {
             cursors_written: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
             pages_put_off: AtomicU64::new(0),
-            posts_put_off: AtomicU64::new(0),
+            fanouts_put_off: AtomicU64::new(0),
             fanout: Histogram::new(FANOUT_BUCKETS),
             commit_us: Histogram::new(COMMIT_BUCKETS_US),
             push_delay_us: Histogram::new(PUSH_BUCKETS_US),
@@ -380,9 +381,9 @@ impl Metrics {
                 &self.pages_put_off,
             ),
             (
-                "swiftlet_posts_put_off_total",
-                "Group posts left for a later turn: the turn's share of fan-out rows (1,024 inbox rows) was spent, or their connection had posted to a group this turn.",
-                &self.posts_put_off,
+                "swiftlet_fanouts_put_off_total",
+                "Group posts and group changes left for a later turn: the turn's share of fan-out rows (1,024) was spent, or their connection had handed one over this turn.",
+                &self.fanouts_put_off,
             ),
             (
                 "swiftlet_store_write_failures_total",

@@ -638,7 +638,7 @@ async fn pipelined_group_and_receipt_pages_wait_their_turn_and_each_is_answered_
 
 /// Group posts share the turn's fan-out rows (an inbox row per member):
 /// a client pipelining posts to a big group hands the pipeline one post a
-/// turn, the rest left as bytes (`swiftlet_posts_put_off_total` counts
+/// turn, the rest left as bytes (`swiftlet_fanouts_put_off_total` counts
 /// each), and every post is still acknowledged once, in order, stored
 /// once, and delivered to a member in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -699,6 +699,6 @@ async fn pipelined_group_posts_wait_their_turn_and_each_is_stored_once() {
     }
     // One post per turn: each with more input behind it waited (all 30
     // when the write arrived in one read, as it does on loopback).
-    let put_off = metric(srv.http_addr(), "swiftlet_posts_put_off_total").await;
+    let put_off = metric(srv.http_addr(), "swiftlet_fanouts_put_off_total").await;
     assert!(put_off >= 15.0, "posts put off: {put_off}");
 }

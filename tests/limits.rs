@@ -570,6 +570,76 @@ async fn a_group_post_takes_a_token_per_member() {
     }
 }
 
+/// A page takes a frame token per ten rows it may read: with a bucket of
+/// 20, a `Sync` for 100 events takes 10, so of `Sync, Send a, Sync, Send
+/// b` written at once, `a` is handled at once and `b` only once the second
+/// Sync's tokens are earned (a Sync's answer carries no time; the Acks
+/// do, under the manual clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_takes_a_token_per_ten_rows() {
+    const T0: u64 = 1_800_000_000_000;
+    let clock = swiftlet::clock::ManualClock::new(T0);
+    let srv = TestServer::start_with(|c| {
+        c.clock = clock.clock();
+        c.max_frames_per_sec = 20; // one back per 50 ms
+    });
+    let (mut reader, welcome) = raw_login(&srv, "mallory", "phone", 1).await;
+    assert!(matches!(welcome.body, Some(Body::Welcome(_))));
+    let sync = |rid| {
+        Envelope::new(
+            rid,
+            Body::Sync(pb::Sync {
+                after: 0,
+                limit: 100,
+            }),
+        )
+    };
+    let send = |rid, id: &str| {
+        Envelope::new(
+            rid,
+            Body::Send(pb::Send {
+                client_msg_id: id.into(),
+                to_user: "bob".into(),
+                content_type: "text/plain".into(),
+                body: b"x".to_vec().into(),
+                group_id: 0,
+            }),
+        )
+    };
+    let mut bytes = Vec::new();
+    for env in [sync(2), send(3, "a"), sync(4), send(5, "b")] {
+        swiftlet_protocol::codec::encode_frame(&env, &mut bytes);
+    }
+    reader.send_bytes(&bytes).await;
+    // The Hello took 1 of 20: the first Sync 10 (9 left), `a` 1 (8 left);
+    // the second Sync waits for 10 (two steps of 50 ms), `b` for one more.
+    let expected = [("a", 0), ("b", 3)];
+    let mut step = 0;
+    let mut acks = Vec::new();
+    let mut pages = 0;
+    while acks.len() < 2 {
+        while acks.len() < expected.iter().filter(|(_, s)| *s <= step).count() {
+            match reader.recv().await.and_then(|e| e.body) {
+                Some(Body::Ack(ack)) => acks.push((ack.client_msg_id, ack.timestamp_ms)),
+                Some(Body::SyncBatch(_)) => pages += 1,
+                Some(Body::Deliver(_)) => {}
+                other => panic!("expected an Ack or a page, got {other:?}"),
+            }
+        }
+        step += 1;
+        clock.advance(Duration::from_millis(50));
+    }
+    for ((id, at), (want, step)) in acks.iter().zip(expected) {
+        assert_eq!(id, want);
+        assert_eq!(*at, T0 + 50 * step, "{id} handled at the wrong time");
+    }
+    while pages < 2 {
+        if let Some(Body::SyncBatch(_)) = reader.recv().await.and_then(|e| e.body) {
+            pages += 1;
+        }
+    }
+}
+
 /// A wave of connections waiting together, and a wave timing out
 /// together, is taken in slices of a turn's share (the connections already
 /// logged in are served between them), and none of it is forgotten: the

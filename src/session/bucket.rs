@@ -43,6 +43,10 @@ pub const TYPING_FULL: u8 = BURST * UNITS_PER_TOKEN;
 /// Typing units earned per second (one a tick).
 const TYPING_PER_SEC: u64 = UNITS_PER_SEC / UNITS_PER_TICK as u64;
 
+/// Page rows (inbox events, members, groups) a frame token pays for: a
+/// `Sync` of 100 events takes 10 tokens, a page of 500 members 50.
+pub const ROWS_PER_PAGE_TOKEN: usize = 10;
+
 /// The frame bucket, from `--max-frames-per-sec`: it holds one second's
 /// frames and earns them back continuously.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,17 +77,28 @@ impl FrameRate {
         self.full
     }
 
-    /// Tokens a group post fanning out to `members` takes: one per member
-    /// (an inbox row each, and a push to each online device), at least one
+    /// Tokens a group post or group change reaching `members` takes: one
+    /// per member (an inbox row each, and for a post a push to each online
+    /// device; see `session::fanout_cost`), at least one
     /// and at most a full bucket, so that the biggest group's post still
     /// goes through once a second. Two clients posting back to back to
     /// groups of 500, a frame a post, wrote 500,000 inbox rows a second
     /// and raised the honest users' p99 from about 2 to 400-630 ms
     /// (docs/performance.md).
-    pub fn post_tokens(&self, members: usize) -> u16 {
+    pub fn fanout_tokens(&self, members: usize) -> u16 {
         u16::try_from(members)
             .unwrap_or(u16::MAX)
             .clamp(1, self.full.max(1))
+    }
+
+    /// Tokens a page of `rows` takes ([`ROWS_PER_PAGE_TOKEN`] rows a
+    /// token, rounded up; at least one, at most a full bucket): two
+    /// clients pipelining the biggest receipt, member and group pages, a
+    /// frame each, had 100 pages of 500 rows read a second each at a
+    /// phone's rate (100 frames/s), and took the measured server's CPU
+    /// from 10 to 20 s a run.
+    pub fn page_tokens(&self, rows: usize) -> u16 {
+        self.fanout_tokens(rows.div_ceil(ROWS_PER_PAGE_TOKEN))
     }
 
     /// How long after a connection ran dry to read it again: one token's
@@ -176,12 +191,16 @@ mod tests {
     }
 
     #[test]
-    fn a_group_post_takes_a_token_per_member_up_to_a_full_bucket() {
+    fn a_post_takes_a_token_per_member_and_a_page_one_per_ten_rows_up_to_a_full_bucket() {
         let rate = FrameRate::new(100);
-        assert_eq!(rate.post_tokens(0), 1);
-        assert_eq!(rate.post_tokens(40), 40);
-        assert_eq!(rate.post_tokens(1_024), 100);
-        assert_eq!(FrameRate::new(20_000).post_tokens(100_000), 20_000);
+        assert_eq!(rate.fanout_tokens(0), 1);
+        assert_eq!(rate.fanout_tokens(40), 40);
+        assert_eq!(rate.fanout_tokens(1_024), 100);
+        assert_eq!(FrameRate::new(20_000).fanout_tokens(100_000), 20_000);
+        assert_eq!(rate.page_tokens(100), 10);
+        assert_eq!(rate.page_tokens(1), 1);
+        assert_eq!(rate.page_tokens(41), 5);
+        assert_eq!(FrameRate::new(20).page_tokens(500), 20);
     }
 
     #[test]

@@ -205,7 +205,8 @@ fn world() -> impl Strategy<Value = World> {
     })
 }
 
-fn limits(max_conns: usize) -> Limits {
+/// Limits for a scripted node (no frame limit), `max_conns` per user.
+pub(super) fn limits(max_conns: usize) -> Limits {
     Limits {
         max_frame: 65_536,
         push_buffer_bytes: 262_144,

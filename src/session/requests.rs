@@ -567,20 +567,28 @@ pub fn page_cost(body: &Body) -> Option<usize> {
     }
 }
 
-/// What a group post costs the shard's turn: an inbox row for each member,
-/// written by the same turn's group commit (and a push to each online
-/// device). Two clients posting back to back to groups of 500 held their
-/// shards in group commits of 12-20 ms and raised the honest users' p99
-/// from about 2 to 357 ms; the shard shares these rows out per turn like
-/// pages. `None` for anything else (a 1:1 `Send` writes a few rows, which
-/// the requests in flight bound) and for a group this node does not know
-/// (a cluster's group homed elsewhere is written there).
-pub fn post_cost<N: NodeServices>(body: &Body, node: &N) -> Option<usize> {
+/// What a request that fans out to a group costs the shard's turn, in rows
+/// the group commit writes for it: a post writes an inbox row for each
+/// member (and pushes to each online device); a group change writes the
+/// whole group and a `GroupEvent` in the inbox of every member. Two clients
+/// posting back to back to groups of 500 held their shards in group
+/// commits of 12-20 ms and raised the honest users' p99 from about 2 to
+/// 262-632 ms; the shard prices these in frame tokens and shares them out
+/// per turn like pages. `None` for anything else (a 1:1 `Send` writes a few
+/// rows, which the requests in flight bound), and for a group this node
+/// does not know or does not write (a cluster's group homed elsewhere).
+pub fn fanout_cost<N: NodeServices>(body: &Body, node: &N) -> Option<usize> {
+    let members = |id: u64| match node.home_of_group(id) {
+        Home::Remote { .. } => None,
+        _ => node.group(id).ok().flatten().map(|g| g.len()),
+    };
     match body {
-        Body::Send(s) if s.group_id != 0 => match node.home_of_group(s.group_id) {
-            Home::Remote { .. } => None,
-            _ => node.group(s.group_id).ok().flatten().map(|g| g.len()),
-        },
+        Body::Send(s) if s.group_id != 0 => members(s.group_id),
+        Body::CreateGroup(r) => Some(1 + r.members.len()),
+        Body::AddMembers(r) => members(r.group_id).map(|n| n + r.users.len()),
+        Body::RemoveMembers(r) => members(r.group_id),
+        Body::LeaveGroup(r) => members(r.group_id),
+        Body::RenameGroup(r) => members(r.group_id),
         _ => None,
     }
 }
@@ -1058,7 +1066,51 @@ fn subscribe_presence<O: Output, N: NodeServices>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::scripted::ScriptedNode;
     use prost::Message as _;
+
+    #[test]
+    fn a_post_and_a_group_change_cost_a_row_per_member_and_nothing_else_does() {
+        let mut node = ScriptedNode::new(crate::session::request_props::limits(4));
+        let members: Vec<String> = (0..40).map(|i| format!("u{i}")).collect();
+        let names: Vec<&str> = members.iter().map(String::as_str).collect();
+        node.add_group(7, &names);
+        node.remote_groups.insert(8);
+        let post = |group_id| {
+            Body::Send(pb::Send {
+                group_id,
+                ..Default::default()
+            })
+        };
+        assert_eq!(fanout_cost(&post(7), &node), Some(40));
+        assert_eq!(fanout_cost(&post(0), &node), None, "1:1");
+        assert_eq!(fanout_cost(&post(8), &node), None, "homed elsewhere");
+        assert_eq!(fanout_cost(&post(9), &node), None, "no such group");
+        let create = Body::CreateGroup(pb::CreateGroup {
+            name: "g".into(),
+            members: vec!["a".into(), "b".into()],
+        });
+        assert_eq!(fanout_cost(&create, &node), Some(3));
+        let add = Body::AddMembers(pb::AddMembers {
+            group_id: 7,
+            users: vec!["x".into(); 5],
+        });
+        assert_eq!(fanout_cost(&add, &node), Some(45));
+        for change in [
+            Body::RemoveMembers(pb::RemoveMembers {
+                group_id: 7,
+                users: vec!["u1".into()],
+            }),
+            Body::LeaveGroup(pb::LeaveGroup { group_id: 7 }),
+            Body::RenameGroup(pb::RenameGroup {
+                group_id: 7,
+                name: "n".into(),
+            }),
+        ] {
+            assert_eq!(fanout_cost(&change, &node), Some(40));
+        }
+        assert_eq!(fanout_cost(&Body::Ping(pb::Ping { nonce: 1 }), &node), None);
+    }
 
     #[test]
     fn the_presence_answer_bound_holds_for_the_largest_answer() {

@@ -114,14 +114,15 @@ const CATCHUP_PAGE: usize = 256;
 /// anything else (so pages are taken in turn, not by whoever sends most),
 /// and a connection reads at most one page per turn.
 const PAGE_ROWS_PER_TURN: usize = 512;
-/// Inbox rows of group posts one turn hands to the group commit, over all
-/// connections ([`session::post_cost`]: a post counts its group's
-/// members), with the same rules as [`PAGE_ROWS_PER_TURN`]: one post to a
-/// full group (1,024 members by default) a turn, or many to small groups;
-/// a post past the share is handled first next turn, and a connection
-/// hands over at most one group post a turn. A row costs the commit about
-/// 1.5 µs, so a turn's posts take about 1.5 ms.
-const POST_ROWS_PER_TURN: usize = 1024;
+/// Rows of group posts and group changes one turn hands to the group
+/// commit, over all connections ([`session::fanout_cost`]: a post or a
+/// change counts its group's members), with the same rules as
+/// [`PAGE_ROWS_PER_TURN`]: one post to a full group (1,024 members by
+/// default) a turn, or many to small groups; a request past the share is
+/// handled first next turn, and a connection hands over at most one such
+/// request a turn. A row costs the commit about 1.5 µs, so a turn's share
+/// takes about 1.5 ms.
+const FANOUT_ROWS_PER_TURN: usize = 1024;
 /// Reads of one connection per loop turn (each up to the 64 KiB scratch
 /// buffer): no socket holds the shard, however much it sends.
 const READS_PER_TURN: u32 = 1;
@@ -154,9 +155,9 @@ enum Stop {
     Paused,
     /// The turn's share of frames is spent; more next turn.
     TurnSpent,
-    /// The next frame reads a page or posts to a group, and the turn's
+    /// The next frame reads a page or fans out to a group, and the turn's
     /// share of its kind is spent: first in line next turn. (A connection
-    /// that had its page or post stops with `TurnSpent`, behind those.)
+    /// that had its page or fan-out stops with `TurnSpent`, behind those.)
     ReadsSpent,
     /// The connection's frame bucket is empty: more once it refills, at
     /// the next tick.
@@ -212,13 +213,14 @@ pub struct Shard {
     /// spent, or they were paused and have drained).
     pending_input: Vec<usize>,
     /// Connections whose next frame costs more than this turn's share had
-    /// left (a page, a group post): pumped first next turn (see
-    /// [`PAGE_ROWS_PER_TURN`], [`POST_ROWS_PER_TURN`]).
+    /// left (a page, a group post or change): pumped first next turn (see
+    /// [`PAGE_ROWS_PER_TURN`], [`FANOUT_ROWS_PER_TURN`]).
     waiting_to_read: Vec<usize>,
     /// Rows this turn may still read for pages.
     pages: Share,
-    /// Inbox rows of group posts this turn may still hand to the commit.
-    posts: Share,
+    /// Rows of group posts and changes this turn may still hand to the
+    /// commit.
+    fanouts: Share,
     /// Connections whose frame bucket ran dry: read again
     /// [`bucket::FrameRate::retry`] after the first of them was held back, when
     /// each has earned a token or more.
@@ -302,7 +304,7 @@ impl Shard {
             pending_input: Vec::new(),
             waiting_to_read: Vec::new(),
             pages: Share::new(PAGE_ROWS_PER_TURN),
-            posts: Share::new(POST_ROWS_PER_TURN),
+            fanouts: Share::new(FANOUT_ROWS_PER_TURN),
             throttled: Vec::new(),
             throttled_at: 0,
             dirty: Vec::new(),
@@ -372,7 +374,7 @@ impl Shard {
             let mut clock = TurnClock::start(self.ctx.clock.clone());
             self.accepts_left = CONN_CHANGES_PER_TURN;
             self.pages.refill();
-            self.posts.refill();
+            self.fanouts.refill();
             let elapsed = clock.started().saturating_duration_since(self.start);
             self.now = (elapsed.as_millis() as u64 / TICK_MS) as u32;
             self.turn_started = elapsed;
@@ -836,8 +838,9 @@ impl Shard {
             // turn's share of its kind, or left for the next turn, first in
             // line (decoded again then).
             let mut costly = None;
-            // Frame tokens this unit takes: a group post one per member (see
-            // `bucket::FrameRate::post_tokens`), anything else one.
+            // Frame tokens this unit takes: a group post or change one per
+            // member, a page one per ten rows (see `bucket::FrameRate`),
+            // anything else one.
             let mut tokens = 1;
             if let Input::Frame(Envelope {
                 body: Some(body), ..
@@ -846,11 +849,12 @@ impl Shard {
                 if conn.phase == Phase::Live {
                     costly = match session::page_cost(body) {
                         Some(rows) => {
+                            tokens = limits.frames.page_tokens(rows);
                             Some((&mut self.pages, rows, &self.ctx.metrics.pages_put_off))
                         }
-                        None => session::post_cost(body, &self.ctx).map(|rows| {
-                            tokens = limits.frames.post_tokens(rows);
-                            (&mut self.posts, rows, &self.ctx.metrics.posts_put_off)
+                        None => session::fanout_cost(body, &self.ctx).map(|rows| {
+                            tokens = limits.frames.fanout_tokens(rows);
+                            (&mut self.fanouts, rows, &self.ctx.metrics.fanouts_put_off)
                         }),
                     };
                 }
