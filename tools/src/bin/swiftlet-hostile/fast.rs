@@ -11,10 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use swiftlet_client::codec::decode_frame;
+use bytes::BytesMut;
 use swiftlet_client::{code_name, pb, Body, Envelope};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::tally::Report;
@@ -67,32 +66,9 @@ async fn sender(
             continue;
         }
         report.count(KIND, "logins attempted", 1);
-        let mut reader_stop = stop.clone();
-        let reader = async {
-            let mut buf = BytesMut::with_capacity(128 * 1024);
-            loop {
-                loop {
-                    match decode_frame(&buf, usize::MAX) {
-                        Ok(Some((env, used))) => {
-                            buf.advance(used);
-                            if let Some(end) = classify(env, report) {
-                                return end;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(_) => return "undecodable answer".to_owned(),
-                    }
-                }
-                tokio::select! {
-                    r = rd.read_buf(&mut buf) => match r {
-                        Ok(0) => return "closed".to_owned(),
-                        Ok(_) => {}
-                        Err(e) => return format!("read error: {}", e.kind()),
-                    },
-                    _ = reader_stop.changed() => return String::new(),
-                }
-            }
-        };
+        let mut buf = BytesMut::with_capacity(128 * 1024);
+        let reader =
+            wire::read_answers(&mut rd, &mut buf, stop.clone(), |env| classify(env, report));
         let mut writer_stop = stop.clone();
         let writer = async {
             let mut out = Vec::with_capacity(BATCH * (args.fast_body_bytes + 64));

@@ -106,31 +106,9 @@ async fn reader(
         };
         report.count(kind, "set up", 1);
         let (mut rd, mut wr) = s.into_split();
-        let mut reader_stop = stop.clone();
-        let reader = async {
-            loop {
-                loop {
-                    match decode_frame(&buf, usize::MAX) {
-                        Ok(Some((env, used))) => {
-                            buf.advance(used);
-                            if let Some(end) = classify(kind, env, report) {
-                                return end;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(_) => return "undecodable answer".to_owned(),
-                    }
-                }
-                tokio::select! {
-                    r = rd.read_buf(&mut buf) => match r {
-                        Ok(0) => return "closed".to_owned(),
-                        Ok(_) => {}
-                        Err(e) => return format!("read error: {}", e.kind()),
-                    },
-                    _ = reader_stop.changed() => return String::new(),
-                }
-            }
-        };
+        let reader = wire::read_answers(&mut rd, &mut buf, stop.clone(), |env| {
+            classify(kind, env, report)
+        });
         let mut writer_stop = stop.clone();
         let writer = async {
             let mut out = Vec::with_capacity(BATCH * 32);

@@ -259,3 +259,39 @@ fn parse_server_frame(b: &[u8]) -> Option<(u8, &[u8], usize)> {
     let end = at.checked_add(len)?;
     (b.len() >= end).then(|| (opcode, &b[at..end], end))
 }
+
+/// Read `rd`'s frames into `buf` and hand each to `classify` until it
+/// returns an end (a fatal error), the socket ends, or the stop: the
+/// connection's end as a report line ("" at the stop). The reading half of
+/// every logged-in abuser that reads its answers.
+pub async fn read_answers(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut bytes::BytesMut,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut classify: impl FnMut(swiftlet_client::Envelope) -> Option<String>,
+) -> String {
+    use bytes::Buf;
+    use tokio::io::AsyncReadExt;
+    loop {
+        loop {
+            match swiftlet_client::codec::decode_frame(buf, usize::MAX) {
+                Ok(Some((env, used))) => {
+                    buf.advance(used);
+                    if let Some(end) = classify(env) {
+                        return end;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return "undecodable answer".to_owned(),
+            }
+        }
+        tokio::select! {
+            r = rd.read_buf(buf) => match r {
+                Ok(0) => return "closed".to_owned(),
+                Ok(_) => {}
+                Err(e) => return format!("read error: {}", e.kind()),
+            },
+            _ = stop.changed() => return String::new(),
+        }
+    }
+}
