@@ -133,7 +133,8 @@ fn refuse_if_served(addr: SocketAddr) -> Result<(), ServerError> {
 }
 
 /// RocksDB's figures in the exposition (read on scrape: see
-/// [`Store::engine_figures`]).
+/// [`Store::engine_figures`]), and the heap by allocator
+/// ([`crate::alloc::heap_figures`]).
 fn render_engine(store: &Store, out: &mut String) {
     use std::fmt::Write as _;
     let f = store.engine_figures();
@@ -218,6 +219,27 @@ fn render_engine(store: &Store, out: &mut String) {
             out,
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
+    }
+    let h = crate::alloc::heap_figures();
+    let heap: [(&str, &str, u64); 3] = [
+        (
+            "swiftlet_heap_mimalloc_committed_bytes",
+            "Memory mimalloc, the allocator of swiftlet's own code, has committed.",
+            h.mimalloc_committed,
+        ),
+        (
+            "swiftlet_heap_libc_in_use_bytes",
+            "Bytes allocated through the C library's malloc (RocksDB) and not freed.",
+            h.libc_in_use,
+        ),
+        (
+            "swiftlet_heap_libc_free_bytes",
+            "Bytes the C library's malloc keeps free in its arenas.",
+            h.libc_free,
+        ),
+    ];
+    for (name, help, v) in heap {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
 }
 

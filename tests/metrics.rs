@@ -140,6 +140,15 @@ async fn metrics_after_traffic_parse_and_count_what_happened() {
         let v = sum(&m, metric, &[]);
         assert!(v >= 0.0, "{metric} = {v}");
     }
+    // The heap by allocator: RocksDB's memtables are allocated through the
+    // C library's malloc, so its in-use bytes hold at least them; mimalloc
+    // has committed something for the sessions.
+    assert!(
+        sum(&m, "swiftlet_heap_libc_in_use_bytes", &[])
+            >= sum(&m, "swiftlet_rocksdb_memtable_bytes", &[])
+    );
+    assert!(sum(&m, "swiftlet_heap_mimalloc_committed_bytes", &[]) > 0.0);
+    assert!(sum(&m, "swiftlet_heap_libc_free_bytes", &[]) >= 0.0);
     // Open files: at least the listeners, the two sockets and RocksDB's.
     assert!(sum(&m, "swiftlet_open_files", &[]) > 6.0);
     // The histograms are there, with their counts.

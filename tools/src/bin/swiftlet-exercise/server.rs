@@ -176,10 +176,21 @@ impl ServerProc {
 
     /// The server's resident set size in KiB (VmRSS), if it is running.
     pub fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The anonymous part of RSS (heaps, stacks), KiB; the rest is
+    /// file-backed (the binary's and libraries' pages).
+    pub fn rss_anon_kib(&self) -> Option<u64> {
+        self.status_kib("RssAnon:")
+    }
+
+    /// One `… kB` field of `/proc/PID/status`.
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|n| n.parse().ok())
     }

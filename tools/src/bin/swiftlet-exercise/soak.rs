@@ -59,6 +59,22 @@ struct Sample {
     /// RocksDB's memtables and block cache (from `/metrics`), KiB: bounded
     /// by configuration, and most of what moves RSS.
     rocks_kib: u64,
+    /// RSS taken apart, KiB, to say where a rise is (see [`RssParts`]).
+    parts: RssParts,
+}
+
+/// RSS taken apart, KiB. RocksDB allocates with the C library's malloc,
+/// the server's own code with mimalloc, so `/metrics`' heap gauges split
+/// the anonymous memory in two: what RocksDB holds besides its memtables
+/// and block cache, what the C library's malloc keeps free, and the rest
+/// of the anonymous memory, which is mimalloc's resident pages and the
+/// threads' stacks. The file-backed rest of RSS is the binary's pages.
+#[derive(Debug, Clone, Copy, Default)]
+struct RssParts {
+    rocksdb_other: u64,
+    libc_free: u64,
+    own: u64,
+    files: u64,
 }
 
 pub async fn run(
@@ -100,6 +116,21 @@ pub async fn run(
                 acked: world.ledger_counts().0,
                 rocks_kib: gauge("swiftlet_rocksdb_memtable_bytes")
                     + gauge("swiftlet_rocksdb_block_cache_bytes"),
+                parts: {
+                    let rss = server.rss_kib().unwrap_or(0);
+                    let anon = server.rss_anon_kib().unwrap_or(0);
+                    let libc = gauge("swiftlet_heap_libc_in_use_bytes");
+                    let libc_free = gauge("swiftlet_heap_libc_free_bytes");
+                    RssParts {
+                        rocksdb_other: libc.saturating_sub(
+                            gauge("swiftlet_rocksdb_memtable_bytes")
+                                + gauge("swiftlet_rocksdb_block_cache_bytes"),
+                        ),
+                        libc_free,
+                        own: anon.saturating_sub(libc + libc_free),
+                        files: rss.saturating_sub(anon),
+                    }
+                },
             });
         }
         if now >= next_churn {
@@ -207,6 +238,20 @@ pub async fn run(
             .collect::<Vec<_>>(),
     );
     let rocks = Halves::of(&warm.iter().map(|s| s.rocks_kib as f64).collect::<Vec<_>>());
+    let part =
+        |f: fn(&Sample) -> u64| Halves::of(&warm.iter().map(|s| f(s) as f64).collect::<Vec<_>>());
+    let parts = [
+        (
+            "RocksDB besides memtables and block cache",
+            part(|s| s.parts.rocksdb_other),
+        ),
+        (
+            "free in the C library's malloc",
+            part(|s| s.parts.libc_free),
+        ),
+        ("the server's own (mimalloc, stacks)", part(|s| s.parts.own)),
+        ("file-backed (the binary)", part(|s| s.parts.files)),
+    ];
     let rss_min = warm.iter().map(|s| s.rss_kib).min().unwrap_or(0);
     let rss_max = warm.iter().map(|s| s.rss_kib).max().unwrap_or(0);
     let fd_min = warm.iter().map(|s| s.fds).min().unwrap_or(0);
@@ -267,6 +312,18 @@ pub async fn run(
         files.second.min,
         files.second.max,
     );
+    for (name, h) in &parts {
+        println!(
+            "  {name}: mean {:.0}/{:.0} KiB ({:+.2}%), peak {:.0}/{:.0}, trough {:.0}/{:.0}",
+            h.first.mean,
+            h.second.mean,
+            h.mean_drift_pct(),
+            h.first.max,
+            h.second.max,
+            h.first.min,
+            h.second.min
+        );
+    }
     for (level, message) in problems.iter().take(10) {
         println!("  server log: {level} {message}");
     }
@@ -306,6 +363,12 @@ pub async fn run(
             "first_half": {"min": rocks.first.min, "max": rocks.first.max, "mean": rocks.first.mean},
             "second_half": {"min": rocks.second.min, "max": rocks.second.max, "mean": rocks.second.mean},
         },
+        "heap_parts_kib": parts.iter().map(|(name, h)| json!({
+            "part": name,
+            "first_half": {"min": h.first.min, "max": h.first.max, "mean": h.first.mean},
+            "second_half": {"min": h.second.min, "max": h.second.max, "mean": h.second.mean},
+            "mean_drift_pct": h.mean_drift_pct(),
+        })).collect::<Vec<_>>(),
         "fds": {
             "min": fd_min, "max": fd_max, "less_connections_min": base_min, "less_connections_max": base_max,
             "less_connections_first_half": [files.first.min, files.first.max],
@@ -313,7 +376,7 @@ pub async fn run(
         },
         "client_errors": errors,
         "server_log": {"error": log_errors, "warn": log_warns},
-        "samples": samples.iter().map(|s| json!([s.t, s.rss_kib, s.rocks_kib, s.fds, s.online, s.acked])).collect::<Vec<_>>(),
+        "samples": samples.iter().map(|s| json!([s.t, s.rss_kib, s.rocks_kib, s.fds, s.online, s.acked, s.parts.rocksdb_other, s.parts.libc_free, s.parts.own, s.parts.files])).collect::<Vec<_>>(),
         "passed": passed,
     });
     Ok((summary, passed))
