@@ -101,6 +101,10 @@ pub struct Config {
     /// write stall), so the store's write buffers stay near it at most
     /// instead of up to 32 MiB per column family. 0: no overall budget.
     pub memtable_budget_bytes: usize,
+    /// RocksDB's block cache, shared by every column family: data blocks
+    /// read, and every SST's index and bloom filter blocks, so it bounds
+    /// what the store's reads hold in memory.
+    pub block_cache_bytes: usize,
     /// This node's id (0-1023), part of every message id.
     pub node_id: u16,
     /// Most members a group may have.
@@ -179,6 +183,7 @@ impl Default for Config {
             wal_sync_interval_ms: 100,
             wal_dir: None,
             memtable_budget_bytes: crate::store::DEFAULT_MEMTABLE_BUDGET,
+            block_cache_bytes: crate::store::DEFAULT_BLOCK_CACHE,
             node_id: 0,
             max_group_members: 1024,
             typing_ttl_ms: 6_000,
@@ -328,6 +333,9 @@ pub struct ServeArgs {
     /// RocksDB memtables over all column families, in bytes (at least 33554432): past ~7/8 of it the oldest is flushed; 0: no overall budget [default: 67108864].
     #[arg(long, env = "SWIFTLET_MEMTABLE_BUDGET_BYTES")]
     pub memtable_budget_bytes: Option<usize>,
+    /// RocksDB's block cache (data, index and filter blocks), in bytes (at least 8388608) [default: 67108864].
+    #[arg(long, env = "SWIFTLET_BLOCK_CACHE_BYTES")]
+    pub block_cache_bytes: Option<usize>,
     /// Node id, 0-1023 [default: 0].
     #[arg(long, env = "SWIFTLET_NODE_ID")]
     pub node_id: Option<u16>,
@@ -397,6 +405,7 @@ impl Config {
             wal_sync,
             wal_sync_interval_ms,
             memtable_budget_bytes,
+            block_cache_bytes,
             node_id,
             max_group_members,
             typing_ttl_ms,
@@ -542,6 +551,16 @@ impl Config {
                 format!(
                     "{} is below {min_budget}: nearly every write would flush a memtable; 0 means no budget",
                     self.memtable_budget_bytes
+                ),
+            );
+        }
+        let min_cache = crate::store::MIN_BLOCK_CACHE;
+        if self.block_cache_bytes < min_cache {
+            return bad(
+                "block_cache_bytes",
+                format!(
+                    "{} is below {min_cache}: the index and filter blocks alone would not stay cached",
+                    self.block_cache_bytes
                 ),
             );
         }
@@ -928,6 +947,13 @@ mod tests {
                     ..d()
                 },
                 "memtable_budget_bytes",
+            ),
+            (
+                Config {
+                    block_cache_bytes: 1 << 20,
+                    ..d()
+                },
+                "block_cache_bytes",
             ),
             (
                 Config {

@@ -268,6 +268,7 @@ pub fn start(config: Config) -> Result<Server, ServerError> {
             wal_sync_interval: Duration::from_millis(config.wal_sync_interval_ms),
             wal_dir: config.wal_dir.clone(),
             memtable_budget_bytes: config.memtable_budget_bytes,
+            block_cache_bytes: config.block_cache_bytes,
             retention: config.retention(),
             clock: config.clock.clone(),
             ..StoreOptions::default()

@@ -48,6 +48,14 @@ use crate::clock::Clock;
 use crate::metrics::StoreHealth;
 use keys::{InboxEntry, RunState};
 pub use memory::{DEFAULT_MEMTABLE_BUDGET, MIN_BUDGET as MIN_MEMTABLE_BUDGET};
+
+/// The default [`StoreOptions::block_cache_bytes`].
+pub const DEFAULT_BLOCK_CACHE: usize = 64 << 20;
+
+/// The smallest block cache a server accepts: below it the LRU cache has
+/// a single shard, and one partition of a big SST's index or filter is a
+/// sizeable part of it.
+pub const MIN_BLOCK_CACHE: usize = 8 << 20;
 pub use retention::{Policy as RetentionPolicy, TrimReport};
 
 /// A storage failure. Engine errors are mapped here, in one place.
@@ -211,7 +219,7 @@ impl Default for StoreOptions {
         StoreOptions {
             wal_sync: WalSync::Interval,
             wal_sync_interval: Duration::from_millis(100),
-            block_cache_bytes: 64 << 20,
+            block_cache_bytes: DEFAULT_BLOCK_CACHE,
             write_buffer_bytes: 16 << 20,
             memtable_budget_bytes: DEFAULT_MEMTABLE_BUDGET,
             wal_dir: None,
