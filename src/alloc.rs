@@ -92,27 +92,12 @@ pub fn release_free_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
-/// Where the process's heap memory is, by allocator: mimalloc serves
-/// swiftlet's own (Rust) allocations, the C library's malloc serves
-/// RocksDB's (C++) ones. Read on scrape for `/metrics`, so a rise in RSS
-/// can be put down to one side or the other without a profiler.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HeapFigures {
-    /// Bytes mimalloc has committed from the OS (in use, or free and not
-    /// yet purged).
-    pub mimalloc_committed: u64,
-    /// Bytes allocated through the C library's malloc and not freed
-    /// (RocksDB's memtables, block cache, table readers, compaction
-    /// buffers), including its direct `mmap` chunks.
-    pub libc_in_use: u64,
-    /// Bytes the C library's malloc holds free inside its arenas: memory
-    /// freed by RocksDB that the allocator keeps rather than returning.
-    pub libc_free: u64,
-}
-
-/// Read [`HeapFigures`] now.
+/// Bytes mimalloc has committed from the OS (in use, or free and not yet
+/// purged): an upper bound on the resident memory of swiftlet's own
+/// (Rust) allocations. What RocksDB allocates is the C library's, see
+/// `crate::store::libc_heap`. Read on scrape for `/metrics`.
 #[allow(unsafe_code)]
-pub fn heap_figures() -> HeapFigures {
+pub fn mimalloc_committed() -> u64 {
     let mut commit: usize = 0;
     // SAFETY: mi_process_info writes through each pointer it is given that
     // is not null; the only one given points at a live local.
@@ -128,14 +113,7 @@ pub fn heap_figures() -> HeapFigures {
             std::ptr::null_mut(),
         )
     };
-    // SAFETY: mallinfo2 takes no arguments and returns a plain struct; it
-    // locks each arena in turn while it sums them.
-    let m = unsafe { libc::mallinfo2() };
-    HeapFigures {
-        mimalloc_committed: commit as u64,
-        libc_in_use: (m.uordblks + m.hblkhd) as u64,
-        libc_free: m.fordblks as u64,
-    }
+    commit as u64
 }
 
 #[cfg(test)]
@@ -143,29 +121,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heap_figures_see_each_allocator_grow() {
-        let before = heap_figures();
-        // 64 MiB through each allocator, touched so it is committed.
+    fn mimalloc_committed_sees_a_rust_allocation_and_not_a_c_one() {
+        let before = mimalloc_committed();
         let rust = std::hint::black_box(vec![1u8; 64 << 20]);
+        assert!(mimalloc_committed() >= before + (60 << 20));
+        drop(rust);
+        let before = mimalloc_committed();
         // SAFETY: a plain malloc/free pair of the C library; the block is
         // written within its size and freed once.
         #[allow(unsafe_code)]
-        let c = unsafe {
+        unsafe {
             let p = libc::malloc(64 << 20) as *mut u8;
             assert!(!p.is_null());
             std::ptr::write_bytes(p, 1, 64 << 20);
             // Kept opaque, or the compiler may drop the malloc/free pair.
-            std::hint::black_box(p)
-        };
-        let during = heap_figures();
-        assert!(during.mimalloc_committed >= before.mimalloc_committed + (60 << 20));
-        assert!(during.libc_in_use >= before.libc_in_use + (60 << 20));
-        drop(rust);
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::free(c as *mut libc::c_void)
-        };
-        let after = heap_figures();
-        assert!(after.libc_in_use + (60 << 20) <= during.libc_in_use);
+            libc::free(std::hint::black_box(p) as *mut libc::c_void);
+        }
+        assert!(mimalloc_committed() < before + (60 << 20));
     }
 }

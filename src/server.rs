@@ -134,7 +134,7 @@ fn refuse_if_served(addr: SocketAddr) -> Result<(), ServerError> {
 
 /// RocksDB's figures in the exposition (read on scrape: see
 /// [`Store::engine_figures`]), and the heap by allocator
-/// ([`crate::alloc::heap_figures`]).
+/// ([`crate::alloc::mimalloc_committed`], [`crate::store::libc_heap`]).
 fn render_engine(store: &Store, out: &mut String) {
     use std::fmt::Write as _;
     let f = store.engine_figures();
@@ -220,26 +220,38 @@ fn render_engine(store: &Store, out: &mut String) {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
     }
-    let h = crate::alloc::heap_figures();
-    let heap: [(&str, &str, u64); 3] = [
+    let libc = crate::store::libc_heap();
+    let heap: [(&str, &str, &str, u64); 4] = [
         (
             "swiftlet_heap_mimalloc_committed_bytes",
+            "gauge",
             "Memory mimalloc, the allocator of swiftlet's own code, has committed.",
-            h.mimalloc_committed,
+            crate::alloc::mimalloc_committed(),
         ),
         (
             "swiftlet_heap_libc_in_use_bytes",
+            "gauge",
             "Bytes allocated through the C library's malloc (RocksDB) and not freed.",
-            h.libc_in_use,
+            libc.in_use,
         ),
         (
             "swiftlet_heap_libc_free_bytes",
-            "Bytes the C library's malloc keeps free in its arenas.",
-            h.libc_free,
+            "gauge",
+            "Bytes freed into the C library's malloc since it last handed free pages back.",
+            libc.free,
+        ),
+        (
+            "swiftlet_heap_libc_trims_total",
+            "counter",
+            "Times free pages of the C library's malloc were handed back to the system.",
+            libc.trims,
         ),
     ];
-    for (name, help, v) in heap {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    for (name, kind, help, v) in heap {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
     }
 }
 

@@ -148,7 +148,13 @@ async fn metrics_after_traffic_parse_and_count_what_happened() {
             >= sum(&m, "swiftlet_rocksdb_memtable_bytes", &[])
     );
     assert!(sum(&m, "swiftlet_heap_mimalloc_committed_bytes", &[]) > 0.0);
-    assert!(sum(&m, "swiftlet_heap_libc_free_bytes", &[]) >= 0.0);
+    for metric in [
+        "swiftlet_heap_libc_free_bytes",
+        "swiftlet_heap_libc_trims_total",
+    ] {
+        let v = sum(&m, metric, &[]);
+        assert!(v >= 0.0, "{metric} = {v}");
+    }
     // Open files: at least the listeners, the two sockets and RocksDB's.
     assert!(sum(&m, "swiftlet_open_files", &[]) > 6.0);
     // The histograms are there, with their counts.

@@ -47,7 +47,7 @@ use swiftlet_protocol::pb;
 use crate::clock::Clock;
 use crate::metrics::StoreHealth;
 use keys::{InboxEntry, RunState};
-pub use memory::{DEFAULT_MEMTABLE_BUDGET, MIN_BUDGET as MIN_MEMTABLE_BUDGET};
+pub use memory::{libc_heap, LibcHeap, DEFAULT_MEMTABLE_BUDGET, MIN_BUDGET as MIN_MEMTABLE_BUDGET};
 
 /// The default [`StoreOptions::block_cache_bytes`].
 pub const DEFAULT_BLOCK_CACHE: usize = 64 << 20;
