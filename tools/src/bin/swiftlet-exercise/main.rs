@@ -167,7 +167,7 @@ async fn main() -> std::process::ExitCode {
     match run(Args::parse()).await {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("swiftlet-exercise: a check failed (see VIOLATION lines above)");
+            eprintln!("swiftlet-exercise: a check failed (the summary above says which: VIOLATION lines, unresolved sends, RSS not flat, client errors or server ERROR lines)");
             std::process::ExitCode::FAILURE
         }
         Err(e) => {
