@@ -221,30 +221,36 @@ fn render_engine(store: &Store, out: &mut String) {
         );
     }
     let libc = crate::store::libc_heap();
-    let heap: [(&str, &str, &str, u64); 4] = [
+    let heap: [(&str, &str, &str, f64); 5] = [
         (
             "swiftlet_heap_mimalloc_committed_bytes",
             "gauge",
             "Memory mimalloc, the allocator of swiftlet's own code, has committed.",
-            crate::alloc::mimalloc_committed(),
+            crate::alloc::mimalloc_committed() as f64,
         ),
         (
             "swiftlet_heap_libc_in_use_bytes",
             "gauge",
             "Bytes allocated through the C library's malloc (RocksDB) and not freed.",
-            libc.in_use,
+            libc.in_use as f64,
         ),
         (
             "swiftlet_heap_libc_free_bytes",
             "gauge",
             "Bytes freed into the C library's malloc since it last handed free pages back.",
-            libc.free,
+            libc.free as f64,
         ),
         (
             "swiftlet_heap_libc_trims_total",
             "counter",
             "Times free pages of the C library's malloc were handed back to the system.",
-            libc.trims,
+            libc.trims as f64,
+        ),
+        (
+            "swiftlet_heap_libc_trim_seconds_total",
+            "counter",
+            "Time spent handing those pages back.",
+            libc.trim_micros as f64 / 1e6,
         ),
     ];
     for (name, kind, help, v) in heap {

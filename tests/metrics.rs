@@ -151,6 +151,7 @@ async fn metrics_after_traffic_parse_and_count_what_happened() {
     for metric in [
         "swiftlet_heap_libc_free_bytes",
         "swiftlet_heap_libc_trims_total",
+        "swiftlet_heap_libc_trim_seconds_total",
     ] {
         let v = sum(&m, metric, &[]);
         assert!(v >= 0.0, "{metric} = {v}");

@@ -103,6 +103,8 @@ pub struct LibcHeap {
     pub free: u64,
     /// Times the [`Trimmer`] handed free pages back.
     pub trims: u64,
+    /// Time those trims took, in microseconds.
+    pub trim_micros: u64,
 }
 
 /// The process's glibc trimmer: the least free bytes seen since the last
@@ -110,11 +112,13 @@ pub struct LibcHeap {
 pub struct Trimmer {
     low: AtomicU64,
     trims: AtomicU64,
+    micros: AtomicU64,
 }
 
 static TRIMMER: Trimmer = Trimmer {
     low: AtomicU64::new(0),
     trims: AtomicU64::new(0),
+    micros: AtomicU64::new(0),
 };
 
 /// glibc's `mallinfo2`: (bytes in use, bytes in free chunks).
@@ -138,6 +142,7 @@ pub fn libc_heap() -> LibcHeap {
         in_use,
         free: free.saturating_sub(TRIMMER.low.load(Relaxed)),
         trims: TRIMMER.trims.load(Relaxed),
+        trim_micros: TRIMMER.micros.load(Relaxed),
     }
 }
 
@@ -152,6 +157,7 @@ impl Trimmer {
             self.low.store(low, Relaxed);
             return false;
         }
+        let started = std::time::Instant::now();
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim walks glibc's own arenas under their locks
         // and advises the kernel about whole free pages; it takes no
@@ -163,6 +169,10 @@ impl Trimmer {
         // here on only what is freed beyond them may be resident.
         self.low.store(mallinfo().1, Relaxed);
         self.trims.fetch_add(1, Relaxed);
+        self.micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
         true
     }
 }
@@ -211,6 +221,7 @@ mod tests {
         let t = Trimmer {
             low: AtomicU64::new(u64::MAX),
             trims: AtomicU64::new(0),
+            micros: AtomicU64::new(0),
         };
         // Nothing freed since the least it saw: no trim.
         assert!(!t.look());
