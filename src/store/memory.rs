@@ -57,7 +57,8 @@
 //! once a second and calls `malloc_trim(0)` once [`TRIM_STEP`] more have
 //! been freed than the least it held since it last trimmed: the pages of
 //! free chunks go back to the system (`MADV_DONTNEED`), and memory freed
-//! and left free stays resident by at most about that step. A trim costs a
+//! and left free stays resident by at most about that step, besides the
+//! partly used pages a trim cannot hand back. A trim costs a
 //! walk over the free chunks, a few milliseconds at most, on that thread;
 //! an arena is locked while it is walked.
 
@@ -98,8 +99,9 @@ const TRIM_EVERY: Duration = Duration::from_secs(1);
 pub struct LibcHeap {
     /// Bytes allocated and not freed, the directly mapped chunks included.
     pub in_use: u64,
-    /// Bytes in free chunks that were freed since the last trim: these may
-    /// still be resident (free chunks older than the trim are not).
+    /// Bytes in free chunks that may be resident: those freed since the
+    /// last trim, and those the trim could not hand back (pages partly
+    /// used), measured as what the trim took off RSS.
     pub free: u64,
     /// Times the [`Trimmer`] handed free pages back.
     pub trims: u64,
@@ -111,15 +113,28 @@ pub struct LibcHeap {
 /// trim, and the trims so far.
 pub struct Trimmer {
     low: AtomicU64,
+    /// Free bytes still resident right after the last trim.
+    kept: AtomicU64,
     trims: AtomicU64,
     micros: AtomicU64,
 }
 
 static TRIMMER: Trimmer = Trimmer {
     low: AtomicU64::new(0),
+    kept: AtomicU64::new(0),
     trims: AtomicU64::new(0),
     micros: AtomicU64::new(0),
 };
+
+/// This process's resident memory in bytes, from `/proc/self/statm`.
+#[allow(unsafe_code)]
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf reads one system setting; it takes no pointers.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    Some(pages * page)
+}
 
 /// glibc's `mallinfo2`: (bytes in use, bytes in free chunks).
 #[allow(unsafe_code)]
@@ -140,7 +155,7 @@ pub fn libc_heap() -> LibcHeap {
     let (in_use, free) = mallinfo();
     LibcHeap {
         in_use,
-        free: free.saturating_sub(TRIMMER.low.load(Relaxed)),
+        free: free.saturating_sub(TRIMMER.low.load(Relaxed)) + TRIMMER.kept.load(Relaxed),
         trims: TRIMMER.trims.load(Relaxed),
         trim_micros: TRIMMER.micros.load(Relaxed),
     }
@@ -158,6 +173,7 @@ impl Trimmer {
             return false;
         }
         let started = std::time::Instant::now();
+        let rss_before = resident_bytes();
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim walks glibc's own arenas under their locks
         // and advises the kernel about whole free pages; it takes no
@@ -167,7 +183,13 @@ impl Trimmer {
         }
         // The chunks stay free (and counted), their pages are gone: from
         // here on only what is freed beyond them may be resident.
-        self.low.store(mallinfo().1, Relaxed);
+        let after = mallinfo().1;
+        self.low.store(after, Relaxed);
+        let handed_back = match (rss_before, resident_bytes()) {
+            (Some(b), Some(a)) => b.saturating_sub(a),
+            _ => free,
+        };
+        self.kept.store(after.saturating_sub(handed_back), Relaxed);
         self.trims.fetch_add(1, Relaxed);
         self.micros.fetch_add(
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -220,6 +242,7 @@ mod tests {
     fn the_trimmer_trims_once_a_step_more_is_free_and_not_before() {
         let t = Trimmer {
             low: AtomicU64::new(u64::MAX),
+            kept: AtomicU64::new(0),
             trims: AtomicU64::new(0),
             micros: AtomicU64::new(0),
         };
@@ -259,6 +282,11 @@ mod tests {
             "the free chunks' pages went back: RssAnon {before} -> {after} KiB"
         );
         assert_eq!(t.trims.load(Relaxed), 1);
+        assert!(
+            t.kept.load(Relaxed) < 4 << 20,
+            "nearly every freed page went back, so little is kept: {}",
+            t.kept.load(Relaxed)
+        );
         assert!(!t.look(), "nothing freed since: no second trim");
         for p in blocks.iter().skip(1).step_by(2) {
             // SAFETY: the other half, each freed once.
