@@ -15,9 +15,11 @@
 //! period is cut in two halves, each several cycles long, and the highest
 //! and the lowest RSS of the second half must be within the tolerance of
 //! the first half's ([`Halves`]); a leak raises both. File descriptors are
-//! reported the same way, less the connected devices (which churn). At the
-//! end traffic stops and one verification pass checks every send and every
-//! stream.
+//! reported the same way, less the connected devices (which churn). RSS is
+//! also taken apart ([`RssParts`], from the server's heap gauges), so a
+//! rise can be put down to RocksDB's caches, its other memory, glibc's
+//! free chunks or the server's own. At the end traffic stops and one
+//! verification pass checks every send and every stream.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
