@@ -53,7 +53,7 @@
 //! (750 sends/s, the cache at its 64 MiB): glibc's free chunks rose from
 //! 3.4 to 9.7 MiB in 15 minutes of steady traffic, and to 98 MiB while the
 //! final verification read every inbox back, all of it resident until the
-//! process ended. So a thread ([`Trimmer`]) looks at glibc's free bytes
+//! process ended. So a thread ([`HeapTrimmer`]) looks at glibc's free bytes
 //! once a second and calls `malloc_trim(0)` once [`TRIM_STEP`] more have
 //! been freed than the least it held since it last trimmed: the pages of
 //! free chunks go back to the system (`MADV_DONTNEED`), and memory freed
@@ -88,10 +88,10 @@ pub(super) fn budget(bytes: usize) -> Option<rocksdb::WriteBufferManager> {
 }
 
 /// Bytes freed into glibc's heaps and left free that make the
-/// [`Trimmer`] hand free pages back.
+/// [`HeapTrimmer`] hand free pages back.
 pub const TRIM_STEP: u64 = 8 << 20;
 
-/// How often the [`Trimmer`] looks.
+/// How often the [`HeapTrimmer`] looks.
 const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// What RocksDB holds through the C library's malloc.
@@ -103,7 +103,7 @@ pub struct LibcHeap {
     /// last trim, and those the trim could not hand back (pages partly
     /// used), measured as what the trim took off RSS.
     pub free: u64,
-    /// Times the [`Trimmer`] handed free pages back.
+    /// Times the [`HeapTrimmer`] handed free pages back.
     pub trims: u64,
     /// Time those trims took, in microseconds.
     pub trim_micros: u64,
@@ -111,7 +111,7 @@ pub struct LibcHeap {
 
 /// The process's glibc trimmer: the least free bytes seen since the last
 /// trim, and the trims so far.
-pub struct Trimmer {
+pub struct HeapTrimmer {
     low: AtomicU64,
     /// Free bytes still resident right after the last trim.
     kept: AtomicU64,
@@ -119,7 +119,7 @@ pub struct Trimmer {
     micros: AtomicU64,
 }
 
-static TRIMMER: Trimmer = Trimmer {
+static HEAP_TRIMMER: HeapTrimmer = HeapTrimmer {
     low: AtomicU64::new(0),
     kept: AtomicU64::new(0),
     trims: AtomicU64::new(0),
@@ -155,13 +155,13 @@ pub fn libc_heap() -> LibcHeap {
     let (in_use, free) = mallinfo();
     LibcHeap {
         in_use,
-        free: free.saturating_sub(TRIMMER.low.load(Relaxed)) + TRIMMER.kept.load(Relaxed),
-        trims: TRIMMER.trims.load(Relaxed),
-        trim_micros: TRIMMER.micros.load(Relaxed),
+        free: free.saturating_sub(HEAP_TRIMMER.low.load(Relaxed)) + HEAP_TRIMMER.kept.load(Relaxed),
+        trims: HEAP_TRIMMER.trims.load(Relaxed),
+        trim_micros: HEAP_TRIMMER.micros.load(Relaxed),
     }
 }
 
-impl Trimmer {
+impl HeapTrimmer {
     /// One look: trim if [`TRIM_STEP`] more bytes are free than the least
     /// since the last trim. True if it trimmed.
     #[allow(unsafe_code)]
@@ -199,7 +199,7 @@ impl Trimmer {
     }
 }
 
-/// Fix glibc's mmap threshold and start the [`Trimmer`]'s thread (see the
+/// Fix glibc's mmap threshold and start the [`HeapTrimmer`]'s thread (see the
 /// module doc); once per process, the first time a store opens. Nothing to
 /// do with another C library. (The server's own allocator, mimalloc, is
 /// set up in `crate::alloc`.)
@@ -212,7 +212,7 @@ pub(super) fn return_freed_blocks() {
             .name("swiftlet-heap-trim".into())
             .spawn(|| loop {
                 std::thread::sleep(TRIM_EVERY);
-                TRIMMER.look();
+                HEAP_TRIMMER.look();
             })
         {
             tracing::warn!(error = %e, "could not start the heap trimmer: freed cache blocks may stay resident");
@@ -240,7 +240,7 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[allow(unsafe_code)]
     fn the_trimmer_trims_once_a_step_more_is_free_and_not_before() {
-        let t = Trimmer {
+        let t = HeapTrimmer {
             low: AtomicU64::new(u64::MAX),
             kept: AtomicU64::new(0),
             trims: AtomicU64::new(0),
