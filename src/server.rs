@@ -136,7 +136,6 @@ fn refuse_if_served(addr: SocketAddr) -> Result<(), ServerError> {
 /// [`Store::engine_figures`]), and the heap by allocator
 /// ([`crate::alloc::mimalloc_committed`], [`crate::store::libc_heap`]).
 fn render_engine(store: &Store, out: &mut String) {
-    use std::fmt::Write as _;
     let f = store.engine_figures();
     let ratio = match f.block_cache_hits + f.block_cache_misses {
         0 => 0.0,
@@ -195,7 +194,7 @@ fn render_engine(store: &Store, out: &mut String) {
         ),
     ];
     for (name, help, v) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        exposition_line(out, name, "gauge", help, v);
     }
     let counters: [(&str, &str, f64); 3] = [
         (
@@ -215,10 +214,7 @@ fn render_engine(store: &Store, out: &mut String) {
         ),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
+        exposition_line(out, name, "counter", help, v);
     }
     let libc = crate::store::libc_heap();
     let heap: [(&str, &str, &str, f64); 5] = [
@@ -254,11 +250,17 @@ fn render_engine(store: &Store, out: &mut String) {
         ),
     ];
     for (name, kind, help, v) in heap {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
+        exposition_line(out, name, kind, help, v);
     }
+}
+
+/// One unlabelled sample with its HELP and TYPE lines.
+fn exposition_line(out: &mut String, name: &str, kind: &str, help: &str, v: f64) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    );
 }
 
 /// Start a node with `config`.

@@ -235,6 +235,7 @@ pub(super) fn return_freed_blocks() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{cf, handle, Store, StoreOptions};
 
     #[test]
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -293,7 +294,6 @@ mod tests {
             unsafe { libc::free(*p) };
         }
     }
-    use crate::store::{cf, handle, Store, StoreOptions};
 
     /// Writes 12 MiB of values to each of four column families (under
     /// their own 16 MiB memtable size, so none flushes by itself) and

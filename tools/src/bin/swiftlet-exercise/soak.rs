@@ -110,28 +110,24 @@ pub async fn run(
                 .count();
             let metrics = server.metrics().await.unwrap_or_default();
             let gauge = |name: &str| metrics.get(name).copied().unwrap_or(0.0) as u64 / 1024;
+            let rss_kib = server.rss_kib().unwrap_or(0);
+            let anon = server.rss_anon_kib().unwrap_or(0);
+            let rocks_kib = gauge("swiftlet_rocksdb_memtable_bytes")
+                + gauge("swiftlet_rocksdb_block_cache_bytes");
+            let libc = gauge("swiftlet_heap_libc_in_use_bytes");
+            let libc_free = gauge("swiftlet_heap_libc_free_bytes");
             samples.push(Sample {
                 t: started.elapsed().as_secs_f64(),
-                rss_kib: server.rss_kib().unwrap_or(0),
+                rss_kib,
                 fds: server.open_fds().unwrap_or(0),
                 online,
                 acked: world.ledger_counts().0,
-                rocks_kib: gauge("swiftlet_rocksdb_memtable_bytes")
-                    + gauge("swiftlet_rocksdb_block_cache_bytes"),
-                parts: {
-                    let rss = server.rss_kib().unwrap_or(0);
-                    let anon = server.rss_anon_kib().unwrap_or(0);
-                    let libc = gauge("swiftlet_heap_libc_in_use_bytes");
-                    let libc_free = gauge("swiftlet_heap_libc_free_bytes");
-                    RssParts {
-                        rocksdb_other: libc.saturating_sub(
-                            gauge("swiftlet_rocksdb_memtable_bytes")
-                                + gauge("swiftlet_rocksdb_block_cache_bytes"),
-                        ),
-                        libc_free,
-                        own: anon.saturating_sub(libc + libc_free),
-                        files: rss.saturating_sub(anon),
-                    }
+                rocks_kib,
+                parts: RssParts {
+                    rocksdb_other: libc.saturating_sub(rocks_kib),
+                    libc_free,
+                    own: anon.saturating_sub(libc + libc_free),
+                    files: rss_kib.saturating_sub(anon),
                 },
             });
         }
@@ -351,24 +347,24 @@ pub async fn run(
         "violations": v.violations,
         "rss_kib": {
             "min": rss_min, "max": rss_max,
-            "first_half": {"min": rss.first.min, "max": rss.first.max, "mean": rss.first.mean},
-            "second_half": {"min": rss.second.min, "max": rss.second.max, "mean": rss.second.mean},
+            "first_half": rss.first.json(),
+            "second_half": rss.second.json(),
             "peak_drift_pct": rss.peak_drift_pct(), "trough_drift_pct": rss.trough_drift_pct(),
             "mean_drift_pct": rss.mean_drift_pct(), "flat": rss_flat,
         },
         "rss_less_rocksdb_kib": {
-            "first_half": {"min": own.first.min, "max": own.first.max, "mean": own.first.mean},
-            "second_half": {"min": own.second.min, "max": own.second.max, "mean": own.second.mean},
+            "first_half": own.first.json(),
+            "second_half": own.second.json(),
             "peak_drift_pct": own.peak_drift_pct(), "trough_drift_pct": own.trough_drift_pct(),
         },
         "rocksdb_memtables_and_cache_kib": {
-            "first_half": {"min": rocks.first.min, "max": rocks.first.max, "mean": rocks.first.mean},
-            "second_half": {"min": rocks.second.min, "max": rocks.second.max, "mean": rocks.second.mean},
+            "first_half": rocks.first.json(),
+            "second_half": rocks.second.json(),
         },
         "heap_parts_kib": parts.iter().map(|(name, h)| json!({
             "part": name,
-            "first_half": {"min": h.first.min, "max": h.first.max, "mean": h.first.mean},
-            "second_half": {"min": h.second.min, "max": h.second.max, "mean": h.second.mean},
+            "first_half": h.first.json(),
+            "second_half": h.second.json(),
             "mean_drift_pct": h.mean_drift_pct(),
         })).collect::<Vec<_>>(),
         "fds": {
@@ -393,6 +389,11 @@ pub struct Span {
 }
 
 impl Span {
+    /// `{"min", "max", "mean"}` for the summary.
+    fn json(&self) -> serde_json::Value {
+        json!({"min": self.min, "max": self.max, "mean": self.mean})
+    }
+
     fn of(xs: &[f64]) -> Span {
         if xs.is_empty() {
             return Span::default();
