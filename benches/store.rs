@@ -6,6 +6,9 @@
 //!   waits for each send to be durable before the next (no group commit
 //!   possible); larger N let the pipeline fold sends into few write batches.
 //!   Throughput in messages.
+//! - `durable_send/users/U`: 1:1 sends between random pairs of U users, 64
+//!   per group commit: 200 users (each user's rows recur in a memtable, as
+//!   in the peers harness) against a million (most have one row in it).
 //! - `fan_out/members/M`: posts to a group of M members, each stored once
 //!   and referenced from M inboxes in the same batch. Throughput in inbox
 //!   entries.
@@ -98,6 +101,10 @@ impl Bench {
     }
 
     fn send(&mut self, to_user: String, group_id: u64) {
+        self.send_from("alice", to_user, group_id);
+    }
+
+    fn send_from(&mut self, from: &str, to_user: String, group_id: u64) {
         let send = pb::Send {
             client_msg_id: format!("c{}", self.n),
             to_user,
@@ -105,7 +112,7 @@ impl Bench {
             body: Bytes::from(vec![b'x'; 100]),
             group_id,
         };
-        self.submit("alice", Op::Send(send));
+        self.submit(from, Op::Send(send));
     }
 }
 
@@ -119,6 +126,37 @@ fn durable_sends(c: &mut Criterion) {
                 for _ in 0..size {
                     let to = format!("user{}", b.n % 1000);
                     b.send(to, 0);
+                }
+                b.pipeline.flush();
+            })
+        });
+    }
+    group.finish();
+}
+
+/// 1:1 sends between random pairs of `users` users, 64 per group commit.
+/// With 200 users each one's inbox and dedup rows recur many times in a
+/// memtable; with a million most users have one row in it, as on a big
+/// node where each user chats now and then. The memtable's cost per row
+/// differs between the two (how far apart a commit's keys land).
+fn spread_sends(c: &mut Criterion) {
+    let mut group = c.benchmark_group("durable_send");
+    for users in [200u64, 1_000_000] {
+        let mut b = Bench::new();
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            // xorshift64: the same pairs in every build compared
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % users
+        };
+        group.throughput(Throughput::Elements(64));
+        group.bench_with_input(BenchmarkId::new("users", users), &users, |bench, _| {
+            bench.iter(|| {
+                for _ in 0..64 {
+                    let (from, to) = (next(), next());
+                    b.send_from(&format!("user{from}"), format!("user{to}"), 0);
                 }
                 b.pipeline.flush();
             })
@@ -261,6 +299,7 @@ fn sync_page(c: &mut Criterion) {
 criterion_group!(
     benches,
     durable_sends,
+    spread_sends,
     wal_sync,
     fan_out,
     statistics,
