@@ -97,6 +97,8 @@ pub struct StoreHealth {
     pub write_failures: AtomicU64,
     /// Times the store took writes again after refusing them.
     pub recoveries: AtomicU64,
+    /// Attempts to take writes again that failed (the disk still full).
+    pub recovery_failures: AtomicU64,
 }
 
 impl Default for StoreHealth {
@@ -105,6 +107,7 @@ impl Default for StoreHealth {
             writable: AtomicI64::new(1),
             write_failures: AtomicU64::new(0),
             recoveries: AtomicU64::new(0),
+            recovery_failures: AtomicU64::new(0),
         }
     }
 }
@@ -394,6 +397,11 @@ impl Metrics {
                 "swiftlet_store_recoveries_total",
                 "Times the store took writes again after refusing them.",
                 &self.store.recoveries,
+            ),
+            (
+                "swiftlet_store_recovery_failures_total",
+                "Attempts by the store to take writes again that failed (the disk still full); it tries again with backoff, 250 ms doubling to 5 s.",
+                &self.store.recovery_failures,
             ),
         ] {
             let _ = writeln!(

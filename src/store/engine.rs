@@ -28,7 +28,12 @@
 //!    takes no lock) and swaps it in, so reads never stop, and closes the
 //!    stopped one; then, from then on, it tries a writable open. The open
 //!    replays the WAL, so it holds exactly what was written, and fails
-//!    cleanly while the disk is still full.
+//!    cleanly while the disk is still full. It may also find space: it
+//!    writes the WAL into SST files and deletes it, and with it the space
+//!    RocksDB had reserved ahead of the WAL's end (about 4 MiB on the
+//!    16 MiB tmpfs of the tests), so a store may take writes for a while
+//!    after a reopen on a full disk, until that space is used too. Each
+//!    failed attempt counts in `swiftlet_store_recovery_failures_total`.
 //! 3. Once a writable open succeeds it is swapped in: commits are taken
 //!    again, with the same inbox epoch (the process never lost its page
 //!    cache, so nothing acknowledged can have rolled back).
@@ -489,6 +494,10 @@ impl Recovery {
                         Ok(()) => wait = FIRST_RETRY,
                         Err(StoreError::Closed) => return,
                         Err(e) => {
+                            shared
+                                .health
+                                .recovery_failures
+                                .fetch_add(1, Ordering::Relaxed);
                             crate::log_every!(
                                 30_000,
                                 warn,
