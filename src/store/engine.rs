@@ -108,6 +108,43 @@ pub(super) struct Recipe {
     pub(super) write_buffers: Option<rocksdb::WriteBufferManager>,
 }
 
+/// The hot families whose keys start `user ‖ 0x00` and take a user's rows
+/// in order: an inbox's seqs grow, a user's sends come one after another,
+/// a device's cursor is rewritten in place.
+fn owned_by_user(name: &str) -> bool {
+    matches!(name, cf::INBOX | cf::DEDUP | cf::CURSORS)
+}
+
+/// Options whose memtable starts each insert from where the last insert of
+/// the same user's hint ended (RocksDB's
+/// `memtable_insert_with_hint_prefix_extractor`, with users hashed into a
+/// bounded number of hints by `user_hint.cc`). Without it every insert of
+/// a key not next to the previous one walks the 16 MiB skiplist down from
+/// its top, missing the CPU caches on the way: the two inbox rows and the
+/// dedup row of a 1:1 message land at three such places. RocksDB takes
+/// this option by name only, so it is set from a string, before anything
+/// else: the options set afterwards on the result are owned by it.
+fn user_hint() -> Result<Options, StoreError> {
+    user_hint_ffi::register();
+    Ok(Options::default()
+        .get_options_from_string("memtable_insert_with_hint_prefix_extractor=swiftlet.UserHint")?)
+}
+
+/// The C++ side of the hint (`src/store/user_hint.cc`).
+#[allow(unsafe_code)]
+mod user_hint_ffi {
+    extern "C" {
+        fn swiftlet_register_user_hint();
+    }
+
+    /// Registers `swiftlet.UserHint` in RocksDB's object library.
+    pub(super) fn register() {
+        // SAFETY: takes no arguments, touches only RocksDB's object library,
+        // and is idempotent and thread-safe (`std::call_once`).
+        unsafe { swiftlet_register_user_hint() }
+    }
+}
+
 impl Recipe {
     fn db_options(&self) -> Result<Options, StoreError> {
         let mut o = Options::default();
@@ -146,8 +183,8 @@ impl Recipe {
         Ok(o)
     }
 
-    fn families(&self) -> Vec<ColumnFamilyDescriptor> {
-        let cf_opts = |name: &str| {
+    fn families(&self) -> Result<Vec<ColumnFamilyDescriptor>, StoreError> {
+        let cf_opts = |name: &str| -> Result<Options, StoreError> {
             // Column families read by whole key (not scanned by prefix).
             let point = matches!(
                 name,
@@ -178,7 +215,11 @@ impl Recipe {
             bbo.set_partition_filters(true);
             bbo.set_pin_top_level_index_and_filter(true);
             bbo.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            let mut o = Options::default();
+            let mut o = if owned_by_user(name) {
+                user_hint()?
+            } else {
+                Options::default()
+            };
             if point {
                 // Most dedup lookups are misses (a first send): bloom filters,
                 // on the SST files and on the memtable, answer them without
@@ -202,11 +243,11 @@ impl Recipe {
             }
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_write_buffer_size(self.opts.write_buffer_bytes);
-            o
+            Ok(o)
         };
         cf::ALL_CFS
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, cf_opts(name)))
+            .map(|name| Ok(ColumnFamilyDescriptor::new(*name, cf_opts(name)?)))
             .collect()
     }
 
@@ -222,7 +263,7 @@ impl Recipe {
         let db = Arc::new(DB::open_cf_descriptors(
             &options,
             &self.path,
-            self.families(),
+            self.families()?,
         )?);
         let epoch = match epoch {
             Some(e) => e,
@@ -255,7 +296,7 @@ impl Recipe {
     /// so this works on a full disk, and beside a writable instance.
     pub(super) fn open_read_only(&self) -> Result<Engine, StoreError> {
         let options = self.db_options()?;
-        let db = DB::open_cf_descriptors_read_only(&options, &self.path, self.families(), false)?;
+        let db = DB::open_cf_descriptors_read_only(&options, &self.path, self.families()?, false)?;
         Ok(Engine {
             db: Arc::new(db),
             writable: false,
@@ -581,6 +622,38 @@ impl Drop for WalSyncer {
         drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{cf, Store, StoreOptions};
+    use super::owned_by_user;
+
+    /// RocksDB writes the options each column family opened with to an
+    /// `OPTIONS-*` file in the data directory: the families keyed by user
+    /// insert with the user hint, and no other family does.
+    #[test]
+    fn the_families_keyed_by_user_insert_with_the_user_hint() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let _store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        let newest = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|name| name.starts_with("OPTIONS-"))
+            .max()
+            .expect("RocksDB wrote its options");
+        let text = std::fs::read_to_string(dir.path().join(newest)).expect("read");
+        for name in cf::ALL_CFS {
+            let header = format!("CFOptions \"{name}\"]");
+            let section = text
+                .split("\n[")
+                .find(|s| s.starts_with(&header))
+                .unwrap_or_else(|| panic!("no section for {name}"));
+            let hinted =
+                section.contains("memtable_insert_with_hint_prefix_extractor=swiftlet.UserHint");
+            assert_eq!(hinted, owned_by_user(name), "{name}");
         }
     }
 }
