@@ -249,7 +249,10 @@ pub fn max_open_files() -> u64 {
 }
 
 /// Resident set size of this process, from /proc (0 where unavailable).
+#[allow(unsafe_code)]
 pub fn rss_bytes() -> u64 {
+    // SAFETY: sysconf reads one system setting; it takes no pointers.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| {
@@ -257,7 +260,7 @@ pub fn rss_bytes() -> u64 {
                 .nth(1)
                 .and_then(|p| p.parse::<u64>().ok())
         })
-        .map_or(0, |pages| pages * 4096)
+        .map_or(0, |pages| pages * page)
 }
 
 impl Metrics {
